@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` and `make test`. Each creates .venv when missing, installs
+# torch==2.13.0 first (the CPU wheel), then prunekit with its extras, then runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.prunekit-installed
+
+.PHONY: demo test lint install clean
+
+demo: $(STAMP)
+	$(VENV)/bin/prunekit demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,onnx]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) demo-report .pytest_cache

@@ -1,0 +1,18 @@
+"""prunekit: make trained PyTorch networks smaller and faster while keeping their accuracy."""
+
+from __future__ import annotations
+
+from prunekit.checkpoint import CheckpointError, load_model, read_metadata, save_checkpoint
+from prunekit.data import DataConfig, DataSplits, list_datasets, load_dataset
+from prunekit.metrics import ModelSummary, count_flops, count_params, measure_latency, storage_bits, summarize
+from prunekit.models import ModelConfig, create_model, list_models
+from prunekit.training import Augment, FitResult, Schedule, TrainConfig, evaluate, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Augment", "CheckpointError", "DataConfig", "DataSplits", "FitResult", "ModelConfig", "ModelSummary",
+    "Schedule", "TrainConfig", "count_flops", "count_params", "create_model", "evaluate", "fit", "list_datasets",
+    "list_models", "load_dataset", "load_model", "measure_latency", "read_metadata", "save_checkpoint",
+    "storage_bits", "summarize",
+]

@@ -1,0 +1,127 @@
+"""Pickle-free checkpoints: one safetensors file whose header carries the JSON metadata.
+
+The metadata names the zoo model and its :class:`~prunekit.models.ModelConfig`, the data, the training
+arguments and the metrics, so a checkpoint rebuilds its network without any pickled module. Writes are atomic
+(temporary file + ``os.replace``): an interrupted write never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = "prunekit.checkpoint/1"
+_META_KEY = "prunekit"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupted, or does not fit the model it is loaded into."""
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` then move the temporary file over ``path`` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any]) -> Path:
+    """Save ``model``'s state_dict and JSON-serialisable ``metadata`` atomically to ``path`` (.safetensors)."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    header = {_META_KEY: json.dumps({"format": FORMAT, **metadata}, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint, without loading its tensors."""
+    path = _existing(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc})") from None
+    if _META_KEY not in header:
+        raise CheckpointError(f"{path} is a safetensors file without prunekit metadata; was it saved by prunekit?")
+    try:
+        meta = json.loads(header[_META_KEY])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: corrupted metadata ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r}; expected {FORMAT!r}")
+    return meta
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    path = _existing(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupted or not a safetensors file ({exc})") from None
+
+
+def load_weights_(model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint's tensors into ``model`` in place, with an error that lists mismatches."""
+    state = load_state(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {_preview(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_preview(unexpected)}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape mismatch for {k}: checkpoint {tuple(state[k].shape)} vs model "
+                         f"{tuple(expected[k].shape)} ({len(wrong)} tensors in all)")
+        raise CheckpointError(f"{path} does not fit this model: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the zoo model a checkpoint describes and load its weights. Returns (model in eval mode, metadata)."""
+    from prunekit.models import ModelConfig, create_model
+
+    meta = read_metadata(path)
+    if "model" not in meta:
+        raise CheckpointError(f"{path}: metadata has no 'model' entry; cannot rebuild the network")
+    try:
+        config = ModelConfig.from_dict(meta["model"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: bad model description in metadata ({exc})") from None
+    model = create_model(config)
+    load_weights_(model, path)
+    return model.eval(), meta
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def _preview(names: list[str], n: int = 3) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more

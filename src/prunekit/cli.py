@@ -1,0 +1,166 @@
+"""The ``prunekit`` command line. Every error exits non-zero with one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from prunekit import __version__
+
+
+class CLIError(Exception):
+    """A user mistake caught by the CLI itself (bad flag combination, bad value)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    p.add_argument("--data", default=default, help="dataset name (`prunekit list datasets`)")
+    p.add_argument("--data-dir", default=None, help="directory holding the dataset files")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="training fraction held out for validation")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training examples")
+
+
+def _data_config(args):
+    from prunekit.data import DataConfig
+
+    return DataConfig(name=args.data, data_dir=args.data_dir, val_fraction=args.val_fraction, seed=0,
+                      limit=args.limit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description="Make trained networks smaller and faster.")
+    parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list models, datasets or methods")
+    p.add_argument("what", nargs="?", choices=["models", "datasets", "methods", "all"], default="all")
+    p.add_argument("--pattern", default="*", help="wildcard filter, e.g. 'resnet*'")
+
+    p = sub.add_parser("train", help="train a zoo model (best epoch chosen on validation)")
+    p.add_argument("--model", required=True, help="zoo model name (`prunekit list models`)")
+    _add_data_args(p)
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier")
+    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
+    p.add_argument("--augment", choices=["auto", "none", "crop", "crop-flip"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (checkpoints, history, plot)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset split")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit")
+    _add_data_args(p, default=None)
+    p.add_argument("--split", choices=["val", "test", "train"], default="test")
+
+    p = sub.add_parser("inspect", help="per-layer table of a checkpoint or zoo model")
+    p.add_argument("target", help="a .safetensors checkpoint, or a zoo model name")
+    p.add_argument("--input", default="3x32x32", help="CxHxW input for a zoo model name (default 3x32x32)")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--width", type=float, default=1.0)
+
+    p = sub.add_parser("demo", help="the main job on the embedded digits data: train, compress, compare")
+    p.add_argument("--out", default="demo-report", help="report directory")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: demo's own)")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def cmd_list(args) -> None:
+    from prunekit.data import DATASETS
+    from prunekit.methods import METHODS
+    from prunekit.models import MODELS
+
+    sections = {"models": MODELS, "datasets": DATASETS, "methods": METHODS}
+    for name, registry in sections.items():
+        if args.what not in (name, "all"):
+            continue
+        print(f"{name}:")
+        for entry in registry.list(args.pattern):
+            print(f"  {entry:<16} {registry.help(entry)}")
+
+
+def cmd_train(args) -> None:
+    from prunekit.jobs import default_augment, train_job
+    from prunekit.training import TrainConfig
+
+    data = _data_config(args)
+    augment = default_augment(args.data) if args.augment == "auto" else args.augment
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                         weight_decay=args.weight_decay, schedule=args.schedule, augment=augment, seed=args.seed)
+    out = Path(args.out)
+    if not args.resume and (out / "train_state.pt").exists():
+        raise CLIError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    train_job(args.model, data, config, out, width=args.width, resume=args.resume,
+              progress=not args.no_progress, device=args.device)
+    print(f"saved {out / 'model.safetensors'}")
+
+
+def cmd_eval(args) -> None:
+    from prunekit.checkpoint import load_model
+    from prunekit.data import DataConfig, load_dataset
+    from prunekit.training import evaluate
+
+    model, meta = load_model(args.checkpoint)
+    saved = meta.get("data", {})
+    name = args.data or saved.get("name")
+    if name is None:
+        raise CLIError("the checkpoint names no dataset; pass --data")
+    data_dir = args.data_dir or (saved.get("data_dir") if name == saved.get("name") else None)
+    data = load_dataset(DataConfig(name=name, data_dir=data_dir, val_fraction=saved.get("val_fraction", 0.1),
+                                   seed=saved.get("seed", 0), limit=args.limit))
+    if (data.in_channels, data.input_size, data.num_classes) != (
+            meta["model"]["in_channels"], meta["model"]["input_size"], meta["model"]["num_classes"]):
+        raise CLIError(f"{args.checkpoint} was built for {meta['model']['in_channels']}x{meta['model']['input_size']}"
+                       f" inputs with {meta['model']['num_classes']} classes; {name} does not match")
+    result = evaluate(model, getattr(data, args.split))
+    print(f"{args.split} accuracy {result['acc']:.4f}  loss {result['loss']:.4f}  ({name}, {args.checkpoint})")
+
+
+def cmd_inspect(args) -> None:
+    from prunekit.inspect import inspect_table
+
+    print(inspect_table(args.target, input_spec=args.input, num_classes=args.classes, width=args.width))
+
+
+def cmd_demo(args) -> None:
+    from prunekit.demo import run_demo
+
+    run_demo(args.out, epochs=args.epochs, progress=not args.no_progress)
+
+
+COMMANDS = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted; finished epochs are saved (use --resume to continue)", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as exc:
+        message = " ".join(str(exc).split()) or exc.__class__.__name__
+        print(f"prunekit {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

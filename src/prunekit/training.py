@@ -1,0 +1,333 @@
+"""Training and evaluation: SGD with momentum, step or cosine learning rate, best-on-validation checkpoints,
+exact resume, a NaN/inf guard, and DistributedDataParallel under torchrun.
+
+>>> import torch
+>>> from prunekit import TrainConfig, create_model, evaluate, fit, load_dataset
+>>> data = load_dataset("synthetic")
+>>> _ = torch.manual_seed(0)
+>>> model = create_model("lenet300", num_classes=4, in_channels=1, input_size=12)
+>>> result = fit(model, data, TrainConfig(epochs=2, lr=0.05), progress=False)
+>>> result.best_val_acc > 0.5
+True
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
+from tqdm.auto import tqdm
+
+from prunekit.checkpoint import CheckpointError, atomic_write, load_weights_, save_checkpoint
+from prunekit.data import DataSplits
+from prunekit.distributed import DistContext, all_reduce_sum, barrier, current_context
+
+
+class Schedule(str, enum.Enum):
+    """Learning-rate schedule: cosine decay to zero, or step decay by ``gamma`` at ``milestones``."""
+
+    COSINE = "cosine"
+    STEP = "step"
+
+
+class Augment(str, enum.Enum):
+    """Training-time augmentation: none, random shifted crop, or crop plus horizontal flip."""
+
+    NONE = "none"
+    CROP = "crop"
+    CROP_FLIP = "crop-flip"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings.
+
+    Args:
+        epochs: Passes over the training set (0 only evaluates).
+        batch_size: Global batch size (split across processes under torchrun).
+        lr: Peak learning rate of SGD.
+        momentum: SGD momentum (Nesterov when ``nesterov``).
+        weight_decay: L2 penalty on all parameters.
+        schedule: :class:`Schedule` of the learning rate, updated every step.
+        milestones: Fractions of training at which ``Schedule.STEP`` multiplies the rate by ``gamma``.
+        gamma: Step-decay factor.
+        augment: :class:`Augment` applied to training batches.
+        seed: Seeds data order and augmentation (model initialisation is the caller's).
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Schedule = Schedule.COSINE
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    augment: Augment = Augment.NONE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", _enum(Schedule, self.schedule, "schedule"))
+        object.__setattr__(self, "augment", _enum(Augment, self.augment, "augment"))
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"epochs must be a non-negative int, got {self.epochs!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must be increasing fractions in (0, 1), got {self.milestones!r}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["schedule"], d["augment"] = self.schedule.value, self.augment.value
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; accepted: {sorted(known)}")
+        return cls(**data)
+
+    def lr_at(self, progress: float) -> float:
+        """Learning rate after ``progress`` (0..1) of training."""
+        if self.schedule is Schedule.COSINE:
+            return 0.5 * self.lr * (1.0 + math.cos(math.pi * progress))
+        return self.lr * self.gamma ** sum(progress >= m for m in self.milestones)
+
+
+def _enum(kind: type[enum.Enum], value: Any, name: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        accepted = ", ".join(repr(m.value) for m in kind)
+        raise ValueError(f"{name} must be one of {accepted}, got {value!r}") from None
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: per-epoch history and the best-on-validation epoch (weights loaded)."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_val_acc: float = float("nan")
+    out_dir: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 512,
+             ctx: DistContext | None = None) -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy of ``model`` (eval mode) on ``dataset``.
+
+    Under torch.distributed each process evaluates a disjoint shard and the sums are all-reduced.
+    """
+    ctx = ctx or current_context()
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size)) if ctx.enabled else dataset
+    loss_sum = correct = count = 0.0
+    for x, y in DataLoader(shard, batch_size=batch_size):
+        x, y = x.to(device), y.to(device)
+        logits = module(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        count += len(y)
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], ctx)
+    module.train(was_training)
+    return {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1)}
+
+
+# ------------------------------------------------------------------------------------------------------ fit
+
+
+def augment_batch(x: torch.Tensor, mode: Augment, generator: torch.Generator) -> torch.Tensor:
+    """Random shifts by up to 1/8 of the side (zero padding) and, for ``CROP_FLIP``, horizontal flips."""
+    if mode is Augment.NONE:
+        return x
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)  # (n, h)
+    cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)  # (n, w)
+    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    out = out.permute(0, 3, 1, 2)
+    if mode is Augment.CROP_FLIP:
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out.contiguous()
+
+
+def fit(
+    model: nn.Module,
+    data: DataSplits,
+    config: TrainConfig,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    metadata: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+    ctx: DistContext | None = None,
+) -> FitResult:
+    """Train ``model`` in place; afterwards it holds the weights of the best validation epoch.
+
+    With ``out_dir``, every epoch writes ``last.safetensors`` + ``train_state.pt`` (optimizer state, history;
+    read back with ``weights_only=True``) and, when validation improves, ``best.safetensors``; ``resume=True``
+    continues from the last finished epoch and ends with exactly the weights of an uninterrupted run.
+
+    Raises:
+        TrainingDivergedError: the loss became NaN/inf (the previous epoch's checkpoint stays on disk).
+        CheckpointError: ``resume`` was asked for but the saved state does not match ``config``.
+    """
+    ctx = ctx or current_context()
+    log = log or (lambda msg: None)
+    metadata = dict(metadata or {})
+    out = Path(out_dir) if out_dir is not None else None
+    device = ctx.device
+    model.to(device)
+    net: nn.Module = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if ctx.enabled else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
+    result = FitResult(out_dir=out)
+    start_epoch = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    if resume:
+        if out is None:
+            raise ValueError("resume=True needs out_dir, where the interrupted run saved its state")
+        start_epoch = _restore(out, model, optimizer, config, result)
+        log(f"resuming after epoch {start_epoch} of {config.epochs} from {out}")
+
+    if ctx.world_size > 1 and config.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {ctx.world_size} processes")
+    sampler = DistributedSampler(data.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=config.seed)
+    loader = DataLoader(data.train, batch_size=config.batch_size // ctx.world_size, sampler=sampler)
+    steps_per_epoch = len(loader)
+    total_steps = max(1, config.epochs * steps_per_epoch)
+
+    for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 1_009 + ctx.rank)
+        net.train()
+        t0 = time.perf_counter()
+        loss_sum = correct = count = 0.0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not (progress and ctx.is_main), dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar):
+            lr = config.lr_at((epoch * steps_per_epoch + step) / total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = augment_batch(x.to(device), config.augment, gen)
+            y = y.to(device)
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                where = f"; the last good checkpoint is {out / 'last.safetensors'}" if out and epoch > 0 else ""
+                raise TrainingDivergedError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (lr {lr:.4g}){where}; "
+                    "lower --lr or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            count += len(y)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
+        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], ctx)
+        val = evaluate(model, data.val, ctx=ctx)
+        row = {"epoch": epoch + 1, "lr": lr if steps_per_epoch else config.lr, "train_loss": loss_sum / count,
+               "train_acc": correct / count, "val_loss": val["loss"], "val_acc": val["acc"],
+               "seconds": time.perf_counter() - t0}
+        result.history.append(row)
+        improved = not (val["acc"] <= result.best_val_acc)  # also true when best is NaN (first epoch)
+        if improved:
+            result.best_epoch, result.best_val_acc = epoch + 1, val["acc"]
+            if out is None:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        log(f"epoch {epoch + 1}/{config.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+            f"val loss {val['loss']:.4f} acc {val['acc']:.4f}  ({row['seconds']:.1f}s)"
+            + ("  *best" if improved else ""))
+        if out is not None and ctx.is_main:
+            meta = {**metadata, "train": config.to_dict(), "epoch": epoch + 1,
+                    "metrics": {"val_acc": val["acc"], "val_loss": val["loss"]}}
+            if improved:
+                save_checkpoint(out / "best.safetensors", model, meta)
+            save_checkpoint(out / "last.safetensors", model, meta)
+            _save_state(out, optimizer, config, result)
+        barrier(ctx)
+
+    if config.epochs == 0 or result.best_epoch < 0:
+        val = evaluate(model, data.val, ctx=ctx)
+        result.best_val_acc, result.best_epoch = val["acc"], 0
+    elif out is not None:
+        load_weights_(model, out / "best.safetensors")
+    elif best_state is not None:
+        model.load_state_dict(best_state)
+    return result
+
+
+def _save_state(out: Path, optimizer: torch.optim.Optimizer, config: TrainConfig, result: FitResult) -> None:
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "config": config.to_dict(),
+        "history": result.history,
+        "best_epoch": result.best_epoch,
+        "best_val_acc": result.best_val_acc,
+    }
+    atomic_write(out / "train_state.pt", lambda tmp: torch.save(state, tmp))
+
+
+def _restore(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
+             result: FitResult) -> int:
+    state_path, last = out / "train_state.pt", out / "last.safetensors"
+    if not state_path.is_file() or not last.is_file():
+        raise CheckpointError(f"nothing to resume in {out}: train_state.pt or last.safetensors is missing")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupted file is a user-facing condition
+        raise CheckpointError(f"{state_path} is corrupted ({exc.__class__.__name__}); start without --resume") from None
+    saved = state.get("config", {})
+    diff = {k: (saved.get(k), v) for k, v in config.to_dict().items() if saved.get(k) != v}
+    if diff:
+        desc = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"cannot resume {out}: training settings differ ({desc})")
+    load_weights_(model, last)
+    optimizer.load_state_dict(state["optimizer"])
+    result.history = list(state["history"])
+    result.best_epoch, result.best_val_acc = int(state["best_epoch"]), float(state["best_val_acc"])
+    return len(result.history)
