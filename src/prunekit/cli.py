@@ -106,9 +106,10 @@ def cmd_train(args) -> None:
     out = Path(args.out)
     if not args.resume and (out / "train_state.pt").exists():
         raise CLIError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    train_job(args.model, data, config, out, width=args.width, resume=args.resume,
-              progress=not args.no_progress, device=args.device)
-    print(f"saved {out / 'model.safetensors'}")
+    outcome = train_job(args.model, data, config, out, width=args.width, resume=args.resume,
+                        progress=not args.no_progress, device=args.device)
+    if outcome.checkpoint is not None:  # only the main process writes (and says so) under torchrun
+        print(f"saved {outcome.checkpoint}")
 
 
 def cmd_eval(args) -> None:

@@ -17,6 +17,7 @@ import gzip
 import io
 import pickle
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ class DataConfig:
             DATASETS.get(self.name)
         if not 0.0 < float(self.val_fraction) < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 10):
             raise ValueError(f"limit must be an int >= 10 or None, got {self.limit!r}")
 
@@ -120,6 +123,9 @@ def load_dataset(name: str | DataConfig = "digits", **kwargs) -> DataSplits:
     y_test_t = torch.as_tensor(y_test, dtype=torch.long)
     order = torch.randperm(len(x_train_t), generator=torch.Generator().manual_seed(config.seed))
     n_val = max(1, int(round(len(order) * config.val_fraction)))
+    if n_val >= len(order):
+        raise ValueError(f"val_fraction {config.val_fraction} of {len(order)} training examples leaves none to train "
+                         "on; lower --val-fraction or raise --limit")
     val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
     return DataSplits(
         train=TensorDataset(x_train_t[train_idx], y_train_t[train_idx]),
@@ -146,8 +152,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise ValueError(f"{path} is a damaged gzip file ({exc}); re-install or re-download it") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path} is not an IDX file (bad magic bytes)")
     code, ndim = raw[2], raw[3]
@@ -251,7 +260,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"), ("builtins", "list"), ("builtins", "dict"),
-        ("_codecs", "encode"),
+        ("_codecs", "encode"), ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str):

@@ -74,3 +74,33 @@ def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of one shuffled order, each global batch split evenly over the processes.
+
+    Plays the role of ``DistributedSampler`` (same ``seed + epoch`` shuffling, ``set_epoch``) without its padding
+    duplicates: the union of the processes' batches at step ``i`` is exactly the single-process batch ``i``, so
+    with the loss normalised by the global batch count, N processes compute the same gradient as one.
+    """
+
+    def __init__(self, size: int, batch_size: int, ctx: DistContext, seed: int = 0, shuffle: bool = True) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.size, self.batch_size, self.ctx, self.seed, self.shuffle = size, batch_size, ctx, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.size // self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        for start in range(0, self.size, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            yield batch.tensor_split(self.ctx.world_size)[self.ctx.rank].tolist()

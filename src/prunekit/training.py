@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from prunekit.checkpoint import CheckpointError, atomic_write, load_weights_, save_checkpoint
 from prunekit.data import DataSplits
-from prunekit.distributed import DistContext, all_reduce_sum, barrier, current_context
+from prunekit.distributed import DistContext, GlobalBatchSampler, all_reduce_sum, barrier, current_context
 
 
 class Schedule(str, enum.Enum):
@@ -230,11 +230,10 @@ def fit(
         start_epoch = _restore(out, model, optimizer, config, result)
         log(f"resuming after epoch {start_epoch} of {config.epochs} from {out}")
 
-    if ctx.world_size > 1 and config.batch_size % ctx.world_size:
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {ctx.world_size} processes")
-    sampler = DistributedSampler(data.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=config.seed)
-    loader = DataLoader(data.train, batch_size=config.batch_size // ctx.world_size, sampler=sampler)
+    if config.batch_size < ctx.world_size:
+        raise ValueError(f"batch_size {config.batch_size} is smaller than the {ctx.world_size} processes")
+    sampler = GlobalBatchSampler(len(data.train), config.batch_size, ctx, seed=config.seed)
+    loader = DataLoader(data.train, batch_sampler=sampler)
     steps_per_epoch = len(loader)
     total_steps = max(1, config.epochs * steps_per_epoch)
 
@@ -252,8 +251,18 @@ def fit(
                 group["lr"] = lr
             x = augment_batch(x.to(device), config.augment, gen)
             y = y.to(device)
+            if len(y) == 0:  # a last global batch smaller than the number of processes
+                raise ValueError(f"the last batch has fewer examples than the {ctx.world_size} processes; "
+                                 "change --batch-size so the training set does not leave such a remainder")
             logits = net(x)
             loss = F.cross_entropy(logits, y)
+            objective = loss
+            if ctx.enabled:
+                # DDP averages gradients over processes; scale each process's sum by the global batch count so
+                # that an uneven last batch still gives exactly the gradient of the global mean loss.
+                global_count = torch.tensor([float(len(y))], device=device)
+                torch.distributed.all_reduce(global_count)
+                objective = F.cross_entropy(logits, y, reduction="sum") * ctx.world_size / global_count[0]
             if not torch.isfinite(loss):
                 where = f"; the last good checkpoint is {out / 'last.safetensors'}" if out and epoch > 0 else ""
                 raise TrainingDivergedError(
@@ -261,7 +270,7 @@ def fit(
                     "lower --lr or check the data"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimizer.step()
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
@@ -270,6 +279,11 @@ def fit(
                 bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
         loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], ctx)
         val = evaluate(model, data.val, ctx=ctx)
+        if not math.isfinite(val["loss"]):
+            where = f"; the last good checkpoint is {out / 'last.safetensors'}" if out and epoch > 0 else ""
+            raise TrainingDivergedError(
+                f"validation loss became {val['loss']} after epoch {epoch + 1} (the weights diverged){where}; "
+                "lower --lr or check the data")
         row = {"epoch": epoch + 1, "lr": lr if steps_per_epoch else config.lr, "train_loss": loss_sum / count,
                "train_acc": correct / count, "val_loss": val["loss"], "val_acc": val["acc"],
                "seconds": time.perf_counter() - t0}

@@ -44,7 +44,7 @@ class LeNet5(nn.Module):
         side = (side + 2 * pad - 4) // 2
         side = (side + 2 * pad - 4) // 2
         if side < 1:
-            raise ValueError(f"lenet5 needs input_size >= 12, got {config.input_size}")
+            raise ValueError(f"lenet5 needs input_size >= 4, got {config.input_size}")
         self.pool = nn.MaxPool2d(2)
         self.flatten = nn.Flatten()
         self.fc1 = nn.Linear(c2 * side * side, h)
