@@ -63,6 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    p = sub.add_parser("prune", help="prune channels of a trained model to a target, fine-tune, report")
+    p.add_argument("--model", default=None, help="zoo name or package.module:function (default: the checkpoint's)")
+    p.add_argument("--checkpoint", default=None, help="dense weights (.safetensors from prunekit, or a state_dict)")
+    _add_data_args(p, default=None)
+    p.add_argument("--method", default="l1", help="criterion (`prunekit list methods`)")
+    p.add_argument("--target", action="append", default=None,
+                   help="flops=0.25 | params=0.5 | channels=0.7 | flops=x4; repeat for several targets")
+    p.add_argument("--allocation", choices=["global", "uniform"], default="global")
+    p.add_argument("--max-per-layer", type=float, default=0.9, help="largest fraction of a layer to remove")
+    p.add_argument("--ignore", nargs="*", default=[], help="module names to leave alone (output layer always is)")
+    p.add_argument("--iterations", type=int, default=1, help="rounds of prune + fine-tune (1 = one-shot)")
+    p.add_argument("--finetune-epochs", type=_positive_int, default=0, help="fine-tuning epochs per round")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--bn-images", type=_positive_int, default=512,
+                   help="training images for BatchNorm re-estimation after pruning (0 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (pruned model, report.md/json, plots)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("export", help="export a (pruned) checkpoint for deployment")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit (dense or pruned)")
+    p.add_argument("--onnx", required=True, help="output .onnx path (checked with ONNX Runtime)")
+    p.add_argument("--opset", type=int, default=18)
+
     p = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset split")
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit")
     _add_data_args(p, default=None)
@@ -112,12 +139,44 @@ def cmd_train(args) -> None:
         print(f"saved {outcome.checkpoint}")
 
 
+def cmd_prune(args) -> None:
+    from prunekit.jobs import prune
+    from prunekit.report import summary_table
+
+    out = Path(args.out)
+    if not args.resume and (out / "report.json").exists():
+        raise CLIError(f"{out} already holds a pruning report; pass --resume or choose another --out")
+    data = _data_config(args) if args.data else None
+    outcome = prune(args.model, data, checkpoint=args.checkpoint, method=args.method,
+                    target=args.target or ["flops=0.5"], iterations=args.iterations,
+                    finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
+                    allocation=args.allocation, max_per_layer=args.max_per_layer, ignore=tuple(args.ignore),
+                    bn_recalibration_images=args.bn_images, out=out, resume=args.resume,
+                    progress=not args.no_progress, measure_latency=not args.no_latency, seed=args.seed)
+    print()
+    print(summary_table(outcome.rows))
+    print(f"\nreport: {outcome.report}")
+
+
+def cmd_export(args) -> None:
+    from prunekit.architecture import input_shape_of, load_compressed
+    from prunekit.export import check_onnx, export_onnx
+
+    model, meta = load_compressed(args.checkpoint)
+    shape = input_shape_of(meta["model"])
+    path = export_onnx(model, args.onnx, shape, opset=args.opset)
+    diff = check_onnx(model, path, shape)
+    if not diff <= 1e-4:
+        raise CLIError(f"ONNX Runtime outputs differ from PyTorch by {diff:.3g} (> 1e-4); {path} is not trustworthy")
+    print(f"wrote {path}; ONNX Runtime matches PyTorch (max abs diff {diff:.2g})")
+
+
 def cmd_eval(args) -> None:
-    from prunekit.checkpoint import load_model
+    from prunekit.architecture import load_compressed
     from prunekit.data import DataConfig, load_dataset
     from prunekit.training import evaluate
 
-    model, meta = load_model(args.checkpoint)
+    model, meta = load_compressed(args.checkpoint)
     saved = meta.get("data", {})
     name = args.data or saved.get("name")
     if name is None:
@@ -125,10 +184,12 @@ def cmd_eval(args) -> None:
     data_dir = args.data_dir or (saved.get("data_dir") if name == saved.get("name") else None)
     data = load_dataset(DataConfig(name=name, data_dir=data_dir, val_fraction=saved.get("val_fraction", 0.1),
                                    seed=saved.get("seed", 0), limit=args.limit))
-    if (data.in_channels, data.input_size, data.num_classes) != (
-            meta["model"]["in_channels"], meta["model"]["input_size"], meta["model"]["num_classes"]):
-        raise CLIError(f"{args.checkpoint} was built for {meta['model']['in_channels']}x{meta['model']['input_size']}"
-                       f" inputs with {meta['model']['num_classes']} classes; {name} does not match")
+    from prunekit.architecture import input_shape_of
+
+    expected = input_shape_of(meta["model"])
+    if (data.in_channels, data.input_size, data.input_size) != tuple(expected):
+        raise CLIError(f"{args.checkpoint} was built for {'x'.join(map(str, expected))} inputs; {name} has "
+                       f"{data.in_channels}x{data.input_size}x{data.input_size}")
     result = evaluate(model, getattr(data, args.split))
     print(f"{args.split} accuracy {result['acc']:.4f}  loss {result['loss']:.4f}  ({name}, {args.checkpoint})")
 
@@ -145,7 +206,8 @@ def cmd_demo(args) -> None:
     run_demo(args.out, epochs=args.epochs, progress=not args.no_progress)
 
 
-COMMANDS = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect, "demo": cmd_demo}
+COMMANDS = {"list": cmd_list, "train": cmd_train, "prune": cmd_prune, "export": cmd_export, "eval": cmd_eval,
+            "inspect": cmd_inspect, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished epochs are saved (use --resume to continue)", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as exc:
+    except (CLIError, ValueError, TypeError, FileNotFoundError, RuntimeError, OSError, ImportError) as exc:
         message = " ".join(str(exc).split()) or exc.__class__.__name__
         print(f"prunekit {args.command}: error: {message}", file=sys.stderr)
         return 2

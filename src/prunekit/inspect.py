@@ -53,12 +53,15 @@ def format_table(rows: list[dict], total_params: int, total_flops: int) -> str:
 def inspect_table(target: str, input_spec: str = "3x32x32", num_classes: int = 10, width: float = 1.0) -> str:
     """The table for a checkpoint path (its own input size) or a zoo model name (``input_spec``)."""
     if target.endswith(".safetensors") or Path(target).is_file():
-        from prunekit.checkpoint import load_model
+        from prunekit.architecture import input_shape_of, load_compressed
 
-        model, meta = load_model(target)
+        model, meta = load_compressed(target)
         cfg = meta["model"]
-        shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
-        title = f"{target}: {cfg['name']} (width {cfg['width']}) on {shape[0]}x{shape[1]}x{shape[2]}"
+        shape = input_shape_of(cfg)
+        what = f"{cfg['name']} (width {cfg['width']})" if "name" in cfg else cfg["factory"]
+        if meta.get("architecture_changes"):
+            what += f", {len(meta['architecture_changes'])} architecture change(s)"
+        title = f"{target}: {what} on {shape[0]}x{shape[1]}x{shape[2]}"
         metrics = meta.get("metrics", {})
         if metrics.get("test_acc") is not None:
             title += f", test acc {metrics['test_acc']:.4f}"

@@ -73,3 +73,143 @@ def train_job(model: str, data: DataConfig, train: TrainConfig, out_dir: str | P
             plot_history(result.history, out / "training.png", title=f"{model} on {data.name}")
     say(f"best epoch {result.best_epoch}: val acc {summary.val_acc:.4f}, test acc {summary.test_acc:.4f}")
     return TrainOutcome(net, splits, result, summary, path)
+
+
+def load_dense(model: str | None, checkpoint: str | Path | None, data: DataConfig | None
+               ) -> tuple[nn.Module, dict[str, Any], DataConfig]:
+    """The network to compress and how to rebuild it.
+
+    ``model`` is a zoo name or ``package.module:function``; ``checkpoint`` a prunekit checkpoint (its metadata
+    names model and data) or, for a user factory, a safetensors / ``torch.save`` state_dict.
+    """
+    from prunekit.architecture import build_base, load_compressed, load_factory
+    from prunekit.checkpoint import CheckpointError, load_weights_, read_metadata
+
+    if model is None and checkpoint is None:
+        raise ValueError("give --model (a zoo name or package.module:function) and/or --checkpoint")
+    meta: dict[str, Any] = {}
+    if checkpoint is not None and str(checkpoint).endswith(".safetensors"):
+        try:
+            meta = read_metadata(checkpoint)
+        except CheckpointError as exc:
+            if "without prunekit metadata" not in str(exc):
+                raise
+    if meta:
+        saved = meta.get("model", {})
+        if model is not None and ":" not in model and saved.get("name") not in (None, model):
+            raise ValueError(f"--model {model} does not match the checkpoint, which holds {saved.get('name')}")
+        net, meta = load_compressed(checkpoint)
+        if data is None and meta.get("data"):
+            data = DataConfig.from_dict(meta["data"])
+        if data is None:
+            raise ValueError("the checkpoint names no dataset; pass --data")
+        return net, saved, data
+    if data is None:
+        raise ValueError("pass --data: the checkpoint does not say which dataset it was trained on")
+    if model is None:
+        raise ValueError(f"{checkpoint} carries no prunekit metadata; also pass --model")
+    splits = load_dataset(data)
+    if ":" in model:
+        load_factory(model)
+        base = {"factory": model, "input_shape": [splits.in_channels, splits.input_size, splits.input_size]}
+    else:
+        base = ModelConfig(name=model, num_classes=splits.num_classes, in_channels=splits.in_channels,
+                           input_size=splits.input_size).to_dict()
+    net = build_base(base)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if path.suffix == ".safetensors":
+            load_weights_(net, path)
+        else:
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint {path} does not exist")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
+                raise CheckpointError(f"{path} is not a state_dict readable with weights_only=True ({exc})") from None
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state_dict")
+            net.load_state_dict(state)
+    return net.eval(), base, data
+
+
+@dataclass
+class PruneOutcome:
+    """What :func:`prune` returns: measured rows (dense and each target) and the pruned models."""
+
+    rows: dict[str, dict[str, Any]]
+    results: dict[str, Any]
+    report: Path | None
+
+
+def prune(model: str | None = None, data: str | DataConfig | None = None, *, checkpoint: str | Path | None = None,
+          method: str = "l1", target: str | list[str] = "flops=0.5", iterations: int = 1,
+          finetune_epochs: int = 0, lr: float = 0.01, batch_size: int = 128, allocation: str = "global",
+          max_per_layer: float = 0.9, ignore: tuple[str, ...] = (), bn_recalibration_images: int = 512,
+          out: str | Path | None = None, resume: bool = False, progress: bool = True, log=print,
+          measure_latency: bool = True, seed: int = 0) -> PruneOutcome:
+    """Prune a dense network to one or several targets, fine-tune, measure and report (``prunekit prune``).
+
+    Each target starts from the dense model; with ``out`` every target gets ``out/<target>/`` (pruned model,
+    rounds) and ``out`` gets ``report.md``, ``report.json`` and plots. ``report.json["pruned"]`` is the last target.
+    """
+    import copy
+
+    from prunekit.allocation import AllocationConfig
+    from prunekit.plots import plot_accuracy_vs_flops, plot_kept_width
+    from prunekit.pruning import PruneConfig, prune_model
+    from prunekit.report import write_report
+
+    data_cfg = DataConfig(name=data) if isinstance(data, str) else data
+    dense, base, data_cfg = load_dense(model, checkpoint, data_cfg)
+    splits = load_dataset(data_cfg)
+    targets = [target] if isinstance(target, str) else list(target)
+    if not targets:
+        raise ValueError("give at least one --target, e.g. flops=0.25")
+    configs = [PruneConfig(method=method, target=t, iterations=iterations, ignore=tuple(ignore), seed=seed,
+                           allocation=AllocationConfig(allocation, max_per_layer),
+                           bn_recalibration_images=bn_recalibration_images) for t in targets]
+    finetune = TrainConfig(epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed,
+                           augment=default_augment(data_cfg.name)) if finetune_epochs > 0 else None
+    log(f"dense: measuring ({splits.describe()})")
+    rows = {"dense": summarize(dense, splits, latency=measure_latency).to_dict()}
+    results = {}
+    outdir = Path(out) if out is not None else None
+    for cfg in configs:
+        slug = str(cfg.target).replace("=", "-")
+        log(f"pruning with {method} to {cfg.target} ({iterations} round(s), {finetune_epochs} fine-tune epochs each)")
+        net = copy.deepcopy(dense).train()
+        result = prune_model(net, splits, cfg, finetune, outdir / slug if outdir else None, base=base,
+                             resume=resume, progress=progress, log=log)
+        summary = summarize(result.model.eval(), splits, latency=measure_latency).to_dict()
+        summary["val_acc_before_finetune"] = result.val_acc_before_finetune
+        results[str(cfg.target)] = result
+        rows[f"pruned {cfg.target}"] = summary
+        if outdir is not None:
+            plot_kept_width(result.kept_width, outdir / f"kept_width_{slug}.png",
+                            title=f"{method}, {cfg.target}: kept output channels per layer")
+    last = list(rows)[-1]
+    report = None
+    if outdir is not None:
+        images = [f"kept_width_{str(c.target).replace('=', '-')}.png" for c in configs]
+        if len(configs) > 1:
+            plot_accuracy_vs_flops({method: [(rows[k]["flops"] / 1e6, rows[k]["test_acc"]) for k in rows
+                                             if k != "dense"]}, outdir / "accuracy_vs_flops.png",
+                                   dense=(rows["dense"]["flops"] / 1e6, rows["dense"]["test_acc"]),
+                                   title="test accuracy vs FLOPs")
+            images.insert(0, "accuracy_vs_flops.png")
+        notes = [f"method {method}, allocation {allocation} (max {max_per_layer:.0%} of a layer), {iterations} "
+                 f"round(s), {finetune_epochs} fine-tune epoch(s) per round, model chosen on validation",
+                 "val_acc_before_finetune: after BatchNorm re-estimation, before any training"]
+        notes += [f"{k}: accuracy right after pruning (val) {r.get('val_acc_before_finetune'):.4f}"
+                  for k, r in rows.items() if r.get("val_acc_before_finetune") is not None]
+        report = write_report(
+            outdir, f"prunekit prune: {base.get('name', base.get('factory'))} on {data_cfg.name}",
+            {"dense": rows["dense"], **{k: v for k, v in rows.items() if k != "dense"}},
+            extra={"pruned": rows[last], "config": [c.to_dict() for c in configs], "data": data_cfg.to_dict(),
+                   "finetune": finetune.to_dict() if finetune else None,
+                   "models": {str(c.target): str(outdir / str(c.target).replace("=", "-") / f"round_{iterations}"
+                                                  / "pruned.safetensors") for c in configs},
+                   "rounds": {k: [vars(x) for x in r.rounds] for k, r in results.items()}},
+            notes=notes, images=images)
+    return PruneOutcome(rows, results, report)

@@ -48,3 +48,41 @@ def plot_before_after(rows: dict[str, dict[str, float]], path: str | Path, title
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_kept_width(kept: dict[str, tuple[int, int]], path: str | Path, title: str = "") -> Path:
+    """Per layer, the original output width and the width kept after pruning."""
+    names = list(kept)
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names) + 2), 3.6))
+    xs = range(len(names))
+    ax.bar(xs, [kept[n][1] for n in names], color="#cccccc", label="dense")
+    ax.bar(xs, [kept[n][0] for n in names], color="#1f77b4", label="kept")
+    ax.set_xticks(list(xs), names, rotation=90, fontsize=6)
+    ax.set_ylabel("output channels")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_accuracy_vs_flops(points: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "",
+                           dense: tuple[float, float] | None = None) -> Path:
+    """Test accuracy against FLOPs (millions), one line per method; ``dense`` is marked with a star."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in points.items():
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    if dense is not None:
+        ax.scatter([dense[0]], [dense[1]], marker="*", s=150, color="black", label="dense", zorder=5)
+    ax.set_xscale("log")
+    ax.set_xlabel("MFLOPs (log)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

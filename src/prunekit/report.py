@@ -40,7 +40,8 @@ def summary_table(rows: dict[str, dict[str, Any]], markdown: bool = False) -> st
             if key.endswith("acc"):
                 ratio.append(f"{(vb - va) * 100:+.2f} pt" if va is not None and vb is not None else "-")
             else:
-                ratio.append(f"{va / vb:.2f}x" if va and vb else "-")
+                finite = all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in (va, vb))
+                ratio.append(f"{va / vb:.2f}x" if finite else "-")
         body.append(ratio)
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

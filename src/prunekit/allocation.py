@@ -1,0 +1,261 @@
+"""How much to remove where: targets (keep a fraction of FLOPs, parameters or channels), per-layer uniform or
+global ranking, and a per-layer cap. The cost of a plan is computed exactly from the slices it removes, so the
+search needs no surgery; the result is checked after shrinking.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunekit.engine import ChannelGraph, ChannelPlan
+from prunekit.metrics import count_flops, count_params, flops_by_module
+
+
+class TargetMetric(str, enum.Enum):
+    """What a target keeps a fraction of."""
+
+    FLOPS = "flops"
+    PARAMS = "params"
+    CHANNELS = "channels"
+
+
+class Allocation(str, enum.Enum):
+    """Per-layer uniform fraction, or one global ranking of (per-layer normalised) scores."""
+
+    UNIFORM = "uniform"
+    GLOBAL = "global"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Keep ``keep`` (0 < keep < 1) of ``metric``; ``Target.parse("flops=0.25")`` keeps a quarter of the FLOPs."""
+
+    metric: TargetMetric
+    keep: float
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "metric", TargetMetric(self.metric))
+        except ValueError:
+            raise ValueError(f"target metric must be one of {[m.value for m in TargetMetric]}, "
+                             f"got {self.metric!r}") from None
+        if not isinstance(self.keep, (int, float)) or not 0 < self.keep < 1:
+            raise ValueError(f"target keep fraction must be in (0, 1), got {self.keep!r} "
+                             "(e.g. flops=0.25 keeps a quarter of the FLOPs)")
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        """``"flops=0.25"``, ``"params=0.5"``, ``"channels=0.7"``; also ``"flops=x4"`` (keep 1/4)."""
+        metric, sep, value = str(text).partition("=")
+        if not sep:
+            raise ValueError(f"target must look like METRIC=FRACTION (flops=0.25, params=0.5, channels=0.7) or "
+                             f"METRIC=xFACTOR (flops=x4), got {text!r}")
+        try:
+            keep = 1.0 / float(value[1:]) if value.startswith("x") else float(value)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"target value must be a fraction like 0.25 or a factor like x4, got {value!r}") from None
+        return cls(metric.strip().lower(), keep)
+
+    def __str__(self) -> str:
+        return f"{self.metric.value}={self.keep:g}"
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric.value, "keep": self.keep}
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """Allocation settings.
+
+    Args:
+        allocation: :class:`Allocation` strategy.
+        max_per_layer: Largest fraction of a group's channels that may be removed (at least one always stays).
+        tolerance: Relative distance to the target that counts as reached (0.02 = within 2%).
+    """
+
+    allocation: Allocation = Allocation.GLOBAL
+    max_per_layer: float = 0.9
+    tolerance: float = 0.02
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "allocation", Allocation(self.allocation))
+        except ValueError:
+            raise ValueError(f"allocation must be one of {[a.value for a in Allocation]}, "
+                             f"got {self.allocation!r}") from None
+        if not 0 < self.max_per_layer < 1:
+            raise ValueError(f"max_per_layer must be in (0, 1), got {self.max_per_layer!r}")
+        if not 0 < self.tolerance < 0.5:
+            raise ValueError(f"tolerance must be in (0, 0.5), got {self.tolerance!r}")
+
+    def to_dict(self) -> dict:
+        return {"allocation": self.allocation.value, "max_per_layer": self.max_per_layer, "tolerance": self.tolerance}
+
+
+class InfeasibleTargetError(ValueError):
+    """The target cannot be reached under the per-layer cap."""
+
+
+class CostModel:
+    """Exact parameters / FLOPs of the model a plan would produce, from the removed slices alone.
+
+    A weight keeps ``prod_d (1 - removed_d / size_d)`` of its entries; a convolution or linear layer keeps the same
+    fraction of its FLOPs (FLOPs of other ops, such as attention products, are counted as unchanged).
+    """
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph, input_shape: tuple[int, ...]) -> None:
+        self.graph = graph
+        self.dense_params = count_params(model)
+        self.dense_flops = count_flops(model, (1, *input_shape))
+        per_module = flops_by_module(model, (1, *input_shape))
+        self.weight_flops: dict[str, int] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name in per_module:
+                self.weight_flops[f"{name}.weight"] = per_module[name]
+        self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        self.total_channels = sum(g.size for g in graph.groups)
+
+    def removed_per_dim(self, plan: ChannelPlan) -> dict[str, dict[int, int]]:
+        out: dict[str, dict[int, int]] = {}
+        for root, idxs in plan.removed.items():
+            group = self.graph.by_root[root]
+            removed = torch.zeros(group.size, dtype=torch.bool)
+            removed[list(idxs)] = True
+            for s in group.slices():
+                hit = int(removed[s.root_idxs].sum())
+                if hit:
+                    dims = out.setdefault(s.name, {})
+                    dims[s.dim] = dims.get(s.dim, 0) + hit
+        return out
+
+    def cost(self, plan: ChannelPlan, metric: TargetMetric) -> float:
+        """Fraction of ``metric`` the planned model keeps."""
+        if metric is TargetMetric.CHANNELS:
+            return 1.0 - plan.num_removed() / max(self.total_channels, 1)
+        removed = self.removed_per_dim(plan)
+        if metric is TargetMetric.PARAMS:
+            lost = 0.0
+            for name, dims in removed.items():
+                shape = self.shapes[name]
+                lost += math.prod(shape) * (1.0 - _kept_fraction(shape, dims))
+            return (self.dense_params - lost) / self.dense_params
+        lost = 0.0
+        for name, flops in self.weight_flops.items():
+            if name in removed:
+                lost += flops * (1.0 - _kept_fraction(self.shapes[name], removed[name]))
+        return (self.dense_flops - lost) / self.dense_flops
+
+
+def _kept_fraction(shape: tuple[int, ...], dims: dict[int, int]) -> float:
+    frac = 1.0
+    for d, r in dims.items():
+        frac *= max(0.0, 1.0 - r / shape[d])
+    return frac
+
+
+def plan_for_target(scores: dict[str, torch.Tensor], cost: CostModel, target: Target,
+                    config: AllocationConfig = AllocationConfig()) -> tuple[ChannelPlan, float]:
+    """The plan removing the lowest-scored channels that meets ``target``, and the fraction it keeps.
+
+    Raises:
+        InfeasibleTargetError: even removing ``max_per_layer`` of every group keeps too much.
+    """
+    groups = {root: s for root, s in scores.items() if len(s) > 1}
+    caps = {root: min(len(s) - 1, int(math.floor(config.max_per_layer * len(s)))) for root, s in groups.items()}
+    orders = {root: torch.argsort(s, stable=True) for root, s in groups.items()}
+
+    def uniform_plan(fraction: float) -> ChannelPlan:
+        return ChannelPlan({r: tuple(orders[r][: min(caps[r], int(fraction * len(groups[r])))].tolist())
+                            for r in groups})
+
+    if config.allocation is Allocation.UNIFORM:
+        steps = sorted({k / len(s) for s in groups.values() for k in range(len(s) + 1)})
+        candidates = [uniform_plan(f + 1e-12) for f in steps if f <= config.max_per_layer + 1e-12]
+    else:
+        ranked = []
+        for root, s in groups.items():
+            norm = s / s.mean() if s.mean() > 0 else torch.argsort(torch.argsort(s)).double()
+            for rank, idx in enumerate(orders[root].tolist()):
+                if rank < caps[root]:
+                    ranked.append((float(norm[idx]), root, idx))
+        ranked.sort()
+        candidates = _prefix_plans(ranked)
+
+    def keep_of(i: int) -> float:
+        return cost.cost(candidates[i], target.metric)
+
+    if keep_of(len(candidates) - 1) > target.keep * (1 + config.tolerance):
+        best = keep_of(len(candidates) - 1)
+        raise InfeasibleTargetError(
+            f"target {target} is infeasible with max_per_layer={config.max_per_layer}: removing the most allowed "
+            f"still keeps {best:.3f} of the {target.metric.value}; raise --max-per-layer, pick a milder target or "
+            "prune more layers (fewer ignore=[...])")
+    lo, hi = 0, len(candidates) - 1  # find the first candidate whose kept fraction is <= target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if keep_of(mid) <= target.keep:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = lo
+    if lo > 0 and abs(keep_of(lo - 1) - target.keep) < abs(keep_of(lo) - target.keep):
+        best = lo - 1
+    plan, kept = candidates[best], keep_of(best)
+    if abs(kept / target.keep - 1) > config.tolerance:
+        plan, kept = _refine(plan, kept, orders, caps, cost, target)
+    return plan, kept
+
+
+def _refine(plan: ChannelPlan, kept: float, orders: dict[str, torch.Tensor], caps: dict[str, int],
+            cost: CostModel, target: Target, max_moves: int = 200) -> tuple[ChannelPlan, float]:
+    """Greedy single-channel moves (remove the next-lowest channel of a group, or put back its last removed
+    one) while they bring the kept fraction closer to the target: coarse layers make the ranking overshoot."""
+    removed = {r: list(plan.removed.get(r, ())) for r in orders}
+    counts = {r: len(v) for r, v in removed.items()}
+    for _ in range(max_moves):
+        best_move, best_gap = None, abs(kept - target.keep)
+        for r, order in orders.items():
+            for delta in (1, -1):
+                n = counts[r] + delta
+                if not 0 <= n <= caps[r]:
+                    continue
+                trial = {**{k: order_prefix(orders[k], counts[k]) for k in orders}, r: order_prefix(order, n)}
+                value = cost.cost(ChannelPlan(trial), target.metric)
+                if abs(value - target.keep) < best_gap - 1e-12:
+                    best_move, best_gap, best_value = (r, n), abs(value - target.keep), value
+        if best_move is None:
+            break
+        counts[best_move[0]] = best_move[1]
+        kept = best_value
+        if abs(kept / target.keep - 1) <= 0.005:
+            break
+    return ChannelPlan({k: order_prefix(orders[k], counts[k]) for k in orders}), kept
+
+
+def order_prefix(order: torch.Tensor, n: int) -> tuple[int, ...]:
+    return tuple(order[:n].tolist())
+
+
+class _PrefixPlans:
+    """Lazy sequence: plan ``k`` removes the first ``k`` entries of a global ranking."""
+
+    def __init__(self, ranked: list[tuple[float, str, int]]) -> None:
+        self.ranked = ranked
+
+    def __len__(self) -> int:
+        return len(self.ranked) + 1
+
+    def __getitem__(self, k: int) -> ChannelPlan:
+        removed: dict[str, list[int]] = {}
+        for _, root, idx in self.ranked[:k]:
+            removed.setdefault(root, []).append(idx)
+        return ChannelPlan({r: tuple(v) for r, v in removed.items()})
+
+
+def _prefix_plans(ranked: list[tuple[float, str, int]]) -> _PrefixPlans:
+    return _PrefixPlans(ranked)

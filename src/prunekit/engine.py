@@ -1,0 +1,437 @@
+"""Channel groups and physical surgery, on top of Torch-Pruning's DependencyGraph (Fang et al. 2023,
+arXiv 2301.12900).
+
+This is the only prunekit module that imports ``torch_pruning``: everything else sees :class:`ChannelGroup`
+(coupled channel slices that must go together: conv/linear out-channels, the norm after them, the next layers'
+in-channels, residual partners, concat slices, depthwise convs) and :class:`ChannelPlan` (which channels of
+which group to remove). Swapping the engine means rewriting this file only.
+
+The same plan can be applied as masks (slices zeroed, shapes kept) or physically; :meth:`ChannelGraph.shrink_`
+checks that both give the same outputs and rolls the model back, naming the group, when they do not.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.pruner import function as tpf
+
+
+class UnsupportedModelError(ValueError):
+    """A layer or op prunekit cannot shrink correctly; the message names it and how to exclude it."""
+
+
+class SliceKind(str, enum.Enum):
+    """Whether a member loses output slices (rows of a weight) or input slices (columns)."""
+
+    OUT = "out"
+    IN = "in"
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """``param`` indexed by ``idxs`` along ``dim``; ``root_idxs[i]`` is the group channel of ``idxs[i]``."""
+
+    name: str
+    param: torch.Tensor
+    dim: int
+    idxs: torch.Tensor
+    root_idxs: torch.Tensor
+    is_norm: bool
+
+    def rows(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """The selected slices of ``tensor`` (default the parameter) as ``(len(idxs), -1)``."""
+        t = self.param if tensor is None else tensor
+        return t.detach().index_select(self.dim, self.idxs.to(t.device)).movedim(self.dim, 0).reshape(
+            len(self.idxs), -1)
+
+
+@dataclass
+class GroupMember:
+    """One coupled layer (or parameter) of a group, the kind of slice it loses and where."""
+
+    name: str
+    module: Any
+    kind: SliceKind
+    op: str
+    idxs: list[int]
+    root_idxs: list[int]
+    slices: list[ParamSlice] = field(default_factory=list)
+
+
+# Layers whose removal of a channel is NOT the same as zeroing it: they mix channels in a way that a zero
+# still affects (normalisation statistics over channels, attention heads, recurrent gates).
+_NON_EQUIVALENT = {
+    tpf.LayernormPruner: "LayerNorm normalises over the channels, so zeroing one is not removing it",
+    tpf.GroupNormPruner: "GroupNorm normalises over channel groups, so zeroing one is not removing it",
+    tpf.MultiheadAttentionPruner: "MultiheadAttention embedding channels are split into heads",
+    tpf.LSTMPruner: "LSTM hidden units feed back through the gates",
+}
+
+
+def _member_slices(name: str, module: Any, handler, pruning_dim: int | None, idxs: list[int],
+                   root_idxs: list[int]) -> list[ParamSlice] | str:
+    """Parameter slices a member loses, or a reason string when the layer cannot be masked exactly."""
+    pruner = handler.__self__
+    out = handler.__name__ == "prune_out_channels"
+    ix, rx = torch.as_tensor(idxs, dtype=torch.long), torch.as_tensor(root_idxs, dtype=torch.long)
+
+    def sl(pname: str, p: torch.Tensor | None, dim: int, norm: bool = False) -> list[ParamSlice]:
+        return [] if p is None else [ParamSlice(f"{name}.{pname}" if pname else name, p, dim, ix, rx, norm)]
+
+    for kind, reason in _NON_EQUIVALENT.items():
+        if isinstance(pruner, kind):
+            return reason
+    if isinstance(pruner, tpf.DepthwiseConvPruner):
+        return sl("weight", module.weight, 0) + sl("bias", module.bias, 0)
+    if isinstance(pruner, tpf.ConvPruner):
+        if out:
+            return sl("weight", module.weight, 1 if module.transposed else 0) + sl("bias", module.bias, 0)
+        if module.groups > 1:
+            return (f"grouped convolution (groups={module.groups}) input channels cannot be removed one by one "
+                    "without breaking its groups")
+        return sl("weight", module.weight, 0 if module.transposed else 1)
+    if isinstance(pruner, tpf.LinearPruner):
+        return sl("weight", module.weight, 0) + sl("bias", module.bias, 0) if out else sl("weight", module.weight, 1)
+    if isinstance(pruner, (tpf.BatchnormPruner, tpf.InstanceNormPruner)):
+        return sl("weight", module.weight, 0, True) + sl("bias", module.bias, 0, True)
+    if isinstance(pruner, tpf.PReLUPruner):
+        return sl("weight", module.weight, 0) if module.weight.numel() > 1 else []
+    if isinstance(pruner, tpf.EmbeddingPruner):
+        return sl("weight", module.weight, 1)
+    if isinstance(pruner, tpf.ParameterPruner):
+        dim = pruning_dim if pruning_dim is not None else -1
+        return sl("", module, dim % module.dim())
+    return f"no prunekit rule for {type(pruner).__name__}"
+
+
+@dataclass
+class ChannelGroup:
+    """Coupled channels that are removed together; channel ``i`` of the group is ``root`` out-channel ``i``.
+
+    A criterion maps a group to ``size`` scores (low = remove first), typically with :meth:`reduce`.
+    """
+
+    root: str
+    size: int
+    members: list[GroupMember]
+    _tp_group: Any = field(repr=False, default=None)
+
+    def slices(self, include_norm: bool = True) -> Iterator[ParamSlice]:
+        for m in self.members:
+            for s in m.slices:
+                if include_norm or not s.is_norm:
+                    yield s
+
+    def reduce(self, per_slice, include_norm: bool = False) -> torch.Tensor:
+        """Sum ``per_slice(slice) -> values[len(slice.idxs)]`` over members into the group's channels."""
+        scores = torch.zeros(self.size, dtype=torch.float64)
+        for s in self.slices(include_norm):
+            scores.index_add_(0, s.root_idxs, per_slice(s).detach().double().cpu())
+        return scores
+
+    def describe(self) -> str:
+        members = ", ".join(f"{m.name}:{m.kind.value}" for m in self.members)
+        return f"{self.root} ({self.size} channels; {members})"
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    """Which channels to remove, per group root (module name) -> sorted channel indices.
+
+    Round-trips through JSON (``to_dict``/``from_dict``): this is the architecture change a saved pruned model
+    replays on a freshly built network.
+    """
+
+    removed: dict[str, tuple[int, ...]]
+
+    def __post_init__(self) -> None:
+        clean: dict[str, tuple[int, ...]] = {}
+        for root, idxs in self.removed.items():
+            idxs = tuple(sorted(int(i) for i in idxs))
+            if len(set(idxs)) != len(idxs) or (idxs and idxs[0] < 0):
+                raise ValueError(f"plan for {root!r} has negative or repeated channel indices: {idxs[:8]}")
+            if idxs:
+                clean[root] = idxs
+        object.__setattr__(self, "removed", clean)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "channels", "removed": {k: list(v) for k, v in self.removed.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChannelPlan:
+        if data.get("kind") != "channels" or not isinstance(data.get("removed"), dict):
+            raise ValueError("not a channel plan: expected {'kind': 'channels', 'removed': {...}}, "
+                             f"got {str(data)[:80]}")
+        return cls({k: tuple(v) for k, v in data["removed"].items()})
+
+    def num_removed(self) -> int:
+        return sum(len(v) for v in self.removed.values())
+
+    def __bool__(self) -> bool:
+        return bool(self.removed)
+
+
+def find_output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
+    """Names of the modules whose output is the model's output (the classifier), found with forward hooks."""
+    produced: dict[int, str] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name and isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)):
+            handles.append(module.register_forward_hook(
+                lambda mod, inp, out, name=name: produced.__setitem__(id(out), name)))
+    try:
+        with torch.no_grad():
+            out = model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return [produced[id(o)] for o in outs if id(o) in produced]
+
+
+class ChannelGraph:
+    """The coupled channel groups of ``model``, found by tracing ``example_inputs``.
+
+    Args:
+        model: The network (its modules are pruned in place by :meth:`shrink_`).
+        example_inputs: A small batch used for tracing and for the masks-vs-shrink check.
+        ignore: Names of modules to leave alone (their out-channels are never removed). The layer producing the
+            model output is always added, so the number of classes never changes.
+        probe: Remove one channel of each group on a copy and compare with masking it; groups that disagree
+            (e.g. attention projections whose channels are split into heads) are moved to ``skipped`` with the
+            reason, so no plan can touch them.
+
+    Raises:
+        UnsupportedModelError: the model cannot be traced.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, ignore: Sequence[str] = (),
+                 probe: bool = True) -> None:
+        self.model = model
+        self.example_inputs = example_inputs
+        modules = dict(model.named_modules())
+        unknown = [n for n in ignore if n not in modules]
+        if unknown:
+            raise ValueError(f"ignore names {unknown} are not modules of the model; known: "
+                             f"{', '.join(n for n in modules if n)[:400]}")
+        was_training = model.training
+        model.eval()
+        self.ignore = sorted(set(ignore) | set(find_output_layers(model, example_inputs)))
+        ignored = [modules[n] for n in self.ignore]
+        try:
+            with torch.enable_grad():  # the graph is traced through autograd
+                self._dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
+                                                                 verbose=False)
+        except Exception as exc:  # noqa: BLE001 - tracing failures come in many types
+            raise UnsupportedModelError(
+                f"cannot trace {type(model).__name__} to find its channel groups: {exc.__class__.__name__}: {exc}. "
+                "prunekit needs a model whose forward runs on a plain tensor batch; exclude the failing module "
+                "with ignore=[...] or wrap it"
+            ) from exc
+        finally:
+            model.train(was_training)
+        self._names = {m: n for n, m in model.named_modules()}
+        self._names.update({p: n for n, p in model.named_parameters()})
+        self.groups: list[ChannelGroup] = []
+        self.skipped: dict[str, str] = {}
+        for g in self._dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Conv1d,
+                                                                                     nn.Linear)):
+            built = self._wrap(g)
+            if isinstance(built, ChannelGroup):
+                self.groups.append(built)
+        self.by_root = {g.root: g for g in self.groups}
+        if probe:
+            self._probe()
+
+    @torch.no_grad()
+    def _probe(self) -> None:
+        shrunk = copy.deepcopy(self.model).eval()
+        masked = copy.deepcopy(self.model).eval()
+        trial = ChannelGraph(shrunk, self.example_inputs, self.ignore, probe=False)
+        masked_params = dict(masked.named_parameters())
+        for group in list(self.groups):
+            if group.size < 2 or group.root not in trial.by_root:
+                continue
+            plan = ChannelPlan({group.root: (group.size // 2,)})
+            saved = {n: p.detach().clone() for n, p in masked_params.items()}
+            backup = _snapshot(shrunk)
+            ChannelGraph._apply_masks_by_name(masked, self.masks(plan))
+            reason = None
+            try:
+                trial.by_root[group.root]._tp_group.prune(idxs=list(plan.removed[group.root]), record_history=False)
+                ref = masked(self.example_inputs)
+                diff = (shrunk(self.example_inputs) - ref).abs().max().item()
+                if not diff <= 1e-4 * max(1.0, ref.abs().max().item()):
+                    reason = f"shrinking it changes the outputs by {diff:.3g} beyond masking it"
+            except Exception as exc:  # noqa: BLE001 - any failure means the group cannot be shrunk safely
+                reason = f"shrinking it breaks the forward pass ({exc.__class__.__name__}: {str(exc)[:120]})"
+            if reason is not None:
+                _restore(shrunk, backup)
+                for n, p in masked_params.items():
+                    p.copy_(saved[n])
+                self.groups.remove(group)
+                ops = ", ".join(f"{m.name} ({type(m.module).__name__})" for m in group.members)
+                self.skipped[group.root] = f"{reason}; members: {ops}"[:400]
+        self.by_root = {g.root: g for g in self.groups}
+
+    def _wrap(self, g) -> ChannelGroup | None:
+        root_module = g[0].dep.target.module
+        root = self._names.get(root_module, str(root_module))
+        size = len(g[0].idxs)
+        members: list[GroupMember] = []
+        for item in g.items:
+            dep = item.dep
+            module = dep.target.module
+            handler = dep.handler
+            if not hasattr(handler, "__self__") or not isinstance(handler.__self__, tpf.BasePruningFunc):
+                continue
+            name = self._names.get(module)
+            if name is None:  # internal op nodes (add, cat, split, ...) carry no parameters
+                continue
+            kind = SliceKind.OUT if handler.__name__ == "prune_out_channels" else SliceKind.IN
+            slices = _member_slices(name, module, handler, dep.target.pruning_dim, list(item.idxs),
+                                    list(item.root_idxs))
+            if isinstance(slices, str):
+                self.skipped[root] = f"coupled to {name} ({type(module).__name__}): {slices}"
+                return None
+            members.append(GroupMember(name, module, kind, handler.__name__, list(item.idxs), list(item.root_idxs),
+                                       slices))
+        if not any(m.kind is SliceKind.OUT for m in members):
+            return None
+        return ChannelGroup(root=root, size=size, members=members, _tp_group=g)
+
+    # ------------------------------------------------------------------------------------------- applying
+
+    def _check_plan(self, plan: ChannelPlan) -> None:
+        for root, idxs in plan.removed.items():
+            if root not in self.by_root:
+                why = self.skipped.get(root, "it is not the root of a prunable group (or is ignored)")
+                raise ValueError(f"plan names {root!r}, which cannot be pruned: {why}")
+            size = self.by_root[root].size
+            if idxs[-1] >= size:
+                raise ValueError(f"plan removes channel {idxs[-1]} of {root!r}, which has {size} channels")
+            if len(idxs) >= size:
+                raise ValueError(f"plan removes all {size} channels of {root!r}; at least one must stay")
+
+    def masks(self, plan: ChannelPlan) -> dict[str, torch.Tensor]:
+        """Per parameter name, a 0/1 tensor of its shape that is 0 on the slices the plan removes."""
+        self._check_plan(plan)
+        params = dict(self.model.named_parameters())
+        out: dict[str, torch.Tensor] = {}
+        for root, idxs in plan.removed.items():
+            removed = torch.zeros(self.by_root[root].size, dtype=torch.bool)
+            removed[list(idxs)] = True
+            for s in self.by_root[root].slices():
+                hit = s.idxs[removed[s.root_idxs]]
+                if len(hit) == 0:
+                    continue
+                mask = out.setdefault(s.name, torch.ones_like(params[s.name], dtype=torch.float32))
+                mask.index_fill_(s.dim, hit, 0.0)
+        return out
+
+    @torch.no_grad()
+    def apply_masks_(self, plan: ChannelPlan) -> None:
+        """Zero every slice the plan removes (shapes kept)."""
+        params = dict(self.model.named_parameters())
+        for name, mask in self.masks(plan).items():
+            params[name].mul_(mask.to(params[name].dtype))
+
+    @torch.no_grad()
+    def shrink_(self, plan: ChannelPlan, verify: bool = True, atol: float = 1e-5) -> None:
+        """Remove the plan's channels physically, in place.
+
+        With ``verify``, the shrunk model's outputs are compared with the masked model's on the example inputs
+        (tolerance ``atol``, relative to the output scale when outputs exceed 1);
+        on a mismatch the model is restored and :class:`UnsupportedModelError` names the first group at fault.
+        The graph is spent afterwards (build a new one to prune again).
+        """
+        self._check_plan(plan)
+        reference = None
+        if verify:
+            masked = copy.deepcopy(self.model).eval()
+            ChannelGraph._apply_masks_by_name(masked, self.masks(plan))
+            reference = masked(self.example_inputs)
+        backup = _snapshot(self.model)
+        try:
+            for root, idxs in plan.removed.items():
+                g = self.by_root[root]._tp_group
+                g.prune(idxs=list(idxs), record_history=False)
+            if verify:
+                was_training = self.model.training
+                self.model.eval()
+                got = self.model(self.example_inputs)
+                self.model.train(was_training)
+                diff = (got - reference).abs().max().item()
+                if not diff <= atol * max(1.0, reference.abs().max().item()):
+                    raise _Mismatch(diff)
+        except BaseException as exc:
+            _restore(self.model, backup)
+            if isinstance(exc, _Mismatch):
+                raise UnsupportedModelError(self._explain_mismatch(plan, exc.diff)) from None
+            if isinstance(exc, (RuntimeError, ValueError, IndexError)):
+                raise UnsupportedModelError(
+                    f"shrinking broke the forward pass ({exc.__class__.__name__}: {exc}); the model was restored. "
+                    f"{self._explain_mismatch(plan, float('nan'))}") from None
+            raise
+
+    @staticmethod
+    def _apply_masks_by_name(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        for name, mask in masks.items():
+            params[name].mul_(mask.to(params[name].dtype))
+
+    def _explain_mismatch(self, plan: ChannelPlan, diff: float) -> str:
+        culprit = None
+        for root in plan.removed:
+            one = ChannelPlan({root: plan.removed[root]})
+            trial = copy.deepcopy(self.model).eval()
+            graph = ChannelGraph(trial, self.example_inputs, self.ignore, probe=False)
+            masked = copy.deepcopy(trial)
+            ChannelGraph._apply_masks_by_name(masked, graph.masks(one))
+            ref = masked(self.example_inputs)
+            try:
+                for r, idxs in one.removed.items():
+                    graph.by_root[r]._tp_group.prune(idxs=list(idxs), record_history=False)
+                ok = (trial(self.example_inputs) - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+            except Exception:  # noqa: BLE001
+                ok = False
+            if not ok:
+                culprit = self.by_root[root]
+                break
+        where = f" in group {culprit.describe()}" if culprit else ""
+        ops = sorted({m.op + " on " + type(m.module).__name__ for m in culprit.members}) if culprit else []
+        return (f"removing channels{where} changes the model's outputs by {diff:.3g} beyond masking them; an op "
+                f"between these layers is not channel-preserving ({'; '.join(ops)[:300]}). Supported: conv, "
+                "linear, batch/instance norm, element-wise ops, add, cat, split, pooling, flatten. Exclude the "
+                f"group with ignore=[{culprit.root!r}]" if culprit else "with ignore=[...]")
+
+    def to_json(self) -> str:
+        return json.dumps({"groups": [g.describe() for g in self.groups], "skipped": self.skipped}, indent=1)
+
+
+def _snapshot(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every module's attributes (parameter/buffer/child dicts copied), for an in-place rollback."""
+    return {n: {k: dict(v) if k in ("_parameters", "_buffers", "_modules") else v for k, v in m.__dict__.items()}
+            for n, m in model.named_modules()}
+
+
+def _restore(model: nn.Module, snapshot: dict[str, dict[str, Any]]) -> None:
+    modules = dict(model.named_modules())
+    for n, attrs in snapshot.items():
+        modules[n].__dict__.clear()
+        modules[n].__dict__.update(attrs)
+
+
+class _Mismatch(Exception):
+    def __init__(self, diff: float) -> None:
+        super().__init__(diff)
+        self.diff = diff

@@ -1,0 +1,67 @@
+"""Export to ONNX and check the exported graph against PyTorch with ONNX Runtime (optional extra ``onnx``)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _require(module: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ImportError(f"ONNX export needs the optional extra: pip install 'prunekit[onnx]' (missing {module})"
+                          ) from None
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...], opset: int = 18) -> Path:
+    """Write ``model`` (eval mode) as ONNX with a dynamic batch dimension.
+
+    Args:
+        input_shape: One example's shape (C, H, W), without the batch dimension.
+    """
+    _require("onnx")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    x = torch.randn(2, *input_shape)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)  # silences "torchvision is not installed" notes of the exporter
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, external_data=False)
+    onnx_logger.setLevel(level)
+    model.train(was_training)
+    return path
+
+
+def onnx_session(path: str | Path, threads: int | None = None, optimize: bool = True):
+    """An ONNX Runtime CPU session with graph optimisations (all levels) on."""
+    ort = _require("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def check_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...], batch: int = 4) -> float:
+    """Max abs difference between PyTorch and ONNX Runtime outputs on a random batch."""
+    session = onnx_session(path)
+    x = torch.randn(batch, *input_shape)
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    got = session.run(None, {"input": x.numpy()})[0]
+    return float(np.abs(got - expected).max())

@@ -1,0 +1,272 @@
+"""Structural pruning jobs: score channel groups, allocate, shrink physically, re-estimate BatchNorm, fine-tune.
+
+One-shot is a single round; iterative runs ``iterations`` rounds of prune + fine-tune with geometrically spaced
+targets (round ``r`` keeps ``keep ** (r / k)`` of the dense metric). Every finished round is saved
+(``round_R/pruned.safetensors``: weights + the architecture changes so far) and ``resume=True`` continues from
+the last finished round, and inside a round from the last finished fine-tuning epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from prunekit.allocation import AllocationConfig, CostModel, Target, plan_for_target
+from prunekit.architecture import load_compressed, save_compressed
+from prunekit.checkpoint import CheckpointError, read_metadata
+from prunekit.criteria import CRITERIA, score_groups
+from prunekit.data import DataSplits
+from prunekit.engine import ChannelGraph
+from prunekit.metrics import count_flops, count_params
+from prunekit.training import TrainConfig, evaluate, fit
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how.
+
+    Args:
+        method: Criterion name (``prunekit list methods``).
+        target: :class:`~prunekit.allocation.Target` or its text form (``"flops=0.25"``).
+        allocation: :class:`~prunekit.allocation.AllocationConfig` (uniform/global, per-layer cap).
+        iterations: Rounds of prune + fine-tune (1 = one-shot).
+        ignore: Module names to leave alone (the output layer always is).
+        score_batches: Training batches (of 64) a data-driven criterion sees.
+        bn_recalibration_images: Training images used to re-estimate BatchNorm statistics after each
+            shrink (0 disables it).
+        seed: Seed of the random criterion and of data order for scoring.
+    """
+
+    method: str = "l1"
+    target: Target | str = "flops=0.5"
+    allocation: AllocationConfig = AllocationConfig()
+    iterations: int = 1
+    ignore: tuple[str, ...] = ()
+    score_batches: int = 8
+    bn_recalibration_images: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in CRITERIA:
+            CRITERIA.get(self.method)
+        if isinstance(self.target, str):
+            object.__setattr__(self, "target", Target.parse(self.target))
+        if isinstance(self.allocation, dict):
+            object.__setattr__(self, "allocation", AllocationConfig(**self.allocation))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ValueError(f"iterations must be an int >= 1, got {self.iterations!r}")
+        if self.score_batches < 1:
+            raise ValueError(f"score_batches must be >= 1, got {self.score_batches!r}")
+        if self.bn_recalibration_images < 0:
+            raise ValueError(f"bn_recalibration_images must be >= 0, got {self.bn_recalibration_images!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "target": str(self.target), "allocation": self.allocation.to_dict(),
+                "iterations": self.iterations, "ignore": list(self.ignore), "score_batches": self.score_batches,
+                "bn_recalibration_images": self.bn_recalibration_images, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown PruneConfig fields {sorted(unknown)}; accepted: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class RoundResult:
+    round: int
+    target_keep: float
+    predicted_keep: float
+    params: int
+    flops: int
+    removed_channels: int
+    val_acc_pruned: float
+    val_acc_finetuned: float | None
+    seconds_scoring: float
+    seconds_finetune: float
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (best fine-tuned weights), its architecture changes and a record of every round."""
+
+    model: nn.Module
+    changes: list[dict[str, Any]]
+    rounds: list[RoundResult] = field(default_factory=list)
+    val_acc_before_finetune: float | None = None
+    kept_width: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer -> (kept, dense)
+    checkpoint: Path | None = None
+
+
+@torch.no_grad()
+def recalibrate_batchnorm_(model: nn.Module, data: DataSplits, images: int = 512, batch_size: int = 64) -> None:
+    """Re-estimate every BatchNorm's running mean/variance on ``images`` training images (cumulative average).
+
+    After channels are removed the stored statistics no longer describe the layer inputs; a few hundred images
+    are enough to bring a pruned network back from chance-level accuracy without any training.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or images <= 0:
+        return
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    device = next(model.parameters()).device
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:images]
+    for start in range(0, len(order), batch_size):
+        x, _ = data.train[order[start:start + batch_size]]
+        model(x.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+def _score_batches(data: DataSplits, count: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    loader = DataLoader(data.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    for i, batch in enumerate(loader):
+        if i >= count:
+            return
+        yield batch
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every conv/linear layer."""
+    return {n: (m.out_channels if isinstance(m, (nn.Conv1d, nn.Conv2d)) else m.out_features)
+            for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
+
+
+def prune_model(
+    model: nn.Module,
+    data: DataSplits,
+    config: PruneConfig,
+    finetune: TrainConfig | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    base: dict[str, Any] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> PruneResult:
+    """Prune ``model`` (a copy is not made: it is shrunk in place) to ``config.target``.
+
+    Args:
+        base: How to rebuild the unpruned network (a ModelConfig dict or ``{"factory": ...}``); needed to save.
+        finetune: Fine-tuning per round (``epochs=0`` or ``None`` skips it).
+
+    Raises:
+        InfeasibleTargetError: the target cannot be met under the per-layer cap.
+        UnsupportedModelError: a layer or op cannot be shrunk (names it and how to exclude it).
+    """
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and base is None:
+        raise ValueError("saving a pruned model needs base= (how to rebuild the unpruned network)")
+    input_shape = (data.in_channels, data.input_size, data.input_size)
+    example = data.train[:2][0]
+    dense_widths = layer_widths(model)
+    dense_flops, dense_params = count_flops(model, (1, *input_shape)), count_params(model)
+    dense_metric = {"flops": dense_flops, "params": dense_params}
+    changes: list[dict[str, Any]] = []
+    result = PruneResult(model=model, changes=changes)
+    start_round = 1
+    if resume and out is not None:
+        start_round, model = _resume(out, config, result, log)
+        result.model = model
+    k = config.iterations
+    for r in range(start_round, k + 1):
+        round_dir = out / f"round_{r}" if out is not None else None
+        target_keep = config.target.keep ** (r / k)
+        t0 = time.perf_counter()
+        graph = ChannelGraph(model, example, ignore=config.ignore)
+        if not graph.groups:
+            raise ValueError("no prunable channel groups were found; skipped: "
+                             + "; ".join(f"{a}: {b}" for a, b in list(graph.skipped.items())[:3]))
+        criterion = CRITERIA.get(config.method)()
+        if criterion.needs_data:
+            criterion.prepare(model, graph, _score_batches(data, config.score_batches, config.seed + r))
+        scores = score_groups(criterion, graph)
+        cost = CostModel(model, graph, input_shape)
+        metric = config.target.metric.value
+        if metric == "channels":
+            relative = Target(config.target.metric, target_keep) if r == 1 else Target(
+                config.target.metric, min(0.999, target_keep / config.target.keep ** ((r - 1) / k)))
+        else:
+            current = cost.dense_flops if metric == "flops" else cost.dense_params
+            relative = Target(config.target.metric, min(0.999, target_keep * dense_metric[metric] / current))
+        plan, predicted = plan_for_target(scores, cost, relative, config.allocation)
+        graph.shrink_(plan)
+        change = plan.to_dict()
+        if config.ignore:
+            change["ignore"] = list(config.ignore)
+        changes.append(change)
+        recalibrate_batchnorm_(model, data, config.bn_recalibration_images)
+        seconds_scoring = time.perf_counter() - t0
+        val_pruned = evaluate(model, data.val)["acc"]
+        if r == 1 or result.val_acc_before_finetune is None:
+            result.val_acc_before_finetune = val_pruned
+        log(f"round {r}/{k}: removed {plan.num_removed()} channels, keeps "
+            f"{count_flops(model, (1, *input_shape)) / dense_flops:.3f} of FLOPs and "
+            f"{count_params(model) / dense_params:.3f} of params; val acc before fine-tuning {val_pruned:.4f}")
+        t1 = time.perf_counter()
+        val_ft = None
+        if finetune is not None and finetune.epochs > 0:
+            fit(model, data, finetune, round_dir / "finetune" if round_dir else None, progress=progress,
+                metadata={"model": base, "architecture_changes": changes} if base else None,
+                resume=resume and round_dir is not None and (round_dir / "finetune" / "train_state.pt").is_file())
+            val_ft = evaluate(model, data.val)["acc"]
+            log(f"round {r}/{k}: val acc after fine-tuning {val_ft:.4f}")
+        result.rounds.append(RoundResult(
+            round=r, target_keep=target_keep, predicted_keep=predicted * _kept_so_far(cost, metric, dense_metric),
+            params=count_params(model), flops=count_flops(model, (1, *input_shape)),
+            removed_channels=plan.num_removed(), val_acc_pruned=val_pruned, val_acc_finetuned=val_ft,
+            seconds_scoring=seconds_scoring, seconds_finetune=time.perf_counter() - t1))
+        if round_dir is not None:
+            result.checkpoint = save_compressed(
+                round_dir / "pruned.safetensors", model, base, changes,
+                {"prune": config.to_dict(), "data": data.config.to_dict(), "round": r,
+                 "rounds": [vars(x) for x in result.rounds],
+                 "val_acc_before_finetune": result.val_acc_before_finetune})
+    widths = layer_widths(model)
+    result.kept_width = {n: (widths[n], w) for n, w in dense_widths.items() if n in widths}
+    return result
+
+
+def _kept_so_far(cost: CostModel, metric: str, dense_metric: dict[str, int]) -> float:
+    """Kept fraction of the current model relative to the dense one (chains iterative rounds)."""
+    if metric == "flops":
+        return cost.dense_flops / dense_metric["flops"]
+    if metric == "params":
+        return cost.dense_params / dense_metric["params"]
+    return 1.0
+
+
+def _resume(out: Path, config: PruneConfig, result: PruneResult, log) -> tuple[int, nn.Module]:
+    done = sorted((int(p.parent.name.split("_")[1]), p) for p in out.glob("round_*/pruned.safetensors"))
+    if not done:
+        return 1, result.model
+    last_round, path = done[-1]
+    meta = read_metadata(path)
+    if meta.get("prune") != config.to_dict():
+        raise CheckpointError(f"cannot resume {out}: it was pruned with {meta.get('prune')}, not {config.to_dict()}")
+    model, meta = load_compressed(path)
+    result.changes.extend(meta["architecture_changes"])
+    result.rounds.extend(RoundResult(**r) for r in meta.get("rounds", []))
+    result.val_acc_before_finetune = meta.get("val_acc_before_finetune")
+    result.checkpoint = path
+    log(f"resuming after round {last_round} of {config.iterations} from {path}")
+    return last_round + 1, model.train()
+
+
