@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from prunekit.data import DataSplits, load_dataset
 from prunekit.models import create_model
+
+# Test modules import shared helpers (``architectures``) by plain name; pytest runs with --import-mode=importlib,
+# which does not put the tests folder on sys.path.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+
+# Tests use tiny models, for which one intra-op thread is as fast as two and never oversubscribes the cores
+# when other work (a training run, a parallel test) shares the machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

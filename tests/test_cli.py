@@ -144,7 +144,8 @@ def test_eval_missing_checkpoint(tmp_path, capsys):
 
 def test_eval_on_data_the_model_was_not_built_for(trained_run, capsys):
     assert main(["eval", str(trained_run / "model.safetensors"), "--data", "digits"]) == 2
-    assert "was built for 1x12 inputs with 4 classes; digits does not match" in _one_error_line(capsys, "eval")
+    expected = "was built for 1x12x12 inputs with 4 classes; digits has 1x8x8 inputs with 10 classes"
+    assert expected in _one_error_line(capsys, "eval")
 
 
 @pytest.mark.parametrize("epochs,message", [("-1", "must be >= 0, got -1"), ("two", "expected a whole number")])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from prunekit.architecture import load_compressed, save_compressed
 from prunekit.checkpoint import CheckpointError, load_model, read_metadata, save_checkpoint
 from prunekit.data import DataConfig, DataSplits, list_datasets, load_dataset
+from prunekit.jobs import prune
 from prunekit.metrics import ModelSummary, count_flops, count_params, measure_latency, storage_bits, summarize
 from prunekit.models import ModelConfig, create_model, list_models
+from prunekit.pruning import PruneConfig, prune_model
 from prunekit.training import Augment, FitResult, Schedule, TrainConfig, evaluate, fit
 
 __version__ = "0.1.0"
@@ -13,6 +16,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Augment", "CheckpointError", "DataConfig", "DataSplits", "FitResult", "ModelConfig", "ModelSummary",
     "Schedule", "TrainConfig", "count_flops", "count_params", "create_model", "evaluate", "fit", "list_datasets",
-    "list_models", "load_dataset", "load_model", "measure_latency", "read_metadata", "save_checkpoint",
-    "storage_bits", "summarize",
+    "list_models", "load_compressed", "load_dataset", "load_model", "measure_latency", "PruneConfig", "prune",
+    "prune_model", "read_metadata", "save_checkpoint", "save_compressed", "storage_bits", "summarize",
 ]

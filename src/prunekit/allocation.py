@@ -51,7 +51,7 @@ class Target:
     @classmethod
     def parse(cls, text: str) -> Target:
         """``"flops=0.25"``, ``"params=0.5"``, ``"channels=0.7"``; also ``"flops=x4"`` (keep 1/4)."""
-        metric, sep, value = str(text).partition("=")
+        metric, sep, value = str(text).strip().lower().partition("=")
         if not sep:
             raise ValueError(f"target must look like METRIC=FRACTION (flops=0.25, params=0.5, channels=0.7) or "
                              f"METRIC=xFACTOR (flops=x4), got {text!r}")
@@ -115,7 +115,8 @@ class CostModel:
         per_module = flops_by_module(model, (1, *input_shape))
         self.weight_flops: dict[str, int] = {}
         for name, module in model.named_modules():
-            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name in per_module:
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)) \
+                    and name in per_module:
                 self.weight_flops[f"{name}.weight"] = per_module[name]
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self.total_channels = sum(g.size for g in graph.groups)

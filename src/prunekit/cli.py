@@ -187,9 +187,11 @@ def cmd_eval(args) -> None:
     from prunekit.architecture import input_shape_of
 
     expected = input_shape_of(meta["model"])
-    if (data.in_channels, data.input_size, data.input_size) != tuple(expected):
-        raise CLIError(f"{args.checkpoint} was built for {'x'.join(map(str, expected))} inputs; {name} has "
-                       f"{data.in_channels}x{data.input_size}x{data.input_size}")
+    classes = meta["model"].get("num_classes", data.num_classes)
+    if (data.in_channels, data.input_size, data.input_size) != tuple(expected) or classes != data.num_classes:
+        raise CLIError(f"{args.checkpoint} was built for {'x'.join(map(str, expected))} inputs with {classes} "
+                       f"classes; {name} has {data.in_channels}x{data.input_size}x{data.input_size} inputs with "
+                       f"{data.num_classes} classes")
     result = evaluate(model, getattr(data, args.split))
     print(f"{args.split} accuracy {result['acc']:.4f}  loss {result['loss']:.4f}  ({name}, {args.checkpoint})")
 

@@ -156,6 +156,9 @@ class ChannelPlan:
     def __post_init__(self) -> None:
         clean: dict[str, tuple[int, ...]] = {}
         for root, idxs in self.removed.items():
+            bad = [i for i in idxs if isinstance(i, bool) or int(i) != i]
+            if bad:
+                raise ValueError(f"plan for {root!r} has non-integer channel indices {bad[:4]}")
             idxs = tuple(sorted(int(i) for i in idxs))
             if len(set(idxs)) != len(idxs) or (idxs and idxs[0] < 0):
                 raise ValueError(f"plan for {root!r} has negative or repeated channel indices: {idxs[:8]}")
@@ -181,13 +184,14 @@ class ChannelPlan:
 
 
 def find_output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
-    """Names of the modules whose output is the model's output (the classifier), found with forward hooks."""
-    produced: dict[int, str] = {}
+    """Names of the modules whose output is the model's output (the classifier), found with forward hooks; when
+    an op follows the classifier, the last conv/linear layer to run."""
+    produced: list[tuple[str, torch.Tensor]] = []  # (layer, output) in execution order; tensors kept alive
     handles = []
     for name, module in model.named_modules():
-        if name and isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)):
+        if name and isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d, nn.ConvTranspose2d)):
             handles.append(module.register_forward_hook(
-                lambda mod, inp, out, name=name: produced.__setitem__(id(out), name)))
+                lambda mod, inp, out, name=name: produced.append((name, out))))
     try:
         with torch.no_grad():
             out = model(example_inputs)
@@ -195,7 +199,12 @@ def find_output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[s
         for h in handles:
             h.remove()
     outs = out if isinstance(out, (tuple, list)) else [out]
-    return [produced[id(o)] for o in outs if id(o) in produced]
+    found = sorted({name for o in outs for name, t in produced if t is o})
+    if not found and produced:
+        # An op after the classifier (log_softmax, indexing, scaling) hides the identity: fall back to the last
+        # conv/linear layer that ran, which is the classifier in every feed-forward network.
+        found = [produced[-1][0]]
+    return found
 
 
 class ChannelGraph:
@@ -243,8 +252,8 @@ class ChannelGraph:
         self._names.update({p: n for n, p in model.named_parameters()})
         self.groups: list[ChannelGroup] = []
         self.skipped: dict[str, str] = {}
-        for g in self._dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Conv1d,
-                                                                                     nn.Linear)):
+        roots = (nn.Conv2d, nn.Conv1d, nn.ConvTranspose2d, nn.Linear)
+        for g in self._dg.get_all_groups(ignored_layers=ignored, root_module_types=roots):
             built = self._wrap(g)
             if isinstance(built, ChannelGroup):
                 self.groups.append(built)
@@ -408,11 +417,12 @@ class ChannelGraph:
                 culprit = self.by_root[root]
                 break
         where = f" in group {culprit.describe()}" if culprit else ""
-        ops = sorted({m.op + " on " + type(m.module).__name__ for m in culprit.members}) if culprit else []
+        ops = "; ".join(sorted({m.op + " on " + type(m.module).__name__ for m in culprit.members})) if culprit else ""
+        how = f"ignore=[{culprit.root!r}]" if culprit else "ignore=[...] naming the groups involved"
         return (f"removing channels{where} changes the model's outputs by {diff:.3g} beyond masking them; an op "
-                f"between these layers is not channel-preserving ({'; '.join(ops)[:300]}). Supported: conv, "
-                "linear, batch/instance norm, element-wise ops, add, cat, split, pooling, flatten. Exclude the "
-                f"group with ignore=[{culprit.root!r}]" if culprit else "with ignore=[...]")
+                f"between these layers is not channel-preserving{f' ({ops[:300]})' if ops else ''}. Supported: "
+                "conv, linear, batch/instance norm, element-wise ops, add, cat, split, pooling, flatten. Exclude "
+                f"the group with {how}")
 
     def to_json(self) -> str:
         return json.dumps({"groups": [g.describe() for g in self.groups], "skipped": self.skipped}, indent=1)

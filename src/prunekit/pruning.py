@@ -110,7 +110,8 @@ class PruneResult:
 
 @torch.no_grad()
 def recalibrate_batchnorm_(model: nn.Module, data: DataSplits, images: int = 512, batch_size: int = 64) -> None:
-    """Re-estimate every BatchNorm's running mean/variance on ``images`` training images (cumulative average).
+    """Re-estimate every BatchNorm's running mean/variance on ``images`` training images (image-weighted average
+    of the batch statistics).
 
     After channels are removed the stored statistics no longer describe the layer inputs; a few hundred images
     are enough to bring a pruned network back from chance-level accuracy without any training.
@@ -123,12 +124,15 @@ def recalibrate_batchnorm_(model: nn.Module, data: DataSplits, images: int = 512
     model.eval()
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None
         m.train()
     device = next(model.parameters()).device
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:images]
+    seen = 0
     for start in range(0, len(order), batch_size):
         x, _ = data.train[order[start:start + batch_size]]
+        seen += len(x)
+        for m in norms:  # momentum = batch / seen: the running mean is the exact per-image average
+            m.momentum = len(x) / seen
         model(x.to(device))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum

@@ -1,0 +1,254 @@
+"""Pruning jobs end to end: targets reached on the measured model, BatchNorm re-estimation against an explicit
+computation, iterative rounds that resume exactly, pickle-free save/load in a fresh process, user factories."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from prunekit.allocation import InfeasibleTargetError
+from prunekit.architecture import load_compressed, load_factory
+from prunekit.checkpoint import CheckpointError, save_checkpoint
+from prunekit.cli import main
+from prunekit.jobs import prune
+from prunekit.metrics import count_flops, count_params
+from prunekit.models import ModelConfig, create_model
+from prunekit.pruning import PruneConfig, prune_model, recalibrate_batchnorm_
+from prunekit.training import TrainConfig
+
+
+def small_resnet(data, seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(seed)
+    config = ModelConfig("resnet20", num_classes=data.num_classes, in_channels=data.in_channels,
+                         input_size=data.input_size, width=0.5)
+    return create_model(config), config.to_dict()
+
+
+@pytest.fixture
+def dense_checkpoint(tmp_path, synthetic):
+    """A briefly trained ResNet-20 (width 0.5) on synthetic data, saved as a prunekit checkpoint."""
+    from prunekit.training import fit
+
+    model, base = small_resnet(synthetic)
+    fit(model, synthetic, TrainConfig(epochs=1, lr=0.05), progress=False)
+    return save_checkpoint(tmp_path / "dense.safetensors", model,
+                           {"model": base, "data": synthetic.config.to_dict()})
+
+
+@pytest.mark.parametrize("target", ["flops=0.25", "params=0.5"])
+@pytest.mark.parametrize("method", ["l1", "taylor"])
+def test_one_shot_reaches_target_on_the_measured_model(synthetic, target, method):
+    model, base = small_resnet(synthetic)
+    shape = (1, synthetic.in_channels, synthetic.input_size, synthetic.input_size)
+    flops0, params0 = count_flops(model, shape), count_params(model)
+    config = PruneConfig(method=method, target=target)
+    result = prune_model(model, synthetic, config, base=base, log=lambda *_: None)
+    metric, keep = target.split("=")
+    kept = count_flops(result.model, shape) / flops0 if metric == "flops" else count_params(result.model) / params0
+    assert abs(kept / float(keep) - 1) <= 0.02
+    assert result.model(torch.zeros(shape)).shape == (1, synthetic.num_classes)
+
+
+def test_recalibrated_batchnorm_holds_exact_input_statistics(synthetic):
+    model, _ = small_resnet(synthetic)
+    model.eval()
+    bn = model.layer2[0].bn1
+    inputs = []
+    handle = bn.register_forward_hook(lambda m, inp, out: inputs.append(inp[0].detach()))
+    recalibrate_batchnorm_(model, synthetic, images=200, batch_size=64)
+    handle.remove()
+    x = torch.cat(inputs)  # the BN inputs over the same 200 images (computed with the statistics being updated
+    # only at BN outputs, which do not feed back into this layer's own inputs within a forward pass)
+    assert x.shape[0] == 200
+    torch.testing.assert_close(bn.running_mean, x.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
+    n = x.numel() / x.shape[1]
+    unbiased = x.var(dim=(0, 2, 3), unbiased=False) * n / (n - 1)
+    # BN's cumulative average is over per-batch unbiased variances, not the pooled variance: compare loosely
+    torch.testing.assert_close(bn.running_var, unbiased, atol=0.05, rtol=0.05)
+    assert not model.training and bn.momentum == 0.1
+
+
+def test_recalibration_restores_accuracy_after_pruning(synthetic, dense_checkpoint):
+    model, _ = load_compressed(dense_checkpoint)
+    base = {"name": "resnet20"}
+    without = prune_model(model, synthetic, PruneConfig(target="flops=0.3", bn_recalibration_images=0),
+                          base=base, log=lambda *_: None)
+    model, _ = load_compressed(dense_checkpoint)
+    with_bn = prune_model(model, synthetic, PruneConfig(target="flops=0.3"), base=base, log=lambda *_: None)
+    assert with_bn.val_acc_before_finetune >= without.val_acc_before_finetune
+
+
+def test_iterative_rounds_are_saved_and_resume_exactly(tmp_path, synthetic):
+    config = PruneConfig(method="l1", target="flops=0.3", iterations=2)
+    finetune = TrainConfig(epochs=1, lr=0.02)
+    model, base = small_resnet(synthetic)
+    full = prune_model(model, synthetic, config, finetune, tmp_path / "full", base=base, progress=False,
+                       log=lambda *_: None)
+    assert [r.round for r in full.rounds] == [1, 2]
+    assert (tmp_path / "full" / "round_1" / "pruned.safetensors").is_file()
+    # interrupted after round 1: round 2's folder is lost
+    model, base = small_resnet(synthetic)
+    prune_model(model, synthetic, PruneConfig(method="l1", target="flops=0.3", iterations=2), finetune,
+                tmp_path / "cut", base=base, progress=False, log=lambda *_: None)
+    import shutil
+
+    shutil.rmtree(tmp_path / "cut" / "round_2")
+    model, base = small_resnet(synthetic)
+    logs: list[str] = []
+    resumed = prune_model(model, synthetic, config, finetune, tmp_path / "cut", base=base, resume=True,
+                          progress=False, log=logs.append)
+    assert any("resuming after round 1" in line for line in logs)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert len(resumed.changes) == 2
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, synthetic):
+    model, base = small_resnet(synthetic)
+    prune_model(model, synthetic, PruneConfig(target="flops=0.5"), None, tmp_path, base=base, log=lambda *_: None)
+    model, base = small_resnet(synthetic)
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        prune_model(model, synthetic, PruneConfig(target="flops=0.4"), None, tmp_path, base=base, resume=True,
+                    log=lambda *_: None)
+
+
+def test_saved_pruned_model_loads_in_a_new_process_with_identical_outputs(tmp_path, synthetic):
+    model, base = small_resnet(synthetic)
+    result = prune_model(model, synthetic, PruneConfig(target="flops=0.4"), None, tmp_path, base=base,
+                         log=lambda *_: None)
+    path = result.checkpoint
+    x = torch.randn(3, synthetic.in_channels, synthetic.input_size, synthetic.input_size)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        expected = result.model.eval()(x)
+    script = textwrap.dedent(f"""
+        import torch
+        from prunekit.architecture import load_compressed
+        model, _ = load_compressed({str(path)!r})
+        x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
+        with torch.no_grad():
+            torch.save(model(x), {str(tmp_path / 'y.pt')!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    got = torch.load(tmp_path / "y.pt", weights_only=True)
+    assert torch.equal(got, expected)
+
+
+def test_saved_pruned_model_is_not_a_pickle(tmp_path, synthetic):
+    model, base = small_resnet(synthetic)
+    result = prune_model(model, synthetic, PruneConfig(target="flops=0.5"), None, tmp_path, base=base,
+                         log=lambda *_: None)
+    head = result.checkpoint.read_bytes()[:8]
+    header_len = int.from_bytes(head, "little")
+    header = json.loads(result.checkpoint.read_bytes()[8:8 + header_len])
+    changes = json.loads(header["__metadata__"]["prunekit"])["architecture_changes"]
+    assert changes[0]["kind"] == "channels" and changes[0]["removed"]
+
+
+def test_prune_config_round_trip_and_validation():
+    config = PruneConfig(method="bn", target="params=0.5", iterations=3, ignore=("fc",))
+    assert PruneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="unknown criterion 'nope'"):
+        PruneConfig(method="nope")
+    with pytest.raises(ValueError, match="iterations must be an int >= 1"):
+        PruneConfig(iterations=0)
+    with pytest.raises(ValueError, match="target must look like"):
+        PruneConfig(target="quarter")
+    with pytest.raises(ValueError, match="unknown PruneConfig fields"):
+        PruneConfig.from_dict({"methd": "l1"})
+
+
+def test_infeasible_target_is_a_clear_error(synthetic):
+    model, base = small_resnet(synthetic)
+    from prunekit.allocation import AllocationConfig
+
+    with pytest.raises(InfeasibleTargetError, match="max_per_layer=0.3"):
+        prune_model(model, synthetic, PruneConfig(target="flops=0.05", allocation=AllocationConfig("global", 0.3)),
+                    base=base, log=lambda *_: None)
+
+
+def test_user_factory_model_from_a_state_dict(tmp_path, synthetic, monkeypatch):
+    package = tmp_path / "usernet"
+    package.mkdir()
+    (package / "__init__.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def build():
+            return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(8, 4))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    net = load_factory("usernet:build")()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "user.safetensors"))
+    torch.save(net.state_dict(), tmp_path / "user.pt")
+    for ckpt in ("user.safetensors", "user.pt"):
+        outcome = prune("usernet:build", synthetic.config, checkpoint=tmp_path / ckpt, target="params=0.6",
+                        out=tmp_path / f"out-{ckpt}", measure_latency=False, log=lambda *_: None)
+        path = tmp_path / f"out-{ckpt}" / "params-0.6" / "round_1" / "pruned.safetensors"
+        model, meta = load_compressed(path)
+        assert meta["model"]["factory"] == "usernet:build"
+        assert outcome.rows["pruned params=0.6"]["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_factory_spec_errors():
+    with pytest.raises(ValueError, match="package.module:function"):
+        load_factory("nocolon")
+    with pytest.raises(ValueError, match="cannot import"):
+        load_factory("no_such_pkg_xyz:build")
+    with pytest.raises(ValueError, match="no callable"):
+        load_factory("prunekit:nothing_here")
+
+
+def test_cli_prune_then_eval_inspect_export(tmp_path, dense_checkpoint, capsys):
+    out = tmp_path / "run"
+    code = main(["prune", "--checkpoint", str(dense_checkpoint), "--method", "l2", "--target", "flops=0.5",
+                 "--target", "flops=0.3", "--finetune-epochs", "1", "--out", str(out), "--no-progress",
+                 "--no-latency"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    for key in ("params", "flops", "latency_ms_b1", "latency_ms_b64", "val_acc", "test_acc"):
+        assert key in report["dense"] and key in report["pruned"]
+    assert report["pruned"]["flops"] < report["dense"]["flops"]
+    assert (out / "accuracy_vs_flops.png").is_file() and (out / "kept_width_flops-0.3.png").is_file()
+    assert "| dense |" in (out / "report.md").read_text()
+    pruned = out / "flops-0.3" / "round_1" / "pruned.safetensors"
+    assert main(["eval", str(pruned)]) == 0
+    assert main(["inspect", str(pruned)]) == 0
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(pruned), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert "ONNX Runtime matches PyTorch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "nope"], "unknown criterion 'nope'"),
+        (["--target", "flops"], "target must look like"),
+        (["--target", "flops=1.5"], "keep fraction must be in"),
+        (["--target", "flops=0.01", "--max-per-layer", "0.2"], "infeasible"),
+        (["--model", "vgg11"], "does not match the checkpoint"),
+        (["--ignore", "nosuchlayer"], "not modules of the model"),
+    ],
+)
+def test_cli_prune_bad_input_is_one_line(tmp_path, dense_checkpoint, capsys, argv, message):
+    code = main(["prune", "--checkpoint", str(dense_checkpoint), "--out", str(tmp_path / "o"), "--no-latency",
+                 "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_prune_missing_checkpoint(tmp_path, capsys):
+    code = main(["prune", "--checkpoint", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
