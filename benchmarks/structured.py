@@ -60,7 +60,6 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from prunekit.allocation import AllocationConfig, Target
@@ -70,7 +69,7 @@ from prunekit.engine import ChannelGraph, ChannelPlan, SliceKind, find_output_la
 from prunekit.jobs import load_dense
 from prunekit.metrics import count_flops, count_params, measure_latency
 from prunekit.models import ModelConfig, create_model, list_models
-from prunekit.pruning import PruneConfig, layer_widths, prune_model, recalibrate_batchnorm_
+from prunekit.pruning import PruneConfig, layer_widths, prune_model, recalibrate_batchnorm_, score_batches
 from prunekit.training import Augment, TrainConfig, evaluate, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,17 +171,6 @@ def quick_dense(cache: Path, data: DataConfig, log: Callable[[str], None]) -> Pa
 # ------------------------------------------------------------------------------------------------ pruning
 
 
-def score_batches(data: DataSplits, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``count`` shuffled training batches of 64 (the batches prunekit's Taylor criterion sees in round 1)."""
-    loader = DataLoader(data.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    out = []
-    for x, y in loader:
-        if len(out) >= count:
-            break
-        out.append((x, y))
-    return out
-
-
 def prune_prunekit(dense: nn.Module, data: DataSplits, method: str, factor: float, s: Settings
                    ) -> tuple[nn.Module, dict[str, Any]]:
     """prunekit one-shot to keep 1/factor of the FLOPs; BatchNorm re-estimated inside ``prune_model``."""
@@ -209,7 +197,7 @@ def prune_torch_pruning(dense: nn.Module, data: DataSplits, method: str, factors
     ignored = [modules[n] for n in find_output_layers(net, example)]
     if method == "taylor":
         net.zero_grad(set_to_none=True)
-        for x, y in score_batches(data, s.score_batches, s.seed + 1):
+        for x, y in score_batches(data, s.score_batches, s.seed + 1):  # round 1's batches, as prunekit's
             F.cross_entropy(net(x), y).backward()
     pruner = tp.pruner.BasePruner(
         net, example, importance=TP_IMPORTANCES[method](), global_pruning=True, pruning_ratio=1.0,

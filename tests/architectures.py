@@ -364,8 +364,9 @@ def random_plan(graph: ChannelGraph, seed: int = 0, fraction: float = 1 / 3) -> 
     gen = torch.Generator().manual_seed(seed)
     removed = {}
     for g in graph.groups:
-        if g.size < 2:
+        n = len(g.units)  # tied channels (grouped convs) go together
+        if n < 2:
             continue
-        k = min(g.size - 1, max(1, round(fraction * g.size)))
-        removed[g.root] = tuple(torch.randperm(g.size, generator=gen)[:k].tolist())
+        k = min(n - 1, max(1, round(fraction * n)))
+        removed[g.root] = tuple(c for u in torch.randperm(n, generator=gen)[:k].tolist() for c in g.units[u])
     return ChannelPlan(removed)

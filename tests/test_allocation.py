@@ -107,9 +107,10 @@ def _random_plan(graph: ChannelGraph, seed: int) -> ChannelPlan:
     """A different random fraction (0 to 80%) of every group."""
     gen = torch.Generator().manual_seed(seed)
     removed = {}
-    for g in graph.groups:
-        k = int(torch.randint(0, int(0.8 * g.size) + 1, (1,), generator=gen))
-        removed[g.root] = torch.randperm(g.size, generator=gen)[: min(k, g.size - 1)].tolist()
+    for g in graph.groups:  # whole units: a grouped convolution's tied channels go together
+        n = len(g.units)
+        k = int(torch.randint(0, int(0.8 * n) + 1, (1,), generator=gen))
+        removed[g.root] = [c for u in torch.randperm(n, generator=gen)[: min(k, n - 1)].tolist() for c in g.units[u]]
     return ChannelPlan(removed)
 
 

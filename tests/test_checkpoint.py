@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +183,12 @@ def test_interrupted_write_keeps_the_old_file(saved):
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]
     read_metadata(path)  # still a valid checkpoint
+
+
+def test_atomic_write_gives_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "f.txt", lambda tmp: Path(tmp).write_text("x"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644

@@ -125,8 +125,6 @@ def test_vit_tiny_prunes_its_mlps_and_skips_attention_and_residual_stream():
 EXPECTED_SKIPS = [
     ("mlp_layernorm", "fc1", "LayerNorm normalises over the channels"),
     ("attention_block", None, "MultiheadAttention"),
-    ("grouped_conv", "stem.0", "grouped convolution (groups=2)"),
-    ("grouped_conv", "g2.0", "grouped convolution (groups=4)"),
     ("chunk", "stem", "breaks the forward pass"),
 ]
 
@@ -405,3 +403,31 @@ def test_shrink_mismatch_message_explains_itself_without_a_culprit():
     model, graph = _graph("residual_add")
     with pytest.raises(UnsupportedModelError, match="changes the model's outputs by"):
         graph.shrink_(ChannelPlan({g.root: (0, 1) for g in graph.groups}), atol=0.0)
+
+
+def test_grouped_convolutions_are_pruned_with_tied_positions():
+    model, graph = _graph("grouped_conv")
+    assert not any("grouped" in reason for reason in graph.skipped.values()), graph.skipped
+    tied = [g for g in graph.groups if g.tied]
+    assert tied, "the groups feeding the grouped convolutions must be prunable, with tied channels"
+    for g in tied:
+        assert sorted(c for u in g.units for c in u) == list(range(g.size))
+        assert len({len(u) for u in g.units}) == 1  # the same position in every block
+    group = tied[0]
+    with pytest.raises(ValueError, match="only part of the tied channels"):
+        graph.masks(ChannelPlan({group.root: (group.units[0][0],)}))
+    x = randn(ARCHITECTURES["grouped_conv"].input_shape, 3, seed=7)
+    plan = ChannelPlan({group.root: group.units[1]})
+    masked = copy.deepcopy(model)
+    params = dict(masked.named_parameters())
+    with torch.no_grad():
+        for name, mask in graph.masks(plan).items():
+            params[name].mul_(mask)
+        expected = masked(x)
+    before = count_params(model)
+    graph.shrink_(plan)
+    with torch.no_grad():
+        assert (model(x) - expected).abs().max() <= 1e-5
+    assert count_params(model) < before
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels]
+    assert convs and all(m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0 for m in convs)

@@ -121,8 +121,8 @@ class CostModel:
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self.total_channels = sum(g.size for g in graph.groups)
 
-    def removed_per_dim(self, plan: ChannelPlan) -> dict[str, dict[int, int]]:
-        out: dict[str, dict[int, int]] = {}
+    def removed_per_dim(self, plan: ChannelPlan) -> dict[str, dict[int, float]]:
+        out: dict[str, dict[int, float]] = {}
         for root, idxs in plan.removed.items():
             group = self.graph.by_root[root]
             removed = torch.zeros(group.size, dtype=torch.bool)
@@ -131,7 +131,7 @@ class CostModel:
                 hit = int(removed[s.root_idxs].sum())
                 if hit:
                     dims = out.setdefault(s.name, {})
-                    dims[s.dim] = dims.get(s.dim, 0) + hit
+                    dims[s.dim] = dims.get(s.dim, 0) + s.removed_count(hit)
         return out
 
     def cost(self, plan: ChannelPlan, metric: TargetMetric) -> float:
@@ -152,7 +152,7 @@ class CostModel:
         return (self.dense_flops - lost) / self.dense_flops
 
 
-def _kept_fraction(shape: tuple[int, ...], dims: dict[int, int]) -> float:
+def _kept_fraction(shape: tuple[int, ...], dims: dict[int, float]) -> float:
     frac = 1.0
     for d, r in dims.items():
         frac *= max(0.0, 1.0 - r / shape[d])
@@ -163,29 +163,32 @@ def plan_for_target(scores: dict[str, torch.Tensor], cost: CostModel, target: Ta
                     config: AllocationConfig = AllocationConfig()) -> tuple[ChannelPlan, float]:
     """The plan removing the lowest-scored channels that meets ``target``, and the fraction it keeps.
 
+    Channels tied together (a grouped convolution's positions) are ranked and removed as one unit scored by the
+    sum of its channels. Global allocation ranks units of all groups by their score divided by the group's mean.
+
     Raises:
         InfeasibleTargetError: even removing ``max_per_layer`` of every group keeps too much.
     """
-    groups = {root: s for root, s in scores.items() if len(s) > 1}
-    caps = {root: min(len(s) - 1, int(math.floor(config.max_per_layer * len(s)))) for root, s in groups.items()}
-    orders = {root: torch.argsort(s, stable=True) for root, s in groups.items()}
-
-    def uniform_plan(fraction: float) -> ChannelPlan:
-        return ChannelPlan({r: tuple(orders[r][: min(caps[r], int(fraction * len(groups[r])))].tolist())
-                            for r in groups})
+    units = {root: (cost.graph.by_root[root].units if root in cost.graph.by_root
+                    else [(i,) for i in range(len(s))]) for root, s in scores.items()}
+    unit_scores = {root: torch.stack([scores[root][list(u)].sum() for u in units[root]]) for root in scores}
+    groups = {root: us for root, us in unit_scores.items() if len(us) > 1}
+    caps = {root: min(len(us) - 1, int(math.floor(config.max_per_layer * len(us)))) for root, us in groups.items()}
+    selector = _UnitSelector(units, {root: torch.argsort(us, stable=True) for root, us in groups.items()})
 
     if config.allocation is Allocation.UNIFORM:
-        steps = sorted({k / len(s) for s in groups.values() for k in range(len(s) + 1)})
-        candidates = [uniform_plan(f + 1e-12) for f in steps if f <= config.max_per_layer + 1e-12]
+        steps = sorted({k / len(us) for us in groups.values() for k in range(len(us) + 1)})
+        candidates = [selector.plan({r: min(caps[r], int((f + 1e-12) * len(groups[r]))) for r in groups})
+                      for f in steps if f <= config.max_per_layer + 1e-12]
     else:
         ranked = []
-        for root, s in groups.items():
-            norm = s / s.mean() if s.mean() > 0 else torch.argsort(torch.argsort(s)).double()
-            for rank, idx in enumerate(orders[root].tolist()):
+        for root, us in groups.items():
+            norm = us / us.mean() if us.mean() > 0 else torch.argsort(torch.argsort(us)).double()
+            for rank, unit in enumerate(selector.orders[root].tolist()):
                 if rank < caps[root]:
-                    ranked.append((float(norm[idx]), root, idx))
-        ranked.sort()
-        candidates = _prefix_plans(ranked)
+                    ranked.append((float(norm[unit]), root))
+        ranked.sort(key=lambda e: e[0])  # stable: a group's units stay in their own order
+        candidates = _PrefixPlans(ranked, selector)
 
     def keep_of(i: int) -> float:
         return cost.cost(candidates[i], target.metric)
@@ -208,55 +211,60 @@ def plan_for_target(scores: dict[str, torch.Tensor], cost: CostModel, target: Ta
         best = lo - 1
     plan, kept = candidates[best], keep_of(best)
     if abs(kept / target.keep - 1) > config.tolerance:
-        plan, kept = _refine(plan, kept, orders, caps, cost, target)
+        plan, kept = _refine(plan, kept, selector, caps, cost, target)
     return plan, kept
 
 
-def _refine(plan: ChannelPlan, kept: float, orders: dict[str, torch.Tensor], caps: dict[str, int],
-            cost: CostModel, target: Target, max_moves: int = 200) -> tuple[ChannelPlan, float]:
-    """Greedy single-channel moves (remove the next-lowest channel of a group, or put back its last removed
-    one) while they bring the kept fraction closer to the target: coarse layers make the ranking overshoot."""
-    removed = {r: list(plan.removed.get(r, ())) for r in orders}
-    counts = {r: len(v) for r, v in removed.items()}
-    for _ in range(max_moves):
-        best_move, best_gap = None, abs(kept - target.keep)
-        for r, order in orders.items():
-            for delta in (1, -1):
-                n = counts[r] + delta
-                if not 0 <= n <= caps[r]:
-                    continue
-                trial = {**{k: order_prefix(orders[k], counts[k]) for k in orders}, r: order_prefix(order, n)}
-                value = cost.cost(ChannelPlan(trial), target.metric)
-                if abs(value - target.keep) < best_gap - 1e-12:
-                    best_move, best_gap, best_value = (r, n), abs(value - target.keep), value
-        if best_move is None:
-            break
-        counts[best_move[0]] = best_move[1]
-        kept = best_value
-        if abs(kept / target.keep - 1) <= 0.005:
-            break
-    return ChannelPlan({k: order_prefix(orders[k], counts[k]) for k in orders}), kept
+class _UnitSelector:
+    """Turns "remove the k lowest units of each group" into a channel plan."""
 
+    def __init__(self, units: dict[str, list[tuple[int, ...]]], orders: dict[str, torch.Tensor]) -> None:
+        self.units, self.orders = units, orders
 
-def order_prefix(order: torch.Tensor, n: int) -> tuple[int, ...]:
-    return tuple(order[:n].tolist())
+    def channels(self, root: str, k: int) -> tuple[int, ...]:
+        return tuple(sorted(c for u in self.orders[root][:k].tolist() for c in self.units[root][u]))
+
+    def plan(self, counts: dict[str, int]) -> ChannelPlan:
+        return ChannelPlan({r: self.channels(r, k) for r, k in counts.items() if k})
 
 
 class _PrefixPlans:
-    """Lazy sequence: plan ``k`` removes the first ``k`` entries of a global ranking."""
+    """Lazy sequence: plan ``k`` removes the first ``k`` units of a global ranking."""
 
-    def __init__(self, ranked: list[tuple[float, str, int]]) -> None:
-        self.ranked = ranked
+    def __init__(self, ranked: list[tuple[float, str]], selector: _UnitSelector) -> None:
+        self.ranked, self.selector = ranked, selector
 
     def __len__(self) -> int:
         return len(self.ranked) + 1
 
     def __getitem__(self, k: int) -> ChannelPlan:
-        removed: dict[str, list[int]] = {}
-        for _, root, idx in self.ranked[:k]:
-            removed.setdefault(root, []).append(idx)
-        return ChannelPlan({r: tuple(v) for r, v in removed.items()})
+        counts: dict[str, int] = {}
+        for _, root in self.ranked[:k]:
+            counts[root] = counts.get(root, 0) + 1
+        return self.selector.plan(counts)
 
 
-def _prefix_plans(ranked: list[tuple[float, str, int]]) -> _PrefixPlans:
-    return _PrefixPlans(ranked)
+def _refine(plan: ChannelPlan, kept: float, selector: _UnitSelector, caps: dict[str, int], cost: CostModel,
+            target: Target, max_moves: int = 200) -> tuple[ChannelPlan, float]:
+    """Greedy single-unit moves (remove the next-lowest unit of a group, or put back its last removed one) while
+    they bring the kept fraction closer to the target: coarse layers make the ranking overshoot."""
+    removed_units = {r: 0 for r in selector.orders}
+    for r, idxs in plan.removed.items():
+        removed_units[r] = sum(1 for u in selector.units[r] if u[0] in set(idxs))
+    for _ in range(max_moves):
+        best_move, best_gap, best_value = None, abs(kept - target.keep), kept
+        for r in selector.orders:
+            for delta in (1, -1):
+                n = removed_units[r] + delta
+                if not 0 <= n <= caps[r]:
+                    continue
+                value = cost.cost(selector.plan({**removed_units, r: n}), target.metric)
+                if abs(value - target.keep) < best_gap - 1e-12:
+                    best_move, best_gap, best_value = (r, n), abs(value - target.keep), value
+        if best_move is None:
+            break
+        removed_units[best_move[0]] = best_move[1]
+        kept = best_value
+        if abs(kept / target.keep - 1) <= 0.005:
+            break
+    return selector.plan(removed_units), kept

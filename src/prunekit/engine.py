@@ -46,12 +46,36 @@ class ParamSlice:
     idxs: torch.Tensor
     root_idxs: torch.Tensor
     is_norm: bool
+    blocks: int = 1  # > 1: input channels of a grouped conv; idxs are global, the weight holds them per block
+
+    def _local(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a grouped conv's input slices: (block of each idx, its column inside the block)."""
+        per_block = self.param.shape[1]
+        return self.idxs // per_block, self.idxs % per_block
 
     def rows(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
         """The selected slices of ``tensor`` (default the parameter) as ``(len(idxs), -1)``."""
-        t = self.param if tensor is None else tensor
-        return t.detach().index_select(self.dim, self.idxs.to(t.device)).movedim(self.dim, 0).reshape(
-            len(self.idxs), -1)
+        t = (self.param if tensor is None else tensor).detach()
+        if self.blocks == 1:
+            return t.index_select(self.dim, self.idxs.to(t.device)).movedim(self.dim, 0).reshape(len(self.idxs), -1)
+        rows_per_block = t.shape[0] // self.blocks
+        block, col = self._local()
+        return torch.stack([t[b * rows_per_block:(b + 1) * rows_per_block, c].reshape(-1)
+                            for b, c in zip(block.tolist(), col.tolist())]) if len(self.idxs) else t.new_zeros(0, 0)
+
+    def zero_(self, mask: torch.Tensor, hit: torch.Tensor) -> None:
+        """Zero the slices of ``mask`` for the (member-local) indices ``hit``."""
+        if self.blocks == 1:
+            mask.index_fill_(self.dim, hit, 0.0)
+            return
+        rows_per_block, per_block = mask.shape[0] // self.blocks, mask.shape[1]
+        for c in hit.tolist():
+            b, col = divmod(c, per_block)
+            mask[b * rows_per_block:(b + 1) * rows_per_block, col] = 0.0
+
+    def removed_count(self, hit: int) -> float:
+        """How many entries of dimension ``dim`` removing ``hit`` of the idxs takes away."""
+        return hit / self.blocks
 
 
 @dataclass
@@ -96,8 +120,9 @@ def _member_slices(name: str, module: Any, handler, pruning_dim: int | None, idx
         if out:
             return sl("weight", module.weight, 1 if module.transposed else 0) + sl("bias", module.bias, 0)
         if module.groups > 1:
-            return (f"grouped convolution (groups={module.groups}) input channels cannot be removed one by one "
-                    "without breaking its groups")
+            if module.transposed:
+                return f"transposed grouped convolution (groups={module.groups}) has no prunekit rule"
+            return [ParamSlice(f"{name}.weight", module.weight, 1, ix, rx, False, blocks=module.groups)]
         return sl("weight", module.weight, 0 if module.transposed else 1)
     if isinstance(pruner, tpf.LinearPruner):
         return sl("weight", module.weight, 0) + sl("bias", module.bias, 0) if out else sl("weight", module.weight, 1)
@@ -124,6 +149,16 @@ class ChannelGroup:
     size: int
     members: list[GroupMember]
     _tp_group: Any = field(repr=False, default=None)
+    units: list[tuple[int, ...]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.units:
+            self.units = _tied_units(self)
+
+    @property
+    def tied(self) -> bool:
+        """True when channels must go in sets (a grouped conv keeps the same positions in every group)."""
+        return len(self.units) != self.size
 
     def slices(self, include_norm: bool = True) -> Iterator[ParamSlice]:
         for m in self.members:
@@ -141,6 +176,42 @@ class ChannelGroup:
     def describe(self) -> str:
         members = ", ".join(f"{m.name}:{m.kind.value}" for m in self.members)
         return f"{self.root} ({self.size} channels; {members})"
+
+
+def _tied_units(group: ChannelGroup) -> list[tuple[int, ...]]:
+    """Sets of group channels that must be removed together, in order of their first channel.
+
+    A grouped convolution (1 < groups < channels) splits its input and output channels into equal blocks; it
+    stays a valid grouped convolution only if the same positions go from every block, so the channels at one
+    position in all blocks are tied (Fang et al. 2023 prune grouped convs the same way).
+    """
+    parent = list(range(group.size))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for m in group.members:
+        conv = m.module
+        if not isinstance(conv, nn.modules.conv._ConvNd) or conv.groups == 1:
+            continue
+        if conv.groups == conv.in_channels == conv.out_channels:
+            continue  # depthwise: every channel is its own group, nothing to tie
+        size = conv.in_channels if m.kind is SliceKind.IN else conv.out_channels
+        per_block = size // conv.groups
+        first: dict[int, int] = {}
+        for idx, root_idx in zip(m.idxs, m.root_idxs):
+            pos = idx % per_block
+            if pos in first:
+                parent[find(root_idx)] = find(first[pos])
+            else:
+                first[pos] = root_idx
+    units: dict[int, list[int]] = {}
+    for c in range(group.size):
+        units.setdefault(find(c), []).append(c)
+    return sorted((tuple(u) for u in units.values()), key=lambda u: u[0])
 
 
 @dataclass(frozen=True)
@@ -270,7 +341,9 @@ class ChannelGraph:
         for group in list(self.groups):
             if group.size < 2 or group.root not in trial.by_root:
                 continue
-            plan = ChannelPlan({group.root: (group.size // 2,)})
+            if len(group.units) < 2:
+                continue
+            plan = ChannelPlan({group.root: group.units[len(group.units) // 2]})
             saved = {n: p.detach().clone() for n, p in masked_params.items()}
             backup = _snapshot(shrunk)
             ChannelGraph._apply_masks_by_name(masked, self.masks(plan))
@@ -330,6 +403,13 @@ class ChannelGraph:
                 raise ValueError(f"plan removes channel {idxs[-1]} of {root!r}, which has {size} channels")
             if len(idxs) >= size:
                 raise ValueError(f"plan removes all {size} channels of {root!r}; at least one must stay")
+            group = self.by_root[root]
+            if group.tied:
+                chosen = set(idxs)
+                split = [u for u in group.units if chosen & set(u) and not set(u) <= chosen]
+                if split:
+                    raise ValueError(f"plan removes only part of the tied channels {split[0]} of {root!r} (a grouped "
+                                     "convolution needs the same positions removed from every group)")
 
     def masks(self, plan: ChannelPlan) -> dict[str, torch.Tensor]:
         """Per parameter name, a 0/1 tensor of its shape that is 0 on the slices the plan removes."""
@@ -344,7 +424,7 @@ class ChannelGraph:
                 if len(hit) == 0:
                     continue
                 mask = out.setdefault(s.name, torch.ones_like(params[s.name], dtype=torch.float32))
-                mask.index_fill_(s.dim, hit, 0.0)
+                s.zero_(mask, hit)
         return out
 
     @torch.no_grad()

@@ -139,7 +139,9 @@ def recalibrate_batchnorm_(model: nn.Module, data: DataSplits, images: int = 512
     model.train(was_training)
 
 
-def _score_batches(data: DataSplits, count: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def score_batches(data: DataSplits, count: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``count`` shuffled training batches of 64 a data-driven criterion scores with (round ``r`` of a
+    pruning job uses ``seed = config.seed + r``), public so that other tools can be given the same batches."""
     loader = DataLoader(data.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
     for i, batch in enumerate(loader):
         if i >= count:
@@ -200,7 +202,7 @@ def prune_model(
                              + "; ".join(f"{a}: {b}" for a, b in list(graph.skipped.items())[:3]))
         criterion = CRITERIA.get(config.method)()
         if criterion.needs_data:
-            criterion.prepare(model, graph, _score_batches(data, config.score_batches, config.seed + r))
+            criterion.prepare(model, graph, score_batches(data, config.score_batches, config.seed + r))
         scores = score_groups(criterion, graph)
         cost = CostModel(model, graph, input_shape)
         metric = config.target.metric.value
