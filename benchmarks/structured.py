@@ -392,21 +392,24 @@ def _verdict(pruned: nn.Module, reference: torch.Tensor, x: torch.Tensor, cell: 
     return {**cell, "status": "ok"}
 
 
-def coverage_prunekit(factory: Callable[[], nn.Module], shape: tuple[int, ...], seed: int = 0) -> dict[str, Any]:
-    """prunekit: ChannelGraph (its probe moves unsafe groups to ``skipped``), a random half of every group, shrink_
-    (which verifies itself against masks), then the shared zeroed-original check."""
+def _coverage_setup(factory: Callable[[], nn.Module], shape: tuple[int, ...], seed: int):
+    """A calibrated model, an untouched copy of it, an input batch, an empty cell and the model's total width."""
     torch.manual_seed(seed)
     model = factory()
     calibrate_bn_(model, shape, seed)
-    original = copy.deepcopy(model)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(seed + 1))
-    cell: dict[str, Any] = {k: None for k in COVERAGE_FIELDS}
-    dense_width = _total_width(model)
+    return model, copy.deepcopy(model), x, {k: None for k in COVERAGE_FIELDS}, _total_width(model)
+
+
+def coverage_prunekit(factory: Callable[[], nn.Module], shape: tuple[int, ...], seed: int = 0) -> dict[str, Any]:
+    """prunekit: ChannelGraph (its probe moves unsafe groups to ``skipped``), a random half of every group, shrink_
+    (which verifies itself against masks), then the shared zeroed-original check."""
+    model, original, x, cell, dense_width = _coverage_setup(factory, shape, seed)
     try:
         graph = ChannelGraph(model, x)
         gen = torch.Generator().manual_seed(seed)
-        plan = ChannelPlan({g.root: tuple(torch.randperm(g.size, generator=gen)[: g.size // 2].tolist())
-                            for g in graph.groups if g.size >= 2})
+        plan = ChannelPlan({g.root: tuple(c for u in torch.randperm(len(g.units), generator=gen)[
+            : len(g.units) // 2].tolist() for c in g.units[u]) for g in graph.groups if len(g.units) >= 2})
         cell["skipped_groups"] = len(graph.skipped)
         if not plan:
             return {**cell, "status": "nothing pruned", "ran": True,
@@ -434,13 +437,7 @@ def coverage_prunekit(factory: Callable[[], nn.Module], shape: tuple[int, ...], 
 def coverage_torch_pruning(factory: Callable[[], nn.Module], shape: tuple[int, ...], seed: int = 0) -> dict[str, Any]:
     """Torch-Pruning: its own pruner (local 50%, random importance, output layer ignored), stepping interactively
     to record every (layer, in/out, indices) it removes, then the shared zeroed-original check."""
-    torch.manual_seed(seed)
-    model = factory()
-    calibrate_bn_(model, shape, seed)
-    original = copy.deepcopy(model)
-    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(seed + 1))
-    cell: dict[str, Any] = {k: None for k in COVERAGE_FIELDS}
-    dense_width = _total_width(model)
+    model, original, x, cell, dense_width = _coverage_setup(factory, shape, seed)
     names = {m: n for n, m in model.named_modules()}
     removals = []
     try:

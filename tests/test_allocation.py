@@ -29,13 +29,6 @@ from prunekit.models import create_model
 CIFAR = (3, 32, 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---------------------------------------------------------------------------------------------- validation
 

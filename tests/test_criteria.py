@@ -13,14 +13,6 @@ from prunekit.criteria import CRITERIA, BNScale, Criterion, Magnitude, RandomSco
 from prunekit.engine import ChannelGraph
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ConvBNConv(nn.Module):
     """conv1 (3->4, no bias) -> bn -> relu -> conv2 (4->5, no bias) -> relu -> pool -> fc (5->3)."""
 

@@ -21,13 +21,6 @@ CASES = [("zoo", n) for n in ZOO] + [("arch", n) for n in ARCHITECTURES]
 CASE_IDS = [f"{kind}-{name}" for kind, name in CASES]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def input_shape(kind: str, name: str) -> tuple[int, ...]:
     if kind == "arch":

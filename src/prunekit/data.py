@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from prunekit.configs import config_from_dict
 from prunekit.registry import Registry
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -68,7 +69,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> DataConfig:
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 @dataclass

@@ -11,6 +11,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_history(history: Sequence[dict], path: str | Path, title: str = "") -> Path:
     """Training/validation loss and accuracy per epoch."""
     epochs = [h["epoch"] for h in history]
@@ -22,10 +29,7 @@ def plot_history(history: Sequence[dict], path: str | Path, title: str = "") -> 
     ax2.plot(epochs, [h["val_acc"] for h in history], label="validation")
     ax2.set_xlabel("epoch"), ax2.set_ylabel("top-1 accuracy"), ax2.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_before_after(rows: dict[str, dict[str, float]], path: str | Path, title: str = "") -> Path:
@@ -44,10 +48,7 @@ def plot_before_after(rows: dict[str, dict[str, float]], path: str | Path, title
     ax.set_ylabel(f"relative to {names[0]}")
     ax.legend()
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_kept_width(kept: dict[str, tuple[int, int]], path: str | Path, title: str = "") -> Path:
@@ -61,10 +62,7 @@ def plot_kept_width(kept: dict[str, tuple[int, int]], path: str | Path, title: s
     ax.set_ylabel("output channels")
     ax.legend()
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_accuracy_vs_flops(points: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "",
@@ -82,7 +80,4 @@ def plot_accuracy_vs_flops(points: dict[str, list[tuple[float, float]]], path: s
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from prunekit.allocation import AllocationConfig, CostModel, Target, plan_for_target
 from prunekit.architecture import load_compressed, save_compressed
 from prunekit.checkpoint import CheckpointError, read_metadata
+from prunekit.configs import config_from_dict
 from prunekit.criteria import CRITERIA, score_groups
 from prunekit.data import DataSplits
 from prunekit.engine import ChannelGraph
@@ -75,11 +76,7 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown PruneConfig fields {sorted(unknown)}; accepted: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import enum
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from prunekit.checkpoint import CheckpointError, atomic_write, load_weights_, save_checkpoint
+from prunekit.configs import config_from_dict
 from prunekit.data import DataSplits
 from prunekit.distributed import DistContext, GlobalBatchSampler, all_reduce_sum, barrier, current_context
 
@@ -108,11 +109,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; accepted: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
     def lr_at(self, progress: float) -> float:
         """Learning rate after ``progress`` (0..1) of training."""

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from prunekit.configs import config_from_dict
 from prunekit.registry import Registry
 
 MODELS: Registry[Callable[[ModelConfig], nn.Module]] = Registry("model")
@@ -47,14 +48,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
-        if not isinstance(data, dict):
-            raise TypeError(f"ModelConfig.from_dict expects a dict, got {type(data).__name__}")
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(
-                f"unknown ModelConfig fields {sorted(unknown)}; accepted: {sorted(cls.__dataclass_fields__)}"
-            )
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 def scaled(channels: int, width: float) -> int:
