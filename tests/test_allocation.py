@@ -21,7 +21,7 @@ from prunekit.allocation import (
     TargetMetric,
     plan_for_target,
 )
-from prunekit.criteria import Magnitude, score_groups
+from prunekit.criteria import CRITERIA, Magnitude, score_groups
 from prunekit.engine import ChannelGraph, ChannelPlan
 from prunekit.metrics import count_flops, count_params
 from prunekit.models import create_model
@@ -231,3 +231,18 @@ def test_infeasible_target_names_the_cap(resnet20_base, allocation):
                                                     r"still keeps 0\.\d+ of the flops"):
         _plan(resnet20_base, Target.parse("flops=0.001"), AllocationConfig(allocation, max_per_layer=0.5))
     assert issubclass(InfeasibleTargetError, ValueError)
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_round_to_keeps_multiples_and_still_meets_the_target(allocation):
+    model, x = _resnet_or_vgg("resnet20")
+    graph = ChannelGraph(model, x)
+    cost = CostModel(model, graph, CIFAR)
+    scores = score_groups(CRITERIA.get("l1")(), graph)
+    config = AllocationConfig(allocation, round_to=8)
+    plan, kept = plan_for_target(scores, cost, Target.parse("flops=0.5"), config)
+    for root, idxs in plan.removed.items():
+        assert (graph.by_root[root].size - len(idxs)) % 8 == 0, root
+    assert abs(kept / 0.5 - 1) <= 0.02
+    with pytest.raises(ValueError, match="round_to must be a positive int"):
+        AllocationConfig(round_to=0)

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flops=0.25 | params=0.5 | channels=0.7 | flops=x4; repeat for several targets")
     p.add_argument("--allocation", choices=["global", "uniform"], default="global")
     p.add_argument("--max-per-layer", type=float, default=0.9, help="largest fraction of a layer to remove")
+    p.add_argument("--round-to", type=int, default=1, help="keep a multiple of this many channels per pruned layer")
     p.add_argument("--ignore", nargs="*", default=[], help="module names to leave alone (output layer always is)")
     p.add_argument("--iterations", type=int, default=1, help="rounds of prune + fine-tune (1 = one-shot)")
     p.add_argument("--finetune-epochs", type=_positive_int, default=0, help="fine-tuning epochs per round")
@@ -150,7 +151,8 @@ def cmd_prune(args) -> None:
     outcome = prune(args.model, data, checkpoint=args.checkpoint, method=args.method,
                     target=args.target or ["flops=0.5"], iterations=args.iterations,
                     finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
-                    allocation=args.allocation, max_per_layer=args.max_per_layer, ignore=tuple(args.ignore),
+                    allocation=args.allocation, max_per_layer=args.max_per_layer, round_to=args.round_to,
+                    ignore=tuple(args.ignore),
                     bn_recalibration_images=args.bn_images, out=out, resume=args.resume,
                     progress=not args.no_progress, measure_latency=not args.no_latency, seed=args.seed)
     print()

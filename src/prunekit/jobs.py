@@ -145,7 +145,8 @@ class PruneOutcome:
 def prune(model: str | None = None, data: str | DataConfig | None = None, *, checkpoint: str | Path | None = None,
           method: str = "l1", target: str | list[str] = "flops=0.5", iterations: int = 1,
           finetune_epochs: int = 0, lr: float = 0.01, batch_size: int = 128, allocation: str = "global",
-          max_per_layer: float = 0.9, ignore: tuple[str, ...] = (), bn_recalibration_images: int = 512,
+          max_per_layer: float = 0.9, round_to: int = 1, ignore: tuple[str, ...] = (),
+          bn_recalibration_images: int = 512,
           out: str | Path | None = None, resume: bool = False, progress: bool = True, log=print,
           measure_latency: bool = True, seed: int = 0) -> PruneOutcome:
     """Prune a dense network to one or several targets, fine-tune, measure and report (``prunekit prune``).
@@ -167,7 +168,7 @@ def prune(model: str | None = None, data: str | DataConfig | None = None, *, che
     if not targets:
         raise ValueError("give at least one --target, e.g. flops=0.25")
     configs = [PruneConfig(method=method, target=t, iterations=iterations, ignore=tuple(ignore), seed=seed,
-                           allocation=AllocationConfig(allocation, max_per_layer),
+                           allocation=AllocationConfig(allocation, max_per_layer, round_to=round_to),
                            bn_recalibration_images=bn_recalibration_images) for t in targets]
     finetune = TrainConfig(epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed,
                            augment=default_augment(data_cfg.name)) if finetune_epochs > 0 else None
