@@ -328,10 +328,3 @@ def _synthetic(data_dir: Path | None, n_train: int = 512, n_test: int = 128, cla
     x_train, y_train = draw(n_train)
     x_test, y_test = draw(n_test)
     return x_train, y_train, x_test, y_test, classes
-
-
-def default_data_dir(name: str) -> str | None:
-    """Where a dataset is looked for when ``data_dir`` is not given."""
-    return FASHION_MNIST_DIR if name == "fashion-mnist" else None
-
-

@@ -32,14 +32,6 @@ class TrainOutcome:
     checkpoint: Path | None
 
 
-def build_for_data(model: str | ModelConfig, data: DataSplits, width: float = 1.0) -> nn.Module:
-    """A zoo model sized for ``data`` (channels, image side, classes)."""
-    config = model if isinstance(model, ModelConfig) else ModelConfig(
-        name=model, num_classes=data.num_classes, in_channels=data.in_channels, input_size=data.input_size,
-        width=width)
-    return create_model(config)
-
-
 def train_job(model: str, data: DataConfig, train: TrainConfig, out_dir: str | Path | None = None, *,
               width: float = 1.0, resume: bool = False, progress: bool = True, log=print,
               device: str = "auto", measure_latency: bool = True) -> TrainOutcome:

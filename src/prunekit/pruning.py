@@ -202,13 +202,14 @@ def prune_model(
             criterion.prepare(model, graph, score_batches(data, config.score_batches, config.seed + r))
         scores = score_groups(criterion, graph)
         cost = CostModel(model, graph, input_shape)
+        # fraction of the dense metric that earlier rounds already kept; this round's target is relative to it
         metric = config.target.metric.value
         if metric == "channels":
-            relative = Target(config.target.metric, target_keep) if r == 1 else Target(
-                config.target.metric, min(0.999, target_keep / config.target.keep ** ((r - 1) / k)))
+            previous = config.target.keep ** ((r - 1) / k)
         else:
             current = cost.dense_flops if metric == "flops" else cost.dense_params
-            relative = Target(config.target.metric, min(0.999, target_keep * dense_metric[metric] / current))
+            previous = current / dense_metric[metric]
+        relative = Target(config.target.metric, min(0.999, target_keep / previous))
         plan, predicted = plan_for_target(scores, cost, relative, config.allocation)
         graph.shrink_(plan)
         change = plan.to_dict()
@@ -232,7 +233,7 @@ def prune_model(
             val_ft = evaluate(model, data.val)["acc"]
             log(f"round {r}/{k}: val acc after fine-tuning {val_ft:.4f}")
         result.rounds.append(RoundResult(
-            round=r, target_keep=target_keep, predicted_keep=predicted * _kept_so_far(cost, metric, dense_metric),
+            round=r, target_keep=target_keep, predicted_keep=predicted * previous,
             params=count_params(model), flops=count_flops(model, (1, *input_shape)),
             removed_channels=plan.num_removed(), val_acc_pruned=val_pruned, val_acc_finetuned=val_ft,
             seconds_scoring=seconds_scoring, seconds_finetune=time.perf_counter() - t1))
@@ -245,15 +246,6 @@ def prune_model(
     widths = layer_widths(model)
     result.kept_width = {n: (widths[n], w) for n, w in dense_widths.items() if n in widths}
     return result
-
-
-def _kept_so_far(cost: CostModel, metric: str, dense_metric: dict[str, int]) -> float:
-    """Kept fraction of the current model relative to the dense one (chains iterative rounds)."""
-    if metric == "flops":
-        return cost.dense_flops / dense_metric["flops"]
-    if metric == "params":
-        return cost.dense_params / dense_metric["params"]
-    return 1.0
 
 
 def _resume(out: Path, config: PruneConfig, result: PruneResult, log) -> tuple[int, nn.Module]:
