@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.engine import ChannelGraph, ChannelGroup
+from prunekit.engine import ChannelGraph, ChannelGroup, ChannelPlan
 from prunekit.registry import Registry
 
 
@@ -26,6 +26,9 @@ class Criterion:
     def prepare(self, model: nn.Module, graph: ChannelGraph, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
                 ) -> None:
         """Gather whatever statistics the scores need (no-op for data-free criteria)."""
+
+    def update_weights_(self, graph: ChannelGraph, plan: ChannelPlan) -> None:
+        """Adjust the weights that stay before ``plan`` is applied (OBS-style compensation); no-op by default."""
 
     def __call__(self, group: ChannelGroup) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -22,10 +22,12 @@ from prunekit.allocation import AllocationConfig, CostModel, Target, plan_for_ta
 from prunekit.architecture import load_compressed, save_compressed
 from prunekit.checkpoint import CheckpointError, read_metadata
 from prunekit.configs import config_from_dict
-from prunekit.criteria import CRITERIA, score_groups
+from prunekit.criteria import CRITERIA, Criterion, score_groups
+from prunekit.curvature import CurvatureConfig
 from prunekit.data import DataSplits
 from prunekit.engine import ChannelGraph
 from prunekit.metrics import count_flops, count_params
+from prunekit.obs import CURVATURE_CRITERIA
 from prunekit.training import TrainConfig, evaluate, fit
 
 
@@ -43,6 +45,8 @@ class PruneConfig:
         bn_recalibration_images: Training images used to re-estimate BatchNorm statistics after each
             shrink (0 disables it).
         seed: Seed of the random criterion and of data order for scoring.
+        curvature: :class:`~prunekit.curvature.CurvatureConfig` of the curvature criteria (C-OBD, C-OBS,
+            Kron-OBD, Kron-OBS, EigenDamage): Fisher type, batches, damping, OBS update.
     """
 
     method: str = "l1"
@@ -53,10 +57,13 @@ class PruneConfig:
     score_batches: int = 8
     bn_recalibration_images: int = 512
     seed: int = 0
+    curvature: CurvatureConfig = CurvatureConfig()
 
     def __post_init__(self) -> None:
         if self.method not in CRITERIA:
             CRITERIA.get(self.method)
+        if isinstance(self.curvature, dict):
+            object.__setattr__(self, "curvature", CurvatureConfig.from_dict(self.curvature))
         if isinstance(self.target, str):
             object.__setattr__(self, "target", Target.parse(self.target))
         if isinstance(self.allocation, dict):
@@ -72,7 +79,8 @@ class PruneConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "target": str(self.target), "allocation": self.allocation.to_dict(),
                 "iterations": self.iterations, "ignore": list(self.ignore), "score_batches": self.score_batches,
-                "bn_recalibration_images": self.bn_recalibration_images, "seed": self.seed}
+                "bn_recalibration_images": self.bn_recalibration_images, "seed": self.seed,
+                "curvature": self.curvature.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
@@ -146,6 +154,14 @@ def score_batches(data: DataSplits, count: int, seed: int) -> Iterator[tuple[tor
         yield batch
 
 
+def make_criterion(config: PruneConfig) -> Criterion:
+    """The criterion ``config.method`` names; curvature criteria get ``config.curvature``."""
+    factory = CRITERIA.get(config.method)
+    if config.method in CURVATURE_CRITERIA:
+        return factory(config.curvature)
+    return factory()
+
+
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output width of every conv/linear layer."""
     return {n: (m.out_channels if isinstance(m, (nn.Conv1d, nn.Conv2d)) else m.out_features)
@@ -197,9 +213,10 @@ def prune_model(
         if not graph.groups:
             raise ValueError("no prunable channel groups were found; skipped: "
                              + "; ".join(f"{a}: {b}" for a, b in list(graph.skipped.items())[:3]))
-        criterion = CRITERIA.get(config.method)()
+        criterion = make_criterion(config)
         if criterion.needs_data:
-            criterion.prepare(model, graph, score_batches(data, config.score_batches, config.seed + r))
+            batches = config.curvature.batches if config.method in CURVATURE_CRITERIA else config.score_batches
+            criterion.prepare(model, graph, score_batches(data, batches, config.seed + r))
         scores = score_groups(criterion, graph)
         cost = CostModel(model, graph, input_shape)
         # fraction of the dense metric that earlier rounds already kept; this round's target is relative to it
@@ -211,6 +228,7 @@ def prune_model(
             previous = current / dense_metric[metric]
         relative = Target(config.target.metric, min(0.999, target_keep / previous))
         plan, predicted = plan_for_target(scores, cost, relative, config.allocation)
+        criterion.update_weights_(graph, plan)  # OBS: compensate the remaining weights before removal
         graph.shrink_(plan)
         change = plan.to_dict()
         if config.ignore:
