@@ -230,10 +230,32 @@ def test_cli_prune_then_eval_inspect_export(tmp_path, dense_checkpoint, capsys):
     assert "ONNX Runtime matches PyTorch" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("method, extra", [
+    ("eigendamage", ["--eigen-form", "depthwise"]),
+    ("kron-obs", ["--obs-update", "joint", "--fisher", "empirical"]),
+])
+def test_cli_curvature_methods_prune_eval_and_export(tmp_path, dense_checkpoint, capsys, method, extra):
+    out = tmp_path / "run"
+    code = main(["prune", "--checkpoint", str(dense_checkpoint), "--method", method, "--target", "flops=0.4",
+                 "--fisher-batches", "2", "--damping", "0.01", "--finetune-epochs", "1", "--out", str(out),
+                 "--no-progress", "--no-latency", *extra])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruned"]["flops"] / report["dense"]["flops"] <= 0.4 * 1.02
+    assert report["config"][0]["curvature"]["fisher"] == ("empirical" if "empirical" in extra else "true")
+    pruned = out / "flops-0.4" / "round_1" / "pruned.safetensors"
+    assert main(["eval", str(pruned)]) == 0
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(pruned), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert "ONNX Runtime matches PyTorch" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--method", "nope"], "unknown criterion 'nope'"),
+        (["--method", "eigendamage", "--target", "channels=0.5"], "not channels"),
+        (["--method", "kron-obs", "--damping", "-1"], "damping must be a finite number"),
         (["--target", "flops"], "target must look like"),
         (["--target", "flops=1.5"], "keep fraction must be in"),
         (["--target", "flops=0.01", "--max-per-layer", "0.2"], "infeasible"),

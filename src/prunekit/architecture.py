@@ -29,7 +29,14 @@ def _replay_channels(model: nn.Module, change: dict[str, Any], example_inputs: t
     ChannelGraph(model, example_inputs, ignore=change.get("ignore", ()), probe=False).shrink_(plan, verify=False)
 
 
+def _replay_eigenbasis(model: nn.Module, change: dict[str, Any], example_inputs: torch.Tensor) -> None:
+    from prunekit.eigendamage import replay_eigenbasis_
+
+    replay_eigenbasis_(model, change, example_inputs)
+
+
 CHANGE_REPLAYERS["channels"] = _replay_channels
+CHANGE_REPLAYERS["eigenbasis"] = _replay_eigenbasis
 
 
 def load_factory(spec: str) -> Callable[[], nn.Module]:

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("prune", help="prune channels of a trained model to a target, fine-tune, report")
+    p = sub.add_parser("prune", help="prune a trained model to a target (channels or eigen-directions), "
+                                     "fine-tune, report")
     p.add_argument("--model", default=None, help="zoo name or package.module:function (default: the checkpoint's)")
     p.add_argument("--checkpoint", default=None, help="dense weights (.safetensors from prunekit, or a state_dict)")
     _add_data_args(p, default=None)
@@ -80,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--bn-images", type=_positive_int, default=512,
                    help="training images for BatchNorm re-estimation after pruning (0 = off)")
+    p.add_argument("--fisher", choices=["true", "empirical"], default="true",
+                   help="curvature methods: labels sampled from the model (true) or the data labels (empirical)")
+    p.add_argument("--fisher-batches", type=_positive_int, default=8,
+                   help="curvature methods: training batches of 64 the statistics average over")
+    p.add_argument("--damping", type=float, default=1e-3,
+                   help="curvature methods: Tikhonov damping, relative to the factors' mean eigenvalues")
+    p.add_argument("--obs-update", choices=["individual", "joint", "none"], default="individual",
+                   help="c-obs/kron-obs: weight compensation after removal")
+    p.add_argument("--eigen-form", choices=["standard", "depthwise"], default="standard",
+                   help="eigendamage: rebuild layers as 1x1-kxk-1x1 (standard) or with a depthwise core")
+    p.add_argument("--freeze-rotations", action="store_true",
+                   help="eigendamage: do not fine-tune the eigenbasis projections")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (pruned model, report.md/json, plots)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -154,7 +167,10 @@ def cmd_prune(args) -> None:
                     allocation=args.allocation, max_per_layer=args.max_per_layer, round_to=args.round_to,
                     ignore=tuple(args.ignore),
                     bn_recalibration_images=args.bn_images, out=out, resume=args.resume,
-                    progress=not args.no_progress, measure_latency=not args.no_latency, seed=args.seed)
+                    progress=not args.no_progress, measure_latency=not args.no_latency, seed=args.seed,
+                    curvature={"fisher": args.fisher, "batches": args.fisher_batches, "damping": args.damping,
+                               "obs_update": args.obs_update, "seed": args.seed},
+                    eigendamage={"form": args.eigen_form, "train_rotations": not args.freeze_rotations})
     print()
     print(summary_table(outcome.rows))
     print(f"\nreport: {outcome.report}")

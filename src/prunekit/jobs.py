@@ -140,11 +140,14 @@ def prune(model: str | None = None, data: str | DataConfig | None = None, *, che
           max_per_layer: float = 0.9, round_to: int = 1, ignore: tuple[str, ...] = (),
           bn_recalibration_images: int = 512,
           out: str | Path | None = None, resume: bool = False, progress: bool = True, log=print,
-          measure_latency: bool = True, seed: int = 0) -> PruneOutcome:
+          measure_latency: bool = True, seed: int = 0, curvature: dict | None = None,
+          eigendamage: dict | None = None) -> PruneOutcome:
     """Prune a dense network to one or several targets, fine-tune, measure and report (``prunekit prune``).
 
     Each target starts from the dense model; with ``out`` every target gets ``out/<target>/`` (pruned model,
     rounds) and ``out`` gets ``report.md``, ``report.json`` and plots. ``report.json["pruned"]`` is the last target.
+    ``curvature`` and ``eigendamage`` are the fields of :class:`~prunekit.curvature.CurvatureConfig` and
+    :class:`~prunekit.eigendamage.EigenDamageConfig` (e.g. ``curvature={"fisher": "empirical"}``).
     """
     import copy
 
@@ -161,7 +164,8 @@ def prune(model: str | None = None, data: str | DataConfig | None = None, *, che
         raise ValueError("give at least one --target, e.g. flops=0.25")
     configs = [PruneConfig(method=method, target=t, iterations=iterations, ignore=tuple(ignore), seed=seed,
                            allocation=AllocationConfig(allocation, max_per_layer, round_to=round_to),
-                           bn_recalibration_images=bn_recalibration_images) for t in targets]
+                           bn_recalibration_images=bn_recalibration_images, curvature=dict(curvature or {}),
+                           eigendamage=dict(eigendamage or {})) for t in targets]
     finetune = TrainConfig(epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed,
                            augment=default_augment(data_cfg.name)) if finetune_epochs > 0 else None
     log(f"dense: measuring ({splits.describe()})")
@@ -180,7 +184,8 @@ def prune(model: str | None = None, data: str | DataConfig | None = None, *, che
         rows[f"pruned {cfg.target}"] = summary
         if outdir is not None:
             plot_kept_width(result.kept_width, outdir / f"kept_width_{slug}.png",
-                            title=f"{method}, {cfg.target}: kept output channels per layer")
+                            title=f"{method}, {cfg.target}: kept "
+                                  + ("bottleneck rank" if method == "eigendamage" else "output channels") + " per layer")
     last = list(rows)[-1]
     report = None
     if outdir is not None:

@@ -1,15 +1,21 @@
 """The registry of compression methods a user can name with ``--method``.
 
-Structural criteria (channel groups scored, then removed physically) come from :mod:`prunekit.criteria`.
+Structural criteria (channel groups scored, then removed physically) come from :mod:`prunekit.criteria` and the
+curvature criteria of :mod:`prunekit.obs`; EigenDamage (:mod:`prunekit.eigendamage`) removes eigen-directions and
+rebuilds layers as bottlenecks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import prunekit.obs  # noqa: F401  (registers the curvature criteria)
 from prunekit.criteria import CRITERIA
+from prunekit.eigendamage import eigendamage_round_
 from prunekit.registry import Registry
 
 METHODS: Registry[Callable] = Registry("method")
 for _name in CRITERIA.list():
     METHODS.add(_name, CRITERIA.get(_name), f"structural: {CRITERIA.help(_name)}")
+METHODS.add("eigendamage", eigendamage_round_,
+            "structured pruning in the Kronecker-factored eigenbasis, layers rebuilt as bottlenecks (Wang et al. 2019)")

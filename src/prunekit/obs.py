@@ -81,6 +81,7 @@ class CurvatureCriterion(Criterion):
         self.factors: dict[str, KroneckerFactors] = {}
         self.kernel: dict[str, int] = {}
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._weights: dict[str, torch.Tensor] = {}
 
     def prepare(self, model: nn.Module, graph: ChannelGraph, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
                 ) -> None:
@@ -90,7 +91,7 @@ class CurvatureCriterion(Criterion):
         self.layers = {n: modules[n] for n in sorted(names)}
         self.kernel = {n: (m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else 1)
                        for n, m in self.layers.items()}
-        self._cache = {}
+        self._cache, self._weights = {}, {}
         self._collect(model, list(batches))
 
     def _collect(self, model: nn.Module, batches: list) -> None:
@@ -116,6 +117,11 @@ class CurvatureCriterion(Criterion):
 
     def weight(self, layer: str) -> torch.Tensor:
         """The weight matrix of ``layer`` in the factors' layout (float64, bias as the last column)."""
+        if layer not in self._weights:
+            self._weights[layer] = self._weight_matrix(layer)
+        return self._weights[layer]
+
+    def _weight_matrix(self, layer: str) -> torch.Tensor:
         return self.factors[layer].weight_matrix(self.layers[layer])
 
     def saliency(self, layer: str, axis: int, idx: list[int]) -> float:  # pragma: no cover - abstract
@@ -138,6 +144,7 @@ class CurvatureCriterion(Criterion):
     def _apply_delta_(self, layer: str, delta: torch.Tensor) -> None:
         module = self.layers[layer]
         f = self.factors[layer]
+        self._weights.pop(layer, None)
         if f.has_bias:
             module.bias.add_(delta[:, -1].to(module.bias))
             delta = delta[:, :-1]
@@ -247,7 +254,7 @@ class COBD(CurvatureCriterion):
     def _stats_layers(self) -> Iterable[str]:
         return self.diagonal
 
-    def weight(self, layer: str) -> torch.Tensor:
+    def _weight_matrix(self, layer: str) -> torch.Tensor:
         module = self.layers[layer]
         w = module.weight.detach().double().cpu().reshape(module.weight.shape[0], -1)
         if module.bias is not None:

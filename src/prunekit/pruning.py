@@ -25,10 +25,14 @@ from prunekit.configs import config_from_dict
 from prunekit.criteria import CRITERIA, Criterion, score_groups
 from prunekit.curvature import CurvatureConfig
 from prunekit.data import DataSplits
+from prunekit.eigendamage import EigenDamageConfig, KFEBottleneck, eigendamage_round_, set_rotations_trainable_
 from prunekit.engine import ChannelGraph
 from prunekit.metrics import count_flops, count_params
 from prunekit.obs import CURVATURE_CRITERIA
 from prunekit.training import TrainConfig, evaluate, fit
+
+
+EIGENDAMAGE = "eigendamage"
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class PruneConfig:
         seed: Seed of the random criterion and of data order for scoring.
         curvature: :class:`~prunekit.curvature.CurvatureConfig` of the curvature criteria (C-OBD, C-OBS,
             Kron-OBD, Kron-OBS, EigenDamage): Fisher type, batches, damping, OBS update.
+        eigendamage: :class:`~prunekit.eigendamage.EigenDamageConfig` (bottleneck form, trainable rotations).
     """
 
     method: str = "l1"
@@ -58,14 +63,19 @@ class PruneConfig:
     bn_recalibration_images: int = 512
     seed: int = 0
     curvature: CurvatureConfig = CurvatureConfig()
+    eigendamage: EigenDamageConfig = EigenDamageConfig()
 
     def __post_init__(self) -> None:
-        if self.method not in CRITERIA:
+        if self.method not in CRITERIA and self.method != EIGENDAMAGE:
             CRITERIA.get(self.method)
         if isinstance(self.curvature, dict):
             object.__setattr__(self, "curvature", CurvatureConfig.from_dict(self.curvature))
+        if isinstance(self.eigendamage, dict):
+            object.__setattr__(self, "eigendamage", EigenDamageConfig.from_dict(self.eigendamage))
         if isinstance(self.target, str):
             object.__setattr__(self, "target", Target.parse(self.target))
+        if self.method == EIGENDAMAGE and self.target.metric.value == "channels":
+            raise ValueError("eigendamage removes eigen-directions, not channels: give a flops= or params= target")
         if isinstance(self.allocation, dict):
             object.__setattr__(self, "allocation", AllocationConfig(**self.allocation))
         object.__setattr__(self, "ignore", tuple(self.ignore))
@@ -80,7 +90,7 @@ class PruneConfig:
         return {"method": self.method, "target": str(self.target), "allocation": self.allocation.to_dict(),
                 "iterations": self.iterations, "ignore": list(self.ignore), "score_batches": self.score_batches,
                 "bn_recalibration_images": self.bn_recalibration_images, "seed": self.seed,
-                "curvature": self.curvature.to_dict()}
+                "curvature": self.curvature.to_dict(), "eigendamage": self.eigendamage.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
@@ -209,37 +219,32 @@ def prune_model(
         round_dir = out / f"round_{r}" if out is not None else None
         target_keep = config.target.keep ** (r / k)
         t0 = time.perf_counter()
-        graph = ChannelGraph(model, example, ignore=config.ignore)
-        if not graph.groups:
-            raise ValueError("no prunable channel groups were found; skipped: "
-                             + "; ".join(f"{a}: {b}" for a, b in list(graph.skipped.items())[:3]))
-        criterion = make_criterion(config)
-        if criterion.needs_data:
-            batches = config.curvature.batches if config.method in CURVATURE_CRITERIA else config.score_batches
-            criterion.prepare(model, graph, score_batches(data, batches, config.seed + r))
-        scores = score_groups(criterion, graph)
-        cost = CostModel(model, graph, input_shape)
         # fraction of the dense metric that earlier rounds already kept; this round's target is relative to it
         metric = config.target.metric.value
         if metric == "channels":
             previous = config.target.keep ** ((r - 1) / k)
         else:
-            current = cost.dense_flops if metric == "flops" else cost.dense_params
-            previous = current / dense_metric[metric]
+            now = count_flops(model, (1, *input_shape)) if metric == "flops" else count_params(model)
+            previous = now / dense_metric[metric]
         relative = Target(config.target.metric, min(0.999, target_keep / previous))
-        plan, predicted = plan_for_target(scores, cost, relative, config.allocation)
-        criterion.update_weights_(graph, plan)  # OBS: compensate the remaining weights before removal
-        graph.shrink_(plan)
-        change = plan.to_dict()
-        if config.ignore:
-            change["ignore"] = list(config.ignore)
+        if config.method == EIGENDAMAGE:
+            set_rotations_trainable_(model, config.eigendamage.train_rotations)
+            done = eigendamage_round_(
+                model, score_batches(data, config.curvature.batches, config.seed + r), example, relative,
+                config.curvature, config.allocation.max_per_layer, config.eigendamage, config.ignore,
+                final=r == k, progress=progress)
+            change, predicted, removed = done.change, done.predicted_keep, done.removed_directions
+            what = "eigen-directions"
+        else:
+            change, predicted, removed = _channel_round(model, data, config, example, input_shape, relative, r)
+            what = "channels"
         changes.append(change)
         recalibrate_batchnorm_(model, data, config.bn_recalibration_images)
         seconds_scoring = time.perf_counter() - t0
         val_pruned = evaluate(model, data.val)["acc"]
         if r == 1 or result.val_acc_before_finetune is None:
             result.val_acc_before_finetune = val_pruned
-        log(f"round {r}/{k}: removed {plan.num_removed()} channels, keeps "
+        log(f"round {r}/{k}: removed {removed} {what}, keeps "
             f"{count_flops(model, (1, *input_shape)) / dense_flops:.3f} of FLOPs and "
             f"{count_params(model) / dense_params:.3f} of params; val acc before fine-tuning {val_pruned:.4f}")
         t1 = time.perf_counter()
@@ -253,7 +258,7 @@ def prune_model(
         result.rounds.append(RoundResult(
             round=r, target_keep=target_keep, predicted_keep=predicted * previous,
             params=count_params(model), flops=count_flops(model, (1, *input_shape)),
-            removed_channels=plan.num_removed(), val_acc_pruned=val_pruned, val_acc_finetuned=val_ft,
+            removed_channels=removed, val_acc_pruned=val_pruned, val_acc_finetuned=val_ft,
             seconds_scoring=seconds_scoring, seconds_finetune=time.perf_counter() - t1))
         if round_dir is not None:
             result.checkpoint = save_compressed(
@@ -262,8 +267,35 @@ def prune_model(
                  "rounds": [vars(x) for x in result.rounds],
                  "val_acc_before_finetune": result.val_acc_before_finetune})
     widths = layer_widths(model)
-    result.kept_width = {n: (widths[n], w) for n, w in dense_widths.items() if n in widths}
+    modules = dict(model.named_modules())
+    for n, w in dense_widths.items():
+        if isinstance(modules.get(n), KFEBottleneck):
+            result.kept_width[n] = (modules[n].rank_out, w)  # the bottleneck's inner width
+        elif n in widths:
+            result.kept_width[n] = (widths[n], w)
     return result
+
+
+def _channel_round(model: nn.Module, data: DataSplits, config: PruneConfig, example: torch.Tensor,
+                   input_shape: tuple[int, ...], relative: Target, r: int) -> tuple[dict[str, Any], float, int]:
+    """Score channel groups, allocate, compensate (OBS) and shrink; returns (change, predicted keep, removed)."""
+    graph = ChannelGraph(model, example, ignore=config.ignore)
+    if not graph.groups:
+        raise ValueError("no prunable channel groups were found; skipped: "
+                         + "; ".join(f"{a}: {b}" for a, b in list(graph.skipped.items())[:3]))
+    criterion = make_criterion(config)
+    if criterion.needs_data:
+        batches = config.curvature.batches if config.method in CURVATURE_CRITERIA else config.score_batches
+        criterion.prepare(model, graph, score_batches(data, batches, config.seed + r))
+    scores = score_groups(criterion, graph)
+    cost = CostModel(model, graph, input_shape)
+    plan, predicted = plan_for_target(scores, cost, relative, config.allocation)
+    criterion.update_weights_(graph, plan)  # OBS: compensate the remaining weights before removal
+    graph.shrink_(plan)
+    change = plan.to_dict()
+    if config.ignore:
+        change["ignore"] = list(config.ignore)
+    return change, predicted, plan.num_removed()
 
 
 def _resume(out: Path, config: PruneConfig, result: PruneResult, log) -> tuple[int, nn.Module]:

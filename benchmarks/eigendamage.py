@@ -1,0 +1,259 @@
+"""Curvature-aware pruning on the dense Fashion-MNIST baselines: EigenDamage and its baselines (C-OBD, C-OBS,
+Kron-OBD, Kron-OBS) against the best structural criterion and Torch-Pruning's best importance.
+
+Every row starts from the same committed dense checkpoint and gets the same fine-tuning budget
+(``--finetune-epochs`` epochs in total, prunekit's ``fit``: SGD lr 0.01, cosine, batch 128, crop+flip, seed 0):
+
+* one-shot: prune to 1/factor of the FLOPs, BatchNorm re-estimated on 512 training images, then all epochs;
+* iterative (``--rounds`` rounds, prunekit methods only): each round keeps ``factor ** (-1/rounds)`` of the FLOPs
+  and fine-tunes ``epochs / rounds`` epochs (EigenDamage re-collects statistics on the cores and merges rotations);
+* Torch-Pruning: its own progressive recipe (``benchmarks/structured.py``), BatchNorm re-estimated the same way,
+  then all epochs.
+
+Curvature statistics: true Fisher on ``--fisher-batches`` batches of 64, damping 1e-3 (relative to the factors'
+mean eigenvalues). The table reports test accuracy (best-on-validation epoch), params, FLOPs, CPU latency at batch
+64 (dense and pruned alternated in one process), and the time spent collecting statistics and decomposing as a
+fraction of one fine-tuning epoch (goal <= 0.25).
+
+    python benchmarks/eigendamage.py                       # ResNet-20 and VGG-11, x4 x8, one-shot and iterative
+    python benchmarks/eigendamage.py --quick --out /tmp/q  # about a minute: digits, a small ResNet-20, x4
+
+Every finished row is cached in ``<out>/cache``; an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from prunekit.allocation import AllocationConfig, Target
+from prunekit.checkpoint import atomic_write
+from prunekit.data import DataConfig, load_dataset
+from prunekit.jobs import load_dense
+from prunekit.pruning import PruneConfig, prune_model, recalibrate_batchnorm_
+from prunekit.training import Augment, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eigendamage"
+CURVATURE_METHODS = ("eigendamage", "c-obd", "c-obs", "kron-obd", "kron-obs")
+# The best structural criterion and Torch-Pruning importance of benchmarks/structured.py on ResNet-20 at x4/x8.
+BEST_STRUCTURAL, BEST_TP = "l1", "bn"
+QUICK = {"models": ["resnet20"], "factors": [4.0], "methods": ["eigendamage", "kron-obs"], "schedules": ["one-shot"]}
+
+
+def _load_structured():
+    spec = importlib.util.spec_from_file_location("structured_benchmark", ROOT / "benchmarks" / "structured.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+st = _load_structured()
+
+
+def prune_ours(dense, data, method: str, factor: float, schedule: str, rounds: int, s, fisher_batches: int,
+               progress: bool):
+    """Prune a copy with prunekit; iterative rounds fine-tune in between. Returns (net, info, last-round settings)."""
+    torch.manual_seed(s.seed)
+    net = copy.deepcopy(dense).train()
+    k = rounds if schedule == "iterative" else 1
+    epochs_per_round = s.finetune.epochs // k
+    info: dict[str, Any] = {"rounds": k, "seconds_statistics": 0.0, "seconds_finetune_between_rounds": 0.0}
+    for r in range(1, k + 1):
+        config = PruneConfig(method=method, target=Target("flops", factor ** (-1.0 / k)),
+                             allocation=AllocationConfig("global", s.max_per_layer),
+                             score_batches=s.score_batches, bn_recalibration_images=s.bn_recalibration_images,
+                             seed=s.seed + r - 1, curvature={"batches": fisher_batches, "seed": s.seed + r - 1})
+        result = prune_model(net, data, config, None, progress=False, log=st._quiet)
+        net = result.model
+        info["seconds_statistics"] += result.rounds[-1].seconds_scoring
+        if r < k:
+            t0 = time.perf_counter()
+            st.fit(net, data, replace(s.finetune, epochs=epochs_per_round), progress=progress)
+            info["seconds_finetune_between_rounds"] += time.perf_counter() - t0
+    last = replace(s, finetune=replace(s.finetune, epochs=s.finetune.epochs - epochs_per_round * (k - 1)))
+    return net, info, last
+
+
+def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str, str]], factors: list[float],
+              base, args, cache, bar: tqdm, progress: bool, log) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    dense, _, data_cfg = load_dense(None, checkpoint, None)
+    if base.data.limit is not None:
+        data_cfg = replace(data_cfg, limit=base.data.limit)
+    settings = replace(base, data=data_cfg, checkpoint_sha256=st._sha256(checkpoint))
+    sdict = {**settings.to_dict(), "fisher_batches": args.fisher_batches, "rounds": args.rounds}
+    key = lambda tool, method, schedule, f: f"{st.row_key(model_name, tool, method, f)}__{schedule}"  # noqa: E731
+    dense_row = cache.get(f"{model_name}__dense", sdict)
+    found = {(t, m, sc, f): cache.get(key(t, m, sc, f), sdict) for t, m, sc in jobs for f in factors}
+    rows = [r for r in found.values() if r is not None]
+    bar.update(len(rows))
+    if dense_row is not None and len(rows) == len(found):
+        return {**dense_row, "settings": sdict}, rows
+    data = load_dataset(data_cfg)
+    if dense_row is None:
+        dense_row = st.dense_summary(dense, data, settings)
+        cache.put(f"{model_name}__dense", sdict, dense_row)
+    for tool, method, schedule in jobs:
+        todo = [f for f in factors if found[(tool, method, schedule, f)] is None]
+        if not todo:
+            continue
+        if tool == "torch-pruning":
+            trajectory = st.prune_torch_pruning(dense, data, method, todo, settings, progress)
+        for factor in todo:
+            bar.set_postfix_str(f"{model_name} {method} {schedule} x{factor:g}")
+            t0 = time.perf_counter()
+            if tool == "prunekit":
+                net, info, last = prune_ours(dense, data, method, factor, schedule, args.rounds, settings,
+                                             args.fisher_batches, progress)
+                seconds = time.perf_counter() - t0 - info["seconds_finetune_between_rounds"]
+            else:
+                net, info = trajectory.pop(factor)
+                recalibrate_batchnorm_(net, data, settings.bn_recalibration_images)
+                seconds, last = info["seconds"] + time.perf_counter() - t0, settings
+            row = st.finish_row(model_name, tool, method, factor, dense, net, data, last, dense_row, seconds, info,
+                                progress)
+            epoch_seconds = row["seconds_finetune"] / max(1, last.finetune.epochs)
+            row.update(schedule=schedule, seconds_per_epoch=epoch_seconds,
+                       statistics_per_epoch=info.get("seconds_statistics", seconds) / epoch_seconds)
+            cache.put(key(tool, method, schedule, factor), sdict, row)
+            rows.append(row)
+            log(f"{model_name} {method:>11} {schedule:>9} x{factor:g}: FLOPs {row['flops_reduction']:.2f}x, "
+                f"params {row['params_reduction']:.2f}x, test acc {row['test_acc_pruned']:.4f} -> "
+                f"{row['test_acc']:.4f}, statistics {row['statistics_per_epoch']:.2f} epoch")
+            bar.update(1)
+    return {**dense_row, "settings": sdict}, rows
+
+
+def results_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) -> str:
+    header = ["model", "method", "schedule", "target", "params", "params red.", "MFLOPs", "FLOPs red.",
+              "latency b64 ms", "speedup", "statistics / epoch", "test acc after pruning %", "test acc fine-tuned %"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, d in dense.items():
+        lines.append(f"| {model} | dense | - | - | {d['params']:,} | 1.00x | {d['flops'] / 1e6:.2f} | 1.00x | "
+                     f"{d['latency_ms']:.2f} | 1.00x | - | - | {st._fmt_acc(d['test_acc'])} |")
+        for r in (r for r in rows if r["model"] == model):
+            name = r["method"] if r["tool"] == "prunekit" else f"Torch-Pruning {r['method']}"
+            stats = f"{r['statistics_per_epoch']:.2f}" if r["method"] in CURVATURE_METHODS else "-"
+            lines.append(
+                f"| {model} | {name} | {r['schedule']} | x{r['factor']:g} | {r['params']:,} | "
+                f"{r['params_reduction']:.2f}x | {r['flops'] / 1e6:.2f} | {r['flops_reduction']:.2f}x | "
+                f"{r['latency_pruned_ms']:.2f} | {r['latency_speedup']:.2f}x | {stats} | "
+                f"{st._fmt_acc(r['test_acc_pruned'])} | {st._fmt_acc(r['test_acc'])} |")
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, command: str, rows, dense, quick: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command, "quick": quick, "git_commit": st._git_commit(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "dense": dense, "rows": rows}
+    atomic_write(out / "eigendamage.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
+    plot_rows = [{**r, "tool": "prunekit" if r["schedule"] == "one-shot" else "torch-pruning",
+                  "method": r["method"] if r["tool"] == "prunekit" else f"TP {r['method']}"} for r in rows]
+    st.plot_accuracy_vs_flops(plot_rows, dense, out / "eigendamage_accuracy_vs_flops.png")
+    s = next(iter(dense.values()))["settings"]
+    ft = s["finetune"]
+    text = [
+        "# Curvature-aware pruning: EigenDamage and its baselines" + (" (quick smoke run)" if quick else ""),
+        "", "Made by (from the repository root):", "", f"    {command}", "",
+        f"torch {torch.__version__}, {s['threads']} CPU thread(s), data {s['data']['name']}. Every row: "
+        f"{ft['epochs']} fine-tuning epoch(s) in total (iterative: {s['rounds']} rounds, the epochs split between "
+        f"them), SGD lr {ft['lr']}, {ft['schedule']}, batch {ft['batch_size']}, {ft['augment']}; test accuracy of the "
+        "best-on-validation epoch. Curvature: true Fisher on "
+        f"{s['fisher_batches']} batches of 64. *statistics / epoch*: seconds spent collecting statistics and "
+        "scoring/decomposing, over the seconds of one fine-tuning epoch (goal <= 0.25). Plot: solid lines one-shot, "
+        "dashed iterative.",
+        "", results_table(rows, dense), "", "![accuracy vs FLOPs](eigendamage_accuracy_vs_flops.png)",
+    ]
+    atomic_write(out / "eigendamage.md", lambda tmp: Path(tmp).write_text("\n".join(text).rstrip() + "\n"))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="eigendamage.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=None, help="default: resnet20 vgg11")
+    p.add_argument("--factors", nargs="+", type=float, default=None, help="FLOPs reduction targets (default 4 8)")
+    p.add_argument("--methods", nargs="*", default=None,
+                   help=f"prunekit methods (default: {' '.join(CURVATURE_METHODS)} {BEST_STRUCTURAL})")
+    p.add_argument("--tp-methods", nargs="*", default=None, help=f"Torch-Pruning importances (default: {BEST_TP})")
+    p.add_argument("--schedules", nargs="+", choices=["one-shot", "iterative"], default=None)
+    p.add_argument("--rounds", type=int, default=2, help="rounds of the iterative schedule")
+    p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per row, in total")
+    p.add_argument("--fisher-batches", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images (smoke runs)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--checkpoint-dir", type=Path, default=st.CHECKPOINT_DIR)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--quick", action="store_true", help="about a minute: digits, a small resnet20, x4")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    defaults = {"models": ["resnet20", "vgg11"], "factors": [4.0, 8.0],
+                "methods": [*CURVATURE_METHODS, BEST_STRUCTURAL], "schedules": ["one-shot", "iterative"]}
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, QUICK[name] if args.quick else default)
+    if args.tp_methods is None:
+        args.tp_methods = [] if args.quick else [BEST_TP]
+    bad = [m for m in args.methods if m not in (*CURVATURE_METHODS, *st.OUR_METHODS)]
+    bad += [m for m in args.tp_methods if m not in st.TP_IMPORTANCES]
+    if bad:
+        p.error(f"unknown methods {bad}; --methods accepts {[*CURVATURE_METHODS, *st.OUR_METHODS]}, --tp-methods "
+                f"accepts {list(st.TP_IMPORTANCES)}")
+    if any(not f > 1 for f in args.factors):
+        p.error(f"--factors must be > 1, got {args.factors}")
+    if args.rounds < 2 or args.finetune_epochs < args.rounds:
+        p.error(f"--rounds must be >= 2 and --finetune-epochs >= --rounds, got {args.rounds} and "
+                f"{args.finetune_epochs}")
+    if args.quick:
+        args.threads = args.threads or 1
+        args.finetune_epochs = min(args.finetune_epochs, 2)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join(["python", "benchmarks/eigendamage.py", *(sys.argv[1:] if argv is None else argv)])
+    progress = not args.no_progress
+    log = (lambda msg: tqdm.write(msg)) if progress else print
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cache = st.RowCache(args.out / "cache")
+    if args.quick:
+        paths = {"resnet20": st.quick_dense(cache.directory, DataConfig(name="digits", limit=args.limit), log)}
+    else:
+        paths = st.checkpoint_paths(args.models, args.checkpoint_dir)
+    base = st.Settings(
+        finetune=TrainConfig(epochs=args.finetune_epochs, lr=0.01, batch_size=128, augment=Augment.CROP_FLIP, seed=0),
+        data=DataConfig(name="digits", limit=args.limit), checkpoint_sha256="",
+        latency_min_run_time=0.1 if args.quick else 0.5)
+    jobs = [("prunekit", m, sc) for sc in args.schedules for m in args.methods]
+    jobs += [("torch-pruning", m, "one-shot") for m in args.tp_methods]
+    bar = tqdm(total=len(args.models) * len(args.factors) * len(jobs), desc="rows", disable=not progress)
+    rows, dense_rows = [], {}
+    for model_name in args.models:
+        dense_row, model_rows = run_model(model_name, paths[model_name], jobs, args.factors, base, args, cache, bar,
+                                          progress, log)
+        dense_rows[model_name] = {**dense_row, "checkpoint": str(paths[model_name])}
+        rows += model_rows
+    bar.close()
+    order = {job: i for i, job in enumerate(jobs)}
+    rows.sort(key=lambda r: (args.models.index(r["model"]), r["factor"], order[(r["tool"], r["method"],
+                                                                                 r["schedule"])]))
+    write_outputs(args.out, command, rows, dense_rows, args.quick)
+    print(results_table(rows, dense_rows))
+    print(f"\nwrote {args.out / 'eigendamage.md'}, eigendamage.json, eigendamage_accuracy_vs_flops.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,434 @@
+"""EigenDamage: structured pruning in the Kronecker-factored eigenbasis (Wang et al. 2019, arXiv 1905.05934).
+
+With K-FAC factors ``A = Q_A diag(lambda_A) Q_A^T`` (channel form for convolutions) and
+``G = Q_G diag(lambda_G) Q_G^T``, a layer's weight is rotated into the eigenbasis, per kernel offset ``o``:
+``W*_o = Q_G^T W_o Q_A``. There the Fisher is (approximately) diagonal, so the loss increase of zeroing an entry
+is ``(W*_ij)^2 lambda_G_i lambda_A_j / 2`` summed over offsets; an output direction ``i`` scores its row sum, an
+input direction ``j`` its column sum. One global threshold over all directions of all layers (with a per-layer
+cap) meets a FLOPs or parameter target, and each layer is rebuilt as a bottleneck
+``1x1 (Q_A kept columns)^T -> k x k core W*[kept, kept] -> 1x1 Q_G[:, kept]`` (the bias on the last), only where
+that makes it smaller. The output width is unchanged, so BatchNorm and residual connections need no surgery.
+
+The depthwise-separable variant replaces the core by a depthwise k x k convolution: each kept input direction's
+kernels ``W*[:, j, :]`` are reduced to their best rank-1 approximation ``u_j v_j^T`` (SVD), the ``v_j`` become
+the depthwise kernels and the ``u_j`` are merged into the output projection ``Q_G U``.
+
+In iterative pruning the next round collects statistics on the core, decomposes it the same way and merges the new
+rotations into the projections, so every layer stays three deep.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.allocation import InfeasibleTargetError, Target, TargetMetric
+from prunekit.configs import config_from_dict
+from prunekit.curvature import ConvFactor, CurvatureConfig, collect_kfac, kfac_support
+from prunekit.engine import find_output_layers
+from prunekit.metrics import count_flops, count_params
+
+
+class BottleneckForm(str, enum.Enum):
+    """How a pruned layer is rebuilt."""
+
+    STANDARD = "standard"  # 1x1 -> k x k core -> 1x1
+    DEPTHWISE = "depthwise"  # 1x1 -> depthwise k x k -> 1x1 (core's rank-1 factors merged into the projection)
+
+
+@dataclass(frozen=True)
+class EigenDamageConfig:
+    """EigenDamage options.
+
+    Args:
+        form: :class:`BottleneckForm` of the rebuilt layers (the depthwise form is applied in the last round).
+        train_rotations: Fine-tune the projections (the eigenbases) with the core; ``False`` freezes them.
+    """
+
+    form: BottleneckForm = BottleneckForm.STANDARD
+    train_rotations: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "form", BottleneckForm(self.form))
+        except ValueError:
+            raise ValueError(f"form must be one of {[f.value for f in BottleneckForm]}, got {self.form!r}") from None
+        if not isinstance(self.train_rotations, bool):
+            raise ValueError(f"train_rotations must be true or false, got {self.train_rotations!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"form": self.form.value, "train_rotations": self.train_rotations}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EigenDamageConfig:
+        return config_from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a layer computes, independent of how it is factored: enough to rebuild it."""
+
+    kind: str  # "conv" or "linear"
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    bias: bool = True
+
+    @classmethod
+    def of(cls, module: nn.Module) -> LayerSpec:
+        if isinstance(module, KFEBottleneck):
+            return module.spec
+        if isinstance(module, nn.Conv2d):
+            return cls("conv", module.in_channels, module.out_channels, tuple(module.kernel_size),
+                       tuple(module.stride), tuple(module.padding), tuple(module.dilation), module.bias is not None)
+        return cls("linear", module.in_features, module.out_features, bias=module.bias is not None)
+
+    @property
+    def kernel_numel(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+                "dilation": list(self.dilation), "bias": self.bias}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerSpec:
+        return cls(data["kind"], data["in_channels"], data["out_channels"], tuple(data["kernel_size"]),
+                   tuple(data["stride"]), tuple(data["padding"]), tuple(data["dilation"]), data["bias"])
+
+
+class KFEBottleneck(nn.Module):
+    """A layer re-parameterised in its Kronecker-factored eigenbasis: ``project_out(core(project_in(x)))``.
+
+    ``project_in`` (``in -> rank_in``, no bias) and ``project_out`` (``-> out``, with the layer's bias) are 1x1
+    convolutions (or Linear layers); ``core`` is the ``rank_in -> rank_out`` k x k convolution with the layer's
+    stride, padding and dilation, or, in the depthwise form, a depthwise k x k convolution on ``rank_in`` channels.
+    """
+
+    def __init__(self, spec: LayerSpec, rank_in: int, rank_out: int,
+                 form: BottleneckForm = BottleneckForm.STANDARD) -> None:
+        super().__init__()
+        if rank_in < 1 or rank_out < 1:
+            raise ValueError(f"bottleneck ranks must be >= 1, got rank_in={rank_in}, rank_out={rank_out}")
+        self.spec, self.form = spec, BottleneckForm(form)
+        self.rank_in = rank_in
+        self.rank_out = rank_in if self.form is BottleneckForm.DEPTHWISE else rank_out
+        if spec.kind == "linear":
+            if self.form is BottleneckForm.DEPTHWISE:
+                raise ValueError("the depthwise form needs a convolution; Linear layers use the standard form")
+            self.project_in = nn.Linear(spec.in_channels, rank_in, bias=False)
+            self.core = nn.Linear(rank_in, rank_out, bias=False)
+            self.project_out = nn.Linear(rank_out, spec.out_channels, bias=spec.bias)
+            return
+        self.project_in = nn.Conv2d(spec.in_channels, rank_in, 1, bias=False)
+        groups = rank_in if self.form is BottleneckForm.DEPTHWISE else 1
+        self.core = nn.Conv2d(rank_in, self.rank_out, spec.kernel_size, spec.stride, spec.padding, spec.dilation,
+                              groups=groups, bias=False)
+        self.project_out = nn.Conv2d(self.rank_out, spec.out_channels, 1, bias=spec.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project_out(self.core(self.project_in(x)))
+
+    def extra_repr(self) -> str:
+        return f"rank_in={self.rank_in}, rank_out={self.rank_out}, form={self.form.value}"
+
+
+def layer_cost(spec: LayerSpec, positions_in: int, positions_out: int, ranks: tuple[int, int] | None,
+               form: BottleneckForm, metric: TargetMetric) -> float:
+    """FLOPs (2 x multiply-adds, per example) or parameters of a layer, dense (``ranks=None``) or factored."""
+    k = spec.kernel_numel
+    bias = spec.out_channels if spec.bias else 0
+    if ranks is None:
+        weights = spec.in_channels * spec.out_channels * k
+        return float(weights + bias) if metric is TargetMetric.PARAMS else 2.0 * weights * positions_out
+    r_in, r_out = ranks
+    if form is BottleneckForm.DEPTHWISE:
+        sizes = (spec.in_channels * r_in, r_in * k, r_in * spec.out_channels)
+    else:
+        sizes = (spec.in_channels * r_in, r_in * r_out * k, r_out * spec.out_channels)
+    if metric is TargetMetric.PARAMS:
+        return float(sum(sizes) + bias)
+    return 2.0 * (sizes[0] * positions_in + sizes[1] * positions_out + sizes[2] * positions_out)
+
+
+@dataclass
+class _Layer:
+    """One prunable layer: its eigen-decomposition, scores and where it runs."""
+
+    name: str
+    spec: LayerSpec
+    positions_in: int
+    positions_out: int
+    weight: torch.Tensor  # (out, in, k) in the original coordinates of what is decomposed (a core: its own)
+    q_in: torch.Tensor  # Q_A (in x in)
+    q_out: torch.Tensor  # Q_G (out x out)
+    rotated: torch.Tensor  # W* (out, in, k)
+    score_in: torch.Tensor
+    score_out: torch.Tensor
+    base: KFEBottleneck | None  # an existing bottleneck whose core is re-decomposed (iterative rounds)
+
+
+def _find_layers(model: nn.Module, example: torch.Tensor, ignore: Iterable[str]) -> dict[str, tuple[str, nn.Module]]:
+    """layer name -> (name of the module statistics are collected on, that module)."""
+    skip = set(ignore) | set(find_output_layers(model, example))
+    inside = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, KFEBottleneck) for c, _ in
+              m.named_modules() if c}
+    found = {}
+    for name, module in model.named_modules():
+        if name in skip or name in inside or not name:
+            continue
+        if isinstance(module, KFEBottleneck):
+            if module.form is BottleneckForm.STANDARD:
+                found[name] = (f"{name}.core", module.core)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)) and kfac_support(module) is None:
+            found[name] = (name, module)
+    return found
+
+
+def _positions(model: nn.Module, example: torch.Tensor, modules: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
+    """(input positions, output positions) per example for each named module (spatial size, or tokens)."""
+    shapes: dict[str, tuple[int, int]] = {}
+
+    def hook(name):
+        def record(module, args, out):
+            x = args[0]
+            if isinstance(module, nn.Conv2d):
+                shapes[name] = (x.shape[-1] * x.shape[-2], out.shape[-1] * out.shape[-2])
+            else:
+                t = x.numel() // (x.shape[0] * x.shape[-1])
+                shapes[name] = (t, t)
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _decompose(name: str, stats_module: nn.Module, factors, base: KFEBottleneck | None,
+               outer: nn.Module, positions: tuple[int, int]) -> _Layer:
+    la, qa, lg, qg = factors.eigh()
+    w = stats_module.weight.detach().double().cpu()
+    w = w.reshape(w.shape[0], w.shape[1], -1)
+    rotated = torch.einsum("oi,ijk,jl->olk", qg.T, w, qa)
+    s = rotated.pow(2).sum(2) * torch.outer(lg, la) / 2
+    spec = LayerSpec.of(outer)
+    return _Layer(name, spec, positions[0], positions[1], w, qa, qg, rotated, s.sum(0), s.sum(1), base)
+
+
+@dataclass
+class EigenPlan:
+    """Kept (input, output) directions per layer; layers not listed stay as they are."""
+
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    predicted: float  # predicted total cost after the change
+
+
+def _plan(layers: list[_Layer], fixed_cost: float, target_cost: float, metric: TargetMetric, cap: float,
+          form: BottleneckForm) -> EigenPlan:
+    """Remove directions in ascending score order (one global threshold) until the model cost meets the target."""
+    ranks = {l.name: [l.rotated.shape[1], l.rotated.shape[0]] for l in layers}
+    limits = {l.name: [max(1, math.ceil(n * (1 - cap))) for n in ranks[l.name]] for l in layers}
+    by_name = {l.name: l for l in layers}
+
+    removed: dict[str, list[set[int]]] = {l.name: [set(), set()] for l in layers}
+
+    def cost(layer: _Layer) -> float:
+        """A layer changes only once a direction of it is removed (so the depthwise form, cheaper at any rank,
+        is not applied to layers the threshold never reaches), and only if that makes it smaller."""
+        current = _current_cost(layer, metric)
+        if not (removed[layer.name][0] or removed[layer.name][1]):
+            return current
+        factored = layer_cost(layer.spec, layer.positions_in, layer.positions_out, tuple(ranks[layer.name]), form,
+                              metric)
+        return min(current, factored)
+
+    costs = {l.name: cost(l) for l in layers}
+    total = fixed_cost + sum(costs.values())
+    heap = [(float(l.score_in[j]), l.name, 0, j) for l in layers for j in range(len(l.score_in))]
+    heap += [(float(l.score_out[i]), l.name, 1, i) for l in layers for i in range(len(l.score_out))]
+    heapq.heapify(heap)
+    while total > target_cost and heap:
+        _, name, side, idx = heapq.heappop(heap)
+        if ranks[name][side] <= limits[name][side]:
+            continue
+        if form is BottleneckForm.DEPTHWISE and side == 1:
+            continue  # output directions are merged into the projection: removing them saves nothing
+        ranks[name][side] -= 1
+        removed[name][side].add(idx)
+        new = cost(by_name[name])
+        total += new - costs[name]
+        costs[name] = new
+    if total > target_cost * 1.02:
+        raise InfeasibleTargetError(
+            f"EigenDamage cannot reach {metric.value} {target_cost:.4g} (reached {total:.4g}) while keeping at least "
+            f"{1 - cap:.0%} of every layer's directions; lower the target or raise max_per_layer")
+    kept = {}
+    for l in layers:
+        if costs[l.name] < _current_cost(l, metric):
+            keep_in = torch.tensor(sorted(set(range(l.rotated.shape[1])) - removed[l.name][0]))
+            keep_out = torch.tensor(sorted(set(range(l.rotated.shape[0])) - removed[l.name][1]))
+            kept[l.name] = (keep_in, keep_out)
+    return EigenPlan(kept, total)
+
+
+def _current_cost(layer: _Layer, metric: TargetMetric) -> float:
+    """Cost of the layer as it is now (dense, or the existing standard bottleneck)."""
+    if layer.base is None:
+        return layer_cost(layer.spec, layer.positions_in, layer.positions_out, None, BottleneckForm.STANDARD, metric)
+    return layer_cost(layer.spec, layer.positions_in, layer.positions_out,
+                      (layer.base.rank_in, layer.base.rank_out), BottleneckForm.STANDARD, metric)
+
+
+def _build(layer: _Layer, keep_in: torch.Tensor, keep_out: torch.Tensor, form: BottleneckForm,
+           bias: torch.Tensor | None, like: torch.Tensor) -> KFEBottleneck:
+    """The bottleneck for ``layer`` keeping the given directions (merging an existing bottleneck's projections)."""
+    if form is BottleneckForm.DEPTHWISE and layer.spec.kind == "linear":
+        form = BottleneckForm.STANDARD
+    core = layer.rotated[keep_out][:, keep_in]  # (r_out, r_in, k)
+    p_in = layer.q_in[:, keep_in].T  # (r_in, in of what was decomposed)
+    p_out = layer.q_out[:, keep_out]  # (out of what was decomposed, r_out)
+    if layer.base is not None:  # merge with the existing rotations: the layer stays three deep
+        p_in = p_in @ layer.base.project_in.weight.detach().double().cpu().reshape(p_in.shape[1], -1)
+        p_out = layer.base.project_out.weight.detach().double().cpu().reshape(-1, p_out.shape[0]) @ p_out
+    r_in, r_out = len(keep_in), len(keep_out)
+    module = KFEBottleneck(layer.spec, r_in, r_out, form)
+    kh, kw = layer.spec.kernel_size
+    with torch.no_grad():
+        if form is BottleneckForm.DEPTHWISE:
+            u, sv, vh = torch.linalg.svd(core.permute(1, 0, 2))  # per input direction: (r_out x k) kernels
+            depth = (sv[:, :1] * vh[:, 0, :])  # (r_in, k)
+            module.core.weight.copy_(depth.reshape(r_in, 1, kh, kw).to(like))
+            p_out = p_out @ u[:, :, 0].T  # (out, r_out) @ (r_out, r_in)
+        else:
+            module.core.weight.copy_(core.reshape(module.core.weight.shape).to(like))
+        module.project_in.weight.copy_(p_in.reshape(module.project_in.weight.shape).to(like))
+        module.project_out.weight.copy_(p_out.reshape(module.project_out.weight.shape).to(like))
+        if bias is not None:
+            module.project_out.bias.copy_(bias)
+    return module
+
+
+def bottleneck_from_factors(module: nn.Module, factors, keep_in: torch.Tensor | None = None,
+                            keep_out: torch.Tensor | None = None,
+                            form: BottleneckForm = BottleneckForm.STANDARD) -> KFEBottleneck:
+    """Rebuild one Linear/Conv2d layer (or the core of a bottleneck, merging) as a KFE bottleneck keeping the
+    given eigen-directions (all by default: then the standard form computes exactly what the layer did).
+
+    Args:
+        factors: :class:`~prunekit.curvature.KroneckerFactors` in channel form, without a bias entry.
+    """
+    base = module if isinstance(module, KFEBottleneck) else None
+    inner = module.core if base is not None else module
+    layer = _decompose("layer", inner, factors, base, module, (1, 1))
+    keep_in = torch.arange(layer.rotated.shape[1]) if keep_in is None else torch.as_tensor(keep_in)
+    keep_out = torch.arange(layer.rotated.shape[0]) if keep_out is None else torch.as_tensor(keep_out)
+    outer_bias = (base.project_out if base is not None else module).bias
+    return _build(layer, keep_in, keep_out, BottleneckForm(form),
+                  outer_bias.detach().clone() if outer_bias is not None else None, inner.weight)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+@dataclass
+class EigenRound:
+    """What one EigenDamage round changed: the replayable architecture change and the predicted cost."""
+
+    change: dict[str, Any]
+    predicted_keep: float
+    removed_directions: int
+
+
+def eigendamage_round_(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], example: torch.Tensor,
+                       target: Target, curvature: CurvatureConfig, max_per_layer: float, options: EigenDamageConfig,
+                       ignore: Iterable[str] = (), final: bool = True, progress: bool = False) -> EigenRound:
+    """One round of EigenDamage on ``model`` in place: statistics, global threshold, bottleneck rebuild.
+
+    Args:
+        target: Keep this fraction of the model's current FLOPs or parameters.
+        final: Apply the depthwise form (when asked for) in this round.
+
+    Raises:
+        InfeasibleTargetError: the target cannot be met under ``max_per_layer``.
+        ValueError: channel targets (EigenDamage removes directions, not channels), no decomposable layer.
+    """
+    if target.metric is TargetMetric.CHANNELS:
+        raise ValueError("EigenDamage targets FLOPs or parameters (flops=0.25, params=0.1), not channels")
+    found = _find_layers(model, example, ignore)
+    if not found:
+        raise ValueError("EigenDamage found no Linear/Conv2d layer to decompose (output layers and ignore= are left "
+                         "alone; grouped convolutions have no Kronecker-factored form)")
+    modules = dict(model.named_modules())
+    stats_names = {stats: name for name, (stats, _) in found.items()}
+    factors = collect_kfac(model, batches, curvature, list(stats_names), conv_factor=ConvFactor.CHANNEL,
+                           progress=progress)
+    positions = _positions(model, example, {name: m for name, (_, m) in found.items()})
+    layers = []
+    for name, (stats, module) in found.items():
+        if stats not in factors:
+            continue
+        f = factors[stats]
+        if f.has_bias:  # Linear: the bias stays on the output projection, so drop A's constant entry
+            f = type(f)(f.A[:-1, :-1], f.G, False, f.conv_factor, f.kernel_numel)
+        base = modules[name] if isinstance(modules[name], KFEBottleneck) else None
+        layers.append(_decompose(name, module, f, base, modules[name], positions[name]))
+    metric = target.metric
+    total = count_flops(model, tuple(example[:1].shape)) if metric is TargetMetric.FLOPS else count_params(model)
+    current = sum(_current_cost(l, metric) for l in layers)
+    form = options.form if final else BottleneckForm.STANDARD
+    plan = _plan(layers, total - current, target.keep * total, metric, max_per_layer, form)
+    change_layers = {}
+    removed = 0
+    like = next(model.parameters())
+    for layer in layers:
+        if layer.name not in plan.kept:
+            continue
+        keep_in, keep_out = plan.kept[layer.name]
+        outer = modules[layer.name]
+        bias_module = outer.project_out if isinstance(outer, KFEBottleneck) else outer
+        bias = bias_module.bias.detach().clone() if bias_module.bias is not None else None
+        new = _build(layer, keep_in, keep_out, form, bias, like)
+        set_rotations_trainable_(new, options.train_rotations)
+        _set_module(model, layer.name, new)
+        removed += layer.rotated.shape[0] + layer.rotated.shape[1] - len(keep_in) - len(keep_out)
+        change_layers[layer.name] = {"spec": layer.spec.to_dict(), "rank_in": new.rank_in, "rank_out": new.rank_out,
+                                     "form": new.form.value}
+    return EigenRound({"kind": "eigenbasis", "layers": change_layers}, plan.predicted / total, removed)
+
+
+def set_rotations_trainable_(module: nn.Module, trainable: bool) -> None:
+    """Freeze or unfreeze the projections (eigenbases) of every bottleneck in ``module``."""
+    for m in module.modules():
+        if isinstance(m, KFEBottleneck):
+            m.project_in.weight.requires_grad_(trainable)
+            m.project_out.weight.requires_grad_(trainable)
+
+
+def replay_eigenbasis_(model: nn.Module, change: dict[str, Any], example_inputs: torch.Tensor) -> None:
+    """Replace each listed layer by an (untrained) bottleneck of the recorded shape; weights are loaded after."""
+    for name, entry in change["layers"].items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"eigenbasis change names layer {name!r}, which the model does not have") from None
+        spec = LayerSpec.from_dict(entry["spec"])
+        _set_module(model, name, KFEBottleneck(spec, int(entry["rank_in"]), int(entry["rank_out"]), entry["form"]))

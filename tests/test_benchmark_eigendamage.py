@@ -1,0 +1,50 @@
+"""benchmarks/eigendamage.py: --quick writes its table, JSON and plot; a re-run resumes from the row cache; misuse
+fails with a clear message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "eigendamage.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_outputs_and_resumes(tmp_path):
+    out = tmp_path / "quick"
+    first = _run("--quick", "--no-progress", "--out", str(out))
+    assert first.returncode == 0, first.stderr[-2000:]
+    payload = json.loads((out / "eigendamage.json").read_text())
+    assert {(r["method"], r["schedule"]) for r in payload["rows"]} == {("eigendamage", "one-shot"),
+                                                                       ("kron-obs", "one-shot")}
+    for r in payload["rows"]:
+        assert r["flops_reduction"] == pytest.approx(4.0, rel=0.025)
+        assert r["statistics_per_epoch"] > 0 and 0 <= r["test_acc"] <= 1
+    ed = next(r for r in payload["rows"] if r["method"] == "eigendamage")
+    assert ed["params_reduction"] > 4  # bottlenecks remove parameters faster than FLOPs
+    assert "| eigendamage | one-shot | x4 |" in (out / "eigendamage.md").read_text()
+    assert (out / "eigendamage_accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+    second = _run("--quick", "--no-progress", "--out", str(out))
+    assert second.returncode == 0
+    assert "one-shot x4: FLOPs" not in second.stdout  # every row came from the cache
+    assert json.loads((out / "eigendamage.json").read_text())["rows"] == payload["rows"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "magic"], "unknown methods ['magic']"),
+    (["--factors", "1"], "--factors must be > 1"),
+    (["--rounds", "3", "--finetune-epochs", "2"], "--finetune-epochs >= --rounds"),
+])
+def test_misuse_is_a_clear_error(argv, message, tmp_path):
+    proc = _run("--out", str(tmp_path), *argv)
+    assert proc.returncode == 2 and message in proc.stderr
