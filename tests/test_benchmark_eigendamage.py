@@ -48,3 +48,17 @@ def test_quick_run_writes_outputs_and_resumes(tmp_path):
 def test_misuse_is_a_clear_error(argv, message, tmp_path):
     proc = _run("--out", str(tmp_path), *argv)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+@pytest.mark.slow
+def test_damping_scan_quick_picks_a_value_on_validation(tmp_path):
+    out = tmp_path / "damping"
+    script = ROOT / "benchmarks" / "damping.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--methods", "kron-obs", "--dampings", "0.001",
+                           "0.1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads((out / "damping.json").read_text())
+    assert [r["damping"] for r in payload["rows"]] == [0.001, 0.1]
+    best = max(payload["rows"], key=lambda r: r["val_acc"])["damping"]
+    assert payload["best_on_validation"] == {"kron-obs": best}
+    assert "| kron-obs | 0.1 |" in (out / "damping.md").read_text()

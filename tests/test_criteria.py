@@ -137,10 +137,13 @@ def test_random_is_reproducible_per_seed(net):
     assert torch.equal(CRITERIA.get("random")()(graph.by_root["conv1"]), RandomScores(0)(graph.by_root["conv1"]))
 
 
-def test_registry_lists_the_five_criteria():
-    assert CRITERIA.list() == ["bn", "l1", "l2", "random", "taylor"]
-    assert [CRITERIA.get(n)().name for n in CRITERIA.list()] == ["bn", "l1", "l2", "random", "taylor"]
-    with pytest.raises(ValueError, match="unknown criterion 'l3'.*known criterions: bn, l1, l2, random, taylor"):
+def test_registry_lists_the_structural_and_curvature_criteria():
+    import prunekit.obs  # noqa: F401  (registers the curvature criteria)
+
+    names = ["bn", "c-obd", "c-obs", "kron-obd", "kron-obs", "l1", "l2", "random", "taylor"]
+    assert CRITERIA.list() == names
+    assert [CRITERIA.get(n)().name for n in CRITERIA.list()] == names
+    with pytest.raises(ValueError, match="unknown criterion 'l3'.*known criterions: bn, c-obd"):
         CRITERIA.get("l3")
 
 

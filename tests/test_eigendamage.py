@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from prunekit.allocation import InfeasibleTargetError, Target
-from prunekit.architecture import load_compressed, save_compressed
+from prunekit.architecture import load_compressed
 from prunekit.curvature import ConvFactor, CurvatureConfig, FisherType, KroneckerFactors, collect_kfac
 from prunekit.eigendamage import (
     BottleneckForm,
@@ -103,8 +103,8 @@ def test_layers_where_a_bottleneck_would_be_larger_stay_dense(synthetic):
                        CurvatureConfig(batches=2), 0.9, EigenDamageConfig())
     for name, m in model.named_modules():
         if isinstance(m, KFEBottleneck):
-            from prunekit.eigendamage import layer_cost
             from prunekit.allocation import TargetMetric
+            from prunekit.eigendamage import layer_cost
             factored = layer_cost(m.spec, 1, 1, (m.rank_in, m.rank_out), m.form, TargetMetric.PARAMS)
             dense = layer_cost(m.spec, 1, 1, None, m.form, TargetMetric.PARAMS)
             assert factored < dense, name

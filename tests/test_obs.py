@@ -142,8 +142,8 @@ def test_conv_columns_cover_every_kernel_offset_of_an_input_channel():
 
 @pytest.mark.parametrize("method", ["c-obd", "c-obs", "kron-obd", "kron-obs"])
 def test_curvature_methods_prune_a_resnet_to_the_target(method, synthetic):
-    from prunekit.models import ModelConfig, create_model
     from prunekit.metrics import count_flops
+    from prunekit.models import ModelConfig, create_model
 
     torch.manual_seed(0)
     model = create_model(ModelConfig("resnet20", in_channels=1, num_classes=4, input_size=12, width=0.25))

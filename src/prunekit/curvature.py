@@ -309,7 +309,8 @@ def _run(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
             model.zero_grad(set_to_none=True)
             logits = model(x)
             if logits.ndim != 2:
-                raise CurvatureError(f"curvature needs (batch, classes) logits, the model returned {tuple(logits.shape)}")
+                raise CurvatureError("curvature needs (batch, classes) logits, the model returned "
+                                     f"{tuple(logits.shape)}")
             if config.fisher is FisherType.TRUE:
                 probs = torch.softmax(logits.detach().double().cpu(), 1)
                 y = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)

@@ -242,11 +242,11 @@ class EigenPlan:
 def _plan(layers: list[_Layer], fixed_cost: float, target_cost: float, metric: TargetMetric, cap: float,
           form: BottleneckForm) -> EigenPlan:
     """Remove directions in ascending score order (one global threshold) until the model cost meets the target."""
-    ranks = {l.name: [l.rotated.shape[1], l.rotated.shape[0]] for l in layers}
-    limits = {l.name: [max(1, math.ceil(n * (1 - cap))) for n in ranks[l.name]] for l in layers}
-    by_name = {l.name: l for l in layers}
+    ranks = {lay.name: [lay.rotated.shape[1], lay.rotated.shape[0]] for lay in layers}
+    limits = {lay.name: [max(1, math.ceil(n * (1 - cap))) for n in ranks[lay.name]] for lay in layers}
+    by_name = {lay.name: lay for lay in layers}
 
-    removed: dict[str, list[set[int]]] = {l.name: [set(), set()] for l in layers}
+    removed: dict[str, list[set[int]]] = {lay.name: [set(), set()] for lay in layers}
 
     def cost(layer: _Layer) -> float:
         """A layer changes only once a direction of it is removed (so the depthwise form, cheaper at any rank,
@@ -258,10 +258,10 @@ def _plan(layers: list[_Layer], fixed_cost: float, target_cost: float, metric: T
                               metric)
         return min(current, factored)
 
-    costs = {l.name: cost(l) for l in layers}
+    costs = {lay.name: cost(lay) for lay in layers}
     total = fixed_cost + sum(costs.values())
-    heap = [(float(l.score_in[j]), l.name, 0, j) for l in layers for j in range(len(l.score_in))]
-    heap += [(float(l.score_out[i]), l.name, 1, i) for l in layers for i in range(len(l.score_out))]
+    heap = [(float(lay.score_in[j]), lay.name, 0, j) for lay in layers for j in range(len(lay.score_in))]
+    heap += [(float(lay.score_out[i]), lay.name, 1, i) for lay in layers for i in range(len(lay.score_out))]
     heapq.heapify(heap)
     while total > target_cost and heap:
         _, name, side, idx = heapq.heappop(heap)
@@ -279,11 +279,11 @@ def _plan(layers: list[_Layer], fixed_cost: float, target_cost: float, metric: T
             f"EigenDamage cannot reach {metric.value} {target_cost:.4g} (reached {total:.4g}) while keeping at least "
             f"{1 - cap:.0%} of every layer's directions; lower the target or raise max_per_layer")
     kept = {}
-    for l in layers:
-        if costs[l.name] < _current_cost(l, metric):
-            keep_in = torch.tensor(sorted(set(range(l.rotated.shape[1])) - removed[l.name][0]))
-            keep_out = torch.tensor(sorted(set(range(l.rotated.shape[0])) - removed[l.name][1]))
-            kept[l.name] = (keep_in, keep_out)
+    for lay in layers:
+        if costs[lay.name] < _current_cost(lay, metric):
+            keep_in = torch.tensor(sorted(set(range(lay.rotated.shape[1])) - removed[lay.name][0]))
+            keep_out = torch.tensor(sorted(set(range(lay.rotated.shape[0])) - removed[lay.name][1]))
+            kept[lay.name] = (keep_in, keep_out)
     return EigenPlan(kept, total)
 
 
@@ -393,7 +393,7 @@ def eigendamage_round_(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
         layers.append(_decompose(name, module, f, base, modules[name], positions[name]))
     metric = target.metric
     total = count_flops(model, tuple(example[:1].shape)) if metric is TargetMetric.FLOPS else count_params(model)
-    current = sum(_current_cost(l, metric) for l in layers)
+    current = sum(_current_cost(lay, metric) for lay in layers)
     form = options.form if final else BottleneckForm.STANDARD
     plan = _plan(layers, total - current, target.keep * total, metric, max_per_layer, form)
     change_layers = {}

@@ -172,6 +172,7 @@ def prune(model: str | None = None, data: str | DataConfig | None = None, *, che
     rows = {"dense": summarize(dense, splits, latency=measure_latency).to_dict()}
     results = {}
     outdir = Path(out) if out is not None else None
+    kept_what = "bottleneck rank" if method == "eigendamage" else "output channels"
     for cfg in configs:
         slug = str(cfg.target).replace("=", "-")
         log(f"pruning with {method} to {cfg.target} ({iterations} round(s), {finetune_epochs} fine-tune epochs each)")
@@ -184,8 +185,7 @@ def prune(model: str | None = None, data: str | DataConfig | None = None, *, che
         rows[f"pruned {cfg.target}"] = summary
         if outdir is not None:
             plot_kept_width(result.kept_width, outdir / f"kept_width_{slug}.png",
-                            title=f"{method}, {cfg.target}: kept "
-                                  + ("bottleneck rank" if method == "eigendamage" else "output channels") + " per layer")
+                            title=f"{method}, {cfg.target}: kept {kept_what} per layer")
     last = list(rows)[-1]
     report = None
     if outdir is not None:

@@ -31,7 +31,6 @@ from prunekit.metrics import count_flops, count_params
 from prunekit.obs import CURVATURE_CRITERIA
 from prunekit.training import TrainConfig, evaluate, fit
 
-
 EIGENDAMAGE = "eigendamage"
 
 
