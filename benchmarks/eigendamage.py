@@ -10,10 +10,10 @@ Every row starts from the same committed dense checkpoint and gets the same fine
 * Torch-Pruning: its own progressive recipe (``benchmarks/structured.py``), BatchNorm re-estimated the same way,
   then all epochs.
 
-Curvature statistics: true Fisher on ``--fisher-batches`` batches of 64, damping 1e-3 (relative to the factors'
-mean eigenvalues). The table reports test accuracy (best-on-validation epoch), params, FLOPs, CPU latency at batch
-64 (dense and pruned alternated in one process), and the time spent collecting statistics and decomposing as a
-fraction of one fine-tuning epoch (goal <= 0.25).
+Curvature statistics: true Fisher on ``--fisher-batches`` batches of 64, ``--damping`` (default prunekit's, chosen
+by ``benchmarks/damping.py``; relative to the factors' mean eigenvalues). The table reports test accuracy
+(best-on-validation epoch), params, FLOPs, CPU latency at batch 64 (dense and pruned alternated in one process),
+and the time spent collecting statistics and decomposing as a fraction of one fine-tuning epoch (goal <= 0.25).
 
     python benchmarks/eigendamage.py                       # ResNet-20 and VGG-11, x4 x8, one-shot and iterative
     python benchmarks/eigendamage.py --quick --out /tmp/q  # about a minute: digits, a small ResNet-20, x4
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from prunekit.allocation import AllocationConfig, Target
 from prunekit.checkpoint import atomic_write
+from prunekit.curvature import CurvatureConfig
 from prunekit.data import DataConfig, load_dataset
 from prunekit.jobs import load_dense
 from prunekit.pruning import PruneConfig, prune_model, recalibrate_batchnorm_
@@ -63,7 +64,7 @@ def _load_structured():
 st = _load_structured()
 
 
-def prune_ours(dense, data, method: str, factor: float, schedule: str, rounds: int, s, fisher_batches: int,
+def prune_ours(dense, data, method: str, factor: float, schedule: str, rounds: int, s, curvature: dict[str, Any],
                progress: bool):
     """Prune a copy with prunekit; iterative rounds fine-tune in between. Returns (net, info, last-round settings)."""
     torch.manual_seed(s.seed)
@@ -75,7 +76,7 @@ def prune_ours(dense, data, method: str, factor: float, schedule: str, rounds: i
         config = PruneConfig(method=method, target=Target("flops", factor ** (-1.0 / k)),
                              allocation=AllocationConfig("global", s.max_per_layer),
                              score_batches=s.score_batches, bn_recalibration_images=s.bn_recalibration_images,
-                             seed=s.seed + r - 1, curvature={"batches": fisher_batches, "seed": s.seed + r - 1})
+                             seed=s.seed + r - 1, curvature={**curvature, "seed": s.seed + r - 1})
         result = prune_model(net, data, config, None, progress=False, log=st._quiet)
         net = result.model
         info["seconds_statistics"] += result.rounds[-1].seconds_scoring
@@ -93,7 +94,9 @@ def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str, str]
     if base.data.limit is not None:
         data_cfg = replace(data_cfg, limit=base.data.limit)
     settings = replace(base, data=data_cfg, checkpoint_sha256=st._sha256(checkpoint))
-    sdict = {**settings.to_dict(), "fisher_batches": args.fisher_batches, "rounds": args.rounds}
+    curvature = {"batches": args.fisher_batches, "damping": args.damping}
+    sdict = {**settings.to_dict(), "fisher_batches": args.fisher_batches, "damping": args.damping,
+             "rounds": args.rounds}
     key = lambda tool, method, schedule, f: f"{st.row_key(model_name, tool, method, f)}__{schedule}"  # noqa: E731
     dense_row = cache.get(f"{model_name}__dense", sdict)
     found = {(t, m, sc, f): cache.get(key(t, m, sc, f), sdict) for t, m, sc in jobs for f in factors}
@@ -116,7 +119,7 @@ def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str, str]
             t0 = time.perf_counter()
             if tool == "prunekit":
                 net, info, last = prune_ours(dense, data, method, factor, schedule, args.rounds, settings,
-                                             args.fisher_batches, progress)
+                                             curvature, progress)
                 seconds = time.perf_counter() - t0 - info["seconds_finetune_between_rounds"]
             else:
                 net, info = trajectory.pop(factor)
@@ -170,9 +173,9 @@ def write_outputs(out: Path, command: str, rows, dense, quick: bool) -> None:
         f"torch {torch.__version__}, {s['threads']} CPU thread(s), data {s['data']['name']}. Every row: "
         f"{ft['epochs']} fine-tuning epoch(s) in total (iterative: {s['rounds']} rounds, the epochs split between "
         f"them), SGD lr {ft['lr']}, {ft['schedule']}, batch {ft['batch_size']}, {ft['augment']}; test accuracy of the "
-        "best-on-validation epoch. Curvature: true Fisher on "
-        f"{s['fisher_batches']} batches of 64. *statistics / epoch*: seconds spent collecting statistics and "
-        "scoring/decomposing, over the seconds of one fine-tuning epoch (goal <= 0.25). Plot: solid lines one-shot, "
+        f"best-on-validation epoch. Curvature: true Fisher on {s['fisher_batches']} batches of 64, damping "
+        f"{s['damping']:g}. *statistics / epoch*: seconds spent collecting statistics and scoring/decomposing, "
+        "over the seconds of one fine-tuning epoch (goal <= 0.25). Plot: solid lines one-shot, "
         "dashed iterative.",
         "", results_table(rows, dense), "", "![accuracy vs FLOPs](eigendamage_accuracy_vs_flops.png)",
     ]
@@ -190,6 +193,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="rounds of the iterative schedule")
     p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per row, in total")
     p.add_argument("--fisher-batches", type=int, default=8)
+    p.add_argument("--damping", type=float, default=CurvatureConfig().damping,
+                   help="Tikhonov damping of the OBS criteria (default: prunekit's, see benchmarks/damping.py)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images (smoke runs)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--checkpoint-dir", type=Path, default=st.CHECKPOINT_DIR)
