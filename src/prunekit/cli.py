@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="curvature methods: labels sampled from the model (true) or the data labels (empirical)")
     p.add_argument("--fisher-batches", type=_positive_int, default=8,
                    help="curvature methods: training batches of 64 the statistics average over")
-    p.add_argument("--damping", type=float, default=1e-3,
+    p.add_argument("--damping", type=float, default=0.1,
                    help="curvature methods: Tikhonov damping, relative to the factors' mean eigenvalues")
     p.add_argument("--obs-update", choices=["individual", "joint", "none"], default="individual",
                    help="c-obs/kron-obs: weight compensation after removal")
