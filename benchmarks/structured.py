@@ -34,6 +34,7 @@ Every finished row is cached as ``<out>/cache/<row>.json`` (with the settings th
 
     python benchmarks/structured.py                      # the full benchmark (both models, x2 x4 x8, all criteria)
     python benchmarks/structured.py --quick --out /tmp/q # seconds on 2 cores: digits, a small ResNet-20, x2
+    python benchmarks/structured.py --remeasure-latency  # latency of every cached row again, on an idle machine
 
 Latency uses torch's default thread count (``--threads`` to change it; ``--quick`` uses 1): several threads on a
 machine that other jobs keep busy make small convolutions many times slower, so run the full benchmark on an idle
@@ -226,7 +227,10 @@ def prune_torch_pruning(dense: nn.Module, data: DataSplits, method: str, factors
 
 
 def paired_latency(dense: nn.Module, pruned: nn.Module, shape: tuple[int, ...], s: Settings) -> tuple[float, float]:
-    """Median batch latency (ms) of dense and pruned, measured alternately, back to back."""
+    """Median batch latency (ms) of dense and pruned, measured alternately, back to back, after an untimed round of
+    both (the first pruned row of a process measured up to 2x slow without it)."""
+    for net in (dense, pruned):
+        measure_latency(net, shape, s.latency_batch, min_run_time=s.latency_min_run_time)
     d, p = [], []
     for _ in range(s.latency_repeats):
         d.append(measure_latency(dense, shape, s.latency_batch, min_run_time=s.latency_min_run_time).median_ms)
@@ -551,6 +555,26 @@ def results_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) 
     return "\n".join(lines)
 
 
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """The two tools side by side per (model, target, criterion): fine-tuned test accuracy and speedup / FLOPs
+    reduction (the table the README shows)."""
+    by = {(r["model"], r["factor"], r["method"], r["tool"]): r for r in rows}
+    header = ["model", "FLOPs target", "criterion", "test acc % prunekit", "test acc % Torch-Pruning",
+              "speedup / FLOPs red. prunekit", "speedup / FLOPs red. Torch-Pruning"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, factor, method in dict.fromkeys((r["model"], r["factor"], r["method"]) for r in rows):
+        ours, theirs = by.get((model, factor, method, "prunekit")), by.get((model, factor, method, "torch-pruning"))
+
+        def cell(r, key, fmt):
+            return "-" if r is None else fmt(r[key])
+
+        lines.append(f"| {model} | x{factor:g} | {method} | {cell(ours, 'test_acc', _fmt_acc)} | "
+                     f"{cell(theirs, 'test_acc', _fmt_acc)} | "
+                     f"{cell(ours, 'speedup_per_flops_reduction', lambda v: f'{v:.2f}')} | "
+                     f"{cell(theirs, 'speedup_per_flops_reduction', lambda v: f'{v:.2f}')} |")
+    return "\n".join(lines)
+
+
 def coverage_table(coverage: dict[str, Any]) -> str:
     lines = ["| architecture | source | prunekit | Torch-Pruning |", "|---|---|---|---|"]
     for name, cell in coverage["architectures"].items():
@@ -627,6 +651,9 @@ def write_outputs(out: Path, command: str, rows: list[dict[str, Any]], dense: di
         "",
         f"    {command}",
         "",
+        *([f"and the latency of {sum(bool(r.get('latency_remeasured')) for r in rows)} of the {len(rows)} rows "
+           "measured again on an idle machine by the same command with `--remeasure-latency` (re-pruned, architecture "
+           "checked against the row).", ""] if any(r.get("latency_remeasured") for r in rows) else []),
         f"torch {torch.__version__}, torch-pruning {tp.__version__}, {s['threads']} CPU thread(s). Data: "
         f"{data['name']}" + (f" (first {data['limit']} training images)" if data["limit"] else "") + ". Both tools get "
         f"the same treatment after pruning: BatchNorm re-estimated on {s['bn_recalibration_images']} training "
@@ -642,6 +669,11 @@ def write_outputs(out: Path, command: str, rows: list[dict[str, Any]], dense: di
         f"counted by `prunekit.metrics.count_flops` for both. Latency: batch {s['latency_batch']}, dense and pruned "
         f"measured alternately {s['latency_repeats']} time(s) in the same process (medians); the target for speedup "
         "/ FLOPs reduction is >= 0.8.",
+        "",
+        "## Side by side", "",
+        comparison_table(rows),
+        "",
+        "## All rows",
         "",
         results_table(rows, dense),
         "",
@@ -686,6 +718,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true", help="about a minute on 2 cores: digits, small resnet20, x2")
     p.add_argument("--no-coverage", action="store_true", help="skip the coverage table (coverage.json is empty)")
+    p.add_argument("--remeasure-latency", action="store_true",
+                   help="after the rows are done, measure every row's latency again (on an idle machine)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     for name, default in (("models", list(CHECKPOINTS)), ("factors", [2.0, 4.0, 8.0]),
@@ -759,6 +793,53 @@ def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str]], fa
     return {**dense_row, "settings": sdict}, rows
 
 
+def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, Any]], base: Settings,
+                      cache: RowCache, progress: bool, log: Callable[[str], None]) -> None:
+    """Measure the latency of every cached row again, on a machine nothing else is using.
+
+    Pruning is deterministic (seeded scores, batches and trajectories) and fine-tuning does not change the
+    architecture, so re-pruning the dense checkpoint without fine-tuning rebuilds each row's network; its
+    parameter and FLOPs counts are checked against the row before the new latencies replace the old ones (weights
+    do not change dense-kernel latency). Rows get ``latency_remeasured: true``.
+    """
+    dense, _, data_cfg = load_dense(None, checkpoint, None)
+    if base.data.limit is not None:
+        data_cfg = replace(data_cfg, limit=base.data.limit)
+    settings = replace(base, data=data_cfg, checkpoint_sha256=_sha256(checkpoint))
+    sdict = settings.to_dict()
+    data = load_dataset(data_cfg)
+    shape = (data.in_channels, data.input_size, data.input_size)
+    mine = [r for r in rows if r["model"] == model_name]
+    trajectories = {}
+    for r in tqdm(mine, desc=f"{model_name} latency", disable=not progress, leave=False):
+        if r["tool"] == "prunekit":
+            net, _ = prune_prunekit(dense, data, r["method"], r["factor"], settings)
+        else:
+            if r["method"] not in trajectories:
+                factors = sorted(x["factor"] for x in mine if x["tool"] == r["tool"] and x["method"] == r["method"])
+                trajectories[r["method"]] = prune_torch_pruning(dense, data, r["method"], factors, settings, False)
+            net = trajectories[r["method"]][r["factor"]][0]
+        net.eval()
+        got = (count_params(net), count_flops(net, (1, *shape)))
+        if got != (r["params"], r["flops"]):
+            key = row_key(model_name, r["tool"], r["method"], r["factor"])
+            raise SystemExit(f"structured.py: error: re-pruning {key} gave {got} params/FLOPs, the cached row has "
+                             f"{(r['params'], r['flops'])}; delete its cache file and run it again")
+        lat_dense, lat_pruned = paired_latency(dense.eval(), net, shape, settings)
+        speedup = lat_dense / lat_pruned
+        r.update(latency_dense_ms=lat_dense, latency_pruned_ms=lat_pruned, latency_speedup=speedup,
+                 speedup_per_flops_reduction=speedup / r["flops_reduction"], latency_threads=torch.get_num_threads(),
+                 latency_remeasured=True)
+        cache.put(row_key(model_name, r["tool"], r["method"], r["factor"]), sdict, r)
+        log(f"{model_name} {r['tool']:>13} {r['method']:>6} x{r['factor']:g}: speedup {speedup:.2f}x "
+            f"(ratio {r['speedup_per_flops_reduction']:.2f})")
+    dense_row = cache.get(f"{model_name}__dense", sdict)
+    if dense_row is not None:
+        dense_row["latency_ms"] = statistics.median(r["latency_dense_ms"] for r in mine) if mine else \
+            dense_row["latency_ms"]
+        cache.put(f"{model_name}__dense", sdict, dense_row)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join(["python", "benchmarks/structured.py", *(sys.argv[1:] if argv is None else argv)])
@@ -785,6 +866,9 @@ def main(argv: list[str] | None = None) -> int:
     for model_name in args.models:
         dense_row, model_rows = run_model(model_name, paths[model_name], jobs, args.factors, base, cache, bar,
                                           progress, log)
+        if args.remeasure_latency:
+            remeasure_latency(model_name, paths[model_name], model_rows, base, cache, progress, log)
+            dense_row = {**cache.get(f"{model_name}__dense", dense_row["settings"]), "settings": dense_row["settings"]}
         dense_rows[model_name] = {**dense_row, "checkpoint": str(paths[model_name])}
         rows += model_rows
     bar.close()

@@ -133,3 +133,15 @@ def test_misuse_is_rejected(tmp_path, args, message):
     proc = _run(*args, "--checkpoint-dir", str(tmp_path), "--out", str(tmp_path / "out"), timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+@pytest.mark.slow
+def test_remeasure_latency_rebuilds_every_cached_row_and_keeps_its_accuracy(quick_out):
+    before = json.loads((quick_out / "structured.json").read_text())["rows"]
+    proc = _run("--quick", "--no-progress", "--no-coverage", "--remeasure-latency", "--out", str(quick_out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = json.loads((quick_out / "structured.json").read_text())["rows"]
+    assert len(after) == len(before) and all(r["latency_remeasured"] for r in after)
+    for a, b in zip(after, before):
+        assert (a["params"], a["flops"], a["test_acc"]) == (b["params"], b["flops"], b["test_acc"])
+        assert a["speedup_per_flops_reduction"] == pytest.approx(a["latency_speedup"] / a["flops_reduction"])

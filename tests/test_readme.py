@@ -40,3 +40,22 @@ def test_readme_cli_examples_run(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("target", ["make demo", "make test"])
 def test_readme_names_the_two_commands(target):
     assert target in README.read_text()
+
+
+def test_readme_structured_table_is_the_committed_benchmark_result():
+    """The README's table is exactly what benchmarks/structured.py made from its committed results."""
+    import importlib.util
+    import json
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("structured_benchmark", root / "benchmarks" / "structured.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    rows = json.loads((root / "benchmarks" / "results" / "structured" / "structured.json").read_text())["rows"]
+    text = README.read_text()
+    start = text.index("<!-- structured table")
+    start = text.index("\n", start) + 1
+    end = text.index("<!-- end structured table -->")
+    assert text[start:end].strip() == module.comparison_table(rows).strip()
