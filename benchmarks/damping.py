@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import shlex
 import sys
@@ -35,14 +34,6 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "damping"
 DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
-def _load_structured():
-    spec = importlib.util.spec_from_file_location("structured_benchmark", ROOT / "benchmarks" / "structured.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="damping.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=["kron-obs", "c-obs"], choices=["kron-obs", "c-obs"])
@@ -55,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(not (d > 0) for d in args.dampings):
         p.error(f"--dampings must be > 0, got {args.dampings}")
     command = shlex.join(["python", "benchmarks/damping.py", *(sys.argv[1:] if argv is None else argv)])
-    st = _load_structured()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import structured as st  # the sibling benchmark: row cache, checkpoints, the quick dense model
     cache = st.RowCache(args.out / "cache")
     if args.quick:
         torch.set_num_threads(1)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import shlex
 import sys
@@ -40,10 +39,9 @@ from tqdm.auto import tqdm
 from prunekit.allocation import AllocationConfig, Target
 from prunekit.checkpoint import atomic_write
 from prunekit.curvature import CurvatureConfig
-from prunekit.data import DataConfig, load_dataset
+from prunekit.data import load_dataset
 from prunekit.jobs import load_dense
 from prunekit.pruning import PruneConfig, prune_model, recalibrate_batchnorm_
-from prunekit.training import Augment, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eigendamage"
@@ -53,15 +51,8 @@ BEST_STRUCTURAL, BEST_TP = "l1", "bn"
 QUICK = {"models": ["resnet20"], "factors": [4.0], "methods": ["eigendamage", "kron-obs"], "schedules": ["one-shot"]}
 
 
-def _load_structured():
-    spec = importlib.util.spec_from_file_location("structured_benchmark", ROOT / "benchmarks" / "structured.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-st = _load_structured()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import structured as st  # noqa: E402  (the sibling benchmark: cache, fine-tuning, latency, Torch-Pruning recipe)
 
 
 def prune_ours(dense, data, method: str, factor: float, schedule: str, rounds: int, s, curvature: dict[str, Any],
@@ -230,17 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "benchmarks/eigendamage.py", *(sys.argv[1:] if argv is None else argv)])
     progress = not args.no_progress
     log = (lambda msg: tqdm.write(msg)) if progress else print
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    cache = st.RowCache(args.out / "cache")
-    if args.quick:
-        paths = {"resnet20": st.quick_dense(cache.directory, DataConfig(name="digits", limit=args.limit), log)}
-    else:
-        paths = st.checkpoint_paths(args.models, args.checkpoint_dir)
-    base = st.Settings(
-        finetune=TrainConfig(epochs=args.finetune_epochs, lr=0.01, batch_size=128, augment=Augment.CROP_FLIP, seed=0),
-        data=DataConfig(name="digits", limit=args.limit), checkpoint_sha256="",
-        latency_min_run_time=0.1 if args.quick else 0.5)
+    cache, paths, base = st.run_setup(args, log)
     jobs = [("prunekit", m, sc) for sc in args.schedules for m in args.methods]
     jobs += [("torch-pruning", m, "one-shot") for m in args.tp_methods]
     bar = tqdm(total=len(args.models) * len(args.factors) * len(jobs), desc="rows", disable=not progress)

@@ -840,15 +840,12 @@ def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, An
         cache.put(f"{model_name}__dense", sdict, dense_row)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    command = shlex.join(["python", "benchmarks/structured.py", *(sys.argv[1:] if argv is None else argv)])
-    progress = not args.no_progress
-    log = (lambda msg: tqdm.write(msg)) if progress else print
+def run_setup(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[RowCache, dict[str, Path], Settings]:
+    """Threads, the row cache under ``args.out``, the dense checkpoints (``--quick``: a small digits ResNet-20
+    trained once) and the settings every row shares; used by the other benchmark scripts too."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    out: Path = args.out
-    cache = RowCache(out / "cache")
+    cache = RowCache(args.out / "cache")
     if args.quick:
         paths = {"resnet20": quick_dense(cache.directory, DataConfig(name="digits", limit=args.limit), log)}
     else:
@@ -856,7 +853,17 @@ def main(argv: list[str] | None = None) -> int:
     base = Settings(
         finetune=TrainConfig(epochs=args.finetune_epochs, lr=0.01, batch_size=128, augment=Augment.CROP_FLIP, seed=0),
         data=DataConfig(name="digits", limit=args.limit), checkpoint_sha256="",
-        latency_repeats=args.latency_repeats, latency_min_run_time=0.1 if args.quick else 0.5)
+        latency_repeats=getattr(args, "latency_repeats", 3), latency_min_run_time=0.1 if args.quick else 0.5)
+    return cache, paths, base
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join(["python", "benchmarks/structured.py", *(sys.argv[1:] if argv is None else argv)])
+    progress = not args.no_progress
+    log = (lambda msg: tqdm.write(msg)) if progress else print
+    out: Path = args.out
+    cache, paths, base = run_setup(args, log)
     jobs = [(tool, method) for tool, methods in (("prunekit", args.methods), ("torch-pruning", args.tp_methods))
             for method in methods]
     rows: list[dict[str, Any]] = []
