@@ -186,6 +186,23 @@ def augment_batch(x: torch.Tensor, mode: Augment, generator: torch.Generator) ->
     return out.contiguous()
 
 
+class TrainHooks:
+    """Extension points of :func:`fit` for methods that train under constraints (ADMM, masked retraining).
+
+    ``penalty`` is added to the loss of every step; ``after_step`` runs after each optimizer step (re-apply masks,
+    update ADMM variables every N steps); ``after_epoch`` after each epoch's training, before validation.
+    """
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        pass
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> None:
+        pass
+
+
 def fit(
     model: nn.Module,
     data: DataSplits,
@@ -197,8 +214,11 @@ def fit(
     metadata: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     ctx: DistContext | None = None,
+    hooks: TrainHooks | None = None,
+    select_best: bool = True,
 ) -> FitResult:
-    """Train ``model`` in place; afterwards it holds the weights of the best validation epoch.
+    """Train ``model`` in place; afterwards it holds the weights of the best validation epoch (of the last epoch
+    with ``select_best=False``, as ADMM needs: its variables follow the last weights).
 
     With ``out_dir``, every epoch writes ``last.safetensors`` + ``train_state.pt`` (optimizer state, history;
     read back with ``weights_only=True``) and, when validation improves, ``best.safetensors``; ``resume=True``
@@ -209,6 +229,7 @@ def fit(
         CheckpointError: ``resume`` was asked for but the saved state does not match ``config``.
     """
     ctx = ctx or current_context()
+    hooks = hooks or TrainHooks()
     log = log or (lambda msg: None)
     metadata = dict(metadata or {})
     out = Path(out_dir) if out_dir is not None else None
@@ -266,15 +287,20 @@ def fit(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (lr {lr:.4g}){where}; "
                     "lower --lr or check the data"
                 )
+            penalty = hooks.penalty(model)
+            if penalty is not None:
+                objective = objective + penalty
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             optimizer.step()
+            hooks.after_step(model, optimizer, epoch * steps_per_epoch + step)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             count += len(y)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
         loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], ctx)
+        hooks.after_epoch(model, epoch)
         val = evaluate(model, data.val, ctx=ctx)
         if not math.isfinite(val["loss"]):
             where = f"; the last good checkpoint is {out / 'last.safetensors'}" if out and epoch > 0 else ""
@@ -285,7 +311,7 @@ def fit(
                "train_acc": correct / count, "val_loss": val["loss"], "val_acc": val["acc"],
                "seconds": time.perf_counter() - t0}
         result.history.append(row)
-        improved = not (val["acc"] <= result.best_val_acc)  # also true when best is NaN (first epoch)
+        improved = not (val["acc"] <= result.best_val_acc) or not select_best  # NaN best: the first epoch
         if improved:
             result.best_epoch, result.best_val_acc = epoch + 1, val["acc"]
             if out is None:

@@ -1,0 +1,363 @@
+"""ADMM-NN-S: joint weight pruning and quantization by ADMM (Ma et al. 2019, arXiv 1907.02124; Zhang et al. 2018,
+arXiv 1804.03294).
+
+Minimise ``loss(W)`` subject to ``W_l in S_l`` for every constrained layer through the augmented Lagrangian:
+
+* W-step: ordinary training of ``loss(W) + sum_l rho_l / 2 ||W_l - Z_l + U_l||^2``;
+* Z-step: ``Z_l = Pi_{S_l}(W_l + U_l)`` (:mod:`prunekit.constraints`);
+* U-step: ``U_l += W_l - Z_l``;
+
+with Z and U updated every epoch (or every ``update_every`` steps) and ``rho`` multiplied by ``rho_growth`` at each
+update. Then ``W = Pi_S(W)`` and masked retraining (gradients of removed weights and their momentum zeroed after
+every step, so zeros stay zero). With quantization: after pruning and retraining, a second ADMM phase drives the
+kept weights to their levels, then progressive partial quantization fixes a growing fraction of them on the
+levels (smallest quantization error first) while the rest retrain, until all are quantized.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.configs import config_from_dict
+from prunekit.constraints import Pattern, QuantConstraint, QuantKind, SparsityConstraint, sparsity_mask
+from prunekit.data import DataSplits
+from prunekit.engine import find_output_layers
+from prunekit.training import TrainConfig, TrainHooks, fit
+
+
+class RateAllocation(str, enum.Enum):
+    """How per-layer keep fractions follow from the overall one."""
+
+    UNIFORM = "uniform"  # every layer keeps the same fraction
+    GLOBAL = "global"  # one magnitude threshold over all layers' units (entries, or unit norms per element)
+
+
+@dataclass(frozen=True)
+class ADMMConfig:
+    """ADMM pruning (and quantization) settings.
+
+    Args:
+        pattern: Sparsity :class:`~prunekit.constraints.Pattern`.
+        keep: Fraction of the constrained weights kept overall (``0.02`` = 50x pruning); ignored for k-of-n.
+        k, n: k-of-n pattern.
+        rates: Per-layer keep fractions that override the allocation (layer name -> fraction).
+        allocation: :class:`RateAllocation` of ``keep`` over layers when ``rates`` does not name a layer.
+        quant: :class:`~prunekit.constraints.QuantConstraint` (``"bits=3"``, ``"binary"``, ``"ternary"``).
+        rho, rho_growth: Initial penalty and its growth per Z/U update.
+        admm_epochs: Epochs of ADMM training (per phase: pruning, then quantization).
+        retrain_epochs: Epochs of masked retraining after the hard projection.
+        update_every: Update Z and U every this many steps (0: at the end of every epoch).
+        quant_steps: Fractions quantized at each progressive step (each followed by one retraining epoch).
+        ignore: Layers left unconstrained (besides BatchNorm and biases, which never are).
+        include_output: Constrain the output layer too (ADMM-NN prunes LeNet's classifier).
+    """
+
+    pattern: Pattern = Pattern.UNSTRUCTURED
+    keep: float = 0.1
+    k: int | None = None
+    n: int | None = None
+    rates: dict[str, float] = field(default_factory=dict)
+    allocation: RateAllocation = RateAllocation.GLOBAL
+    quant: QuantConstraint | str = QuantConstraint()
+    rho: float = 1e-3
+    rho_growth: float = 1.3
+    admm_epochs: int = 4
+    retrain_epochs: int = 4
+    update_every: int = 0
+    quant_steps: tuple[float, ...] = (0.5, 0.75, 0.9, 1.0)
+    ignore: tuple[str, ...] = ()
+    include_output: bool = True
+
+    def __post_init__(self) -> None:
+        SparsityConstraint(self.pattern, self.keep if self.pattern != Pattern.K_OF_N else 0.5, self.k, self.n)
+        object.__setattr__(self, "pattern", Pattern(self.pattern))
+        object.__setattr__(self, "allocation", RateAllocation(self.allocation))
+        if isinstance(self.quant, str):
+            object.__setattr__(self, "quant", QuantConstraint.parse(self.quant))
+        elif isinstance(self.quant, dict):
+            object.__setattr__(self, "quant", QuantConstraint(**self.quant))
+        for name, value in self.rates.items():
+            if not (isinstance(value, (int, float)) and 0 < value <= 1):
+                raise ValueError(f"rate for {name} must be a keep fraction in (0, 1], got {value!r}")
+        if not self.rho > 0 or not self.rho_growth >= 1:
+            raise ValueError(f"rho must be > 0 and rho_growth >= 1, got {self.rho!r}, {self.rho_growth!r}")
+        for name in ("admm_epochs", "retrain_epochs", "update_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        steps = tuple(float(s) for s in self.quant_steps)
+        if not steps or any(not 0 < s <= 1 for s in steps) or list(steps) != sorted(steps) or steps[-1] != 1.0:
+            raise ValueError(f"quant_steps must rise in (0, 1] and end at 1.0, got {self.quant_steps!r}")
+        object.__setattr__(self, "quant_steps", steps)
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        object.__setattr__(self, "rates", dict(self.rates))
+
+    def constraint(self, keep: float) -> SparsityConstraint:
+        return SparsityConstraint(self.pattern, keep if self.pattern is not Pattern.K_OF_N else 0.5, self.k, self.n)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pattern": self.pattern.value, "keep": self.keep, "k": self.k, "n": self.n, "rates": self.rates,
+                "allocation": self.allocation.value, "quant": str(self.quant), "rho": self.rho,
+                "rho_growth": self.rho_growth, "admm_epochs": self.admm_epochs,
+                "retrain_epochs": self.retrain_epochs, "update_every": self.update_every,
+                "quant_steps": list(self.quant_steps), "ignore": list(self.ignore),
+                "include_output": self.include_output}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ADMMConfig:
+        data = dict(data)
+        if "quant_steps" in data:
+            data["quant_steps"] = tuple(data["quant_steps"])
+        return config_from_dict(cls, data)
+
+
+def constrained_layers(model: nn.Module, config: ADMMConfig, example: torch.Tensor) -> dict[str, nn.Module]:
+    """Conv/Linear layers whose weights ADMM constrains (names in ``ignore`` and, unless included, the output
+    layer are left out)."""
+    modules = dict(model.named_modules())
+    unknown = [n for n in config.ignore if n not in modules]
+    if unknown:
+        raise ValueError(f"ignore names {unknown} are not modules of the model")
+    skip = set(config.ignore) | (set() if config.include_output else set(find_output_layers(model, example)))
+    return {n: m for n, m in modules.items()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and n not in skip and getattr(m, "groups", 1) == 1}
+
+
+def allocate_rates(layers: dict[str, nn.Module], config: ADMMConfig) -> dict[str, float]:
+    """Per-layer keep fractions: ``config.rates`` first, then uniform or a global magnitude threshold."""
+    if config.pattern is Pattern.K_OF_N:
+        return {name: config.k / config.n for name in layers}
+    free = {n: m for n, m in layers.items() if n not in config.rates}
+    rates = {n: float(config.rates[n]) for n in layers if n in config.rates}
+    unknown = [n for n in config.rates if n not in layers]
+    if unknown:
+        raise ValueError(f"rates name layers that are not constrained: {unknown}; constrained: {list(layers)}")
+    if not free:
+        return rates
+    if config.allocation is RateAllocation.UNIFORM:
+        return {**rates, **{n: config.keep for n in free}}
+    # global: one threshold over every unit's score, units weighted by the entries they hold
+    scores, sizes = [], []
+    for m in free.values():
+        w = m.weight.detach()
+        mat = w.reshape(w.shape[0], -1)
+        if config.pattern is Pattern.UNSTRUCTURED:
+            s, size = mat.abs().reshape(-1), 1
+        elif config.pattern is Pattern.FILTER:
+            s, size = mat.pow(2).sum(1).div(mat.shape[1]).sqrt(), mat.shape[1]
+        elif config.pattern is Pattern.CHANNEL:
+            per = w.transpose(0, 1).reshape(w.shape[1], -1)
+            s, size = per.pow(2).mean(1).sqrt(), per.shape[1]
+        else:
+            s, size = mat.pow(2).mean(0).sqrt(), mat.shape[0]
+        scores.append(s.double().cpu())
+        sizes.append(torch.full_like(scores[-1], float(size)))
+    all_scores, all_sizes = torch.cat(scores), torch.cat(sizes)
+    order = torch.argsort(all_scores, descending=True)
+    budget = config.keep * float(all_sizes.sum())
+    kept_entries = torch.cumsum(all_sizes[order], 0)
+    n_keep = int((kept_entries <= budget).sum().clamp_min(1))
+    kept = torch.zeros(len(order), dtype=torch.bool)
+    kept[order[:n_keep]] = True
+    start = 0
+    for name, s in zip(free, scores):
+        frac = float(kept[start:start + len(s)].double().mean())
+        rates[name] = max(frac, 1.0 / len(s))
+        start += len(s)
+    return rates
+
+
+@torch.no_grad()
+def _removed_energy(layers: dict[str, nn.Module], project: Callable[[str, torch.Tensor], torch.Tensor]) -> float:
+    """``||W - Pi(W)|| / ||W||`` over all constrained layers: what a hard projection now would remove."""
+    num = sum(float((m.weight - project(n, m.weight)).pow(2).sum()) for n, m in layers.items())
+    den = sum(float(m.weight.pow(2).sum()) for m in layers.values())
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+class _ADMMHooks(TrainHooks):
+    """The penalty ``rho/2 ||W - Z + U||^2`` and the Z/U updates."""
+
+    def __init__(self, layers: dict[str, nn.Module], project: Callable[[str, torch.Tensor], torch.Tensor],
+                 rho: float, growth: float, update_every: int, masks: dict[str, torch.Tensor] | None = None
+                 ) -> None:
+        self.layers, self.project, self.rho, self.growth = layers, project, rho, growth
+        self.update_every = update_every
+        self.masks = masks
+        self.Z = {n: project(n, m.weight.detach().clone()) for n, m in layers.items()}
+        self.U = {n: torch.zeros_like(m.weight) for n, m in layers.items()}
+        self.residuals: list[float] = []
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        return sum(0.5 * self.rho * (m.weight - self.Z[n] + self.U[n]).pow(2).sum() for n, m in self.layers.items())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        num = den = 0.0
+        for n, m in self.layers.items():
+            self.Z[n] = self.project(n, m.weight + self.U[n])
+            self.U[n] += m.weight - self.Z[n]
+            num += float((m.weight - self.Z[n]).pow(2).sum())
+            den += float(m.weight.pow(2).sum())
+        self.residuals.append((num / max(den, 1e-30)) ** 0.5)
+        self.rho *= self.growth
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        if self.masks is not None:
+            _apply_masks_(self.layers, self.masks, optimizer)
+        if self.update_every and (step + 1) % self.update_every == 0:
+            self.update()
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> None:
+        if not self.update_every:
+            self.update()
+
+
+@torch.no_grad()
+def _apply_masks_(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor],
+                  optimizer: torch.optim.Optimizer | None = None) -> None:
+    for n, m in layers.items():
+        m.weight.mul_(masks[n])
+        if optimizer is not None:
+            state = optimizer.state.get(m.weight, {})
+            if "momentum_buffer" in state and state["momentum_buffer"] is not None:
+                state["momentum_buffer"].mul_(masks[n])
+
+
+class MaskedRetrain(TrainHooks):
+    """Keeps removed weights (and their momentum) at zero after every optimizer step."""
+
+    def __init__(self, layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
+        self.layers, self.masks = layers, masks
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        _apply_masks_(self.layers, self.masks, optimizer)
+
+
+@dataclass
+class ADMMResult:
+    """Masks and quantization scales of the constrained layers, and what happened in every phase.
+
+    ``residuals["prune"]``: the primal residual ``||W - Z|| / ||W||`` after every Z/U update;
+    ``residuals["removed_energy"]``: ``||W - Pi(W)|| / ||W||`` before and after ADMM (ADMM's purpose is to drive
+    it down, so that the hard projection loses little).
+    """
+
+    masks: dict[str, torch.Tensor]
+    rates: dict[str, float]
+    scales: dict[str, float] = field(default_factory=dict)
+    residuals: dict[str, list[float]] = field(default_factory=dict)
+    history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def kept_fraction(self) -> float:
+        total = sum(m.numel() for m in self.masks.values())
+        return sum(float(m.sum()) for m in self.masks.values()) / max(total, 1)
+
+
+def admm_prune_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig, *,
+                progress: bool = True, log: Callable[[str], None] = print) -> ADMMResult:
+    """ADMM pruning (then, with ``config.quant``, ADMM quantization) of ``model`` in place, with retraining.
+
+    ``train`` gives the optimiser settings; its ``epochs`` are replaced by each phase's own.
+    """
+    example = data.train[:2][0]
+    layers = constrained_layers(model, config, example)
+    if not layers:
+        raise ValueError("ADMM found no Conv/Linear layer to constrain (all ignored?)")
+    rates = allocate_rates(layers, config)
+    # a layer whose allocated rate keeps everything is left dense
+    constraints = {n: config.constraint(rates[n]) for n in layers if rates[n] < 1}
+
+    def layer_mask(name: str, w: torch.Tensor) -> torch.Tensor:
+        return sparsity_mask(w, constraints[name]) if name in constraints else torch.ones_like(w)
+
+    def prune_projection(name: str, w: torch.Tensor) -> torch.Tensor:
+        return w * layer_mask(name, w)
+
+    history: dict[str, list[dict[str, Any]]] = {}
+    residuals: dict[str, list[float]] = {"removed_energy": [_removed_energy(layers, prune_projection)]}
+    if config.admm_epochs:
+        hooks = _ADMMHooks(layers, prune_projection, config.rho, config.rho_growth, config.update_every)
+        log(f"ADMM pruning: {config.admm_epochs} epoch(s), rho {config.rho:g} x{config.rho_growth:g} per update")
+        r = fit(model, data, replace(train, epochs=config.admm_epochs), progress=progress, hooks=hooks,
+                select_best=False)
+        history["admm_prune"], residuals["prune"] = r.history, hooks.residuals
+        residuals["removed_energy"].append(_removed_energy(layers, prune_projection))
+    masks = {n: layer_mask(n, m.weight.detach()) for n, m in layers.items()}
+    _apply_masks_(layers, masks)
+    result = ADMMResult(masks=masks, rates=rates, residuals=residuals, history=history)
+    log(f"hard projection: keeps {result.kept_fraction():.4f} of the constrained weights "
+        f"({1 / max(result.kept_fraction(), 1e-12):.1f}x)")
+    if config.retrain_epochs:
+        r = fit(model, data, replace(train, epochs=config.retrain_epochs), progress=progress,
+                hooks=MaskedRetrain(layers, masks))
+        history["retrain"] = r.history
+    if config.quant.kind is not QuantKind.NONE:
+        _quantize_(model, data, config, train, layers, result, progress, log)
+    return result
+
+
+def _quantize_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig,
+               layers: dict[str, nn.Module], result: ADMMResult, progress: bool, log) -> None:
+    """ADMM towards the levels on the kept weights, then progressive partial quantization with retraining."""
+    quant, masks = config.quant, result.masks
+
+    def quant_projection(name: str, w: torch.Tensor) -> torch.Tensor:
+        return quant.project(w, masks[name])[0]
+
+    if config.admm_epochs:
+        hooks = _ADMMHooks(layers, quant_projection, config.rho, config.rho_growth, config.update_every, masks)
+        log(f"ADMM quantization ({quant}): {config.admm_epochs} epoch(s)")
+        r = fit(model, data, replace(train, epochs=config.admm_epochs), progress=progress, hooks=hooks,
+                select_best=False)
+        result.history["admm_quant"], result.residuals["quant"] = r.history, hooks.residuals
+    # fix the levels (q per layer) now; progressively quantize the weights closest to their level
+    scales: dict[str, float] = {}
+    for n, m in layers.items():
+        scales[n] = quant.project(m.weight.detach(), masks[n])[1]
+    fixed = {n: torch.zeros_like(masks[n], dtype=torch.bool) for n in layers}
+    for frac in config.quant_steps:
+        with torch.no_grad():
+            for n, m in layers.items():
+                err = (m.weight - _nearest_level(m.weight, scales[n], quant)).abs()
+                err = torch.where(masks[n].bool(), err, torch.full_like(err, float("inf")))
+                kept = int(masks[n].sum())
+                count = max(int(round(frac * kept)), int(fixed[n].sum()))
+                chosen = torch.topk(-err.reshape(-1), count).indices if count else torch.zeros(0, dtype=torch.long)
+                fixed[n].view(-1)[chosen] = True
+                m.weight.copy_(torch.where(fixed[n], _nearest_level(m.weight, scales[n], quant), m.weight))
+        if frac < 1.0 and train.epochs:
+            hooks = _FixedWeights(layers, masks, fixed)
+            r = fit(model, data, replace(train, epochs=1), progress=progress, hooks=hooks)
+            result.history.setdefault("progressive_quant", []).extend(r.history)
+    result.scales = scales
+    log(f"quantized to {quant}: every kept weight on its layer's levels")
+
+
+def _nearest_level(w: torch.Tensor, q: float, quant: QuantConstraint) -> torch.Tensor:
+    """Each entry's nearest allowed level (zero only for ternary)."""
+    if quant.kind is QuantKind.TERNARY:
+        return torch.where(w.abs() > q / 2, w.sign() * q, torch.zeros_like(w))
+    m = 1 if quant.kind is QuantKind.BINARY else 2 ** (quant.bits - 1)
+    return w.sign() * (w.abs() / q).round().clamp(1, m) * q
+
+
+class _FixedWeights(TrainHooks):
+    """Masked retraining in which the already-quantized weights do not move either."""
+
+    def __init__(self, layers: dict[str, nn.Module], masks: dict[str, torch.Tensor],
+                 fixed: dict[str, torch.Tensor]) -> None:
+        self.layers, self.masks, self.fixed = layers, masks, fixed
+        self.values = {n: m.weight.detach().clone() for n, m in layers.items()}
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        _apply_masks_(self.layers, self.masks, optimizer)
+        for n, m in self.layers.items():
+            m.weight.copy_(torch.where(self.fixed[n], self.values[n], m.weight))

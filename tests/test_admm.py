@@ -1,0 +1,129 @@
+"""ADMM-NN-S: constraints reached, zeros kept through retraining, levels exact after quantization, allocation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.admm import ADMMConfig, MaskedRetrain, admm_prune_, allocate_rates, constrained_layers
+from prunekit.models import ModelConfig, create_model
+from prunekit.training import TrainConfig, evaluate, fit
+
+TRAIN = TrainConfig(epochs=1, lr=0.05, batch_size=64, augment="none")
+
+
+def _lenet300(synthetic, trained: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model(ModelConfig("lenet300", in_channels=1, num_classes=4, input_size=12))
+    if trained:
+        fit(model, synthetic, TrainConfig(epochs=4, lr=0.05, batch_size=64, augment="none"), progress=False)
+    return model
+
+
+def _quiet(*_):
+    pass
+
+
+def test_unstructured_admm_reaches_the_rate_and_zeros_survive_retraining(synthetic):
+    model = _lenet300(synthetic, trained=True)
+    dense_acc = evaluate(model, synthetic.val)["acc"]
+    config = ADMMConfig(keep=0.1, rho=0.2, admm_epochs=3, retrain_epochs=1)  # 8 steps per epoch: a strong rho
+    result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
+    assert result.kept_fraction() == pytest.approx(0.1, abs=0.01)
+    for name, module in constrained_layers(model, config, synthetic.train[:2][0]).items():
+        assert torch.equal(module.weight * (1 - result.masks[name]), torch.zeros_like(module.weight))
+    assert len(result.residuals["prune"]) == 3  # one Z/U update per epoch
+    before, after = result.residuals["removed_energy"]
+    assert after < 0.5 * before  # ADMM moved the weights towards the constraint set
+    assert evaluate(model, synthetic.val)["acc"] >= dense_acc - 0.1
+
+
+def test_masked_retraining_keeps_zeros_and_their_momentum_zero(synthetic):
+    model = _lenet300(synthetic)
+    layers = {"fc1": model.fc1} if hasattr(model, "fc1") else dict(list(
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear))[:1])
+    name, layer = next(iter(layers.items()))
+    mask = (torch.rand_like(layer.weight) > 0.5).float()
+    with torch.no_grad():
+        layer.weight.mul_(mask)
+    hooks = MaskedRetrain(layers, {name: mask})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    x, y = synthetic.train[:32]
+    for step in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        hooks.after_step(model, optimizer, step)
+    assert torch.equal(layer.weight * (1 - mask), torch.zeros_like(layer.weight))
+    assert torch.equal(optimizer.state[layer.weight]["momentum_buffer"] * (1 - mask), torch.zeros_like(mask))
+
+
+@pytest.mark.parametrize("quant, top", [("bits=3", 4), ("binary", 1), ("ternary", 1)])
+def test_joint_quantization_puts_every_kept_weight_on_its_levels(synthetic, quant, top):
+    model = _lenet300(synthetic)
+    config = ADMMConfig(keep=0.2, quant=quant, admm_epochs=1, retrain_epochs=1, quant_steps=(0.5, 1.0))
+    result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
+    for name, module in constrained_layers(model, config, synthetic.train[:2][0]).items():
+        w, q = module.weight.detach(), result.scales[name]
+        levels = w / q
+        kept = result.masks[name].bool()
+        assert torch.allclose(levels, levels.round(), atol=1e-4)
+        assert levels.round().abs().max() <= top and (w[~kept] == 0).all()
+        if quant != "ternary":
+            assert (levels[kept].round().abs() >= 1).all()  # zero is reserved for pruned weights
+
+
+def test_structured_patterns_remove_whole_slices(synthetic):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig("lenet5", in_channels=1, num_classes=4, input_size=12))
+    config = ADMMConfig(pattern="filter", keep=0.5, admm_epochs=1, retrain_epochs=0, include_output=False)
+    result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
+    for name, mask in result.masks.items():
+        rows = mask.reshape(mask.shape[0], -1)
+        assert ((rows.sum(1) == 0) | (rows.sum(1) == rows.shape[1])).all(), name
+    config = ADMMConfig(pattern="k-of-n", k=1, n=4, admm_epochs=0, retrain_epochs=0)
+    model = _lenet300(synthetic)
+    result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
+    for mask in result.masks.values():
+        assert (mask.reshape(-1, 4).sum(1) == 1).all()
+
+
+def test_global_allocation_meets_the_overall_rate_and_rates_override(synthetic):
+    model = _lenet300(synthetic)
+    layers = constrained_layers(model, ADMMConfig(), synthetic.train[:2][0])
+    rates = allocate_rates(layers, ADMMConfig(keep=0.05))
+    total = sum(m.weight.numel() for m in layers.values())
+    kept = sum(rates[n] * m.weight.numel() for n, m in layers.items())
+    assert kept / total == pytest.approx(0.05, rel=0.05)
+    assert len(set(round(r, 4) for r in rates.values())) > 1  # layers differ
+    first = next(iter(layers))
+    assert allocate_rates(layers, ADMMConfig(keep=0.05, rates={first: 0.5}))[first] == 0.5
+    assert set(allocate_rates(layers, ADMMConfig(keep=0.3, allocation="uniform")).values()) == {0.3}
+    with pytest.raises(ValueError, match="not constrained"):
+        allocate_rates(layers, ADMMConfig(rates={"nope": 0.5}))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"keep": 1.0}, "keep must be a fraction"),
+    ({"pattern": "k-of-n", "k": 4, "n": 4}, "k < n"),
+    ({"quant": "bits=0"}, "bits must be an int >= 1"),
+    ({"rho": 0}, "rho must be > 0"),
+    ({"quant_steps": (0.5, 0.9)}, "end at 1.0"),
+    ({"rates": {"fc": 0}}, "keep fraction in"),
+    ({"admm_epochs": -1}, "admm_epochs must be an int >= 0"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ADMMConfig(**kwargs)
+
+
+def test_config_round_trips():
+    c = ADMMConfig(pattern="column", keep=0.3, quant="bits=4", rates={"fc": 0.5}, quant_steps=(0.5, 1.0))
+    assert ADMMConfig.from_dict(c.to_dict()) == c
+
+
+def test_fit_without_selection_keeps_the_last_epoch(synthetic):
+    model = _lenet300(synthetic)
+    r = fit(model, synthetic, TrainConfig(epochs=2, lr=0.05, augment="none"), progress=False, select_best=False)
+    assert r.best_epoch == 2
