@@ -127,3 +127,23 @@ def test_fit_without_selection_keeps_the_last_epoch(synthetic):
     model = _lenet300(synthetic)
     r = fit(model, synthetic, TrainConfig(epochs=2, lr=0.05, augment="none"), progress=False, select_best=False)
     assert r.best_epoch == 2
+
+
+def test_storage_report_counts_indices_and_prefers_the_smallest_format(synthetic):
+    from prunekit.formats import encode, value_codec
+
+    model = _lenet300(synthetic)
+    config = ADMMConfig(keep=0.05, quant="bits=3", admm_epochs=0, retrain_epochs=0, quant_steps=(1.0,))
+    result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
+    from prunekit.admm import storage_report
+
+    report = storage_report(model, result, config)
+    layers = dict(model.named_modules())
+    constrained_bits = sum(encode(layers[n].weight.detach(), "csr", value_codec(
+        layers[n].weight.detach(), 3, result.scales[n])).bits for n in result.masks)
+    others = sum(32 * p.numel() for n, p in model.named_parameters() if not n.endswith("weight")
+                 or n.rsplit(".", 1)[0] not in result.masks)
+    assert report["bits"]["csr"] == constrained_bits + others
+    assert report["best"] == min(report["bits"], key=report["bits"].get)
+    assert 9 < report["compression"]["dense"] < 32 / 3  # dense layout of 3-bit codes; biases stay float32
+    assert report["compression"][report["best"]] > 20

@@ -361,3 +361,34 @@ class _FixedWeights(TrainHooks):
         _apply_masks_(self.layers, self.masks, optimizer)
         for n, m in self.layers.items():
             m.weight.copy_(torch.where(self.fixed[n], self.values[n], m.weight))
+
+
+def storage_report(model: nn.Module, result: ADMMResult, config: ADMMConfig, gap_bits: int = 5) -> dict[str, Any]:
+    """Exact storage of ``model`` after ADMM in every applicable format (:mod:`prunekit.formats`).
+
+    Constrained layers are stored in each format (values as float32, or as codes plus one scale when quantized);
+    every other parameter (biases, norms, unconstrained layers) as dense float32. Returns total bits per format,
+    the dense float32 size and the compression ratio of each format.
+    """
+    from prunekit.formats import encode, value_codec
+
+    modules = dict(model.named_modules())
+    code_bits = config.quant.code_bits
+    formats = ["dense", "csr", "relative", "bitmap", "structured"]
+    if config.pattern is Pattern.K_OF_N:
+        formats.append("k-of-n")
+    constrained = {f"{n}.weight" for n in result.masks}
+    other_bits = sum(32 * p.numel() for name, p in model.named_parameters() if name not in constrained)
+    totals = dict.fromkeys(formats, other_bits)
+    for name in result.masks:
+        w = modules[name].weight.detach().cpu()
+        codec = value_codec(w, code_bits, result.scales.get(name)) if code_bits else value_codec(w)
+        for fmt in formats:
+            options = {"gap_bits": gap_bits} if fmt == "relative" else (
+                {"k": config.k, "n": config.n} if fmt == "k-of-n" else {})
+            totals[fmt] += encode(w, fmt, codec, **options).bits
+    dense_bits = sum(32 * p.numel() for p in model.parameters())
+    return {"dense_float32_bits": dense_bits, "bits": totals,
+            "compression": {f: dense_bits / b for f, b in totals.items()},
+            "best": min(totals, key=totals.get), "relative_gap_bits": gap_bits,
+            "values": f"{code_bits}-bit codes" if code_bits else "float32"}
