@@ -62,7 +62,8 @@ def prune_ours(dense, data, method: str, factor: float, schedule: str, rounds: i
     net = copy.deepcopy(dense).train()
     k = rounds if schedule == "iterative" else 1
     epochs_per_round = s.finetune.epochs // k
-    info: dict[str, Any] = {"rounds": k, "seconds_statistics": 0.0, "seconds_finetune_between_rounds": 0.0}
+    info: dict[str, Any] = {"rounds": k, "seconds_statistics": 0.0, "seconds_finetune_between_rounds": 0.0,
+                            "architecture_changes": []}
     for r in range(1, k + 1):
         config = PruneConfig(method=method, target=Target("flops", factor ** (-1.0 / k)),
                              allocation=AllocationConfig("global", s.max_per_layer),
@@ -71,6 +72,7 @@ def prune_ours(dense, data, method: str, factor: float, schedule: str, rounds: i
         result = prune_model(net, data, config, None, progress=False, log=st._quiet)
         net = result.model
         info["seconds_statistics"] += result.rounds[-1].seconds_scoring
+        info["architecture_changes"] += result.changes
         if r < k:
             t0 = time.perf_counter()
             st.fit(net, data, replace(s.finetune, epochs=epochs_per_round), progress=progress)
@@ -93,7 +95,7 @@ def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str, str]
     found = {(t, m, sc, f): cache.get(key(t, m, sc, f), sdict) for t, m, sc in jobs for f in factors}
     rows = [r for r in found.values() if r is not None]
     bar.update(len(rows))
-    if dense_row is not None and len(rows) == len(found):
+    if dense_row is not None and len(rows) == len(found) and not args.remeasure_latency:
         return {**dense_row, "settings": sdict}, rows
     data = load_dataset(data_cfg)
     if dense_row is None:
@@ -127,7 +129,55 @@ def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str, str]
                 f"params {row['params_reduction']:.2f}x, test acc {row['test_acc_pruned']:.4f} -> "
                 f"{row['test_acc']:.4f}, statistics {row['statistics_per_epoch']:.2f} epoch")
             bar.update(1)
+    if args.remeasure_latency:
+        remeasure_latency(model_name, checkpoint, rows, settings, cache, key, sdict, curvature, log)
     return {**dense_row, "settings": sdict}, rows
+
+
+def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, Any]], settings, cache, key,
+                      sdict: dict[str, Any], curvature: dict[str, Any], log) -> None:
+    """Time every row again (on an idle machine). A prunekit row's network is rebuilt from its recorded
+    architecture changes (latency does not depend on the weights); a one-shot row recorded without them and a
+    Torch-Pruning row are re-pruned (both are deterministic). Parameters and FLOPs are checked first."""
+    from prunekit.architecture import build_base, input_shape_of, replay_changes_
+    from prunekit.metrics import count_flops, count_params
+
+    dense, base, data_cfg = load_dense(None, checkpoint, None)
+    dense.eval()
+    shape = input_shape_of(base)
+    data = None
+    trajectories: dict[str, Any] = {}
+    for r in rows:
+        if r["tool"] == "prunekit":
+            if "architecture_changes" in r["tool_info"]:
+                net = build_base(base)
+                replay_changes_(net, r["tool_info"]["architecture_changes"], shape)
+            elif r["schedule"] == "one-shot":
+                data = data or load_dataset(replace(data_cfg, limit=settings.data.limit))
+                net = prune_ours(dense, data, r["method"], r["factor"], "one-shot", 1, settings, curvature, False)[0]
+            else:
+                log(f"{model_name} {r['method']} {r['schedule']} x{r['factor']:g}: no recorded architecture, "
+                    "latency left as it was (delete the row to run it again)")
+                continue
+        else:
+            if data is None:
+                data = load_dataset(replace(data_cfg, limit=settings.data.limit))
+            if r["method"] not in trajectories:
+                factors = sorted(x["factor"] for x in rows if x["tool"] == r["tool"] and x["method"] == r["method"])
+                trajectories[r["method"]] = st.prune_torch_pruning(dense, data, r["method"], factors, settings,
+                                                                   False)
+            net = trajectories[r["method"]][r["factor"]][0]
+        net.eval()
+        got = (count_params(net), count_flops(net, (1, *shape)))
+        if got != (r["params"], r["flops"]):
+            raise SystemExit(f"eigendamage.py: error: rebuilding {model_name} {r['method']} {r['schedule']} "
+                             f"x{r['factor']:g} gave {got} params/FLOPs, the row has {(r['params'], r['flops'])}")
+        lat_dense, lat_pruned = st.paired_latency(dense, net, shape, settings)
+        r.update(latency_dense_ms=lat_dense, latency_pruned_ms=lat_pruned, latency_speedup=lat_dense / lat_pruned,
+                 speedup_per_flops_reduction=lat_dense / lat_pruned / r["flops_reduction"],
+                 latency_threads=torch.get_num_threads(), latency_remeasured=True)
+        cache.put(key(r["tool"], r["method"], r["schedule"], r["factor"]), sdict, r)
+        log(f"{model_name} {r['method']:>11} {r['schedule']:>9} x{r['factor']:g}: speedup {r['latency_speedup']:.2f}x")
 
 
 def results_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) -> str:
@@ -191,6 +241,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", type=Path, default=st.CHECKPOINT_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true", help="about a minute: digits, a small resnet20, x4")
+    p.add_argument("--remeasure-latency", action="store_true",
+                   help="after the rows are done, time every row again (run on an idle machine)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     defaults = {"models": ["resnet20", "vgg11"], "factors": [4.0, 8.0],

@@ -38,6 +38,12 @@ def test_quick_run_writes_outputs_and_resumes(tmp_path):
     assert second.returncode == 0
     assert "one-shot x4: FLOPs" not in second.stdout  # every row came from the cache
     assert json.loads((out / "eigendamage.json").read_text())["rows"] == payload["rows"]
+    third = _run("--quick", "--no-progress", "--remeasure-latency", "--out", str(out))
+    assert third.returncode == 0, third.stderr[-2000:]
+    again = json.loads((out / "eigendamage.json").read_text())["rows"]
+    assert all(r["latency_remeasured"] for r in again)
+    assert [(r["params"], r["flops"], r["test_acc"]) for r in again] == \
+        [(r["params"], r["flops"], r["test_acc"]) for r in payload["rows"]]
 
 
 @pytest.mark.parametrize("argv, message", [

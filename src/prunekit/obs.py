@@ -219,7 +219,9 @@ class COBS(KronOBS):
 
     def _inverse_diagonal(self, layer: str) -> torch.Tensor:
         c = self._inverses(layer)
-        return torch.outer(c["G_inv"].diagonal(), c["A_inv"].diagonal())
+        if "diag" not in c:
+            c["diag"] = torch.outer(c["G_inv"].diagonal(), c["A_inv"].diagonal())
+        return c["diag"]
 
     def saliency(self, layer: str, axis: int, idx: list[int]) -> float:
         w, d = self.weight(layer), self._inverse_diagonal(layer)
