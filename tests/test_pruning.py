@@ -250,9 +250,28 @@ def test_cli_curvature_methods_prune_eval_and_export(tmp_path, dense_checkpoint,
     assert "ONNX Runtime matches PyTorch" in capsys.readouterr().out
 
 
+def test_cli_admm_reports_exact_storage_and_saves_a_loadable_model(tmp_path, dense_checkpoint, capsys):
+    out = tmp_path / "admm"
+    code = main(["prune", "--checkpoint", str(dense_checkpoint), "--method", "admm", "--target", "params=x10",
+                 "--quant", "bits=3", "--admm-epochs", "1", "--finetune-epochs", "1", "--rho", "0.05",
+                 "--out", str(out), "--no-progress", "--no-latency"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    storage = report["storage"]
+    assert storage["best"] in storage["bits"] and storage["values"] == "3-bit codes"
+    assert storage["compression"]["csr"] > 10  # 10x fewer weights, 3-bit codes, indices paid for
+    assert report["pruned"]["nonzero_params"] < report["dense"]["params"] / 5
+    assert "storage (weights + indices + scales, bits)" in (out / "report.md").read_text()
+    model, meta = load_compressed(out / "admm.safetensors")
+    assert meta["admm"]["quant"] == "bits=3" and set(meta["scales"]) == set(report["rates"])
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["--method", "admm", "--target", "flops=0.5"], "ADMM targets the fraction of weights kept"),
+        (["--method", "admm", "--pattern", "k-of-n", "--k", "5", "--n", "4"], "k < n"),
+        (["--method", "admm", "--quant", "bits=0"], "bits must be an int >= 1"),
         (["--method", "nope"], "unknown criterion 'nope'"),
         (["--method", "eigendamage", "--target", "channels=0.5"], "not channels"),
         (["--method", "kron-obs", "--damping", "-1"], "damping must be a finite number"),

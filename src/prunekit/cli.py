@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eigendamage: rebuild layers as 1x1-kxk-1x1 (standard) or with a depthwise core")
     p.add_argument("--freeze-rotations", action="store_true",
                    help="eigendamage: do not fine-tune the eigenbasis projections")
+    p.add_argument("--pattern", choices=["unstructured", "filter", "channel", "column", "k-of-n"],
+                   default="unstructured", help="admm: which weights go together")
+    p.add_argument("--quant", default="none", help="admm: none | binary | ternary | bits=N (joint quantization)")
+    p.add_argument("--k", type=int, default=None, help="admm k-of-n: weights kept in every run of n")
+    p.add_argument("--n", type=int, default=None, help="admm k-of-n: run length")
+    p.add_argument("--admm-epochs", type=int, default=4, help="admm: ADMM epochs per phase")
+    p.add_argument("--rho", type=float, default=1e-3, help="admm: initial penalty (grows x1.3 per update)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (pruned model, report.md/json, plots)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -161,6 +168,22 @@ def cmd_prune(args) -> None:
     if not args.resume and (out / "report.json").exists():
         raise CLIError(f"{out} already holds a pruning report; pass --resume or choose another --out")
     data = _data_config(args) if args.data else None
+    if args.method == "admm":
+        from prunekit.jobs import admm_job
+
+        targets = args.target or ["params=0.1"]
+        if len(targets) != 1:
+            raise CLIError("--method admm takes one --target params=FRACTION")
+        outcome = admm_job(args.model, data, checkpoint=args.checkpoint, pattern=args.pattern, target=targets[0],
+                           k=args.k, n=args.n, quant=args.quant, admm_epochs=args.admm_epochs,
+                           retrain_epochs=args.finetune_epochs, rho=args.rho, lr=args.lr,
+                           batch_size=args.batch_size, allocation=args.allocation, ignore=tuple(args.ignore),
+                           out=out, progress=not args.no_progress, measure_latency=not args.no_latency,
+                           seed=args.seed)
+        print()
+        print(summary_table(outcome.rows))
+        print(f"\nreport: {outcome.report}")
+        return
     outcome = prune(args.model, data, checkpoint=args.checkpoint, method=args.method,
                     target=args.target or ["flops=0.5"], iterations=args.iterations,
                     finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
