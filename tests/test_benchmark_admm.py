@@ -1,0 +1,42 @@
+"""benchmarks/admm.py: --quick writes its table and JSON with every row kind, resumes from the cache, rejects bad
+rates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "admm.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_rows_and_resumes(tmp_path):
+    out = tmp_path / "admm"
+    first = _run("--quick", "--out", str(out))
+    assert first.returncode == 0, first.stderr[-2000:]
+    payload = json.loads((out / "admm.json").read_text())["models"]["lenet5"]
+    kinds = [(r["kind"], r["quant"]) for r in payload["rows"]]
+    assert kinds == [("admm", "none"), ("imp", "none"), ("admm", "bits=3"), ("admm", "binary")]
+    for r in payload["rows"]:
+        assert r["kept_fraction"] == pytest.approx(0.1, abs=0.01)
+        assert r["storage_bits"][r["best_format"]] == min(r["storage_bits"].values())
+    quantized = {r["quant"]: r["compression"] for r in payload["rows"] if r["kind"] == "admm"}
+    assert quantized["binary"] > quantized["bits=3"] > quantized["none"]  # fewer bits per kept weight
+    assert "| admm | 10x | bits=3 |" in (out / "admm.md").read_text()
+    second = _run("--quick", "--out", str(out))
+    assert second.returncode == 0 and "storage" not in second.stdout.split("# ADMM")[0]  # all rows cached
+
+
+def test_bad_rate_is_a_clear_error(tmp_path):
+    proc = _run("--rates", "0.5", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--rates must be > 1" in proc.stderr
