@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -134,6 +135,7 @@ def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str, str]
             bar.update(1)
     if args.remeasure_latency:
         remeasure_latency(model_name, checkpoint, rows, settings, cache, key, sdict, curvature, log)
+        dense_row = cache.get(f"{model_name}__dense", sdict)
     return {**dense_row, "settings": sdict}, rows
 
 
@@ -161,9 +163,6 @@ def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, An
     shape = input_shape_of(base)
     data = load_dataset(replace(data_cfg, limit=settings.data.limit))
     epoch_seconds = dense_epoch_seconds(dense, data, settings)
-    dense_row = cache.get(f"{model_name}__dense", sdict)
-    if dense_row is not None:
-        cache.put(f"{model_name}__dense", sdict, {**dense_row, "epoch_seconds": epoch_seconds})
     trajectories: dict[str, Any] = {}
     for r in rows:
         if r["tool"] == "prunekit":
@@ -197,6 +196,30 @@ def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, An
                  latency_threads=torch.get_num_threads(), latency_remeasured=True)
         cache.put(key(r["tool"], r["method"], r["schedule"], r["factor"]), sdict, r)
         log(f"{model_name} {r['method']:>11} {r['schedule']:>9} x{r['factor']:g}: speedup {r['latency_speedup']:.2f}x")
+    dense_row = cache.get(f"{model_name}__dense", sdict)
+    if dense_row is not None:  # the dense latency of this pass: the median of its paired measurements
+        timed = [r["latency_dense_ms"] for r in rows if r.get("latency_remeasured")]
+        dense_row.update(epoch_seconds=epoch_seconds,
+                         latency_ms=statistics.median(timed) if timed else dense_row["latency_ms"])
+        cache.put(f"{model_name}__dense", sdict, dense_row)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """Per model, schedule and method: fine-tuned test accuracy and parameter reduction at each FLOPs target (the
+    table the README shows)."""
+    factors = sorted({r["factor"] for r in rows})
+    header = ["model", "schedule", "method", *[f"x{f:g} FLOPs: test acc % (params red.)" for f in factors]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    seen = dict.fromkeys((r["model"], r["schedule"], r["tool"], r["method"]) for r in rows)
+    by = {(r["model"], r["schedule"], r["tool"], r["method"], r["factor"]): r for r in rows}
+    for model, schedule, tool, method in seen:
+        name = method if tool == "prunekit" else f"Torch-Pruning {method}"
+        cells = []
+        for f in factors:
+            r = by.get((model, schedule, tool, method, f))
+            cells.append("-" if r is None else f"{100 * r['test_acc']:.2f} ({r['params_reduction']:.1f}x)")
+        lines.append(f"| {model} | {schedule} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def results_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) -> str:
@@ -230,6 +253,10 @@ def write_outputs(out: Path, command: str, rows, dense, quick: bool) -> None:
     text = [
         "# Curvature-aware pruning: EigenDamage and its baselines" + (" (quick smoke run)" if quick else ""),
         "", "Made by (from the repository root):", "", f"    {command}", "",
+        *([f"and the latency (and, for one-shot rows, the statistics time) of "
+           f"{sum(bool(r.get('latency_remeasured')) for r in rows)} of the {len(rows)} rows measured again on an "
+           "idle machine by the same command with `--remeasure-latency`.", ""]
+          if any(r.get("latency_remeasured") for r in rows) and "--remeasure-latency" not in command else []),
         f"torch {torch.__version__}, {s['threads']} CPU thread(s), data {s['data']['name']}. Every row: "
         f"{ft['epochs']} fine-tuning epoch(s) in total (iterative: {s['rounds']} rounds, the epochs split between "
         f"them), SGD lr {ft['lr']}, {ft['schedule']}, batch {ft['batch_size']}, {ft['augment']}; test accuracy of the "
@@ -237,7 +264,8 @@ def write_outputs(out: Path, command: str, rows, dense, quick: bool) -> None:
         f"{s['damping']:g}. *statistics / epoch*: seconds spent collecting statistics and scoring/decomposing, "
         "over the seconds of one training epoch of the dense network (goal <= 0.25). Plot: solid lines one-shot, "
         "dashed iterative.",
-        "", results_table(rows, dense), "", "![accuracy vs FLOPs](eigendamage_accuracy_vs_flops.png)",
+        "", "## Summary", "", summary_table(rows), "", "## All rows", "", results_table(rows, dense), "",
+        "![accuracy vs FLOPs](eigendamage_accuracy_vs_flops.png)",
     ]
     atomic_write(out / "eigendamage.md", lambda tmp: Path(tmp).write_text("\n".join(text).rstrip() + "\n"))
 

@@ -59,3 +59,18 @@ def test_readme_structured_table_is_the_committed_benchmark_result():
     start = text.index("\n", start) + 1
     end = text.index("<!-- end structured table -->")
     assert text[start:end].strip() == module.comparison_table(rows).strip()
+
+
+def test_readme_eigendamage_table_is_the_committed_benchmark_result():
+    import json
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    import eigendamage
+
+    rows = json.loads((root / "benchmarks" / "results" / "eigendamage" / "eigendamage.json").read_text())["rows"]
+    text = README.read_text()
+    start = text.index("\n", text.index("<!-- eigendamage table")) + 1
+    end = text.index("<!-- end eigendamage table -->")
+    assert text[start:end].strip() == eigendamage.summary_table(rows).strip()
