@@ -94,7 +94,8 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: 
     threads = threads or torch.get_num_threads()
     was_training = model.training
     model.eval()
-    x = torch.randn(batch_size, *input_shape, device=next(model.parameters()).device)
+    tensors = [*model.parameters(), *model.buffers()]  # sparse-kernel layers hold their weights as buffers
+    x = torch.randn(batch_size, *input_shape, device=tensors[0].device if tensors else torch.device("cpu"))
     with torch.no_grad():
         model(x)  # warm-up (allocations, lazy init)
         timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
