@@ -364,28 +364,33 @@ class _FixedWeights(TrainHooks):
 
 
 def storage_report(model: nn.Module, result: ADMMResult, config: ADMMConfig, gap_bits: int = 5) -> dict[str, Any]:
-    """Exact storage of ``model`` after ADMM in every applicable format (:mod:`prunekit.formats`).
+    """Exact storage of ``model`` after ADMM in every applicable format (:func:`format_storage`)."""
+    k_of_n = (config.k, config.n) if config.pattern is Pattern.K_OF_N else None
+    return format_storage(model, list(result.masks), config.quant.code_bits, result.scales, k_of_n, gap_bits)
 
-    Constrained layers are stored in each format (values as float32, or as codes plus one scale when quantized);
-    every other parameter (biases, norms, unconstrained layers) as dense float32. Returns total bits per format,
-    the dense float32 size and the compression ratio of each format.
+
+def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = None,
+                   scales: dict[str, float] | None = None, k_of_n: tuple[int, int] | None = None,
+                   gap_bits: int = 5) -> dict[str, Any]:
+    """Exact storage of ``model`` with the weights of ``layers`` in each format of :mod:`prunekit.formats`.
+
+    Those weights are stored as float32 values, or as ``code_bits`` codes with one float32 scale per layer
+    (``scales``); every other parameter (biases, norms, other layers) as dense float32. Returns total bits per
+    format, the dense float32 size and the compression ratio of each format.
     """
     from prunekit.formats import encode, value_codec
 
     modules = dict(model.named_modules())
-    code_bits = config.quant.code_bits
-    formats = ["dense", "csr", "relative", "bitmap", "structured"]
-    if config.pattern is Pattern.K_OF_N:
-        formats.append("k-of-n")
-    constrained = {f"{n}.weight" for n in result.masks}
+    formats = ["dense", "csr", "relative", "bitmap", "structured"] + (["k-of-n"] if k_of_n else [])
+    constrained = {f"{n}.weight" for n in layers}
     other_bits = sum(32 * p.numel() for name, p in model.named_parameters() if name not in constrained)
     totals = dict.fromkeys(formats, other_bits)
-    for name in result.masks:
+    for name in layers:
         w = modules[name].weight.detach().cpu()
-        codec = value_codec(w, code_bits, result.scales.get(name)) if code_bits else value_codec(w)
+        codec = value_codec(w, code_bits, (scales or {}).get(name)) if code_bits else value_codec(w)
         for fmt in formats:
             options = {"gap_bits": gap_bits} if fmt == "relative" else (
-                {"k": config.k, "n": config.n} if fmt == "k-of-n" else {})
+                {"k": k_of_n[0], "n": k_of_n[1]} if fmt == "k-of-n" else {})
             totals[fmt] += encode(w, fmt, codec, **options).bits
     dense_bits = sum(32 * p.numel() for p in model.parameters())
     return {"dense_float32_bits": dense_bits, "bits": totals,

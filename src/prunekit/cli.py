@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("compare", help="storage and measured speed of pruned variants (sparse vs structured)")
+    p.add_argument("dense", help="the dense prunekit checkpoint")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=PATH",
+                   help="a pruned checkpoint of the same network (repeat)")
+    p.add_argument("--batch", type=_positive_int, default=64, help="batch size of the latency measurements")
+    p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per latency measurement")
+    p.add_argument("--out", default=None, help="write compare.md and compare.json here")
+
     p = sub.add_parser("export", help="export a (pruned) checkpoint for deployment")
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit (dense or pruned)")
     p.add_argument("--onnx", required=True, help="output .onnx path (checked with ONNX Runtime)")
@@ -249,8 +257,26 @@ def cmd_demo(args) -> None:
     run_demo(args.out, epochs=args.epochs, progress=not args.no_progress)
 
 
-COMMANDS = {"list": cmd_list, "train": cmd_train, "prune": cmd_prune, "export": cmd_export, "eval": cmd_eval,
-            "inspect": cmd_inspect, "demo": cmd_demo}
+def cmd_compare(args) -> None:
+    from prunekit.compare import compare_models, comparison_markdown, write_comparison
+
+    variants = {}
+    for spec in args.variant:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise CLIError(f"--variant must look like NAME=PATH, got {spec!r}")
+        variants[name] = path
+    if not variants:
+        raise CLIError("give at least one --variant NAME=PATH to compare with the dense model")
+    result = compare_models(args.dense, variants, batch=args.batch, min_run_time=args.min_run_time)
+    print()
+    print(comparison_markdown(result))
+    if args.out:
+        print(f"\nreport: {write_comparison(result, args.out)}")
+
+
+COMMANDS = {"compare": cmd_compare, "list": cmd_list, "train": cmd_train, "prune": cmd_prune, "export": cmd_export,
+            "eval": cmd_eval, "inspect": cmd_inspect, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
