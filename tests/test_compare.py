@@ -20,7 +20,8 @@ def variants(tmp_path_factory):
                  "--no-progress", "--no-latency"]) == 0
     assert main(["prune", "--checkpoint", str(dense), "--method", "l1", "--target", "params=0.3",
                  "--finetune-epochs", "1", "--out", str(root / "l1"), "--no-progress", "--no-latency"]) == 0
-    return root, dense, root / "admm" / "admm.safetensors", root / "l1" / "params-0.3" / "round_1" / "pruned.safetensors"
+    l1 = root / "l1" / "params-0.3" / "round_1" / "pruned.safetensors"
+    return root, dense, root / "admm" / "admm.safetensors", l1
 
 
 def test_compare_measures_storage_and_both_kernels_and_gives_a_verdict(variants, capsys):
