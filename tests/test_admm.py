@@ -147,3 +147,29 @@ def test_storage_report_counts_indices_and_prefers_the_smallest_format(synthetic
     assert report["best"] == min(report["bits"], key=report["bits"].get)
     assert 9 < report["compression"]["dense"] < 32 / 3  # dense layout of 3-bit codes; biases stay float32
     assert report["compression"][report["best"]] > 20
+
+
+def test_channel_pattern_zeros_are_removed_physically_and_exactly(synthetic):
+    from prunekit.admm import shrink_zero_channels_
+    from prunekit.metrics import count_flops
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig("vgg11", in_channels=1, num_classes=4, input_size=12, width=0.25))
+    config = ADMMConfig(pattern="channel", keep=0.5, admm_epochs=0, retrain_epochs=0, include_output=False)
+    admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
+    model.eval()
+    x = synthetic.test[:8][0]
+    before, flops = model(x), count_flops(model, (1, 1, 12, 12))
+    removed = shrink_zero_channels_(model, synthetic.train[:2][0]).num_removed()
+    assert removed > 0 and count_flops(model, (1, 1, 12, 12)) < flops
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_filter_zeros_before_batchnorm_stay_because_beta_still_flows(synthetic):
+    from prunekit.admm import shrink_zero_channels_
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig("vgg11", in_channels=1, num_classes=4, input_size=12, width=0.25))
+    with torch.no_grad():
+        model.get_submodule(next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))).weight[0] = 0
+    assert not shrink_zero_channels_(model.eval(), synthetic.train[:2][0])

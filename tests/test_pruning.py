@@ -266,6 +266,18 @@ def test_cli_admm_reports_exact_storage_and_saves_a_loadable_model(tmp_path, den
     assert meta["admm"]["quant"] == "bits=3" and set(meta["scales"]) == set(report["rates"])
 
 
+def test_cli_admm_channel_pattern_shrinks_the_model_and_it_reloads(tmp_path, dense_checkpoint, capsys):
+    out = tmp_path / "admm-channel"
+    code = main(["prune", "--checkpoint", str(dense_checkpoint), "--method", "admm", "--pattern", "channel",
+                 "--target", "params=0.5", "--admm-epochs", "1", "--finetune-epochs", "1", "--rho", "0.05",
+                 "--out", str(out), "--no-progress", "--no-latency"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruned"]["removed_channels"] > 0 and report["pruned"]["flops"] < report["dense"]["flops"]
+    model, _ = load_compressed(out / "admm.safetensors")
+    assert sum(p.numel() for p in model.parameters()) == report["pruned"]["params"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

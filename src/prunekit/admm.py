@@ -27,7 +27,7 @@ from torch import nn
 from prunekit.configs import config_from_dict
 from prunekit.constraints import Pattern, QuantConstraint, QuantKind, SparsityConstraint, sparsity_mask
 from prunekit.data import DataSplits
-from prunekit.engine import find_output_layers
+from prunekit.engine import ChannelGraph, ChannelPlan, SliceKind, find_output_layers
 from prunekit.training import TrainConfig, TrainHooks, fit
 
 
@@ -397,3 +397,45 @@ def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = 
             "compression": {f: dense_bits / b for f, b in totals.items()},
             "best": min(totals, key=totals.get), "relative_gap_bits": gap_bits,
             "values": f"{code_bits}-bit codes" if code_bits else "float32"}
+
+
+def _all_zero(size: int, slices: list) -> torch.Tensor:
+    """Per group channel: True when every one of ``slices`` is zero for it."""
+    mass = torch.zeros(size, dtype=torch.float64)
+    for s in slices:
+        mass.index_add_(0, s.root_idxs, s.rows().abs().sum(1).double().cpu())
+    return mass == 0
+
+
+def zero_channel_plan(graph: ChannelGraph) -> ChannelPlan:
+    """The channels whose physical removal changes no output: every layer reading them has all-zero weights for
+    them (what channel-pattern ADMM leaves), or, in a group without normalisation layers, every slice producing
+    them is zero (filter pattern; with BatchNorm the channel still carries its shift beta, so it stays). At least
+    one channel (one tied unit) of every group is kept."""
+    removed: dict[str, tuple[int, ...]] = {}
+    for g in graph.groups:
+        readers = [s for m in g.members if m.kind is SliceKind.IN for s in m.slices]
+        producers = [s for m in g.members if m.kind is SliceKind.OUT for s in m.slices]
+        has_norm = any(s.is_norm for s in g.slices(include_norm=True))
+
+        free = torch.zeros(g.size, dtype=torch.bool)
+        if readers:
+            free |= _all_zero(g.size, readers)
+        if producers and not has_norm:
+            free |= _all_zero(g.size, producers)
+        units = [u for u in g.units if all(bool(free[c]) for c in u)]
+        if len(units) == len(g.units):
+            units = units[1:]  # keep one unit
+        if units:
+            removed[g.root] = tuple(sorted(c for u in units for c in u))
+    return ChannelPlan(removed)
+
+
+def shrink_zero_channels_(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ()) -> ChannelPlan:
+    """Remove, physically and exactly (verified against masking), the channels :func:`zero_channel_plan` finds;
+    returns the plan (its ``to_dict()`` is the architecture change to save)."""
+    graph = ChannelGraph(model, example, ignore=ignore)
+    plan = zero_channel_plan(graph)
+    if plan:
+        graph.shrink_(plan)
+    return plan

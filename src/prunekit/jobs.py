@@ -246,9 +246,17 @@ def admm_job(model: str | None = None, data: str | DataConfig | None = None, *, 
     net = copy.deepcopy(dense).train()
     torch.manual_seed(seed)
     result = admm_prune_(net, splits, config, train, progress=progress, log=log)
+    removed_channels, changes = 0, []
+    if config.pattern.value in ("filter", "channel"):  # structured zeros leave the model physically where exact
+        from prunekit.admm import shrink_zero_channels_
+
+        plan = shrink_zero_channels_(net.eval(), splits.train[:2][0])
+        removed_channels, changes = plan.num_removed(), ([plan.to_dict()] if plan else [])
+        log(f"removed {removed_channels} all-zero channels physically (exact, verified against masking)")
     net.eval()
     summary = summarize(net, splits, latency=measure_latency).to_dict()
     summary["nonzero_params"] = int(sum(int((p != 0).sum()) for p in net.parameters()))
+    summary["removed_channels"] = removed_channels
     storage = storage_report(net, result, config)
     summary["storage_bits"] = storage["bits"][storage["best"]]
     label = f"admm {config.pattern.value} {target}" + (f" {config.quant}" if str(config.quant) != "none" else "")
@@ -256,7 +264,7 @@ def admm_job(model: str | None = None, data: str | DataConfig | None = None, *, 
     report = None
     if out is not None:
         outdir = Path(out)
-        path = save_compressed(outdir / "admm.safetensors", net, base, [],
+        path = save_compressed(outdir / "admm.safetensors", net, base, changes,
                                {"admm": config.to_dict(), "scales": result.scales, "data": data_cfg.to_dict()})
         notes = [f"ADMM {config.admm_epochs} epoch(s) per phase, rho {config.rho:g} x{config.rho_growth:g} per "
                  f"update, then {config.retrain_epochs} masked retraining epoch(s); model chosen on validation",
