@@ -1,0 +1,238 @@
+"""Dynamic Probabilistic Pruning (Gonzalez-Carabarin et al. 2021, arXiv 2105.12686): learned k-out-of-n masks.
+
+Every constrained group (a run of ``n`` weights of a row, the ``C_in`` kernels of a filter, the filters of a
+layer) has trainable logits ``phi`` (length ``n``). In training each forward draws an exact k-hot mask by Gumbel
+top-k of ``phi + s * Gumbel``; the backward pass goes through the relaxed sequential soft top-k (k softmaxes at
+temperature ``T``, each discounting what was already chosen: ``a_j = softmax((z + log(1 - sum_{i<j} a_i)) / T)``,
+Xie & Ermon 2019, arXiv 1901.10517) with the straight-through estimator, so the forward stays exactly k-hot.
+Evaluation uses the deterministic top-k of ``phi``. ``T`` is annealed per epoch (:class:`TemperatureSchedule`).
+
+Metrics (per layer, both in [0, 1], logarithms normalised by ``log n``):
+
+* confidence ``= 1 - mean_g H(softmax(phi_g)) / log n``: 0 for uniform logits, 1 when every group is certain;
+* diversity ``= (H(mean_g softmax(phi_g)) - mean_g H(softmax(phi_g))) / log n``: how differently the groups choose
+  (0 when they all have the same distribution, 1 when certain groups spread their choices evenly).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.configs import config_from_dict
+
+
+class Granularity(str, enum.Enum):
+    """What one k-of-n group is."""
+
+    WEIGHT = "weight"  # n consecutive input weights of an output neuron (Linear rows, conv rows flattened)
+    KERNEL = "kernel"  # the C_in kernels of an output filter (n = C_in)
+    FILTER = "filter"  # the filters of a layer (n = out_channels)
+
+
+class Schedule(str, enum.Enum):
+    LINEAR = "linear"
+    EXPONENTIAL = "exponential"
+
+
+@dataclass(frozen=True)
+class TemperatureSchedule:
+    """``T(epoch)`` from ``start`` towards ``end`` over ``epochs`` (linear, or exponential decay), never below
+    ``floor``; indexed by epoch, not step, so resuming an epoch gives the same temperature."""
+
+    start: float = 1.0
+    end: float = 0.05
+    epochs: int = 10
+    mode: Schedule = Schedule.EXPONENTIAL
+    floor: float = 0.01
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Schedule(self.mode))
+        for name in ("start", "end", "floor"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"temperature {name} must be > 0, got {v!r}")
+        if self.epochs < 1:
+            raise ValueError(f"temperature schedule epochs must be >= 1, got {self.epochs!r}")
+
+    def __call__(self, epoch: int) -> float:
+        frac = min(max(epoch, 0) / max(self.epochs - 1, 1), 1.0)
+        if self.mode is Schedule.LINEAR:
+            t = self.start + (self.end - self.start) * frac
+        else:
+            t = self.start * (self.end / self.start) ** frac
+        return max(t, self.floor)
+
+
+def gumbel_topk_mask(logits: torch.Tensor, k: int, temperature: float, noise_scale: float = 1.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exactly k-hot masks over the last dimension of ``logits`` (forward), with gradients of the relaxed
+    sequential soft top-k at ``temperature`` (straight-through)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
+    z = logits + noise_scale * gumbel
+    hard = torch.zeros_like(z).scatter_(-1, torch.topk(z.detach(), k, dim=-1).indices, 1.0)
+    soft = torch.zeros_like(z)
+    taken = torch.zeros_like(z)
+    for _ in range(k):
+        a = torch.softmax((z + torch.log((1 - taken).clamp_min(1e-20))) / temperature, dim=-1)
+        soft = soft + a
+        taken = (taken + a).clamp(max=1.0)
+    return hard + (soft - soft.detach())  # exactly k-hot forward (x - x == 0), relaxed gradients
+
+
+def topk_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The deterministic k-hot mask of the ``k`` largest logits (evaluation)."""
+    return torch.zeros_like(logits).scatter_(-1, torch.topk(logits, k, dim=-1).indices, 1.0)
+
+
+def mask_confidence(logits: torch.Tensor) -> float:
+    """``1 - mean_g H(softmax(phi_g)) / log n`` (groups along the first dimension)."""
+    p = torch.softmax(logits.detach().double(), -1)
+    h = -(p * p.clamp_min(1e-300).log()).sum(-1)
+    return float(1 - h.mean() / math.log(logits.shape[-1]))
+
+
+def mask_diversity(logits: torch.Tensor) -> float:
+    """``(H(mean_g p_g) - mean_g H(p_g)) / log n``: how differently the groups choose."""
+    p = torch.softmax(logits.detach().double().reshape(-1, logits.shape[-1]), -1)
+    h = -(p * p.clamp_min(1e-300).log()).sum(-1)
+    mean = p.mean(0)
+    h_mean = -(mean * mean.clamp_min(1e-300).log()).sum()
+    return float((h_mean - h.mean()) / math.log(logits.shape[-1]))
+
+
+@dataclass(frozen=True)
+class DPPConfig:
+    """DPP settings.
+
+    Args:
+        granularity: :class:`Granularity` of a group.
+        k, n: Keep ``k`` of every ``n`` (for kernel and filter granularity ``n`` is the layer's own size and may be
+            left ``None``).
+        tiles: Weight granularity: split each row into this many tiles, ``k`` of ``n = row / tiles`` in each.
+        temperature: :class:`TemperatureSchedule`.
+        noise_scale: ``s`` in ``phi + s * Gumbel``.
+        entropy_weight: Weight of the mean logit entropy added to the loss (0: off).
+        init_scale: Logits start at ``init_scale * |w|`` normalised per group (magnitude-informed start).
+    """
+
+    granularity: Granularity = Granularity.WEIGHT
+    k: int = 1
+    n: int | None = 4
+    tiles: int | None = None
+    temperature: TemperatureSchedule = TemperatureSchedule()
+    noise_scale: float = 1.0
+    entropy_weight: float = 0.0
+    init_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "granularity", Granularity(self.granularity))
+        except ValueError:
+            raise ValueError(f"granularity must be one of {[g.value for g in Granularity]}, "
+                             f"got {self.granularity!r}") from None
+        if isinstance(self.temperature, dict):
+            object.__setattr__(self, "temperature", TemperatureSchedule(**self.temperature))
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        if self.n is not None and self.k >= self.n:
+            raise ValueError(f"k must be smaller than n (keep k of every n), got k={self.k}, n={self.n}")
+        if self.tiles is not None and (self.tiles < 1 or self.granularity is not Granularity.WEIGHT):
+            raise ValueError(f"tiles must be >= 1 and needs weight granularity, got tiles={self.tiles!r}")
+        if self.noise_scale < 0 or self.entropy_weight < 0:
+            raise ValueError("noise_scale and entropy_weight must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        t = self.temperature
+        return {"granularity": self.granularity.value, "k": self.k, "n": self.n, "tiles": self.tiles,
+                "temperature": {"start": t.start, "end": t.end, "epochs": t.epochs, "mode": t.mode.value,
+                                "floor": t.floor},
+                "noise_scale": self.noise_scale, "entropy_weight": self.entropy_weight, "init_scale": self.init_scale}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DPPConfig:
+        return config_from_dict(cls, data)
+
+
+def group_layout(weight_shape: torch.Size | tuple[int, ...], config: DPPConfig) -> tuple[int, int]:
+    """``(groups, n)`` of a weight under ``config``.
+
+    Raises:
+        ValueError: ``n`` does not divide the row, or ``k >= n`` for the layer's own ``n``.
+    """
+    out = weight_shape[0]
+    row = math.prod(weight_shape[1:])
+    g = config.granularity
+    if g is Granularity.FILTER:
+        n = out
+        groups = 1
+    elif g is Granularity.KERNEL:
+        if len(weight_shape) != 4:
+            raise ValueError(f"kernel granularity needs a Conv2d weight, got shape {tuple(weight_shape)}")
+        n, groups = weight_shape[1], out
+    else:
+        if config.tiles and row % config.tiles:
+            raise ValueError(f"tiles={config.tiles} must divide the row length {row} of a weight "
+                             f"{tuple(weight_shape)}")
+        n = row // config.tiles if config.tiles else config.n
+        if n is None or row % n:
+            raise ValueError(f"n={n} must divide the row length {row} of a weight {tuple(weight_shape)}"
+                             + (f" ({config.tiles} tiles)" if config.tiles else "") + "; pick n dividing it")
+        groups = out * (row // n)
+    if config.k >= n:
+        raise ValueError(f"k={config.k} must be smaller than n={n} for a weight {tuple(weight_shape)}")
+    return groups, n
+
+
+class KOfNMask(nn.Module):
+    """A ``torch.nn.utils.parametrize`` parametrization: ``weight * mask`` with a learned k-of-n mask."""
+
+    def __init__(self, weight: torch.Tensor, config: DPPConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.groups, self.n = group_layout(weight.shape, config)
+        self.k = config.k
+        self.shape = tuple(weight.shape)
+        self.temperature = config.temperature(0)
+        self.generator = generator
+        scores = self._group_view(weight.detach().abs())
+        scores = scores / scores.mean(-1, keepdim=True).clamp_min(1e-12)
+        self.logits = nn.Parameter(config.init_scale * scores.log1p())
+
+    def _group_view(self, w: torch.Tensor) -> torch.Tensor:
+        g = self.config.granularity
+        if g is Granularity.FILTER:
+            return w.reshape(self.shape[0], -1).pow(2).sum(1).sqrt().reshape(1, -1)
+        if g is Granularity.KERNEL:
+            return w.reshape(self.shape[0], self.shape[1], -1).pow(2).sum(-1).sqrt()
+        return w.reshape(self.groups, self.n)
+
+    def _expand(self, mask: torch.Tensor) -> torch.Tensor:
+        g = self.config.granularity
+        if g is Granularity.FILTER:
+            return mask.reshape(self.shape[0], *([1] * (len(self.shape) - 1))).expand(self.shape)
+        if g is Granularity.KERNEL:
+            return mask.reshape(self.shape[0], self.shape[1], 1, 1).expand(self.shape)
+        return mask.reshape(self.shape)
+
+    def mask(self) -> torch.Tensor:
+        if self.training:
+            m = gumbel_topk_mask(self.logits, self.k, self.temperature, self.config.noise_scale, self.generator)
+        else:
+            m = topk_mask(self.logits.detach(), self.k)
+        return self._expand(m)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask()
+
+    def entropy(self) -> torch.Tensor:
+        p = torch.softmax(self.logits, -1)
+        return -(p * p.clamp_min(1e-12).log()).sum(-1).mean()

@@ -1,0 +1,118 @@
+"""DPP masks: exactly k of n for every draw, gradients reach the logits, deterministic evaluation, metric extremes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import parametrize
+
+from prunekit.dpp import (
+    DPPConfig,
+    KOfNMask,
+    TemperatureSchedule,
+    group_layout,
+    gumbel_topk_mask,
+    mask_confidence,
+    mask_diversity,
+    topk_mask,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 12), data=st.data(), groups=st.integers(1, 5), temperature=st.floats(0.01, 5.0),
+       seed=st.integers(0, 10_000))
+def test_every_draw_keeps_exactly_k_of_n(n, data, groups, temperature, seed):
+    k = data.draw(st.integers(1, n - 1))
+    logits = torch.randn(groups, n, generator=torch.Generator().manual_seed(seed))
+    mask = gumbel_topk_mask(logits, k, temperature, generator=torch.Generator().manual_seed(seed + 1))
+    assert torch.equal(mask.detach().sum(-1), torch.full((groups,), float(k)))
+    assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
+
+
+def test_gradients_reach_the_logits_through_the_relaxation():
+    logits = torch.zeros(3, 6, requires_grad=True)
+    weights = torch.arange(6.0).repeat(3, 1)
+    (gumbel_topk_mask(logits, 2, 0.5, generator=torch.Generator().manual_seed(0)) * weights).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("granularity, shape, k, n", [
+    ("weight", (4, 8), 2, 4), ("kernel", (4, 6, 3, 3), 2, None), ("filter", (8, 3, 3, 3), 5, None)])
+def test_parametrized_layer_is_k_of_n_in_training_and_deterministic_in_eval(granularity, shape, k, n):
+    torch.manual_seed(0)
+    layer = nn.Linear(shape[1], shape[0]) if len(shape) == 2 else nn.Conv2d(shape[1], shape[0], shape[2])
+    config = DPPConfig(granularity=granularity, k=k, n=n)
+    parametrize.register_parametrization(layer, "weight", KOfNMask(layer.weight, config))
+    mask_module = layer.parametrizations.weight[0]
+    layer.train()
+    for _ in range(3):
+        m = mask_module.mask().detach()
+        if granularity == "weight":
+            assert (m.reshape(-1, n).sum(1) == k).all()
+        elif granularity == "kernel":
+            assert (m[:, :, 0, 0].sum(1) == k).all()
+        else:
+            assert m.reshape(shape[0], -1)[:, 0].sum() == k
+    layer.eval()
+    assert torch.equal(mask_module.mask(), mask_module.mask())  # deterministic top-k of the logits
+    assert torch.equal(mask_module.mask(), mask_module._expand(topk_mask(mask_module.logits.detach(), k)))
+    x = torch.randn(2, *((shape[1],) if len(shape) == 2 else (shape[1], 5, 5)))
+    layer.train()
+    layer.zero_grad()
+    layer(x).sum().backward()
+    assert mask_module.logits.grad.abs().sum() > 0  # weights and logits train jointly
+
+
+def test_metrics_are_zero_and_one_at_their_extremes():
+    uniform = torch.zeros(5, 4)
+    assert mask_confidence(uniform) == pytest.approx(0.0, abs=1e-12)
+    assert mask_diversity(uniform) == pytest.approx(0.0, abs=1e-12)
+    one_hot = torch.full((4, 4), -1e4)
+    one_hot[torch.arange(4), torch.arange(4)] = 1e4  # certain groups, each choosing a different position
+    assert mask_confidence(one_hot) == pytest.approx(1.0, abs=1e-9)
+    assert mask_diversity(one_hot) == pytest.approx(1.0, abs=1e-9)
+    same = torch.full((4, 4), -1e4)
+    same[:, 0] = 1e4  # certain and identical: confident, not diverse
+    assert mask_confidence(same) == pytest.approx(1.0) and mask_diversity(same) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_temperature_schedule_is_indexed_by_epoch_and_clamped():
+    lin = TemperatureSchedule(start=1.0, end=0.1, epochs=4, mode="linear", floor=0.2)
+    assert [round(lin(e), 6) for e in range(5)] == [1.0, 0.7, 0.4, 0.2, 0.2]
+    exp = TemperatureSchedule(start=1.0, end=0.01, epochs=3, mode="exponential", floor=0.001)
+    assert exp(0) == pytest.approx(1.0) and exp(1) == pytest.approx(0.1) and exp(2) == pytest.approx(0.01)
+
+
+def test_evaluation_mask_is_the_topk_of_the_logits():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0]])
+    assert topk_mask(logits, 2).tolist() == [[0.0, 1.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("kwargs, shape, match", [
+    ({"k": 5, "n": 4}, None, "k must be smaller than n"),
+    ({"granularity": "row"}, None, "granularity must be one of"),
+    ({"k": 1, "n": 3}, (4, 8), "must divide the row length 8"),
+    ({"granularity": "kernel", "k": 3}, (4, 3, 3, 3), "k=3 must be smaller than n=3"),
+    ({"granularity": "kernel", "k": 1}, (4, 8), "needs a Conv2d weight"),
+    ({"tiles": 3, "k": 1, "n": None}, (4, 8), "tiles=3 must divide the row length 8"),
+])
+def test_bad_input_is_a_clear_error(kwargs, shape, match):
+    with pytest.raises(ValueError, match=match):
+        group_layout(shape, DPPConfig(**kwargs)) if shape else DPPConfig(**kwargs)
+
+
+def test_temperature_must_be_positive():
+    with pytest.raises(ValueError, match="temperature start must be > 0"):
+        TemperatureSchedule(start=0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        gumbel_topk_mask(torch.zeros(1, 4), 1, 0.0)
+
+
+def test_tiles_split_rows_into_groups():
+    assert group_layout((4, 12), DPPConfig(k=1, n=None, tiles=3)) == (12, 4)
+    assert math.isclose(DPPConfig.from_dict(DPPConfig(k=2, n=8).to_dict()).k, 2)
