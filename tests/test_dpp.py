@@ -116,3 +116,49 @@ def test_temperature_must_be_positive():
 def test_tiles_split_rows_into_groups():
     assert group_layout((4, 12), DPPConfig(k=1, n=None, tiles=3)) == (12, 4)
     assert math.isclose(DPPConfig.from_dict(DPPConfig(k=2, n=8).to_dict()).k, 2)
+
+
+def test_dpp_training_learns_masks_that_keep_exactly_k_and_logs_metrics(synthetic):
+    from prunekit.dpp import dpp_prune_
+    from prunekit.models import ModelConfig, create_model
+    from prunekit.training import TrainConfig
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig("lenet300", in_channels=1, num_classes=4, input_size=12))
+    config = DPPConfig(k=1, n=4, temperature=TemperatureSchedule(1.0, 0.1, epochs=2))
+    result = dpp_prune_(model, synthetic, config, TrainConfig(epochs=2, lr=0.05, augment="none"), progress=False)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    for name, mask in result.masks.items():
+        weight = model.get_submodule(name).weight
+        assert (mask.reshape(-1, 4).sum(1) == 1).all()
+        assert torch.equal(weight * (1 - mask), torch.zeros_like(weight))  # the baked weights follow the mask
+    assert len(result.metrics) == 2 and result.metrics[1]["temperature"] == pytest.approx(0.1)
+    assert all(0 <= v <= 1 for row in result.metrics for k, v in row.items() if k.endswith(("confidence", "diversity")))
+
+
+@pytest.mark.parametrize("quant, levels", [("bits=3", 7), ("binary", 2)])
+def test_joint_quantization_leaves_few_levels_per_layer(synthetic, quant, levels):
+    from prunekit.dpp import dpp_prune_
+    from prunekit.models import ModelConfig, create_model
+    from prunekit.training import TrainConfig
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig("lenet300", in_channels=1, num_classes=4, input_size=12))
+    result = dpp_prune_(model, synthetic, DPPConfig(k=2, n=4), TrainConfig(epochs=1, lr=0.05, augment="none"),
+                        quant=quant, progress=False)
+    for name in result.masks:
+        w = model.get_submodule(name).weight.detach()
+        assert len(w[w != 0].unique()) <= levels
+
+
+def test_ste_quantization_passes_gradients():
+    from prunekit.dpp import STEQuantize
+
+    w = torch.tensor([0.5, -2.0, 0.1], requires_grad=True)
+    STEQuantize(bits=3)(w).sum().backward()
+    assert w.grad.tolist() == [1.0, 1.0, 1.0]
+    w.grad = None
+    STEQuantize(binary=True)(w).sum().backward()
+    assert w.grad.tolist() == [1.0, 0.0, 1.0]  # hard-tanh surrogate: no gradient where |w| > 1
+    with pytest.raises(ValueError, match="exactly one of"):
+        STEQuantize()

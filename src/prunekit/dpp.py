@@ -236,3 +236,121 @@ class KOfNMask(nn.Module):
     def entropy(self) -> torch.Tensor:
         p = torch.softmax(self.logits, -1)
         return -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+class STEQuantize(nn.Module):
+    """Weight quantization trained with a straight-through estimator (a parametrization).
+
+    ``bits=b``: ``q * clamp(round(w / q), -M, M)`` with ``M = 2^(b-1) - 1`` and ``q = max|w| / M`` (zero allowed, so
+    masked weights stay zero); the gradient passes straight through. ``binary``: ``mean|w| * sign(w)`` with the
+    hard-tanh surrogate gradient (``1`` where ``|w| <= 1``, else ``0``).
+    """
+
+    def __init__(self, bits: int | None = None, binary: bool = False) -> None:
+        super().__init__()
+        if binary == (bits is not None):
+            raise ValueError("give exactly one of bits=N or binary=True")
+        if bits is not None and bits < 2:
+            raise ValueError(f"bits must be >= 2 for k-bit STE quantization (use binary for 1 bit), got {bits}")
+        self.bits, self.binary = bits, binary
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.binary:
+            clamped = w.clamp(-1, 1)
+            nonzero = w != 0
+            scale = w.detach().abs()[nonzero].mean() if nonzero.any() else w.new_tensor(1.0)
+            return (scale * torch.sign(w)).detach() + (clamped - clamped.detach())  # exact levels forward
+        m = 2 ** (self.bits - 1) - 1
+        q = w.detach().abs().max().clamp_min(1e-12) / m
+        return (q * torch.clamp(torch.round(w / q), -m, m)).detach() + (w - w.detach())
+
+
+class DPPHooks:
+    """Sets each epoch's temperature, adds the entropy regulariser, records per-layer confidence/diversity."""
+
+    def __init__(self, masks: dict[str, KOfNMask], config: DPPConfig) -> None:
+        self.masks, self.config = masks, config
+        self.metrics: list[dict[str, Any]] = []
+        self._set(0)
+
+    def _set(self, epoch: int) -> None:
+        for m in self.masks.values():
+            m.temperature = self.config.temperature(epoch)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        if not self.config.entropy_weight:
+            return None
+        return self.config.entropy_weight * sum(m.entropy() for m in self.masks.values()) / len(self.masks)
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        pass
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> None:
+        self.metrics.append({"epoch": epoch + 1, "temperature": self.config.temperature(epoch),
+                             **{f"{n}/confidence": mask_confidence(m.logits) for n, m in self.masks.items()},
+                             **{f"{n}/diversity": mask_diversity(m.logits) for n, m in self.masks.items()}})
+        self._set(epoch + 1)
+
+
+@dataclass
+class DPPResult:
+    """Final masks (float 0/1, weight-shaped) per layer and the per-epoch metrics."""
+
+    masks: dict[str, torch.Tensor]
+    metrics: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+
+
+def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[str] | None = None,
+               quant: str = "none", progress: bool = True) -> DPPResult:
+    """Learn k-of-n masks (and, with ``quant``, quantized weights) jointly with the weights, in place.
+
+    Args:
+        layers: Linear/Conv2d layers to constrain (default: all; for filter granularity all but the output layer).
+        quant: ``none``, ``binary`` or ``bits=N`` (N >= 2), trained with straight-through estimators.
+
+    Afterwards the weights hold ``weight * mask`` (evaluation mask) as plain parameters: no parametrization stays.
+    """
+    from torch.nn.utils import parametrize
+
+    from prunekit.engine import find_output_layers
+    from prunekit.training import TrainHooks, fit
+
+    modules = dict(model.named_modules())
+    if layers is None:
+        skip = set(find_output_layers(model, data.train[:2][0])) if config.granularity is Granularity.FILTER \
+            else set()
+        layers = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in skip
+                  and getattr(m, "groups", 1) == 1]
+    if not layers:
+        raise ValueError("DPP found no Linear/Conv2d layer to constrain")
+    masks: dict[str, KOfNMask] = {}
+    for name in layers:
+        module = modules[name]
+        mask = KOfNMask(module.weight, config)
+        if quant != "none":
+            kind, _, value = quant.partition("=")
+            if kind == "binary":
+                parametrize.register_parametrization(module, "weight", STEQuantize(binary=True))
+            elif kind == "bits" and value.isdigit():
+                parametrize.register_parametrization(module, "weight", STEQuantize(bits=int(value)))
+            else:
+                raise ValueError(f"DPP quantization must be none, binary or bits=N, got {quant!r}")
+        parametrize.register_parametrization(module, "weight", mask)
+        masks[name] = mask
+    hooks = DPPHooks(masks, config)
+
+    class _Hooks(TrainHooks):
+        def penalty(self, m):
+            return hooks.penalty(m)
+
+        def after_epoch(self, m, epoch):
+            hooks.after_epoch(m, epoch)
+
+    result = fit(model, data, train, progress=progress, hooks=_Hooks())
+    model.eval()
+    final = {}
+    for name in layers:
+        final[name] = masks[name].mask().detach().clone()
+        parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=True)
+    return DPPResult(final, hooks.metrics, result.history)
