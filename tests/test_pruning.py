@@ -278,9 +278,27 @@ def test_cli_admm_channel_pattern_shrinks_the_model_and_it_reloads(tmp_path, den
     assert sum(p.numel() for p in model.parameters()) == report["pruned"]["params"]
 
 
+def test_cli_dpp_learns_k_of_n_masks_and_reports_storage_and_metrics(tmp_path, dense_checkpoint, capsys):
+    out = tmp_path / "dpp"
+    code = main(["prune", "--checkpoint", str(dense_checkpoint), "--method", "dpp", "--granularity", "kernel",
+                 "--k", "1", "--finetune-epochs", "1", "--quant", "bits=8", "--out", str(out), "--no-progress",
+                 "--no-latency"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruned"]["nonzero_params"] < report["dense"]["params"]
+    assert (out / "mask_metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["metrics"] and "final mask confidence / diversity" in (out / "report.md").read_text()
+    model, meta = load_compressed(out / "dpp.safetensors")
+    assert meta["dpp"]["granularity"] == "kernel"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["--method", "dpp"], "needs --k"),
+        (["--method", "dpp", "--k", "5", "--n", "4", "--finetune-epochs", "1"], "k must be smaller than n"),
+        (["--method", "dpp", "--k", "1", "--n", "4", "--temperature", "0", "0.1", "--finetune-epochs", "1"],
+         "temperature start must be > 0"),
         (["--method", "admm", "--target", "flops=0.5"], "ADMM targets the fraction of weights kept"),
         (["--method", "admm", "--pattern", "k-of-n", "--k", "5", "--n", "4"], "k < n"),
         (["--method", "admm", "--quant", "bits=0"], "bits must be an int >= 1"),

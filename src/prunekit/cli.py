@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="none", help="admm: none | binary | ternary | bits=N (joint quantization)")
     p.add_argument("--k", type=int, default=None, help="admm k-of-n: weights kept in every run of n")
     p.add_argument("--n", type=int, default=None, help="admm k-of-n: run length")
+    p.add_argument("--granularity", choices=["weight", "kernel", "filter"], default="weight",
+                   help="dpp: k of n weights per run of a row, kernels per filter, or filters per layer")
+    p.add_argument("--tiles", type=int, default=None, help="dpp weight granularity: k of n within each of G tiles")
+    p.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.05], metavar=("START", "END"),
+                   help="dpp: Gumbel-softmax temperature, annealed per epoch")
     p.add_argument("--admm-epochs", type=int, default=4, help="admm: ADMM epochs per phase")
     p.add_argument("--rho", type=float, default=1e-3, help="admm: initial penalty (grows x1.3 per update)")
     p.add_argument("--seed", type=int, default=0)
@@ -176,6 +181,21 @@ def cmd_prune(args) -> None:
     if not args.resume and (out / "report.json").exists():
         raise CLIError(f"{out} already holds a pruning report; pass --resume or choose another --out")
     data = _data_config(args) if args.data else None
+    if args.method == "dpp":
+        from prunekit.jobs import dpp_job
+
+        if args.k is None:
+            raise CLIError("--method dpp needs --k (and --n for weight granularity, or --tiles)")
+        if args.finetune_epochs < 1:
+            raise CLIError("--method dpp trains masks and weights together: give --finetune-epochs >= 1")
+        outcome = dpp_job(args.model, data, checkpoint=args.checkpoint, granularity=args.granularity, k=args.k,
+                          n=args.n, tiles=args.tiles, quant=args.quant, epochs=args.finetune_epochs, lr=args.lr,
+                          batch_size=args.batch_size, temperature=tuple(args.temperature), out=out,
+                          progress=not args.no_progress, measure_latency=not args.no_latency, seed=args.seed)
+        print()
+        print(summary_table(outcome.rows))
+        print(f"\nreport: {outcome.report}")
+        return
     if args.method == "admm":
         from prunekit.jobs import admm_job
 

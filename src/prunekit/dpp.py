@@ -238,6 +238,14 @@ class KOfNMask(nn.Module):
         return -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
 
 
+def _fits(shape: torch.Size, config: DPPConfig) -> bool:
+    try:
+        group_layout(shape, config)
+    except ValueError:
+        return False
+    return True
+
+
 class STEQuantize(nn.Module):
     """Weight quantization trained with a straight-through estimator (a parametrization).
 
@@ -306,7 +314,9 @@ def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[st
     """Learn k-of-n masks (and, with ``quant``, quantized weights) jointly with the weights, in place.
 
     Args:
-        layers: Linear/Conv2d layers to constrain (default: all; for filter granularity all but the output layer).
+        layers: Linear/Conv2d layers to constrain (default: every layer the granularity fits, e.g. kernel
+            granularity skips Linear layers and a first conv with fewer than k + 1 input channels; for filter
+            granularity the output layer is left alone).
         quant: ``none``, ``binary`` or ``bits=N`` (N >= 2), trained with straight-through estimators.
 
     Afterwards the weights hold ``weight * mask`` (evaluation mask) as plain parameters: no parametrization stays.
@@ -321,9 +331,11 @@ def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[st
         skip = set(find_output_layers(model, data.train[:2][0])) if config.granularity is Granularity.FILTER \
             else set()
         layers = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in skip
-                  and getattr(m, "groups", 1) == 1]
+                  and getattr(m, "groups", 1) == 1 and _fits(m.weight.shape, config)]
     if not layers:
-        raise ValueError("DPP found no Linear/Conv2d layer to constrain")
+        raise ValueError(f"DPP found no Linear/Conv2d layer that {config.granularity.value} granularity with "
+                         f"k={config.k}, n={config.n} fits (kernel granularity needs convolutions with more than k "
+                         "input channels; weight granularity needs n to divide the rows)")
     masks: dict[str, KOfNMask] = {}
     for name in layers:
         module = modules[name]

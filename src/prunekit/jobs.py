@@ -281,3 +281,63 @@ def admm_job(model: str | None = None, data: str | DataConfig | None = None, *, 
                                      "history": result.history, "model_path": str(path)},
                               notes=notes)
     return PruneOutcome(rows, {label: result}, report)
+
+
+def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, checkpoint: str | Path | None = None,
+            granularity: str = "weight", k: int = 1, n: int | None = 4, tiles: int | None = None,
+            quant: str = "none", epochs: int = 4, lr: float = 0.01, batch_size: int = 128,
+            temperature: tuple[float, float] = (1.0, 0.05), out: str | Path | None = None, progress: bool = True,
+            log=print, measure_latency: bool = True, seed: int = 0) -> PruneOutcome:
+    """DPP: learn k-of-n masks (optionally with quantized weights) on a dense network, measure and report, with the
+    exact k-of-n storage, the per-layer confidence/diversity plot and the model (``prunekit prune --method dpp``)."""
+    import copy
+
+    from prunekit.admm import format_storage
+    from prunekit.architecture import save_compressed
+    from prunekit.dpp import DPPConfig, TemperatureSchedule, dpp_prune_
+    from prunekit.plots import plot_mask_metrics
+    from prunekit.report import write_report
+
+    config = DPPConfig(granularity=granularity, k=k, n=n if granularity == "weight" and not tiles else None,
+                       tiles=tiles, temperature=TemperatureSchedule(temperature[0], temperature[1], max(epochs, 1)))
+    data_cfg = DataConfig(name=data) if isinstance(data, str) else data
+    dense, base, data_cfg = load_dense(model, checkpoint, data_cfg)
+    splits = load_dataset(data_cfg)
+    train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, augment=default_augment(data_cfg.name))
+    log(f"dense: measuring ({splits.describe()})")
+    rows = {"dense": summarize(dense, splits, latency=measure_latency).to_dict()}
+    net = copy.deepcopy(dense).train()
+    torch.manual_seed(seed)
+    result = dpp_prune_(net, splits, config, train, quant=quant, progress=progress)
+    net.eval()
+    summary = summarize(net, splits, latency=measure_latency).to_dict()
+    summary["nonzero_params"] = int(sum(int((p != 0).sum()) for p in net.parameters()))
+    run_n = (config.n or 0) if granularity == "weight" else None
+    if tiles:
+        run_n = None
+    storage = format_storage(net, list(result.masks), None, None, (k, run_n) if run_n else None)
+    summary["storage_bits"] = storage["bits"][storage["best"]]
+    label = f"dpp {granularity} {k}-of-{n if run_n else 'n'}" + (f" {quant}" if quant != "none" else "")
+    rows[label] = summary
+    report = None
+    if out is not None:
+        outdir = Path(out)
+        outdir.mkdir(parents=True, exist_ok=True)
+        path = save_compressed(outdir / "dpp.safetensors", net, base, [],
+                               {"dpp": config.to_dict(), "quant": quant, "data": data_cfg.to_dict()})
+        plot_mask_metrics(result.metrics, outdir / "mask_metrics.png", title=f"DPP {granularity}, k={k}")
+        last = result.metrics[-1] if result.metrics else {}
+        notes = [f"{epochs} epoch(s) of joint mask + weight training, temperature {temperature[0]:g} -> "
+                 f"{temperature[1]:g} (exponential, per epoch); model chosen on validation",
+                 "storage (bits): " + ", ".join(f"{f} {b:,} ({storage['compression'][f]:.1f}x)"
+                                                for f, b in storage["bits"].items()),
+                 "final mask confidence / diversity per layer: " + ", ".join(
+                     f"{name} {last.get(name + '/confidence', float('nan')):.2f} / "
+                     f"{last.get(name + '/diversity', float('nan')):.2f}" for name in result.masks)]
+        report = write_report(outdir, f"prunekit prune --method dpp: {base.get('name', base.get('factory'))} on "
+                              f"{data_cfg.name}", rows,
+                              extra={"pruned": summary, "storage": storage, "dpp": config.to_dict(),
+                                     "metrics": result.metrics, "history": result.history,
+                                     "model_path": str(path)},
+                              notes=notes, images=["mask_metrics.png"])
+    return PruneOutcome(rows, {label: result}, report)

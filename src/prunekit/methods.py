@@ -12,6 +12,7 @@ from collections.abc import Callable
 import prunekit.obs  # noqa: F401  (registers the curvature criteria)
 from prunekit.admm import admm_prune_
 from prunekit.criteria import CRITERIA
+from prunekit.dpp import dpp_prune_
 from prunekit.eigendamage import eigendamage_round_
 from prunekit.registry import Registry
 
@@ -20,5 +21,7 @@ for _name in CRITERIA.list():
     METHODS.add(_name, CRITERIA.get(_name), f"structural: {CRITERIA.help(_name)}")
 METHODS.add("admm", admm_prune_,
             "ADMM-NN-S joint pruning (--pattern) and quantization (--quant) with masked retraining (Ma et al. 2019)")
+METHODS.add("dpp", dpp_prune_,
+            "DPP: learned k-out-of-n masks by Gumbel-softmax (--granularity, --k, --n), optional STE quantization")
 METHODS.add("eigendamage", eigendamage_round_,
             "structured pruning in the Kronecker-factored eigenbasis, layers rebuilt as bottlenecks (Wang et al. 2019)")

@@ -81,3 +81,18 @@ def plot_accuracy_vs_flops(points: dict[str, list[tuple[float, float]]], path: s
     ax.legend(fontsize=7)
     ax.set_title(title)
     return _save(fig, path)
+
+
+def plot_mask_metrics(metrics: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """DPP mask confidence and diversity per layer over epochs (keys ``<layer>/confidence``, ``<layer>/diversity``)."""
+    epochs = [m["epoch"] for m in metrics]
+    layers = sorted({k.rsplit("/", 1)[0] for m in metrics for k in m if k.endswith("/confidence")})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for layer in layers:
+        ax1.plot(epochs, [m[f"{layer}/confidence"] for m in metrics], marker="o", label=layer)
+        ax2.plot(epochs, [m[f"{layer}/diversity"] for m in metrics], marker="o", label=layer)
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("mask confidence"), ax1.set_ylim(0, 1)
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("pruning diversity"), ax2.set_ylim(0, 1)
+    ax1.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
