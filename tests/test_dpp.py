@@ -162,3 +162,13 @@ def test_ste_quantization_passes_gradients():
     assert w.grad.tolist() == [1.0, 0.0, 1.0]  # hard-tanh surrogate: no gradient where |w| > 1
     with pytest.raises(ValueError, match="exactly one of"):
         STEQuantize()
+
+
+def test_nearest_k_of_n_picks_a_dividing_run_length():
+    from prunekit.dpp import nearest_k_of_n
+
+    assert nearest_k_of_n(800, 1, 20) == (1, 20)  # 20 divides 800
+    assert nearest_k_of_n(784, 1, 10) == (1, 8)  # 8 and 14 divide 784; 8 is nearer to 10
+    assert nearest_k_of_n(784, 5, 20) == (4, 16)
+    with pytest.raises(ValueError, match="cannot hold"):
+        nearest_k_of_n(1, 1, 4)

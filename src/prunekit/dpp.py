@@ -310,7 +310,8 @@ class DPPResult:
 
 
 def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[str] | None = None,
-               quant: str = "none", progress: bool = True) -> DPPResult:
+               quant: str = "none", progress: bool = True,
+               per_layer: dict[str, DPPConfig] | None = None) -> DPPResult:
     """Learn k-of-n masks (and, with ``quant``, quantized weights) jointly with the weights, in place.
 
     Args:
@@ -318,6 +319,8 @@ def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[st
             granularity skips Linear layers and a first conv with fewer than k + 1 input channels; for filter
             granularity the output layer is left alone).
         quant: ``none``, ``binary`` or ``bits=N`` (N >= 2), trained with straight-through estimators.
+        per_layer: Configs for individual layers (e.g. another ``n`` where ``config.n`` does not divide a row);
+            the temperature schedule and entropy weight of ``config`` apply to all.
 
     Afterwards the weights hold ``weight * mask`` (evaluation mask) as plain parameters: no parametrization stays.
     """
@@ -339,7 +342,7 @@ def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[st
     masks: dict[str, KOfNMask] = {}
     for name in layers:
         module = modules[name]
-        mask = KOfNMask(module.weight, config)
+        mask = KOfNMask(module.weight, (per_layer or {}).get(name, config))
         if quant != "none":
             kind, _, value = quant.partition("=")
             if kind == "binary":
@@ -366,3 +369,13 @@ def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[st
         final[name] = masks[name].mask().detach().clone()
         parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=True)
     return DPPResult(final, hooks.metrics, result.history)
+
+
+def nearest_k_of_n(row: int, k: int, n: int) -> tuple[int, int]:
+    """The ``(k', n')`` closest to keeping ``k / n`` for a row of length ``row``: ``n'`` is the divisor of ``row``
+    nearest to ``n`` (the larger one on a tie) and ``k' = max(1, round(k * n' / n))`` (``k' < n'``)."""
+    divisors = [d for d in range(2, row + 1) if row % d == 0]
+    if not divisors:
+        raise ValueError(f"a row of length {row} cannot hold a k-of-n pattern")
+    best = min(divisors, key=lambda d: (abs(d - n), -d))
+    return min(max(1, round(k * best / n)), best - 1), best
