@@ -42,35 +42,16 @@ def test_readme_names_the_two_commands(target):
     assert target in README.read_text()
 
 
-def test_readme_structured_table_is_the_committed_benchmark_result():
-    """The README's table is exactly what benchmarks/structured.py made from its committed results."""
-    import importlib.util
-    import json
+@pytest.mark.parametrize("name", ["structured", "eigendamage"])
+def test_readme_benchmark_tables_are_the_committed_results(name):
+    """The README's generated tables are exactly what the benchmark scripts make from their committed JSON
+    (refresh them with ``python benchmarks/readme_tables.py``)."""
     import sys
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("structured_benchmark", root / "benchmarks" / "structured.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    rows = json.loads((root / "benchmarks" / "results" / "structured" / "structured.json").read_text())["rows"]
+    sys.path.insert(0, str(README.parent / "benchmarks"))
+    import readme_tables
+
     text = README.read_text()
-    start = text.index("<!-- structured table")
-    start = text.index("\n", start) + 1
-    end = text.index("<!-- end structured table -->")
-    assert text[start:end].strip() == module.comparison_table(rows).strip()
-
-
-def test_readme_eigendamage_table_is_the_committed_benchmark_result():
-    import json
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
-    import eigendamage
-
-    rows = json.loads((root / "benchmarks" / "results" / "eigendamage" / "eigendamage.json").read_text())["rows"]
-    text = README.read_text()
-    start = text.index("\n", text.index("<!-- eigendamage table")) + 1
-    end = text.index("<!-- end eigendamage table -->")
-    assert text[start:end].strip() == eigendamage.summary_table(rows).strip()
+    start = text.index("\n", text.index(f"<!-- {name} table")) + 1
+    end = text.index(f"<!-- end {name} table -->")
+    assert text[start:end].strip() == readme_tables.tables()[name].strip()

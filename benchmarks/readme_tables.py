@@ -1,0 +1,49 @@
+"""Rewrites the generated tables of the README from the committed benchmark results.
+
+    python benchmarks/readme_tables.py
+
+Each table sits between ``<!-- NAME table ... -->`` and ``<!-- end NAME table -->``; ``tests/test_readme.py``
+checks that they equal what the benchmark scripts make from their JSON, so run this after re-running a benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import eigendamage  # noqa: E402
+import structured  # noqa: E402
+
+
+def tables() -> dict[str, str]:
+    results = ROOT / "benchmarks" / "results"
+    return {
+        "structured": structured.comparison_table(json.loads((results / "structured" / "structured.json").read_text())
+                                                  ["rows"]),
+        "eigendamage": eigendamage.summary_table(json.loads((results / "eigendamage" / "eigendamage.json")
+                                                            .read_text())["rows"]),
+    }
+
+
+def replace_table(text: str, name: str, table: str) -> str:
+    start = text.index("\n", text.index(f"<!-- {name} table")) + 1
+    end = text.index(f"<!-- end {name} table -->")
+    return text[:start] + "\n" + table + "\n\n" + text[end:]
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, table in tables().items():
+        text = replace_table(text, name, table)
+    readme.write_text(text)
+    print(f"updated {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
