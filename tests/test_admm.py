@@ -112,6 +112,8 @@ def test_global_allocation_meets_the_overall_rate_and_rates_override(synthetic):
     ({"quant_steps": (0.5, 0.9)}, "end at 1.0"),
     ({"rates": {"fc": 0}}, "keep fraction in"),
     ({"admm_epochs": -1}, "admm_epochs must be an int >= 0"),
+    ({"pattern": "group", "keep": 1.0}, "keep fraction must be in"),
+    ({"pattern": "group", "group_metric": "latency"}, "target metric must be one of"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -173,3 +175,62 @@ def test_filter_zeros_before_batchnorm_stay_because_beta_still_flows(synthetic):
     with torch.no_grad():
         model.get_submodule(next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))).weight[0] = 0
     assert not shrink_zero_channels_(model.eval(), synthetic.train[:2][0])
+
+
+def test_group_projection_removes_the_channels_brute_force_finds_nearest():
+    """One coupled group (a hidden layer's 6 units: rows of fc1, columns of fc2) and a channels target: the
+    projection must zero the 3 units whose removal loses the least weight energy, as brute force finds."""
+    import itertools
+
+    from prunekit.admm import GroupProjection
+    from prunekit.allocation import Target
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 6, bias=False), nn.ReLU(),
+                          nn.Linear(6, 3))
+    layers = {"0": model[0], "2": model[2]}
+    projection = GroupProjection(model, layers, torch.randn(2, 4), Target("channels", 0.5))
+    weights = {n: torch.randn_like(m.weight) for n, m in layers.items()}
+    z = projection(weights)
+
+    def energy_without(units: tuple[int, ...]) -> float:  # units of the first hidden layer only
+        w0, w2 = weights["0"].clone(), weights["2"].clone()
+        w0[list(units)], w2[:, list(units)] = 0, 0
+        return float((weights["0"] - w0).pow(2).sum() + (weights["2"] - w2).pow(2).sum())
+
+    removed = [i for i in range(6) if bool((z["0"][i] == 0).all())]
+    assert all(bool((z["2"][:, i] == 0).all()) for i in removed)  # the coupled slices go together
+    # removing half of all 12 hidden channels: check the choice inside the first group by brute force
+    best = min(itertools.combinations(range(6), len(removed)), key=energy_without)
+    assert sorted(best) == removed
+    z2 = projection(z)  # a projection is idempotent
+    assert all(torch.equal(z2[n], z[n]) for n in z)
+
+
+def test_group_admm_meets_the_flops_target_and_the_saved_model_replays(synthetic, tmp_path):
+    from prunekit.architecture import load_compressed, save_compressed
+    from prunekit.metrics import count_flops
+
+    torch.manual_seed(0)
+    config_model = ModelConfig("resnet20", in_channels=1, num_classes=4, input_size=12)
+    model = create_model(config_model)
+    flops = count_flops(model, (1, 1, 12, 12))
+    params = sum(p.numel() for p in model.parameters())
+    config = ADMMConfig(pattern="group", keep=0.25, admm_epochs=1, retrain_epochs=1, rho=0.05)
+    result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
+    assert result.change["kind"] == "channels" and result.residuals["prune"]
+    got = count_flops(model, (1, 1, 12, 12)) / flops
+    assert 0.23 < got <= 0.26
+    assert result.kept_fraction() < 0.5 and result.dense_bits == 32 * params
+    model.eval()
+    path = save_compressed(tmp_path / "g.safetensors", model, config_model.to_dict(), [result.change])
+    loaded, _ = load_compressed(path)
+    x = synthetic.test[:8][0]
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_group_pattern_has_no_per_layer_projection():
+    from prunekit.constraints import SparsityConstraint
+
+    with pytest.raises(ValueError, match="spans coupled layers"):
+        SparsityConstraint("group", 0.5)

@@ -31,8 +31,16 @@ def test_quick_run_writes_rows_and_resumes(tmp_path):
     quantized = {r["quant"]: r["compression"] for r in payload["rows"] if r["kind"] == "admm"}
     assert quantized["binary"] > quantized["bits=3"] > quantized["none"]  # fewer bits per kept weight
     assert "| admm | 10x | bits=3 |" in (out / "admm.md").read_text()
+    verdict = json.loads((out / "verdict-lenet5" / "compare.json").read_text())
+    assert set(verdict["rows"]) == {"dense", "group", "unstructured"}
+    group, unstructured = verdict["rows"]["group"], verdict["rows"]["unstructured"]
+    assert group["params"] < verdict["rows"]["dense"]["params"] and group["weight_sparsity"] == 0  # shrunk
+    assert unstructured["params"] == verdict["rows"]["dense"]["params"] and unstructured["weight_sparsity"] > 0.8
+    kept = verdict["variants"]
+    assert kept["unstructured"]["kept_fraction"] == pytest.approx(kept["group"]["kept_fraction"], abs=0.01)
+    assert (out / "verdict-lenet5" / "compare.png").is_file() and "Smallest storage" in (out / "verdict.md").read_text()
     second = _run("--quick", "--out", str(out))
-    assert second.returncode == 0 and "storage" not in second.stdout.split("# ADMM")[0]  # all rows cached
+    assert second.returncode == 0 and ": test acc" not in second.stdout  # all rows cached
 
 
 def test_bad_rate_is_a_clear_error(tmp_path):

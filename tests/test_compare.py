@@ -41,6 +41,8 @@ def test_compare_measures_storage_and_both_kernels_and_gives_a_verdict(variants,
     assert len(be["sparse_ms"]) == len(be["sparsities"])
     text = (root / "cmp" / "compare.md").read_text()
     assert "Verdict: smallest storage" in text and "sparse kernel starts to win" in text
+    assert "![comparison](compare.png)" in text
+    assert (root / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -278,6 +278,21 @@ def test_cli_admm_channel_pattern_shrinks_the_model_and_it_reloads(tmp_path, den
     assert sum(p.numel() for p in model.parameters()) == report["pruned"]["params"]
 
 
+def test_cli_admm_group_pattern_meets_a_flops_target_and_reports_storage_against_the_dense_model(
+        tmp_path, dense_checkpoint, capsys):
+    out = tmp_path / "admm-group"
+    code = main(["prune", "--checkpoint", str(dense_checkpoint), "--method", "admm", "--pattern", "group",
+                 "--target", "flops=0.5", "--admm-epochs", "1", "--finetune-epochs", "1", "--rho", "0.05",
+                 "--out", str(out), "--no-progress", "--no-latency"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert 0.45 < report["pruned"]["flops"] / report["dense"]["flops"] <= 0.52
+    assert report["storage"]["dense_float32_bits"] == 32 * report["dense"]["params"]
+    assert report["storage"]["compression"]["dense"] > 1.5
+    model, _ = load_compressed(out / "admm.safetensors")
+    assert sum(p.numel() for p in model.parameters()) == report["pruned"]["params"]
+
+
 def test_cli_dpp_learns_k_of_n_masks_and_reports_storage_and_metrics(tmp_path, dense_checkpoint, capsys):
     out = tmp_path / "dpp"
     code = main(["prune", "--checkpoint", str(dense_checkpoint), "--method", "dpp", "--granularity", "kernel",
@@ -299,7 +314,7 @@ def test_cli_dpp_learns_k_of_n_masks_and_reports_storage_and_metrics(tmp_path, d
         (["--method", "dpp", "--k", "5", "--n", "4", "--finetune-epochs", "1"], "k must be smaller than n"),
         (["--method", "dpp", "--k", "1", "--n", "4", "--temperature", "0", "0.1", "--finetune-epochs", "1"],
          "temperature start must be > 0"),
-        (["--method", "admm", "--target", "flops=0.5"], "ADMM targets the fraction of weights kept"),
+        (["--method", "admm", "--target", "flops=0.5"], "needs --pattern group"),
         (["--method", "admm", "--pattern", "k-of-n", "--k", "5", "--n", "4"], "k < n"),
         (["--method", "admm", "--quant", "bits=0"], "bits must be an int >= 1"),
         (["--method", "nope"], "unknown criterion 'nope'"),

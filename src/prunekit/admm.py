@@ -11,7 +11,8 @@ with Z and U updated every epoch (or every ``update_every`` steps) and ``rho`` m
 update. Then ``W = Pi_S(W)`` and masked retraining (gradients of removed weights and their momentum zeroed after
 every step, so zeros stay zero). With quantization: after pruning and retraining, a second ADMM phase drives the
 kept weights to their levels, then progressive partial quantization fixes a growing fraction of them on the
-levels (smallest quantization error first) while the rest retrain, until all are quantized.
+levels (smallest quantization error first) while the rest retrain, until all are quantized; a last epoch
+retrains only what stays float (biases, normalisation).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.allocation import CostModel, Target, TargetMetric, plan_for_target
 from prunekit.configs import config_from_dict
 from prunekit.constraints import Pattern, QuantConstraint, QuantKind, SparsityConstraint, sparsity_mask
 from prunekit.data import DataSplits
@@ -43,8 +45,11 @@ class ADMMConfig:
     """ADMM pruning (and quantization) settings.
 
     Args:
-        pattern: Sparsity :class:`~prunekit.constraints.Pattern`.
-        keep: Fraction of the constrained weights kept overall (``0.02`` = 50x pruning); ignored for k-of-n.
+        pattern: Sparsity :class:`~prunekit.constraints.Pattern`; ``group`` removes whole coupled channels
+            (:class:`GroupProjection`) physically after ADMM.
+        keep: Fraction of the constrained weights kept overall (``0.02`` = 50x pruning); ignored for k-of-n. For
+            the group pattern, the fraction of the model's ``group_metric`` kept.
+        group_metric: ``"flops"``, ``"params"`` or ``"channels"`` (group pattern only).
         k, n: k-of-n pattern.
         rates: Per-layer keep fractions that override the allocation (layer name -> fraction).
         allocation: :class:`RateAllocation` of ``keep`` over layers when ``rates`` does not name a layer.
@@ -73,9 +78,14 @@ class ADMMConfig:
     quant_steps: tuple[float, ...] = (0.5, 0.75, 0.9, 1.0)
     ignore: tuple[str, ...] = ()
     include_output: bool = True
+    group_metric: TargetMetric = TargetMetric.FLOPS
 
     def __post_init__(self) -> None:
-        SparsityConstraint(self.pattern, self.keep if self.pattern != Pattern.K_OF_N else 0.5, self.k, self.n)
+        if self.pattern in (Pattern.GROUP, Pattern.GROUP.value):
+            Target(self.group_metric, self.keep)  # checks the metric and 0 < keep < 1
+            object.__setattr__(self, "group_metric", TargetMetric(self.group_metric))
+        else:
+            SparsityConstraint(self.pattern, self.keep if self.pattern != Pattern.K_OF_N else 0.5, self.k, self.n)
         object.__setattr__(self, "pattern", Pattern(self.pattern))
         object.__setattr__(self, "allocation", RateAllocation(self.allocation))
         if isinstance(self.quant, str):
@@ -107,7 +117,7 @@ class ADMMConfig:
                 "rho_growth": self.rho_growth, "admm_epochs": self.admm_epochs,
                 "retrain_epochs": self.retrain_epochs, "update_every": self.update_every,
                 "quant_steps": list(self.quant_steps), "ignore": list(self.ignore),
-                "include_output": self.include_output}
+                "include_output": self.include_output, "group_metric": TargetMetric(self.group_metric).value}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ADMMConfig:
@@ -173,24 +183,35 @@ def allocate_rates(layers: dict[str, nn.Module], config: ADMMConfig) -> dict[str
     return rates
 
 
+Weights = dict[str, torch.Tensor]
+# Z = project(W + U) over all constrained layers at once: per layer for the per-tensor patterns, jointly for the
+# group pattern (the channel groups couple layers).
+Projection = Callable[[Weights], Weights]
+
+
+def per_layer(project: Callable[[str, torch.Tensor], torch.Tensor]) -> Projection:
+    return lambda weights: {n: project(n, w) for n, w in weights.items()}
+
+
 @torch.no_grad()
-def _removed_energy(layers: dict[str, nn.Module], project: Callable[[str, torch.Tensor], torch.Tensor]) -> float:
+def _removed_energy(layers: dict[str, nn.Module], project: Projection) -> float:
     """``||W - Pi(W)|| / ||W||`` over all constrained layers: what a hard projection now would remove."""
-    num = sum(float((m.weight - project(n, m.weight)).pow(2).sum()) for n, m in layers.items())
-    den = sum(float(m.weight.pow(2).sum()) for m in layers.values())
+    weights = {n: m.weight.detach() for n, m in layers.items()}
+    projected = project(weights)
+    num = sum(float((w - projected[n]).pow(2).sum()) for n, w in weights.items())
+    den = sum(float(w.pow(2).sum()) for w in weights.values())
     return (num / max(den, 1e-30)) ** 0.5
 
 
 class _ADMMHooks(TrainHooks):
     """The penalty ``rho/2 ||W - Z + U||^2`` and the Z/U updates."""
 
-    def __init__(self, layers: dict[str, nn.Module], project: Callable[[str, torch.Tensor], torch.Tensor],
-                 rho: float, growth: float, update_every: int, masks: dict[str, torch.Tensor] | None = None
-                 ) -> None:
+    def __init__(self, layers: dict[str, nn.Module], project: Projection, rho: float, growth: float,
+                 update_every: int, masks: dict[str, torch.Tensor] | None = None) -> None:
         self.layers, self.project, self.rho, self.growth = layers, project, rho, growth
         self.update_every = update_every
         self.masks = masks
-        self.Z = {n: project(n, m.weight.detach().clone()) for n, m in layers.items()}
+        self.Z = project({n: m.weight.detach().clone() for n, m in layers.items()})
         self.U = {n: torch.zeros_like(m.weight) for n, m in layers.items()}
         self.residuals: list[float] = []
 
@@ -199,9 +220,9 @@ class _ADMMHooks(TrainHooks):
 
     @torch.no_grad()
     def update(self) -> None:
+        self.Z = self.project({n: m.weight + self.U[n] for n, m in self.layers.items()})
         num = den = 0.0
         for n, m in self.layers.items():
-            self.Z[n] = self.project(n, m.weight + self.U[n])
             self.U[n] += m.weight - self.Z[n]
             num += float((m.weight - self.Z[n]).pow(2).sum())
             den += float(m.weight.pow(2).sum())
@@ -254,44 +275,99 @@ class ADMMResult:
     scales: dict[str, float] = field(default_factory=dict)
     residuals: dict[str, list[float]] = field(default_factory=dict)
     history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    change: dict[str, Any] | None = None
+    original_size: int | None = None
+    dense_bits: int | None = None  # float32 bits of every parameter before pruning (the compression reference)
 
     def kept_fraction(self) -> float:
-        total = sum(m.numel() for m in self.masks.values())
+        """Kept constrained weights over those before pruning (physically removed ones count as removed)."""
+        total = self.original_size or sum(m.numel() for m in self.masks.values())
         return sum(float(m.sum()) for m in self.masks.values()) / max(total, 1)
+
+
+class GroupProjection:
+    """The group pattern's projection: zero the lowest-norm coupled channel groups until ``target`` (a FLOPs or
+    params fraction of the whole model) is met.
+
+    A channel of a coupled group is every slice that removing it takes away (the conv producing it, the convs
+    reading it across residual adds, the classifier columns), so ADMM drives exactly what the structural engine
+    can remove physically. Scores are the L2 norm over those slices (:class:`~prunekit.criteria.Magnitude` with
+    ``p=2`` on ``W + U``), allocation is global as in :func:`prunekit.allocation.plan_for_target`.
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], example: torch.Tensor, target: Target,
+                 ignore: tuple[str, ...] = ()) -> None:
+        self.graph = ChannelGraph(model, example, ignore=ignore)
+        if not self.graph.groups:
+            raise ValueError("the group pattern found no prunable channel group in this model")
+        self.cost = CostModel(model, self.graph, tuple(example.shape[1:]))
+        self.target = target
+        self.params = {f"{n}.weight": n for n in layers}
+
+    def plan(self, weights: Weights) -> ChannelPlan:
+        by_param = {p: weights[n] for p, n in self.params.items() if n in weights}
+        scores = {g.root: g.reduce(lambda s: s.rows(by_param.get(s.name)).pow(2).sum(1)).sqrt()
+                  for g in self.graph.groups}
+        return plan_for_target(scores, self.cost, self.target)[0]
+
+    def masks(self, plan: ChannelPlan, weights: Weights) -> Weights:
+        by_param = self.graph.masks(plan)
+        return {n: by_param.get(f"{n}.weight", torch.ones_like(w)).to(w.dtype) for n, w in weights.items()}
+
+    def __call__(self, weights: Weights) -> Weights:
+        masks = self.masks(self.plan(weights), weights)
+        return {n: w * masks[n] for n, w in weights.items()}
 
 
 def admm_prune_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig, *,
                 progress: bool = True, log: Callable[[str], None] = print) -> ADMMResult:
     """ADMM pruning (then, with ``config.quant``, ADMM quantization) of ``model`` in place, with retraining.
 
-    ``train`` gives the optimiser settings; its ``epochs`` are replaced by each phase's own.
+    ``train`` gives the optimiser settings; its ``epochs`` are replaced by each phase's own. With the group
+    pattern the chosen channels are removed physically after ADMM (``result.change`` is the replayable plan).
     """
     example = data.train[:2][0]
     layers = constrained_layers(model, config, example)
     if not layers:
         raise ValueError("ADMM found no Conv/Linear layer to constrain (all ignored?)")
-    rates = allocate_rates(layers, config)
-    # a layer whose allocated rate keeps everything is left dense
-    constraints = {n: config.constraint(rates[n]) for n in layers if rates[n] < 1}
+    original_size = sum(m.weight.numel() for m in layers.values())
+    dense_bits = 32 * sum(p.numel() for p in model.parameters())
+    if config.pattern is Pattern.GROUP:
+        group = GroupProjection(model, layers, example, Target(config.group_metric, config.keep), config.ignore)
+        project: Projection = group
+    else:
+        rates = allocate_rates(layers, config)
+        # a layer whose allocated rate keeps everything is left dense
+        constraints = {n: config.constraint(rates[n]) for n in layers if rates[n] < 1}
 
-    def layer_mask(name: str, w: torch.Tensor) -> torch.Tensor:
-        return sparsity_mask(w, constraints[name]) if name in constraints else torch.ones_like(w)
+        def layer_mask(name: str, w: torch.Tensor) -> torch.Tensor:
+            return sparsity_mask(w, constraints[name]) if name in constraints else torch.ones_like(w)
 
-    def prune_projection(name: str, w: torch.Tensor) -> torch.Tensor:
-        return w * layer_mask(name, w)
+        project = per_layer(lambda name, w: w * layer_mask(name, w))
 
     history: dict[str, list[dict[str, Any]]] = {}
-    residuals: dict[str, list[float]] = {"removed_energy": [_removed_energy(layers, prune_projection)]}
+    residuals: dict[str, list[float]] = {"removed_energy": [_removed_energy(layers, project)]}
     if config.admm_epochs:
-        hooks = _ADMMHooks(layers, prune_projection, config.rho, config.rho_growth, config.update_every)
+        hooks = _ADMMHooks(layers, project, config.rho, config.rho_growth, config.update_every)
         log(f"ADMM pruning: {config.admm_epochs} epoch(s), rho {config.rho:g} x{config.rho_growth:g} per update")
         r = fit(model, data, replace(train, epochs=config.admm_epochs), progress=progress, hooks=hooks,
                 select_best=False)
         history["admm_prune"], residuals["prune"] = r.history, hooks.residuals
-        residuals["removed_energy"].append(_removed_energy(layers, prune_projection))
-    masks = {n: layer_mask(n, m.weight.detach()) for n, m in layers.items()}
-    _apply_masks_(layers, masks)
-    result = ADMMResult(masks=masks, rates=rates, residuals=residuals, history=history)
+        residuals["removed_energy"].append(_removed_energy(layers, project))
+    change = None
+    weights = {n: m.weight.detach() for n, m in layers.items()}
+    if config.pattern is Pattern.GROUP:
+        plan = group.plan(weights)
+        group.graph.shrink_(plan)  # verified against masking; the graph is spent after this
+        change = plan.to_dict()
+        masks = {n: torch.ones_like(m.weight) for n, m in layers.items()}
+        rates = {n: m.weight.numel() / weights[n].numel() for n, m in layers.items()}
+        log(f"removed {plan.num_removed()} coupled channels physically")
+    else:
+        masks = {n: layer_mask(n, w) for n, w in weights.items()}
+        _apply_masks_(layers, masks)
+    result = ADMMResult(masks=masks, rates=rates, residuals=residuals, history=history, change=change,
+                        original_size=original_size, dense_bits=dense_bits)
     log(f"hard projection: keeps {result.kept_fraction():.4f} of the constrained weights "
         f"({1 / max(result.kept_fraction(), 1e-12):.1f}x)")
     if config.retrain_epochs:
@@ -312,7 +388,8 @@ def _quantize_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: Tr
         return quant.project(w, masks[name])[0]
 
     if config.admm_epochs:
-        hooks = _ADMMHooks(layers, quant_projection, config.rho, config.rho_growth, config.update_every, masks)
+        hooks = _ADMMHooks(layers, per_layer(quant_projection), config.rho, config.rho_growth, config.update_every,
+                           masks)
         log(f"ADMM quantization ({quant}): {config.admm_epochs} epoch(s)")
         r = fit(model, data, replace(train, epochs=config.admm_epochs), progress=progress, hooks=hooks,
                 select_best=False)
@@ -332,7 +409,8 @@ def _quantize_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: Tr
                 chosen = torch.topk(-err.reshape(-1), count).indices if count else torch.zeros(0, dtype=torch.long)
                 fixed[n].view(-1)[chosen] = True
                 m.weight.copy_(torch.where(fixed[n], _nearest_level(m.weight, scales[n], quant), m.weight))
-        if frac < 1.0 and train.epochs:
+        # after the last step every weight is fixed and one epoch retrains what stays float (biases, norms)
+        if train.epochs:
             hooks = _FixedWeights(layers, masks, fixed)
             r = fit(model, data, replace(train, epochs=1), progress=progress, hooks=hooks)
             result.history.setdefault("progressive_quant", []).extend(r.history)
@@ -366,17 +444,19 @@ class _FixedWeights(TrainHooks):
 def storage_report(model: nn.Module, result: ADMMResult, config: ADMMConfig, gap_bits: int = 5) -> dict[str, Any]:
     """Exact storage of ``model`` after ADMM in every applicable format (:func:`format_storage`)."""
     k_of_n = (config.k, config.n) if config.pattern is Pattern.K_OF_N else None
-    return format_storage(model, list(result.masks), config.quant.code_bits, result.scales, k_of_n, gap_bits)
+    return format_storage(model, list(result.masks), config.quant.code_bits, result.scales, k_of_n, gap_bits,
+                          result.dense_bits)
 
 
 def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = None,
                    scales: dict[str, float] | None = None, k_of_n: tuple[int, int] | None = None,
-                   gap_bits: int = 5) -> dict[str, Any]:
+                   gap_bits: int = 5, dense_bits: int | None = None) -> dict[str, Any]:
     """Exact storage of ``model`` with the weights of ``layers`` in each format of :mod:`prunekit.formats`.
 
     Those weights are stored as float32 values, or as ``code_bits`` codes with one float32 scale per layer
     (``scales``); every other parameter (biases, norms, other layers) as dense float32. Returns total bits per
-    format, the dense float32 size and the compression ratio of each format.
+    format, the dense float32 size (``dense_bits``: the unpruned model's, when channels were removed physically;
+    default ``model``'s own) and the compression ratio of each format.
     """
     from prunekit.formats import encode, value_codec
 
@@ -392,7 +472,7 @@ def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = 
             options = {"gap_bits": gap_bits} if fmt == "relative" else (
                 {"k": k_of_n[0], "n": k_of_n[1]} if fmt == "k-of-n" else {})
             totals[fmt] += encode(w, fmt, codec, **options).bits
-    dense_bits = sum(32 * p.numel() for p in model.parameters())
+    dense_bits = dense_bits or sum(32 * p.numel() for p in model.parameters())
     return {"dense_float32_bits": dense_bits, "bits": totals,
             "compression": {f: dense_bits / b for f, b in totals.items()},
             "best": min(totals, key=totals.get), "relative_gap_bits": gap_bits,

@@ -93,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eigendamage: rebuild layers as 1x1-kxk-1x1 (standard) or with a depthwise core")
     p.add_argument("--freeze-rotations", action="store_true",
                    help="eigendamage: do not fine-tune the eigenbasis projections")
-    p.add_argument("--pattern", choices=["unstructured", "filter", "channel", "column", "k-of-n"],
-                   default="unstructured", help="admm: which weights go together")
+    p.add_argument("--pattern", choices=["unstructured", "filter", "channel", "column", "k-of-n", "group"],
+                   default="unstructured",
+                   help="admm: which weights go together (group: whole coupled channels, removed physically; "
+                        "takes --target flops=...)")
     p.add_argument("--quant", default="none", help="admm: none | binary | ternary | bits=N (joint quantization)")
     p.add_argument("--k", type=int, default=None, help="admm k-of-n: weights kept in every run of n")
     p.add_argument("--n", type=int, default=None, help="admm k-of-n: run length")

@@ -132,6 +132,9 @@ def write_comparison(result: dict[str, Any], out: str | Path) -> Path:
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     atomic_write(outdir / "compare.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    from prunekit.plots import plot_comparison
+
+    plot_comparison(result, outdir / "compare.png", "dense vs pruned variants on this machine")
     atomic_write(outdir / "compare.md", lambda tmp: Path(tmp).write_text(
-        "# prunekit compare\n\n" + comparison_markdown(result) + "\n"))
+        "# prunekit compare\n\n" + comparison_markdown(result) + "\n\n![comparison](compare.png)\n"))
     return outdir / "compare.md"

@@ -35,6 +35,9 @@ class Pattern(str, enum.Enum):
     CHANNEL = "channel"
     COLUMN = "column"
     K_OF_N = "k-of-n"
+    # Whole coupled channels across layers (a residual stage's channel, its BN, every conv reading it), chosen by
+    # the channel graph and removed physically after ADMM. It spans layers, so only prunekit.admm projects it.
+    GROUP = "group"
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ class SparsityConstraint:
             if self.k >= self.n:
                 raise ValueError(f"k-of-n needs k < n (keep k of every n weights), got k={self.k}, n={self.n}")
             object.__setattr__(self, "keep", self.k / self.n)
+        elif self.pattern is Pattern.GROUP:
+            raise ValueError("the group pattern spans coupled layers, so it has no per-layer projection; use it "
+                             "through prunekit.admm (ADMMConfig(pattern='group'))")
         elif not (isinstance(self.keep, (int, float)) and 0 < self.keep < 1):
             raise ValueError(f"keep must be a fraction in (0, 1) (a pruning rate of 1/keep), got {self.keep!r}")
 

@@ -223,7 +223,8 @@ def admm_job(model: str | None = None, data: str | DataConfig | None = None, *, 
     storage of every compressed format (``prunekit prune --method admm``).
 
     ``target`` is ``params=FRACTION`` (or ``params=xFACTOR``): the fraction of the constrained weights kept
-    (ignored for the k-of-n pattern, which keeps ``k / n``).
+    (ignored for the k-of-n pattern, which keeps ``k / n``). The group pattern also takes ``flops=...`` and
+    ``channels=...``: the fraction of the whole model's FLOPs (params, channels) it keeps.
     """
     from prunekit.admm import ADMMConfig, admm_prune_, storage_report
     from prunekit.allocation import Target
@@ -231,10 +232,12 @@ def admm_job(model: str | None = None, data: str | DataConfig | None = None, *, 
     from prunekit.report import write_report
 
     parsed = Target.parse(target)
-    if parsed.metric.value != "params":
-        raise ValueError(f"ADMM targets the fraction of weights kept: give params=0.02 or params=x50, got {target!r}")
+    if parsed.metric.value != "params" and pattern != "group":
+        raise ValueError(f"ADMM targets the fraction of weights kept: give params=0.02 or params=x50 (flops=... "
+                         f"needs --pattern group), got {target!r}")
     config = ADMMConfig(pattern=pattern, keep=parsed.keep, k=k, n=n, quant=quant, rho=rho, admm_epochs=admm_epochs,
-                        retrain_epochs=retrain_epochs, allocation=allocation, ignore=tuple(ignore))
+                        retrain_epochs=retrain_epochs, allocation=allocation, ignore=tuple(ignore),
+                        group_metric=parsed.metric)
     data_cfg = DataConfig(name=data) if isinstance(data, str) else data
     dense, base, data_cfg = load_dense(model, checkpoint, data_cfg)
     splits = load_dataset(data_cfg)
@@ -247,7 +250,9 @@ def admm_job(model: str | None = None, data: str | DataConfig | None = None, *, 
     torch.manual_seed(seed)
     result = admm_prune_(net, splits, config, train, progress=progress, log=log)
     removed_channels, changes = 0, []
-    if config.pattern.value in ("filter", "channel"):  # structured zeros leave the model physically where exact
+    if result.change is not None:  # group pattern: the coupled channels are already gone
+        removed_channels, changes = sum(len(v) for v in result.change["removed"].values()), [result.change]
+    elif config.pattern.value in ("filter", "channel"):  # structured zeros leave the model physically where exact
         from prunekit.admm import shrink_zero_channels_
 
         plan = shrink_zero_channels_(net.eval(), splits.train[:2][0])

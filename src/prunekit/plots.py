@@ -96,3 +96,37 @@ def plot_mask_metrics(metrics: Sequence[dict], path: str | Path, title: str = ""
     ax1.legend(fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_comparison(result: dict, path: str | Path, title: str = "") -> Path:
+    """``prunekit compare`` at a glance: test accuracy, storage and latency (dense vs sparse kernels) per variant,
+    and the measured sparse-vs-dense kernel time against sparsity with its break-even point."""
+    rows = result["rows"]
+    names = list(rows)
+    panels = 4 if result.get("break_even") else 3
+    fig, axes = plt.subplots(1, panels, figsize=(3.3 * panels, 3.4))
+    x = range(len(names))
+    axes[0].bar(x, [100 * rows[n]["test_acc"] for n in names], color="tab:blue")
+    lo = min(100 * rows[n]["test_acc"] for n in names)
+    axes[0].set_ylim(max(0.0, lo - 5), 100), axes[0].set_ylabel("test accuracy %")
+    axes[1].bar(x, [rows[n]["storage_bits"] / 8 / 1024 for n in names], color="tab:green")
+    axes[1].set_yscale("log"), axes[1].set_ylabel("storage KiB (best format, log)")
+    width = 0.4
+    axes[2].bar([i - width / 2 for i in x], [rows[n]["latency_dense_kernel_ms"] for n in names], width,
+                label="dense kernels")
+    axes[2].bar([i + width / 2 for i in x], [rows[n]["latency_sparse_kernel_ms"] or 0.0 for n in names], width,
+                label="sparse kernels")
+    axes[2].set_ylabel(f"latency ms (batch {result['batch']})"), axes[2].legend(fontsize=7)
+    for ax in axes[:3]:
+        ax.set_xticks(list(x)), ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    if result.get("break_even"):
+        be = result["break_even"]
+        s = [100 * v for v in be["sparsities"]]
+        axes[3].plot(s, [be["dense_ms"]] * len(s), label="dense GEMM")
+        axes[3].plot(s, be["sparse_ms"], marker="o", label="CSR matmul")
+        if be["break_even"] is not None:
+            axes[3].axvline(100 * be["break_even"], color="grey", linestyle="--", label="break-even")
+        axes[3].set_xlabel(f"sparsity % ({be['layer_shape'][0]}x{be['layer_shape'][1]} layer)")
+        axes[3].set_ylabel("ms"), axes[3].legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
