@@ -13,6 +13,10 @@ A sparsity ``1 - k/n`` is requested as ``k`` of ``n``; where ``n`` does not divi
 (``prunekit.dpp.nearest_k_of_n``), and the table reports the sparsity actually reached. Quantized rows (8-bit,
 binary) use straight-through estimators for both methods' training and report the same sparsity pattern.
 
+Filter granularity (``--filter-models``, default ResNet-20): DPP over coupled channel groups at 1/4 of the FLOPs
+(``prunekit.dpp_groups``), the dropped filters removed physically, trained for the two epochs (SGD lr 0.01,
+crop+flip) that the curvature benchmark's one-shot rows fine-tune for; the table puts it next to those rows.
+
     python benchmarks/dpp.py                        # LeNet-5 and LeNet-300-100, 75/90/95%, none/8-bit/binary
     python benchmarks/dpp.py --quick --out /tmp/q   # about a minute: digits, small LeNet-5, 75%, float
 
@@ -36,6 +40,7 @@ from prunekit.checkpoint import atomic_write
 from prunekit.data import load_dataset
 from prunekit.dpp import DPPConfig, TemperatureSchedule, dpp_prune_, nearest_k_of_n
 from prunekit.jobs import load_dense
+from prunekit.plots import plot_mask_metrics
 from prunekit.training import Augment, TrainConfig, evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,6 +70,7 @@ def run_row(dense, data, method: str, sparsity: float, quant: str, args) -> dict
                             quant=quant, progress=False, per_layer=configs)
         last = result.metrics[-1] if result.metrics else {}
         extra["final_confidence"] = {key: v for key, v in last.items() if key.endswith("/confidence")}
+        extra["metrics"] = result.metrics
     else:
         magnitude_k_of_n_(net, data, per_layer, quant, train)
     net.eval()
@@ -113,6 +119,50 @@ def magnitude_k_of_n_(net: nn.Module, data, per_layer: dict[str, tuple[int, int]
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
 
 
+FILTER_CHECKPOINTS = {"resnet20": "resnet20-fmnist.safetensors"}
+FILTER_FLOPS = 0.25
+
+
+def filter_row(checkpoint: Path, epochs: int, augment: Augment) -> dict[str, Any]:
+    """Filter-granularity DPP on coupled groups from the dense checkpoint; the network shrinks physically."""
+    from prunekit.allocation import Target
+    from prunekit.architecture import input_shape_of
+    from prunekit.dpp_groups import dpp_filter_prune_
+    from prunekit.metrics import count_flops, count_params
+
+    dense, base, data_cfg = load_dense(None, checkpoint, None)
+    data = load_dataset(data_cfg)
+    shape = (1, *input_shape_of(base))
+    torch.manual_seed(0)
+    net = copy.deepcopy(dense).train()
+    config = DPPConfig(k=1, n=2, temperature=TemperatureSchedule(1.0, 0.05, max(epochs, 1)))
+    train = TrainConfig(epochs=epochs, lr=0.01, batch_size=128, augment=augment, seed=0)
+    result = dpp_filter_prune_(net, data, Target("flops", FILTER_FLOPS), config, train, progress=False)
+    net.eval()
+    last = result.metrics[-1] if result.metrics else {}
+    return {"flops_reduction": count_flops(dense, shape) / count_flops(net, shape),
+            "params_reduction": count_params(dense) / count_params(net), "kept": result.kept,
+            "dense_test_acc": evaluate(dense, data.test)["acc"], "val_acc": evaluate(net, data.val)["acc"],
+            "test_acc": evaluate(net, data.test)["acc"], "metrics": result.metrics,
+            "final_confidence": {k: v for k, v in last.items() if k.endswith("/confidence")}}
+
+
+def filter_table(model: str, row: dict[str, Any], reference: Path) -> str:
+    lines = [f"**{model}, filter granularity at 1/{1 / FILTER_FLOPS:g} of the FLOPs** (dense test accuracy "
+             f"{100 * row['dense_test_acc']:.2f}%)", "",
+             "| method | FLOPs red. | params red. | test acc % | source |", "|---|---|---|---|---|",
+             f"| DPP filter (coupled groups) | {row['flops_reduction']:.2f}x | {row['params_reduction']:.2f}x | "
+             f"{100 * row['test_acc']:.2f} | this run |"]
+    if reference.is_file():  # the curvature benchmark's one-shot rows: same checkpoint, same two epochs
+        for r in json.loads(reference.read_text()).get("rows", []):
+            if r.get("model") == model and r.get("schedule") == "one-shot" and \
+                    abs(r.get("flops_reduction", 0) - 1 / FILTER_FLOPS) < 0.2:
+                lines.append(f"| {r['tool']} {r['method']} | {r['flops_reduction']:.2f}x | "
+                             f"{r['params_reduction']:.2f}x | {100 * r['test_acc']:.2f} | "
+                             f"`{reference.relative_to(ROOT)}` |")
+    return "\n".join(lines)
+
+
 def table(model: str, dense_acc: float, rows: list[dict[str, Any]]) -> str:
     lines = [f"**{model}** (dense test accuracy {100 * dense_acc:.2f}%)", "",
              "| sparsity target | weights | magnitude k-of-n test acc % | DPP test acc % | DPP - magnitude pt | "
@@ -134,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=None, choices=sorted(admm_bench.CHECKPOINTS))
     p.add_argument("--sparsities", nargs="+", type=float, default=None, help=f"of {sorted(LEVELS)}")
     p.add_argument("--quant", nargs="+", default=None, help="none, bits=8, binary (default: all three)")
+    p.add_argument("--quant-sparsities", nargs="+", type=float, default=[0.9],
+                   help="sparsities that also get the quantized rows (default 0.9, the goal's level)")
+    p.add_argument("--filter-models", nargs="*", default=None, choices=sorted(FILTER_CHECKPOINTS),
+                   help="models of the filter-granularity row (default resnet20; none: skip)")
+    p.add_argument("--filter-epochs", type=int, default=2)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--checkpoint-dir", type=Path, default=st.CHECKPOINT_DIR)
@@ -143,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.models, args.sparsities = args.models or ["lenet5"], args.sparsities or [0.75]
         args.quant, args.epochs = args.quant or ["none"], 1
+        args.quant_sparsities = [0.75]
         torch.set_num_threads(1)
+    args.filter_models = ["resnet20"] if args.filter_models is None else args.filter_models
     args.models = args.models or ["lenet5", "lenet300"]
     args.sparsities = args.sparsities or sorted(LEVELS)
     args.quant = args.quant or ["none", "bits=8", "binary"]
@@ -169,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for q in args.quant:
             for s in args.sparsities:
+                if q != "none" and s not in args.quant_sparsities:
+                    continue
                 for method in ("magnitude", "dpp"):
                     key = f"{model_name}__{method}__s{s:g}__{q.replace('=', '')}"
                     row = cache.get(key, settings)
@@ -180,7 +239,29 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
         payload["models"][model_name] = {"dense_test_acc": dense_acc, "rows": rows}
         texts.append(table(model_name, dense_acc, rows))
+        for r in rows:  # how the masks settled: the float DPP row at the goal's sparsity
+            if r["method"] == "dpp" and r["quant"] == "none" and r.get("metrics") and \
+                    r["sparsity_target"] == max(s for s in args.sparsities if s <= 0.9):
+                name = f"{model_name}_mask_metrics.png"
+                args.out.mkdir(parents=True, exist_ok=True)
+                plot_mask_metrics(r["metrics"], args.out / name,
+                                  f"DPP {model_name}, {r['sparsity_target']:.0%} k-of-n: per-layer masks")
+                texts.append(f"![mask confidence and diversity]({name})\n")
     args.out.mkdir(parents=True, exist_ok=True)
+    filter_jobs = [("lenet5", admm_bench.quick_dense(cache.directory), 1, Augment.NONE)] if args.quick else \
+        [(m, args.checkpoint_dir / FILTER_CHECKPOINTS[m], args.filter_epochs, Augment.CROP_FLIP)
+         for m in args.filter_models]
+    for model_name, checkpoint, epochs, augment in filter_jobs:
+        key, settings = f"{model_name}__filter__flops{FILTER_FLOPS:g}", {
+            "checkpoint_sha256": st._sha256(checkpoint), "epochs": epochs, "augment": augment.value}
+        row = cache.get(key, settings)
+        if row is None:
+            row = filter_row(checkpoint, epochs, augment)
+            cache.put(key, settings, row)
+            print(f"{model_name} DPP filter: test acc {row['test_acc']:.4f} "
+                  f"(FLOPs {row['flops_reduction']:.2f}x)", flush=True)
+        payload.setdefault("filter", {})[model_name] = row
+        texts.append(filter_table(model_name, row, ROOT / "benchmarks/results/eigendamage/eigendamage.json"))
     atomic_write(args.out / "dpp.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
     md = ["# DPP vs magnitude k-of-n" + (" (quick smoke run)" if args.quick else ""), "",
           "Made by (from the repository root):", "", f"    {command}", "",

@@ -20,6 +20,12 @@ def test_quick_run_compares_both_methods_at_the_same_sparsity(tmp_path):
     assert rows[0]["sparsity"] == pytest.approx(rows[1]["sparsity"], abs=0.01)
     assert 0.7 < rows[1]["sparsity"] < 0.8
     assert "| 75% | none |" in (out / "dpp.md").read_text()
+    assert rows[1]["metrics"] and "![mask confidence and diversity](lenet5_mask_metrics.png)" in \
+        (out / "dpp.md").read_text()
+    assert (out / "lenet5_mask_metrics.png").read_bytes()[:4] == b"\x89PNG"
+    filters = json.loads((out / "dpp.json").read_text())["filter"]["lenet5"]
+    assert 3.5 < filters["flops_reduction"] < 4.5 and filters["params_reduction"] > 1  # shrunk physically
+    assert "| DPP filter (coupled groups) |" in (out / "dpp.md").read_text()
     second = run_script("benchmarks/dpp.py", "--quick", "--out", str(out))
     assert second.returncode == 0 and "test acc" not in second.stdout.split("# DPP")[0]  # rows from the cache
 

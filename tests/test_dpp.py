@@ -172,3 +172,58 @@ def test_nearest_k_of_n_picks_a_dividing_run_length():
     assert nearest_k_of_n(784, 5, 20) == (4, 16)
     with pytest.raises(ValueError, match="cannot hold"):
         nearest_k_of_n(1, 1, 4)
+
+
+def test_filter_dpp_on_coupled_groups_meets_the_target_and_removal_is_exact(synthetic):
+    """ResNet residual stages couple several convs and BNs: one mask per group zeroes every producer, so the
+    trained network (masks baked in) and the physically shrunk one compute the same function."""
+    import copy
+
+    from prunekit.allocation import Target
+    from prunekit.dpp_groups import GroupMask, dpp_filter_prune_
+    from prunekit.engine import ChannelGraph
+    from prunekit.metrics import count_flops
+    from prunekit.models import ModelConfig, create_model
+    from prunekit.training import TrainConfig
+
+    torch.manual_seed(0)
+    net = create_model(ModelConfig("resnet20", in_channels=1, num_classes=4, input_size=12))
+    flops = count_flops(net, (1, 1, 12, 12))
+    seen = {}
+    original_shrink = ChannelGraph.shrink_
+
+    def spy(self, plan, verify=True, atol=1e-5):  # the masked network, just before removal
+        seen["masked"] = copy.deepcopy(self.model).eval()
+        return original_shrink(self, plan, verify, atol)
+
+    ChannelGraph.shrink_ = spy
+    try:
+        config = DPPConfig(k=1, n=2, temperature=TemperatureSchedule(1.0, 0.1, 2))
+        result = dpp_filter_prune_(net, synthetic, Target("flops", 0.25), config,
+                                   TrainConfig(epochs=2, lr=0.05, augment="none"), progress=False)
+    finally:
+        ChannelGraph.shrink_ = original_shrink
+    assert 0.23 < count_flops(net, (1, 1, 12, 12)) / flops <= 0.26
+    assert all(k < n for k, n in result.kept.values()) and len(result.metrics) == 2
+    assert not any("parametrizations" in n or "_dpp" in n for n, _ in net.named_parameters())
+    x = synthetic.test[:16][0]
+    torch.testing.assert_close(net.eval()(x), seen["masked"](x), atol=1e-5, rtol=1e-4)
+    # a group's draw is shared by its slices within a step and exactly k-hot
+    graph = ChannelGraph(create_model(ModelConfig("resnet20", in_channels=1, num_classes=4, input_size=12)),
+                         synthetic.train[:2][0])
+    mask = GroupMask(graph.groups[0], 3, config)
+    first = mask.channel_mask()
+    assert first is mask.channel_mask() and float(first.detach().sum()) == 3
+    mask.resample()
+    assert mask.channel_mask() is not first
+
+
+def test_filter_dpp_target_that_removes_nothing_is_an_error(synthetic):
+    from prunekit.allocation import Target
+    from prunekit.dpp_groups import dpp_filter_prune_
+    from prunekit.training import TrainConfig
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(144, 4))
+    with pytest.raises(ValueError, match="no prunable channel group|removes no channel"):
+        dpp_filter_prune_(net, synthetic, Target("flops", 0.5), DPPConfig(k=1, n=2),
+                          TrainConfig(epochs=1, augment="none"), progress=False)

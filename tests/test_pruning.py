@@ -307,9 +307,23 @@ def test_cli_dpp_learns_k_of_n_masks_and_reports_storage_and_metrics(tmp_path, d
     assert meta["dpp"]["granularity"] == "kernel"
 
 
+def test_cli_dpp_filter_granularity_shrinks_the_model_and_it_reloads(tmp_path, dense_checkpoint, capsys):
+    out = tmp_path / "dpp-filter"
+    code = main(["prune", "--checkpoint", str(dense_checkpoint), "--method", "dpp", "--granularity", "filter",
+                 "--target", "flops=0.5", "--finetune-epochs", "1", "--out", str(out), "--no-progress",
+                 "--no-latency"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert 0.45 < report["pruned"]["flops"] / report["dense"]["flops"] <= 0.52
+    assert "removed physically" in (out / "report.md").read_text()
+    model, _ = load_compressed(out / "dpp.safetensors")
+    assert sum(p.numel() for p in model.parameters()) == report["pruned"]["params"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["--method", "dpp", "--granularity", "filter", "--finetune-epochs", "1"], "takes one --target"),
         (["--method", "dpp"], "needs --k"),
         (["--method", "dpp", "--k", "5", "--n", "4", "--finetune-epochs", "1"], "k must be smaller than n"),
         (["--method", "dpp", "--k", "1", "--n", "4", "--temperature", "0", "0.1", "--finetune-epochs", "1"],

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=None, help="admm k-of-n: weights kept in every run of n")
     p.add_argument("--n", type=int, default=None, help="admm k-of-n: run length")
     p.add_argument("--granularity", choices=["weight", "kernel", "filter"], default="weight",
-                   help="dpp: k of n weights per run of a row, kernels per filter, or filters per layer")
+                   help="dpp: k of n weights per run of a row, kernels per filter, or filters of every coupled "
+                        "channel group (removed physically; with --target)")
     p.add_argument("--tiles", type=int, default=None, help="dpp weight granularity: k of n within each of G tiles")
     p.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.05], metavar=("START", "END"),
                    help="dpp: Gumbel-softmax temperature, annealed per epoch")
@@ -186,13 +187,18 @@ def cmd_prune(args) -> None:
     if args.method == "dpp":
         from prunekit.jobs import dpp_job
 
-        if args.k is None:
+        if args.granularity == "filter":
+            if args.target is None or len(args.target) != 1 or args.k is not None:
+                raise CLIError("--method dpp --granularity filter takes one --target (e.g. flops=x4) and no --k: "
+                               "every coupled group keeps the same fraction of its filters")
+        elif args.k is None:
             raise CLIError("--method dpp needs --k (and --n for weight granularity, or --tiles)")
         if args.finetune_epochs < 1:
             raise CLIError("--method dpp trains masks and weights together: give --finetune-epochs >= 1")
         outcome = dpp_job(args.model, data, checkpoint=args.checkpoint, granularity=args.granularity, k=args.k,
                           n=args.n, tiles=args.tiles, quant=args.quant, epochs=args.finetune_epochs, lr=args.lr,
-                          batch_size=args.batch_size, temperature=tuple(args.temperature), out=out,
+                          batch_size=args.batch_size, temperature=tuple(args.temperature),
+                          target=args.target[0] if args.granularity == "filter" else None, out=out,
                           progress=not args.no_progress, measure_latency=not args.no_latency, seed=args.seed)
         print()
         print(summary_table(outcome.rows))

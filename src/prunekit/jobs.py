@@ -291,10 +291,14 @@ def admm_job(model: str | None = None, data: str | DataConfig | None = None, *, 
 def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, checkpoint: str | Path | None = None,
             granularity: str = "weight", k: int = 1, n: int | None = 4, tiles: int | None = None,
             quant: str = "none", epochs: int = 4, lr: float = 0.01, batch_size: int = 128,
-            temperature: tuple[float, float] = (1.0, 0.05), out: str | Path | None = None, progress: bool = True,
-            log=print, measure_latency: bool = True, seed: int = 0) -> PruneOutcome:
+            temperature: tuple[float, float] = (1.0, 0.05), target: str | None = None,
+            out: str | Path | None = None, progress: bool = True, log=print, measure_latency: bool = True,
+            seed: int = 0) -> PruneOutcome:
     """DPP: learn k-of-n masks (optionally with quantized weights) on a dense network, measure and report, with the
-    exact k-of-n storage, the per-layer confidence/diversity plot and the model (``prunekit prune --method dpp``)."""
+    exact k-of-n storage, the per-layer confidence/diversity plot and the model (``prunekit prune --method dpp``).
+
+    ``granularity="filter"`` learns which filters of every coupled channel group to keep (``target``, e.g.
+    ``flops=x4``, sets how many) and removes the rest physically (:mod:`prunekit.dpp_groups`)."""
     import copy
 
     from prunekit.admm import format_storage
@@ -303,8 +307,22 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
     from prunekit.plots import plot_mask_metrics
     from prunekit.report import write_report
 
-    config = DPPConfig(granularity=granularity, k=k, n=n if granularity == "weight" and not tiles else None,
-                       tiles=tiles, temperature=TemperatureSchedule(temperature[0], temperature[1], max(epochs, 1)))
+    schedule = TemperatureSchedule(temperature[0], temperature[1], max(epochs, 1))
+    filters = granularity == "filter"
+    if filters:
+        from prunekit.allocation import Target
+        from prunekit.dpp_groups import dpp_filter_prune_
+
+        if target is None:
+            raise ValueError("DPP filter granularity needs a target (e.g. flops=x4): each coupled group keeps the "
+                             "same fraction of its filters, so k follows from the target")
+        if quant != "none":
+            raise ValueError("DPP filter granularity trains float weights; quantize with --granularity weight|kernel")
+        parsed = Target.parse(target)
+        config = DPPConfig(granularity="weight", k=1, n=2, temperature=schedule)  # schedule and noise only
+    else:
+        config = DPPConfig(granularity=granularity, k=k, n=n if granularity == "weight" and not tiles else None,
+                           tiles=tiles, temperature=schedule)
     data_cfg = DataConfig(name=data) if isinstance(data, str) else data
     dense, base, data_cfg = load_dense(model, checkpoint, data_cfg)
     splits = load_dataset(data_cfg)
@@ -313,22 +331,31 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
     rows = {"dense": summarize(dense, splits, latency=measure_latency).to_dict()}
     net = copy.deepcopy(dense).train()
     torch.manual_seed(seed)
-    result = dpp_prune_(net, splits, config, train, quant=quant, progress=progress)
+    changes: list[dict] = []
+    if filters:
+        result = dpp_filter_prune_(net, splits, parsed, config, train, progress=progress)
+        changes = [result.plan.to_dict()]
+        log(f"removed {result.plan.num_removed()} coupled channels physically")
+    else:
+        result = dpp_prune_(net, splits, config, train, quant=quant, progress=progress)
     net.eval()
     summary = summarize(net, splits, latency=measure_latency).to_dict()
     summary["nonzero_params"] = int(sum(int((p != 0).sum()) for p in net.parameters()))
     run_n = (config.n or 0) if granularity == "weight" else None
     if tiles:
         run_n = None
-    storage = format_storage(net, list(result.masks), None, None, (k, run_n) if run_n else None)
+    masked_layers = [] if filters else list(result.masks)
+    storage = format_storage(net, masked_layers, None, None, (k, run_n) if run_n else None,
+                             dense_bits=32 * sum(p.numel() for p in dense.parameters()))
     summary["storage_bits"] = storage["bits"][storage["best"]]
-    label = f"dpp {granularity} {k}-of-{n if run_n else 'n'}" + (f" {quant}" if quant != "none" else "")
+    label = f"dpp filter {target}" if filters else \
+        f"dpp {granularity} {k}-of-{n if run_n else 'n'}" + (f" {quant}" if quant != "none" else "")
     rows[label] = summary
     report = None
     if out is not None:
         outdir = Path(out)
         outdir.mkdir(parents=True, exist_ok=True)
-        path = save_compressed(outdir / "dpp.safetensors", net, base, [],
+        path = save_compressed(outdir / "dpp.safetensors", net, base, changes,
                                {"dpp": config.to_dict(), "quant": quant, "data": data_cfg.to_dict()})
         plot_mask_metrics(result.metrics, outdir / "mask_metrics.png", title=f"DPP {granularity}, k={k}")
         last = result.metrics[-1] if result.metrics else {}
@@ -338,7 +365,11 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
                                                 for f, b in storage["bits"].items()),
                  "final mask confidence / diversity per layer: " + ", ".join(
                      f"{name} {last.get(name + '/confidence', float('nan')):.2f} / "
-                     f"{last.get(name + '/diversity', float('nan')):.2f}" for name in result.masks)]
+                     f"{last.get(name + '/diversity', float('nan')):.2f}"
+                     for name in (result.kept if filters else result.masks))]
+        if filters:
+            notes.append("filters kept per coupled group (k of n): " + ", ".join(
+                f"{r} {k_}/{n_}" for r, (k_, n_) in result.kept.items()) + "; the rest were removed physically")
         report = write_report(outdir, f"prunekit prune --method dpp: {base.get('name', base.get('factory'))} on "
                               f"{data_cfg.name}", rows,
                               extra={"pruned": summary, "storage": storage, "dpp": config.to_dict(),
