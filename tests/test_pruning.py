@@ -266,13 +266,19 @@ def test_cli_admm_reports_exact_storage_and_saves_a_loadable_model(tmp_path, den
     assert meta["admm"]["quant"] == "bits=3" and set(meta["scales"]) == set(report["rates"])
 
 
-def test_cli_admm_channel_pattern_shrinks_the_model_and_it_reloads(tmp_path, dense_checkpoint, capsys):
-    out = tmp_path / "admm-channel"
-    code = main(["prune", "--checkpoint", str(dense_checkpoint), "--method", "admm", "--pattern", "channel",
-                 "--target", "params=0.5", "--admm-epochs", "1", "--finetune-epochs", "1", "--rho", "0.05",
-                 "--out", str(out), "--no-progress", "--no-latency"])
+def _prune_cli(tmp_path, dense_checkpoint, capsys, name: str, *argv: str) -> tuple:
+    """Run ``prunekit prune`` on the dense checkpoint (no progress, no latency); returns (out dir, report)."""
+    out = tmp_path / name
+    code = main(["prune", "--checkpoint", str(dense_checkpoint), *argv, "--out", str(out), "--no-progress",
+                 "--no-latency"])
     assert code == 0, capsys.readouterr().err
-    report = json.loads((out / "report.json").read_text())
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_cli_admm_channel_pattern_shrinks_the_model_and_it_reloads(tmp_path, dense_checkpoint, capsys):
+    out, report = _prune_cli(tmp_path, dense_checkpoint, capsys, "admm-channel", "--method", "admm", "--pattern",
+                             "channel", "--target", "params=0.5", "--admm-epochs", "1", "--finetune-epochs", "1",
+                             "--rho", "0.05")
     assert report["pruned"]["removed_channels"] > 0 and report["pruned"]["flops"] < report["dense"]["flops"]
     model, _ = load_compressed(out / "admm.safetensors")
     assert sum(p.numel() for p in model.parameters()) == report["pruned"]["params"]
@@ -280,12 +286,9 @@ def test_cli_admm_channel_pattern_shrinks_the_model_and_it_reloads(tmp_path, den
 
 def test_cli_admm_group_pattern_meets_a_flops_target_and_reports_storage_against_the_dense_model(
         tmp_path, dense_checkpoint, capsys):
-    out = tmp_path / "admm-group"
-    code = main(["prune", "--checkpoint", str(dense_checkpoint), "--method", "admm", "--pattern", "group",
-                 "--target", "flops=0.5", "--admm-epochs", "1", "--finetune-epochs", "1", "--rho", "0.05",
-                 "--out", str(out), "--no-progress", "--no-latency"])
-    assert code == 0, capsys.readouterr().err
-    report = json.loads((out / "report.json").read_text())
+    out, report = _prune_cli(tmp_path, dense_checkpoint, capsys, "admm-group", "--method", "admm", "--pattern",
+                             "group", "--target", "flops=0.5", "--admm-epochs", "1", "--finetune-epochs", "1",
+                             "--rho", "0.05")
     assert 0.45 < report["pruned"]["flops"] / report["dense"]["flops"] <= 0.52
     assert report["storage"]["dense_float32_bits"] == 32 * report["dense"]["params"]
     assert report["storage"]["compression"]["dense"] > 1.5
@@ -308,12 +311,8 @@ def test_cli_dpp_learns_k_of_n_masks_and_reports_storage_and_metrics(tmp_path, d
 
 
 def test_cli_dpp_filter_granularity_shrinks_the_model_and_it_reloads(tmp_path, dense_checkpoint, capsys):
-    out = tmp_path / "dpp-filter"
-    code = main(["prune", "--checkpoint", str(dense_checkpoint), "--method", "dpp", "--granularity", "filter",
-                 "--target", "flops=0.5", "--finetune-epochs", "1", "--out", str(out), "--no-progress",
-                 "--no-latency"])
-    assert code == 0, capsys.readouterr().err
-    report = json.loads((out / "report.json").read_text())
+    out, report = _prune_cli(tmp_path, dense_checkpoint, capsys, "dpp-filter", "--method", "dpp", "--granularity",
+                             "filter", "--target", "flops=0.5", "--finetune-epochs", "1")
     assert 0.45 < report["pruned"]["flops"] / report["dense"]["flops"] <= 0.52
     assert "removed physically" in (out / "report.md").read_text()
     model, _ = load_compressed(out / "dpp.safetensors")
