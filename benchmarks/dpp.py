@@ -65,8 +65,11 @@ def run_row(dense, data, method: str, sparsity: float, quant: str, args) -> dict
     extra: dict[str, Any] = {}
     if method == "dpp":
         schedule = TemperatureSchedule(1.0, 0.05, max(args.epochs, 1))
-        configs = {name: DPPConfig(k=kk, n=nn_, temperature=schedule) for name, (kk, nn_) in per_layer.items()}
-        result = dpp_prune_(net, data, DPPConfig(k=k, n=n, temperature=schedule), train, layers=list(per_layer),
+        extra_config = {"init_scale": args.init_scale, "noise_scale": args.noise_scale}
+        configs = {name: DPPConfig(k=kk, n=nn_, temperature=schedule, **extra_config)
+                   for name, (kk, nn_) in per_layer.items()}
+        result = dpp_prune_(net, data, DPPConfig(k=k, n=n, temperature=schedule, **extra_config), train,
+                            layers=list(per_layer),
                             quant=quant, progress=False, per_layer=configs)
         last = result.metrics[-1] if result.metrics else {}
         extra["final_confidence"] = {key: v for key, v in last.items() if key.endswith("/confidence")}
@@ -190,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="models of the filter-granularity row (default resnet20; none: skip)")
     p.add_argument("--filter-epochs", type=int, default=2)
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--init-scale", type=float, default=1.0,
+                   help="DPP logits start at this times the log of the normalised weight magnitudes")
+    p.add_argument("--noise-scale", type=float, default=1.0, help="DPP Gumbel noise scale")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--checkpoint-dir", type=Path, default=st.CHECKPOINT_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -222,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         dense, _, data_cfg = load_dense(None, checkpoint, None)
         data = load_dataset(data_cfg)
         dense_acc = evaluate(dense, data.test)["acc"]
-        settings = {"checkpoint_sha256": st._sha256(checkpoint), "epochs": args.epochs, "lr": args.lr}
+        settings = {"checkpoint_sha256": st._sha256(checkpoint), "epochs": args.epochs, "lr": args.lr,
+                    **({"init_scale": args.init_scale, "noise_scale": args.noise_scale}
+                       if (args.init_scale, args.noise_scale) != (1.0, 1.0) else {})}
         rows = []
         for q in args.quant:
             for s in args.sparsities:
@@ -266,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     md = ["# DPP vs magnitude k-of-n" + (" (quick smoke run)" if args.quick else ""), "",
           "Made by (from the repository root):", "", f"    {command}", "",
           f"{args.epochs} training epoch(s) per row for both methods, SGD lr {args.lr}, cosine, no augmentation; "
-          "test accuracy of the best-on-validation epoch.", ""] + [t + "\n" for t in texts]
+          f"DPP logits start at {args.init_scale:g} x log(1 + |w| / mean|w|), Gumbel noise scale "
+          f"{args.noise_scale:g}; test accuracy of the best-on-validation epoch.", ""] + [t + "\n" for t in texts]
     atomic_write(args.out / "dpp.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
     print("\n".join(md))
     return 0
