@@ -99,14 +99,10 @@ def run_row(dense, data, kind: str, rate: float, quant: str, args) -> dict[str, 
 def cached_row(cache, settings: dict[str, Any], model_name: str, dense, data, kind: str, rate: float, quant: str,
                args) -> dict[str, Any]:
     """One row from the cache, or run and cache it."""
-    key = f"{model_name}__{kind}__x{rate:g}__{quant.replace('=', '')}"
-    found = cache.get(key, settings)
-    if found is None:
-        found = run_row(dense, data, kind, rate, quant, args)
-        cache.put(key, settings, found)
-        print(f"{model_name} {kind} x{rate:g} {quant}: test acc {found['test_acc']:.4f}, storage "
-              f"{found['compression']:.1f}x ({found['best_format']})", flush=True)
-    return found
+    return cache.get_or_run(
+        f"{model_name}__{kind}__x{rate:g}__{quant.replace('=', '')}", settings, run_row, dense, data, kind, rate,
+        quant, args, announce=f"{model_name} {kind} x{rate:g} {quant}: test acc {{test_acc:.4f}}, storage "
+                              "{compression:.1f}x ({best_format})")
 
 
 def verdict_variant(dense, base, data, data_cfg, kind: str, keep: float, metric: str, train: TrainConfig, args,
@@ -132,8 +128,7 @@ def run_verdict(model_name: str, checkpoint: Path, cache, args, quick: bool) -> 
 
     dense, base, data_cfg = load_dense(None, checkpoint, None)
     data = load_dataset(data_cfg)
-    conv_net = model_name != "lenet5" or quick
-    train = TrainConfig(epochs=1, lr=0.01 if conv_net else args.lr, batch_size=128,
+    train = TrainConfig(epochs=1, lr=0.01 if model_name == "resnet20" else args.lr, batch_size=128,
                         augment=Augment.CROP_FLIP if model_name == "resnet20" else Augment.NONE, seed=0)
     metric, keep = VERDICT_TARGETS[model_name]
     settings = {"checkpoint_sha256": st._sha256(checkpoint), "epochs": args.verdict_epochs, "rho": args.rho,

@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     args.models = args.models or ["lenet5", "lenet300"]
     args.sparsities = args.sparsities or sorted(LEVELS)
     args.quant = args.quant or ["none", "bits=8", "binary"]
+    if args.init_scale < 0 or args.noise_scale < 0:
+        p.error(f"--init-scale and --noise-scale must be >= 0, got {args.init_scale} and {args.noise_scale}")
     bad = [s for s in args.sparsities if s not in LEVELS]
     if bad:
         p.error(f"--sparsities must be among {sorted(LEVELS)}, got {bad}")
@@ -237,14 +239,10 @@ def main(argv: list[str] | None = None) -> int:
                 if q != "none" and s not in args.quant_sparsities:
                     continue
                 for method in ("magnitude", "dpp"):
-                    key = f"{model_name}__{method}__s{s:g}__{q.replace('=', '')}"
-                    row = cache.get(key, settings)
-                    if row is None:
-                        row = run_row(dense, data, method, s, q, args)
-                        cache.put(key, settings, row)
-                        print(f"{model_name} {method} {s:.0%} {q}: test acc {row['test_acc']:.4f} "
-                              f"(sparsity {row['sparsity']:.3f})", flush=True)
-                    rows.append(row)
+                    rows.append(cache.get_or_run(
+                        f"{model_name}__{method}__s{s:g}__{q.replace('=', '')}", settings, run_row, dense, data,
+                        method, s, q, args, announce=f"{model_name} {method} {s:.0%} {q}: test acc "
+                                                     "{test_acc:.4f} (sparsity {sparsity:.3f})"))
         payload["models"][model_name] = {"dense_test_acc": dense_acc, "rows": rows}
         texts.append(table(model_name, dense_acc, rows))
         for r in rows:  # how the masks settled: the float DPP row at the goal's sparsity
@@ -262,12 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     for model_name, checkpoint, epochs, augment in filter_jobs:
         key, settings = f"{model_name}__filter__flops{FILTER_FLOPS:g}", {
             "checkpoint_sha256": st._sha256(checkpoint), "epochs": epochs, "augment": augment.value}
-        row = cache.get(key, settings)
-        if row is None:
-            row = filter_row(checkpoint, epochs, augment)
-            cache.put(key, settings, row)
-            print(f"{model_name} DPP filter: test acc {row['test_acc']:.4f} "
-                  f"(FLOPs {row['flops_reduction']:.2f}x)", flush=True)
+        row = cache.get_or_run(key, settings, filter_row, checkpoint, epochs, augment,
+                               announce=f"{model_name} DPP filter: test acc {{test_acc:.4f}} "
+                                        "(FLOPs {flops_reduction:.2f}x)")
         payload.setdefault("filter", {})[model_name] = row
         texts.append(filter_table(model_name, row, ROOT / "benchmarks/results/eigendamage/eigendamage.json"))
     atomic_write(args.out / "dpp.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))

@@ -303,6 +303,16 @@ class RowCache:
         text = json.dumps({"settings": settings, "row": row}, indent=1)
         atomic_write(self.path(key), lambda tmp: Path(tmp).write_text(text))
 
+    def get_or_run(self, key: str, settings: dict[str, Any], run, *run_args, announce: str = "") -> dict[str, Any]:
+        """The cached row, or ``run(*run_args)``'s, cached at once and announced as ``announce.format(**row)``."""
+        row = self.get(key, settings)
+        if row is None:
+            row = run(*run_args)
+            self.put(key, settings, row)
+            if announce:
+                print(announce.format(**row), flush=True)
+        return row
+
 
 def row_key(model: str, tool: str, method: str, factor: float) -> str:
     return f"{model}__{tool}__{method}__x{factor:g}"

@@ -31,6 +31,7 @@ def test_quick_run_compares_both_methods_at_the_same_sparsity(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [(["--sparsities", "0.5"], "--sparsities must be among"),
+                                           (["--noise-scale", "-1"], "must be >= 0"),
                                            (["--quant", "octal"], "--quant takes none, binary or bits=N")])
 def test_misuse_is_a_clear_error(tmp_path, argv, message):
     proc = run_script("benchmarks/dpp.py", "--out", str(tmp_path), *argv)

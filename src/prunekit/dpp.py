@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from prunekit.configs import config_from_dict
+from prunekit.training import TrainHooks
 
 
 class Granularity(str, enum.Enum):
@@ -273,8 +274,11 @@ class STEQuantize(nn.Module):
         return (q * torch.clamp(torch.round(w / q), -m, m)).detach() + (w - w.detach())
 
 
-class DPPHooks:
-    """Sets each epoch's temperature, adds the entropy regulariser, records per-layer confidence/diversity."""
+class DPPHooks(TrainHooks):
+    """Sets each epoch's temperature, adds the entropy regulariser, records per-layer confidence/diversity.
+
+    ``masks`` needs ``logits``, a settable ``temperature`` and ``entropy()`` (:class:`KOfNMask`,
+    :class:`prunekit.dpp_groups.GroupMask`)."""
 
     def __init__(self, masks: dict[str, KOfNMask], config: DPPConfig) -> None:
         self.masks, self.config = masks, config
@@ -289,9 +293,6 @@ class DPPHooks:
         if not self.config.entropy_weight:
             return None
         return self.config.entropy_weight * sum(m.entropy() for m in self.masks.values()) / len(self.masks)
-
-    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        pass
 
     def after_epoch(self, model: nn.Module, epoch: int) -> None:
         self.metrics.append({"epoch": epoch + 1, "temperature": self.config.temperature(epoch),
@@ -327,7 +328,7 @@ def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[st
     from torch.nn.utils import parametrize
 
     from prunekit.engine import find_output_layers
-    from prunekit.training import TrainHooks, fit
+    from prunekit.training import fit
 
     modules = dict(model.named_modules())
     if layers is None:
@@ -354,15 +355,7 @@ def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[st
         parametrize.register_parametrization(module, "weight", mask)
         masks[name] = mask
     hooks = DPPHooks(masks, config)
-
-    class _Hooks(TrainHooks):
-        def penalty(self, m):
-            return hooks.penalty(m)
-
-        def after_epoch(self, m, epoch):
-            hooks.after_epoch(m, epoch)
-
-    result = fit(model, data, train, progress=progress, hooks=_Hooks())
+    result = fit(model, data, train, progress=progress, hooks=hooks)
     model.eval()
     final = {}
     for name in layers:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit.allocation import AllocationConfig, CostModel, Target, plan_for_target
-from prunekit.dpp import DPPConfig, gumbel_topk_mask, mask_confidence, mask_diversity, topk_mask
+from prunekit.dpp import DPPConfig, DPPHooks, gumbel_topk_mask, topk_mask
 from prunekit.engine import ChannelGraph, ChannelGroup, ChannelPlan, ParamSlice, SliceKind
 
 
@@ -39,6 +39,9 @@ class GroupMask(nn.Module):
         norms = group.reduce(lambda s: s.rows().pow(2).sum(1)).sqrt().float()
         self.logits = nn.Parameter(config.init_scale * (norms / norms.mean().clamp_min(1e-12)).log1p())
         self._draw: torch.Tensor | None = None
+
+    def entropy(self) -> torch.Tensor:
+        return -(torch.softmax(self.logits, -1) * torch.log_softmax(self.logits, -1)).sum()
 
     def resample(self) -> None:
         """Forget this step's draw (called after every optimizer step)."""
@@ -88,6 +91,14 @@ def group_keep_counts(model: nn.Module, graph: ChannelGraph, input_shape: tuple[
     return {g.root: g.size - len(plan.removed.get(g.root, ())) for g in graph.groups}
 
 
+class _GroupHooks(DPPHooks):
+    """DPP's temperature, entropy and metrics, plus one fresh draw per group after every optimizer step."""
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        for g in self.masks.values():
+            g.resample()
+
+
 @dataclass
 class GroupDPPResult:
     """The removal plan (replayable architecture change), kept channels per group, per-epoch metrics, history."""
@@ -105,7 +116,7 @@ def dpp_filter_prune_(model: nn.Module, data, target: Target, config: DPPConfig,
     ``config`` supplies the temperature schedule, noise scale, logit initialisation and entropy weight (its ``k``
     and ``n`` are not used: each group's own follow from ``target``).
     """
-    from prunekit.training import TrainHooks, fit
+    from prunekit.training import fit
 
     example = data.train[:2][0]
     graph = ChannelGraph(model, example, ignore=ignore)
@@ -129,29 +140,9 @@ def dpp_filter_prune_(model: nn.Module, data, target: Target, config: DPPConfig,
         raise ValueError(f"DPP filter granularity: target {target} removes no channel from any group")
     holder = nn.ModuleDict({str(i): m for i, m in enumerate(masks.values())})
     model.add_module("_dpp_group_masks", holder)  # so the optimizer trains the logits with the weights
-    metrics: list[dict[str, Any]] = []
-
-    class Hooks(TrainHooks):
-        def penalty(self, m: nn.Module) -> torch.Tensor | None:
-            if not config.entropy_weight:
-                return None
-            return config.entropy_weight * sum(
-                -(torch.softmax(g.logits, -1) * torch.log_softmax(g.logits, -1)).sum() for g in masks.values()
-            ) / len(masks)
-
-        def after_step(self, m: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-            for g in masks.values():
-                g.resample()
-
-        def after_epoch(self, m: nn.Module, epoch: int) -> None:
-            metrics.append({"epoch": epoch + 1, "temperature": config.temperature(epoch),
-                            **{f"{r}/confidence": mask_confidence(g.logits.unsqueeze(0)) for r, g in masks.items()},
-                            **{f"{r}/diversity": mask_diversity(g.logits.unsqueeze(0)) for r, g in masks.items()}})
-            for g in masks.values():
-                g.temperature = config.temperature(epoch + 1)
-
+    hooks = _GroupHooks(masks, config)
     try:
-        history = fit(model, data, train, progress=progress, hooks=Hooks()).history
+        history = fit(model, data, train, progress=progress, hooks=hooks).history
     finally:
         model.eval()
         for g in masks.values():
@@ -164,4 +155,4 @@ def dpp_filter_prune_(model: nn.Module, data, target: Target, config: DPPConfig,
                         for r, g in masks.items()})
     kept = {r: (masks[r].k, masks[r].logits.numel()) for r in masks}
     ChannelGraph(model, example, ignore=ignore).shrink_(plan)
-    return GroupDPPResult(plan, kept, metrics, history)
+    return GroupDPPResult(plan, kept, hooks.metrics, history)
