@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             if row is None:
                 torch.manual_seed(0)
                 config = PruneConfig(method=method, target=Target("flops", 1 / args.factor),
-                                     allocation=AllocationConfig("global", 0.9),
+                                     allocation=AllocationConfig("global", 0.9), reconstruction_images=0,
                                      curvature={"batches": args.fisher_batches, "damping": damping})
                 net = prune_model(copy.deepcopy(dense).train(), data, config, progress=False,
                                   log=lambda *_: None).model.eval()

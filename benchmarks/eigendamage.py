@@ -70,6 +70,7 @@ def prune_ours(dense, data, method: str, factor: float, schedule: str, rounds: i
         config = PruneConfig(method=method, target=Target("flops", factor ** (-1.0 / k)),
                              allocation=AllocationConfig("global", s.max_per_layer),
                              score_batches=s.score_batches, bn_recalibration_images=s.bn_recalibration_images,
+                             reconstruction_images=0,  # the criteria alone (and their OBS updates)
                              seed=s.seed + r - 1, curvature={**curvature, "seed": s.seed + r - 1})
         result = prune_model(net, data, config, None, progress=False, log=st._quiet)
         net = result.model

@@ -178,7 +178,8 @@ def prune_prunekit(dense: nn.Module, data: DataSplits, method: str, factor: floa
     torch.manual_seed(s.seed)
     config = PruneConfig(method=method, target=Target("flops", 1.0 / factor),
                          allocation=AllocationConfig("global", s.max_per_layer), score_batches=s.score_batches,
-                         bn_recalibration_images=s.bn_recalibration_images, seed=s.seed)
+                         bn_recalibration_images=s.bn_recalibration_images, seed=s.seed,
+                         reconstruction_images=0)  # criteria compared as Torch-Pruning runs them: no re-fit
     result = prune_model(copy.deepcopy(dense).train(), data, config, None, progress=False, log=_quiet)
     r = result.rounds[-1]
     return result.model, {"predicted_keep": r.predicted_keep, "removed_channels": r.removed_channels}

@@ -185,3 +185,16 @@ def test_channel_form_factors_of_a_real_model_drive_the_scores(synthetic):
                      ["layer1.0.conv1"], conv_factor=ConvFactor.CHANNEL)["layer1.0.conv1"]
     conv = model.layer1[0].conv1
     assert f.A.shape == (conv.in_channels,) * 2 and f.G.shape == (conv.out_channels,) * 2
+
+
+def test_round_on_a_train_mode_model_with_1x1_batchnorm_leaves_running_statistics_alone(synthetic):
+    # VGG-11 on 28x28 images ends in a BatchNorm over 1x1 maps: a single train-mode example cannot pass it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16, 4)).train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    eigendamage_round_(model, _batches(synthetic), synthetic.train[:2][0], Target("flops", 0.5),
+                       CurvatureConfig(batches=2), 0.9, EigenDamageConfig())
+    assert model.training
+    for k, v in stats.items():
+        assert torch.equal(model.state_dict()[k], v), k

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--bn-images", type=_positive_int, default=512,
                    help="training images for BatchNorm re-estimation after pruning (0 = off)")
+    p.add_argument("--reconstruct-images", type=_positive_int, default=256,
+                   help="channel methods: training images for the layer-wise least-squares re-fit of the weights "
+                        "against the unpruned network before shrinking (0 = off)")
     p.add_argument("--fisher", choices=["true", "empirical"], default="true",
                    help="curvature methods: labels sampled from the model (true) or the data labels (empirical)")
     p.add_argument("--fisher-batches", type=_positive_int, default=8,
@@ -225,7 +228,8 @@ def cmd_prune(args) -> None:
                     finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
                     allocation=args.allocation, max_per_layer=args.max_per_layer, round_to=args.round_to,
                     ignore=tuple(args.ignore),
-                    bn_recalibration_images=args.bn_images, out=out, resume=args.resume,
+                    bn_recalibration_images=args.bn_images, reconstruction_images=args.reconstruct_images,
+                    out=out, resume=args.resume,
                     progress=not args.no_progress, measure_latency=not args.no_latency, seed=args.seed,
                     curvature={"fisher": args.fisher, "batches": args.fisher_batches, "damping": args.damping,
                                "obs_update": args.obs_update, "seed": args.seed},

@@ -41,8 +41,8 @@ def run_demo(out_dir: str | Path = "demo-report", epochs: int | None = None, pro
                  extra={"model": DEMO_MODEL, "width": DEMO_WIDTH, "train": train.to_dict(), "method": DEMO_METHOD,
                         "target": DEMO_TARGET, "finetune_epochs": DEMO_FINETUNE_EPOCHS},
                  notes=[f"dense: best epoch {dense.fit.best_epoch} chosen on validation",
-                        f"pruned: {DEMO_METHOD} criterion, global allocation, BatchNorm re-estimated, "
-                        f"val acc right after pruning {pruned['val_acc_before_finetune']:.4f}, "
+                        f"pruned: {DEMO_METHOD} criterion, global allocation, weights re-fitted by least squares, "
+                        f"BatchNorm re-estimated, val acc right after pruning {pruned['val_acc_before_finetune']:.4f}, "
                         f"then {DEMO_FINETUNE_EPOCHS} fine-tuning epochs (best on validation)",
                         f"latency: median of torch.utils.benchmark runs, {pruned['threads']} threads; on 8x8 images a "
                         "forward pass is mostly per-layer overhead, so FLOPs savings show less in time than on "

@@ -211,10 +211,12 @@ def _positions(model: nn.Module, example: torch.Tensor, modules: dict[str, nn.Mo
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    try:
+    was_training = model.training
+    try:  # eval: one example through a train-mode BatchNorm would fail at 1x1 and move the running statistics
         with torch.no_grad():
-            model(example[:1])
+            model.eval()(example[:1])
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     return shapes

@@ -263,10 +263,12 @@ def find_output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[s
         if name and isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d, nn.ConvTranspose2d)):
             handles.append(module.register_forward_hook(
                 lambda mod, inp, out, name=name: produced.append((name, out))))
-    try:
+    was_training = model.training
+    try:  # eval: a train-mode pass would move BatchNorm running statistics
         with torch.no_grad():
-            out = model(example_inputs)
+            out = model.eval()(example_inputs)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     outs = out if isinstance(out, (tuple, list)) else [out]

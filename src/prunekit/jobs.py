@@ -138,7 +138,7 @@ def prune(model: str | None = None, data: str | DataConfig | None = None, *, che
           method: str = "l1", target: str | list[str] = "flops=0.5", iterations: int = 1,
           finetune_epochs: int = 0, lr: float = 0.01, batch_size: int = 128, allocation: str = "global",
           max_per_layer: float = 0.9, round_to: int = 1, ignore: tuple[str, ...] = (),
-          bn_recalibration_images: int = 512,
+          bn_recalibration_images: int = 512, reconstruction_images: int = 256,
           out: str | Path | None = None, resume: bool = False, progress: bool = True, log=print,
           measure_latency: bool = True, seed: int = 0, curvature: dict | None = None,
           eigendamage: dict | None = None) -> PruneOutcome:
@@ -164,7 +164,8 @@ def prune(model: str | None = None, data: str | DataConfig | None = None, *, che
         raise ValueError("give at least one --target, e.g. flops=0.25")
     configs = [PruneConfig(method=method, target=t, iterations=iterations, ignore=tuple(ignore), seed=seed,
                            allocation=AllocationConfig(allocation, max_per_layer, round_to=round_to),
-                           bn_recalibration_images=bn_recalibration_images, curvature=dict(curvature or {}),
+                           bn_recalibration_images=bn_recalibration_images,
+                           reconstruction_images=reconstruction_images, curvature=dict(curvature or {}),
                            eigendamage=dict(eigendamage or {})) for t in targets]
     finetune = TrainConfig(epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed,
                            augment=default_augment(data_cfg.name)) if finetune_epochs > 0 else None
@@ -181,6 +182,7 @@ def prune(model: str | None = None, data: str | DataConfig | None = None, *, che
                              resume=resume, progress=progress, log=log)
         summary = summarize(result.model.eval(), splits, latency=measure_latency).to_dict()
         summary["val_acc_before_finetune"] = result.val_acc_before_finetune
+        summary["test_acc_before_finetune"] = result.test_acc_before_finetune
         results[str(cfg.target)] = result
         rows[f"pruned {cfg.target}"] = summary
         if outdir is not None:
@@ -198,7 +200,8 @@ def prune(model: str | None = None, data: str | DataConfig | None = None, *, che
             images.insert(0, "accuracy_vs_flops.png")
         notes = [f"method {method}, allocation {allocation} (max {max_per_layer:.0%} of a layer), {iterations} "
                  f"round(s), {finetune_epochs} fine-tune epoch(s) per round, model chosen on validation",
-                 "val_acc_before_finetune: after BatchNorm re-estimation, before any training"]
+                 "accuracy right after pruning: after the least-squares re-fit (channel methods) and BatchNorm "
+                 "re-estimation, before any training"]
         notes += [f"{k}: accuracy right after pruning (val) {r.get('val_acc_before_finetune'):.4f}"
                   for k, r in rows.items() if r.get("val_acc_before_finetune") is not None]
         report = write_report(

@@ -8,6 +8,7 @@ the last finished round, and inside a round from the last finished fine-tuning e
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from prunekit.eigendamage import EigenDamageConfig, KFEBottleneck, eigendamage_r
 from prunekit.engine import ChannelGraph
 from prunekit.metrics import count_flops, count_params
 from prunekit.obs import CURVATURE_CRITERIA
+from prunekit.reconstruction import reconstruct_
 from prunekit.training import TrainConfig, evaluate, fit
 
 EIGENDAMAGE = "eigendamage"
@@ -47,6 +49,8 @@ class PruneConfig:
         score_batches: Training batches (of 64) a data-driven criterion sees.
         bn_recalibration_images: Training images used to re-estimate BatchNorm statistics after each
             shrink (0 disables it).
+        reconstruction_images: Training images for the layer-wise least-squares re-fit of the channel methods
+            (:func:`prunekit.reconstruction.reconstruct_`) before each shrink; 0 disables it.
         seed: Seed of the random criterion and of data order for scoring.
         curvature: :class:`~prunekit.curvature.CurvatureConfig` of the curvature criteria (C-OBD, C-OBS,
             Kron-OBD, Kron-OBS, EigenDamage): Fisher type, batches, damping, OBS update.
@@ -60,6 +64,7 @@ class PruneConfig:
     ignore: tuple[str, ...] = ()
     score_batches: int = 8
     bn_recalibration_images: int = 512
+    reconstruction_images: int = 256
     seed: int = 0
     curvature: CurvatureConfig = CurvatureConfig()
     eigendamage: EigenDamageConfig = EigenDamageConfig()
@@ -84,11 +89,14 @@ class PruneConfig:
             raise ValueError(f"score_batches must be >= 1, got {self.score_batches!r}")
         if self.bn_recalibration_images < 0:
             raise ValueError(f"bn_recalibration_images must be >= 0, got {self.bn_recalibration_images!r}")
+        if self.reconstruction_images < 0:
+            raise ValueError(f"reconstruction_images must be >= 0, got {self.reconstruction_images!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "target": str(self.target), "allocation": self.allocation.to_dict(),
                 "iterations": self.iterations, "ignore": list(self.ignore), "score_batches": self.score_batches,
-                "bn_recalibration_images": self.bn_recalibration_images, "seed": self.seed,
+                "bn_recalibration_images": self.bn_recalibration_images,
+                "reconstruction_images": self.reconstruction_images, "seed": self.seed,
                 "curvature": self.curvature.to_dict(), "eigendamage": self.eigendamage.to_dict()}
 
     @classmethod
@@ -118,6 +126,7 @@ class PruneResult:
     changes: list[dict[str, Any]]
     rounds: list[RoundResult] = field(default_factory=list)
     val_acc_before_finetune: float | None = None
+    test_acc_before_finetune: float | None = None
     kept_width: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer -> (kept, dense)
     checkpoint: Path | None = None
 
@@ -241,8 +250,9 @@ def prune_model(
         recalibrate_batchnorm_(model, data, config.bn_recalibration_images)
         seconds_scoring = time.perf_counter() - t0
         val_pruned = evaluate(model, data.val)["acc"]
-        if r == 1 or result.val_acc_before_finetune is None:
+        if r == 1 or result.val_acc_before_finetune is None:  # reported, never used to choose anything
             result.val_acc_before_finetune = val_pruned
+            result.test_acc_before_finetune = evaluate(model, data.test)["acc"]
         log(f"round {r}/{k}: removed {removed} {what}, keeps "
             f"{count_flops(model, (1, *input_shape)) / dense_flops:.3f} of FLOPs and "
             f"{count_params(model) / dense_params:.3f} of params; val acc before fine-tuning {val_pruned:.4f}")
@@ -264,7 +274,8 @@ def prune_model(
                 round_dir / "pruned.safetensors", model, base, changes,
                 {"prune": config.to_dict(), "data": data.config.to_dict(), "round": r,
                  "rounds": [vars(x) for x in result.rounds],
-                 "val_acc_before_finetune": result.val_acc_before_finetune})
+                 "val_acc_before_finetune": result.val_acc_before_finetune,
+                 "test_acc_before_finetune": result.test_acc_before_finetune})
     widths = layer_widths(model)
     modules = dict(model.named_modules())
     for n, w in dense_widths.items():
@@ -289,7 +300,11 @@ def _channel_round(model: nn.Module, data: DataSplits, config: PruneConfig, exam
     scores = score_groups(criterion, graph)
     cost = CostModel(model, graph, input_shape)
     plan, predicted = plan_for_target(scores, cost, relative, config.allocation)
+    reference = copy.deepcopy(model) if config.reconstruction_images else None
     criterion.update_weights_(graph, plan)  # OBS: compensate the remaining weights before removal
+    if reference is not None:
+        graph.apply_masks_(plan)
+        reconstruct_(model, reference, data.train, config.reconstruction_images, masks=graph.masks(plan))
     graph.shrink_(plan)
     change = plan.to_dict()
     if config.ignore:
@@ -309,6 +324,7 @@ def _resume(out: Path, config: PruneConfig, result: PruneResult, log) -> tuple[i
     result.changes.extend(meta["architecture_changes"])
     result.rounds.extend(RoundResult(**r) for r in meta.get("rounds", []))
     result.val_acc_before_finetune = meta.get("val_acc_before_finetune")
+    result.test_acc_before_finetune = meta.get("test_acc_before_finetune")
     result.checkpoint = path
     log(f"resuming after round {last_round} of {config.iterations} from {path}")
     return last_round + 1, model.train()

@@ -16,6 +16,7 @@ COLUMNS: list[tuple[str, str, Any]] = [
     ("storage_bits", "storage KiB", lambda v: f"{v / 8 / 1024:.1f}"),
     ("latency_ms_b1", "latency b1 ms", lambda v: f"{v:.3f}"),
     ("latency_ms_b64", "latency b64 ms", lambda v: f"{v:.2f}"),
+    ("test_acc_before_finetune", "test acc right after pruning", lambda v: f"{v:.4f}"),
     ("val_acc", "val acc", lambda v: f"{v:.4f}"),
     ("test_acc", "test acc", lambda v: f"{v:.4f}"),
 ]
