@@ -127,8 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a (pruned) checkpoint for deployment")
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit (dense or pruned)")
-    p.add_argument("--onnx", required=True, help="output .onnx path (checked with ONNX Runtime)")
+    p.add_argument("--onnx", default=None, help="output .onnx path (checked against PyTorch with ONNX Runtime)")
+    p.add_argument("--pt2", default=None, help="output torch.export program (.pt2) of the eager inference form")
+    p.add_argument("--no-fold", action="store_true", help="keep BatchNorm layers instead of folding them")
     p.add_argument("--opset", type=int, default=18)
+
+    p = sub.add_parser("bench", help="latency of a pruned checkpoint vs dense and vs the uniformly thinned limit "
+                                     "(eager and ONNX Runtime)")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit")
+    p.add_argument("--dense", default=None, help="the dense checkpoint (default: the unpruned architecture)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes")
+    p.add_argument("--repeats", type=int, default=5, help="alternated measurements per network (median kept)")
+    p.add_argument("--no-onnx", action="store_true", help="eager PyTorch only")
+    p.add_argument("--out", default=None, help="write bench.md, bench.json and bench.png here")
 
     p = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset split")
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit")
@@ -240,16 +252,26 @@ def cmd_prune(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from prunekit.architecture import input_shape_of, load_compressed
-    from prunekit.export import check_onnx, export_onnx
+    from prunekit.jobs import export_job
 
-    model, meta = load_compressed(args.checkpoint)
-    shape = input_shape_of(meta["model"])
-    path = export_onnx(model, args.onnx, shape, opset=args.opset)
-    diff = check_onnx(model, path, shape)
-    if not diff <= 1e-4:
-        raise CLIError(f"ONNX Runtime outputs differ from PyTorch by {diff:.3g} (> 1e-4); {path} is not trustworthy")
-    print(f"wrote {path}; ONNX Runtime matches PyTorch (max abs diff {diff:.2g})")
+    if args.onnx is None and args.pt2 is None:
+        raise CLIError("give --onnx PATH and/or --pt2 PATH")
+    for line in export_job(args.checkpoint, onnx=args.onnx, pt2=args.pt2, fold=not args.no_fold, opset=args.opset):
+        print(line)
+
+
+def cmd_bench(args) -> None:
+    from prunekit.jobs import bench
+
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    if any(b < 1 for b in args.batch) or args.repeats < 1:
+        raise CLIError(f"--batch sizes and --repeats must be >= 1, got {args.batch} and {args.repeats}")
+    result = bench(args.checkpoint, dense_checkpoint=args.dense, threads=args.threads, batches=tuple(args.batch),
+                   repeats=args.repeats, onnx=not args.no_onnx, out=args.out)
+    print(result["markdown"])
+    if args.out:
+        print(f"\nwrote {Path(args.out) / 'bench.md'}, bench.json, bench.png")
 
 
 def cmd_eval(args) -> None:
@@ -307,8 +329,8 @@ def cmd_compare(args) -> None:
         print(f"\nreport: {write_comparison(result, args.out)}")
 
 
-COMMANDS = {"compare": cmd_compare, "list": cmd_list, "train": cmd_train, "prune": cmd_prune, "export": cmd_export,
-            "eval": cmd_eval, "inspect": cmd_inspect, "demo": cmd_demo}
+COMMANDS = {"bench": cmd_bench, "compare": cmd_compare, "list": cmd_list, "train": cmd_train, "prune": cmd_prune,
+            "export": cmd_export, "eval": cmd_eval, "inspect": cmd_inspect, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

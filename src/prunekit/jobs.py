@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -380,3 +381,98 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
                                      "model_path": str(path)},
                               notes=notes, images=["mask_metrics.png"])
     return PruneOutcome(rows, {label: result}, report)
+
+
+def width_builder(base: dict[str, Any]):
+    """Width multiplier -> a fresh zoo network of ``base``'s architecture (``None`` for a user factory)."""
+    if "name" not in base:
+        return None
+    spec = {k: v for k, v in base.items() if k != "input_shape"}
+    full = float(spec.get("width", 1.0))
+    return lambda w: create_model(ModelConfig.from_dict({**spec, "width": full * w}))
+
+
+def bench(checkpoint: str | Path, *, dense_checkpoint: str | Path | None = None, threads: int | None = None,
+          batches: tuple[int, ...] = (1, 64), repeats: int = 5, min_run_time: float = 0.2, onnx: bool = True,
+          out: str | Path | None = None, log=print) -> dict[str, Any]:
+    """``prunekit bench``: latency of a pruned checkpoint against its dense network and the uniformly thinned
+    limit of the same FLOPs, eager and ONNX Runtime, per batch; writes bench.md, bench.json, bench.png to ``out``.
+
+    The dense network is ``dense_checkpoint`` or, without it, the unpruned architecture rebuilt from the
+    checkpoint's metadata (weights do not change dense-kernel latency).
+    """
+    from prunekit.architecture import build_base, input_shape_of, load_compressed
+    from prunekit.deploy import latency_markdown, measure_against_limit
+    from prunekit.plots import plot_speedups
+
+    pruned, meta = load_compressed(checkpoint)
+    base = meta.get("model") or {}
+    if not base:
+        raise ValueError(f"{checkpoint} has no architecture metadata; give a checkpoint written by prunekit")
+    dense = load_compressed(dense_checkpoint)[0] if dense_checkpoint is not None else build_base(base)
+    shape = input_shape_of(base)
+    build = width_builder(base)
+    if build is None:
+        log("no limit: the network comes from a user factory, which has no width multiplier")
+    log(f"measuring {'eager and ONNX Runtime' if onnx else 'eager'} latency at batch {', '.join(map(str, batches))}")
+    result = measure_against_limit(pruned, dense, shape, build, threads=threads, batches=batches, repeats=repeats,
+                                   min_run_time=min_run_time, onnx=onnx)
+    result["checkpoint"] = str(checkpoint)
+    text = latency_markdown(result)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "bench.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+        atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(
+            f"# prunekit bench: {checkpoint}\n\n{text}\n\n![speedups](bench.png)\n"))
+        plot_speedups(result["rows"], out / "bench.png", title=f"{Path(checkpoint).name}: speedup over dense")
+    result["markdown"] = text
+    return result
+
+
+def export_job(checkpoint: str | Path, *, onnx: str | Path | None = None, pt2: str | Path | None = None,
+               fold: bool = True, opset: int = 18, atol: float = 1e-4) -> list[str]:
+    """``prunekit export``: the deployable form of a checkpoint, each output checked against the checkpoint's
+    own PyTorch outputs (max abs difference <= ``atol``, else ``RuntimeError``).
+
+    ONNX: BatchNorm folded, run by ONNX Runtime with all graph optimisations. ``pt2``: a ``torch.export``
+    program of the eager inference form (folded; channels-last when it measures faster here).
+    Returns one line per file written.
+    """
+    from prunekit.architecture import input_shape_of, load_compressed
+    from prunekit.deploy import fold_batchnorm, inference_form
+    from prunekit.export import check_onnx, export_onnx
+
+    model, meta = load_compressed(checkpoint)
+    shape = input_shape_of(meta["model"])
+    x = torch.randn(4, *shape)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    lines = []
+    if onnx is not None:
+        deployable, folded = fold_batchnorm(model) if fold else (model, 0)
+        path = export_onnx(deployable, onnx, shape, opset=opset)
+        diff = check_onnx(model, path, shape)
+        if not diff <= atol:
+            raise RuntimeError(f"ONNX Runtime outputs differ from PyTorch by {diff:.3g} (> {atol:g}); {path} is not "
+                               "trustworthy")
+        lines.append(f"wrote {path} ({folded} BatchNorm folded); ONNX Runtime matches PyTorch (max abs diff "
+                     f"{diff:.2g})")
+    if pt2 is not None:
+        form = inference_form(model, shape) if fold else None
+        eager = form.model if form is not None else model.eval()
+        xin = x.contiguous(memory_format=torch.channels_last) if form is not None and form.channels_last else x
+        program = torch.export.export(eager, (xin,), dynamic_shapes=({0: torch.export.Dim("batch", min=1,
+                                                                                          max=4096)},))
+        Path(pt2).parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():  # "No complete tensor found in the group": harmless for CPU weights
+            warnings.simplefilter("ignore", UserWarning)
+            torch.export.save(program, str(pt2))
+        with torch.no_grad():
+            diff = (torch.export.load(str(pt2)).module()(xin) - expected).abs().max().item()
+        if not diff <= atol:
+            raise RuntimeError(f"the exported program differs from PyTorch by {diff:.3g} (> {atol:g})")
+        layout = "" if form is None else (", channels-last" if form.channels_last else ", contiguous") + \
+            f" ({form.folded} BatchNorm folded)"
+        lines.append(f"wrote {pt2}{layout}; torch.export.load(...).module() matches (max abs diff {diff:.2g})")
+    return lines

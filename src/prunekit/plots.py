@@ -130,3 +130,20 @@ def plot_comparison(result: dict, path: str | Path, title: str = "") -> Path:
         axes[3].set_ylabel("ms"), axes[3].legend(fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_speedups(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """Speedup over dense of the pruned model and of the uniformly thinned limit, per engine and batch."""
+    labels = [f"{r['engine']}\nbatch {r['batch']}" for r in rows]
+    x = range(len(rows))
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.4))
+    ax.bar([i - width / 2 for i in x], [r["speedup"] for r in rows], width, label="pruned")
+    if any(r.get("limit_speedup") for r in rows):
+        ax.bar([i + width / 2 for i in x], [r.get("limit_speedup") or 0.0 for r in rows], width,
+               label="uniformly thinned, same FLOPs (limit)")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(list(x)), ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("speedup over dense"), ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
