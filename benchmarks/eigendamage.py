@@ -98,14 +98,16 @@ def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str, str]
     found = {(t, m, sc, f): cache.get(key(t, m, sc, f), sdict) for t, m, sc in jobs for f in factors}
     rows = [r for r in found.values() if r is not None]
     bar.update(len(rows))
-    if dense_row is not None and len(rows) == len(found) and not args.remeasure_latency:
+    if args.cached_only and len(rows) < len(found):
+        log(f"{model_name}: {len(found) - len(rows)} row(s) not run yet, left out (--cached-only)")
+    if dense_row is not None and (len(rows) == len(found) or args.cached_only) and not args.remeasure_latency:
         return {**dense_row, "settings": sdict}, rows
     data = load_dataset(data_cfg)
     if dense_row is None:
         dense_row = st.dense_summary(dense, data, settings)
         cache.put(f"{model_name}__dense", sdict, dense_row)
     for tool, method, schedule in jobs:
-        todo = [f for f in factors if found[(tool, method, schedule, f)] is None]
+        todo = [] if args.cached_only else [f for f in factors if found[(tool, method, schedule, f)] is None]
         if not todo:
             continue
         if tool == "torch-pruning":
@@ -291,6 +293,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="about a minute: digits, a small resnet20, x4")
     p.add_argument("--remeasure-latency", action="store_true",
                    help="after the rows are done, time every row again (run on an idle machine)")
+    p.add_argument("--cached-only", action="store_true",
+                   help="write the tables from the finished rows only (an interrupted run, summarised now)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     defaults = {"models": ["resnet20", "vgg11"], "factors": [4.0, 8.0],

@@ -38,6 +38,10 @@ def test_quick_run_writes_outputs_and_resumes(tmp_path):
     assert second.returncode == 0
     assert "one-shot x4: FLOPs" not in second.stdout  # every row came from the cache
     assert json.loads((out / "eigendamage.json").read_text())["rows"] == payload["rows"]
+    partial = _run("--quick", "--no-progress", "--cached-only", "--methods", "eigendamage", "c-obd", "--out", str(out))
+    assert partial.returncode == 0, partial.stderr[-2000:]
+    assert "1 row(s) not run yet, left out (--cached-only)" in partial.stdout  # c-obd: never run, not run now
+    assert [r["method"] for r in json.loads((out / "eigendamage.json").read_text())["rows"]] == ["eigendamage"]
     third = _run("--quick", "--no-progress", "--remeasure-latency", "--out", str(out))
     assert third.returncode == 0, third.stderr[-2000:]
     again = json.loads((out / "eigendamage.json").read_text())["rows"]
