@@ -5,8 +5,9 @@ default pipeline (L1 criterion, global allocation, at most 90% of a group):
 
 * test accuracy right after pruning with BatchNorm re-estimation only (512 training images), and with the
   least-squares re-fit first (``prunekit.reconstruction``, 256 images; the default), both before any training;
-* test accuracy after ``--finetune-epochs`` of fine-tuning (SGD lr 0.01, cosine, batch 128, crop+flip; the
-  best-on-validation epoch), the budget of ``benchmarks/structured.py``, whose rows have no re-fit;
+* test accuracy after ``--finetune-epochs`` (default 1) of fine-tuning (SGD lr 0.01, cosine, batch 128, crop+flip;
+  the best-on-validation epoch): the budget of ``benchmarks/structured.py``, whose L1 rows are the same pipeline
+  without the re-fit;
 * latency (``prunekit.deploy.measure_against_limit``): dense, pruned and the *limit* -- the same architecture made
   uniformly thinner until its FLOPs match the pruned model's, built directly -- each in inference form (BatchNorm
   folded; eager PyTorch with the faster memory format, and ONNX Runtime with all graph optimisations), batch 1 and
@@ -112,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--factors", nargs="+", type=float, default=None, help="FLOPs reductions (default 2 4 8)")
     p.add_argument("--method", default="l1", help="pruning criterion (default: prunekit's default, l1)")
     p.add_argument("--refit-images", type=int, default=256)
-    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="latency threads (default: torch's)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--repeats", type=int, default=5)
