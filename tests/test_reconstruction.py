@@ -36,6 +36,7 @@ def test_refit_is_the_ridge_least_squares_optimum_of_the_real_convolution(bias):
     masks = {"0.weight": torch.ones_like(model[0].weight), "0.bias": torch.ones_like(model[0].bias)}
     masks["0.weight"][1:3] = 0
     masks["0.bias"][1:3] = 0
+    before = [p.detach().double().clone() for p in model[2].parameters()]
     done = reconstruct_(model, reference, data, count=96, damping=1e-3, masks=masks)
     assert done == ["0", "2"]
     assert model[0].weight[1:3].abs().max() == 0 and model[0].bias[1:3].abs().max() == 0
@@ -50,7 +51,8 @@ def test_refit_is_the_ridge_least_squares_optimum_of_the_real_convolution(bias):
         cols = torch.cat([cols, torch.ones_like(cols[:, :1])], dim=1)
     ridge = 1e-3 * (cols.transpose(1, 2).reshape(-1, cols.shape[1]) ** 2).sum(0).mean()
     params = [w] + ([b] if bias else [])
-    loss = ((F.conv2d(inputs, w, b, stride=2) - target) ** 2).sum() + ridge * sum((p ** 2).sum() for p in params)
+    pull = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, before))  # the ridge pulls toward the old weights
+    loss = ((F.conv2d(inputs, w, b, stride=2) - target) ** 2).sum() + ridge * pull
     grads = torch.autograd.grad(loss, params)
     zero = torch.zeros_like(w, requires_grad=True)
     scale = torch.autograd.grad(((F.conv2d(inputs, zero, None, stride=2) - target) ** 2).sum(), [zero])[0]
@@ -65,6 +67,21 @@ def test_linear_layers_refit_and_an_unpruned_network_is_left_as_it_was():
     reconstruct_(model, reference, data, count=64, damping=1e-9)
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_an_input_the_calibration_images_never_excite_keeps_its_weight():
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    model = copy.deepcopy(reference)
+    with torch.no_grad():
+        model[1].weight[0].mul_(0.5)  # a perturbed first layer gives the second something to re-fit
+    data = _images(64, (6, 1, 1))
+    data.tensors[0][:, 5] = 0  # feature 5 is never seen in the calibration images
+    before = model[1].weight[:, 5].clone()
+    reconstruct_(model, reference, data, count=64, damping=1e-3)
+    torch.testing.assert_close(model[1].weight[:, :5], reference[1].weight[:, :5], atol=1e-3, rtol=1e-3)  # re-fit
+    assert model[1].weight[:, 5].abs().min() > 0
+    torch.testing.assert_close(model[1].weight[:, 5], before)  # no data on it: the fit leaves it where it was
 
 
 def test_execution_order_is_the_forward_order_and_grouped_convolutions_are_left_alone():

@@ -9,9 +9,12 @@ speedup at equal FLOPs can fall short of, or beat, the uniformly thinned network
 from __future__ import annotations
 
 import copy
+import os
 import statistics
+import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,13 +184,28 @@ def paired_latency(runners: dict[str, Callable[[], Any]], threads: int, repeats:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+@contextmanager
+def _quiet_native_output() -> Iterator[None]:
+    """Silence what native code writes to the process's stdout/stderr (the profiler's start/stop trace lines)."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1), os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
 def op_profile(model: nn.Module, input_shape: tuple[int, ...], batch: int = 64, runs: int = 10, top: int = 8
                ) -> list[dict[str, Any]]:
     """Where eager time goes: the ``top`` operators by self CPU time over ``runs`` forwards (torch.profiler),
     each with its share of the total."""
     run = eager_runner(model, input_shape, batch)
     run()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with _quiet_native_output(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(runs):
             run()
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]

@@ -4,13 +4,18 @@ After channels are removed, every layer that reads a thinned feature map compute
 Channel Pruning (He, Zhang & Sun 2017, arXiv 1707.06168) and ThiNet (Luo, Wu & Lin 2017, arXiv 1707.06342)
 re-fit those weights by linear least squares so that the layer's output matches the unpruned network's:
 
-    W' = argmin ||X_p W'^T - X_d W^T||^2 + lambda ||W'||^2  =>  W'^T = (X_p^T X_p + lambda I)^-1 X_p^T X_d W^T
+    W' = argmin ||X_p W'^T - X_d W^T||^2 + lambda ||W' - W_0||^2
+       =>  W'^T = (X_p^T X_p + lambda I)^-1 (X_p^T X_d W^T + lambda W_0^T)
 
 with X_p the layer's inputs in the pruned network (im2col patches for a convolution) and X_d the unpruned network's
-inputs to the same layer on the same images. prunekit re-fits every convolution (``groups=1``) and linear layer in
-execution order, each on the inputs produced by the layers already corrected before it, so errors do not pile up
-along the depth. Pre-activation outputs then match the unpruned ones, so the old BatchNorm statistics of the kept
-channels stay valid; BatchNorm re-estimation afterwards still runs as usual.
+inputs to the same layer on the same images. The ridge pulls toward the layer's weights before the fit, W_0
+(not toward zero as in the papers): an input never active on the calibration images keeps its weight instead of
+being silently zeroed, and a removed input (zero column, zero weight in the masked form) stays exactly zero.
+
+prunekit re-fits every convolution (``groups=1``) and linear layer in execution order, each on the inputs
+produced by the layers already corrected before it, so errors do not pile up along the depth. Pre-activation
+outputs then match the unpruned ones, so the old BatchNorm statistics of the kept channels stay valid;
+BatchNorm re-estimation afterwards still runs as usual.
 
 The fit works on the *masked* network (removed slices zeroed, shapes kept), so every layer keeps its name and shape
 and pairs with the reference by name; the caller shrinks afterwards.
@@ -110,7 +115,7 @@ def reconstruct_(
         model: The pruned network in masked form (same module names and shapes as ``reference``).
         reference: The network before pruning (not modified).
         images: A dataset whose first tensor holds the inputs; ``count`` of them are drawn (seed 0).
-        damping: Ridge term, relative to the mean diagonal of X_p^T X_p.
+        damping: Ridge term toward the current weights, relative to the mean diagonal of X_p^T X_p.
         masks: Per parameter name, 0/1 tensors of slices that must stay zero (``ChannelGraph.masks``).
 
     Returns:
@@ -122,7 +127,7 @@ def reconstruct_(
     if count < 1:
         raise ValueError(f"count must be >= 1 image, got {count!r}")
     if not damping > 0:
-        raise ValueError(f"damping must be > 0 (a ridge term keeps removed inputs at zero), got {damping!r}")
+        raise ValueError(f"damping must be > 0 (it holds unexcited inputs in place), got {damping!r}")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count]
     device = next(model.parameters()).device
     batches = [images[order[i:i + batch_size]][0].to(device) for i in range(0, len(order), batch_size)]
@@ -148,7 +153,8 @@ def reconstruct_(
                 cross = xp.T @ xd if cross is None else cross.add_(xp.T @ xd)
             ridge = damping * max(gram.diagonal().mean().item(), 1e-12)
             gram.diagonal().add_(ridge)
-            solved = torch.linalg.solve(gram, cross @ _flat_weight(ref_layer).T).T  # (out, in [+1])
+            rhs = cross @ _flat_weight(ref_layer).T + ridge * _flat_weight(layer).T
+            solved = torch.linalg.solve(gram, rhs).T  # (out, in [+1])
             if not torch.isfinite(solved).all():
                 continue  # keep the weights rather than write NaNs
             if layer.bias is not None:
