@@ -65,7 +65,8 @@ def run_row(dense, data, method: str, sparsity: float, quant: str, args) -> dict
     extra: dict[str, Any] = {}
     if method == "dpp":
         schedule = TemperatureSchedule(1.0, 0.05, max(args.epochs, 1))
-        extra_config = {"init_scale": args.init_scale, "noise_scale": args.noise_scale}
+        extra_config = {"init_scale": args.init_scale, "noise_scale": args.noise_scale,
+                        "anneal_noise": args.anneal_noise, "logit_lr_scale": args.logit_lr_scale}
         configs = {name: DPPConfig(k=kk, n=nn_, temperature=schedule, **extra_config)
                    for name, (kk, nn_) in per_layer.items()}
         result = dpp_prune_(net, data, DPPConfig(k=k, n=n, temperature=schedule, **extra_config), train,
@@ -196,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-scale", type=float, default=1.0,
                    help="DPP logits start at this times the log of the normalised weight magnitudes")
     p.add_argument("--noise-scale", type=float, default=1.0, help="DPP Gumbel noise scale")
+    p.add_argument("--anneal-noise", action="store_true",
+                   help="DPP noise scale follows the temperature down (DPPConfig.anneal_noise)")
+    p.add_argument("--logit-lr-scale", type=float, default=1.0,
+                   help="DPP logits' learning rate as a multiple of --lr")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--checkpoint-dir", type=Path, default=st.CHECKPOINT_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -210,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     args.models = args.models or ["lenet5", "lenet300"]
     args.sparsities = args.sparsities or sorted(LEVELS)
     args.quant = args.quant or ["none", "bits=8", "binary"]
+    if not args.logit_lr_scale > 0:
+        p.error(f"--logit-lr-scale must be > 0, got {args.logit_lr_scale}")
     if args.init_scale < 0 or args.noise_scale < 0:
         p.error(f"--init-scale and --noise-scale must be >= 0, got {args.init_scale} and {args.noise_scale}")
     bad = [s for s in args.sparsities if s not in LEVELS]
@@ -230,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         dense, _, data_cfg = load_dense(None, checkpoint, None)
         data = load_dataset(data_cfg)
         dense_acc = evaluate(dense, data.test)["acc"]
-        settings = {"checkpoint_sha256": st._sha256(checkpoint), "epochs": args.epochs, "lr": args.lr,
-                    **({"init_scale": args.init_scale, "noise_scale": args.noise_scale}
-                       if (args.init_scale, args.noise_scale) != (1.0, 1.0) else {})}
+        settings = {"checkpoint_sha256": st._sha256(checkpoint), "epochs": args.epochs, "lr": args.lr}
+        dpp_settings = {**settings, **({"init_scale": args.init_scale, "noise_scale": args.noise_scale}
+                                       if (args.init_scale, args.noise_scale) != (1.0, 1.0) else {}),
+                        **({"anneal_noise": True} if args.anneal_noise else {}),
+                        **({"logit_lr_scale": args.logit_lr_scale} if args.logit_lr_scale != 1.0 else {})}
         rows = []
         for q in args.quant:
             for s in args.sparsities:
@@ -240,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 for method in ("magnitude", "dpp"):
                     rows.append(cache.get_or_run(
-                        f"{model_name}__{method}__s{s:g}__{q.replace('=', '')}", settings, run_row, dense, data,
+                        f"{model_name}__{method}__s{s:g}__{q.replace('=', '')}",
+                        dpp_settings if method == "dpp" else settings, run_row, dense, data,
                         method, s, q, args, announce=f"{model_name} {method} {s:.0%} {q}: test acc "
                                                      "{test_acc:.4f} (sparsity {sparsity:.3f})"))
         payload["models"][model_name] = {"dense_test_acc": dense_acc, "rows": rows}
@@ -270,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
           "Made by (from the repository root):", "", f"    {command}", "",
           f"{args.epochs} training epoch(s) per row for both methods, SGD lr {args.lr}, cosine, no augmentation; "
           f"DPP logits start at {args.init_scale:g} x log(1 + |w| / mean|w|), Gumbel noise scale "
-          f"{args.noise_scale:g}; test accuracy of the best-on-validation epoch.", ""] + [t + "\n" for t in texts]
+          f"{args.noise_scale:g}{' annealed with the temperature' if args.anneal_noise else ''}, logit lr "
+          f"{args.logit_lr_scale:g} x lr; test accuracy of the best-on-validation epoch.", ""] + \
+        [t + "\n" for t in texts]
     atomic_write(args.out / "dpp.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
     print("\n".join(md))
     return 0

@@ -88,6 +88,40 @@ def test_temperature_schedule_is_indexed_by_epoch_and_clamped():
     assert exp(0) == pytest.approx(1.0) and exp(1) == pytest.approx(0.1) and exp(2) == pytest.approx(0.01)
 
 
+def test_annealed_noise_follows_the_temperature_and_reaches_the_masks():
+    from prunekit.dpp import DPPHooks
+
+    schedule = TemperatureSchedule(start=2.0, end=0.02, epochs=3, mode="exponential")
+    plain, annealed = DPPConfig(k=1, n=4, temperature=schedule, noise_scale=3.0), \
+        DPPConfig(k=1, n=4, temperature=schedule, noise_scale=3.0, anneal_noise=True)
+    assert [plain.noise_at(e) for e in range(3)] == [3.0, 3.0, 3.0]
+    assert [round(annealed.noise_at(e), 6) for e in range(4)] == [3.0, 0.3, 0.03, 0.03]  # clamped like T
+    assert DPPConfig.from_dict(annealed.to_dict()) == annealed
+    mask = KOfNMask(torch.randn(3, 8), annealed)
+    hooks = DPPHooks({"layer": mask}, annealed)
+    assert mask.noise_scale == 3.0
+    hooks.after_epoch(nn.Linear(1, 1), 0)
+    assert mask.noise_scale == pytest.approx(0.3) and hooks.metrics[0]["noise_scale"] == pytest.approx(3.0)
+    # with the noise annealed away, every training draw is the evaluation mask
+    mask.noise_scale, mask.temperature = 0.0, 0.02
+    mask.train()
+    assert torch.equal(mask.mask(), mask.eval().mask())
+
+
+def test_logits_get_their_own_learning_rate_and_no_weight_decay():
+    from prunekit.dpp import DPPHooks
+
+    layer = nn.Linear(8, 3)
+    config = DPPConfig(k=1, n=4, logit_lr_scale=50.0)
+    mask = KOfNMask(layer.weight, config)
+    parametrize.register_parametrization(layer, "weight", mask)
+    groups = DPPHooks({"layer": mask}, config).param_groups(layer)
+    assert [len(g["params"]) for g in groups] == [2, 1] and groups[1]["params"][0] is mask.logits
+    assert groups[1]["lr_scale"] == 50.0 and groups[1]["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="logit_lr_scale must be > 0"):
+        DPPConfig(logit_lr_scale=0.0)
+
+
 def test_evaluation_mask_is_the_topk_of_the_logits():
     logits = torch.tensor([[0.1, 3.0, -1.0, 2.0]])
     assert topk_mask(logits, 2).tolist() == [[0.0, 1.0, 0.0, 1.0]]

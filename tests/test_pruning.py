@@ -302,7 +302,7 @@ def test_cli_dpp_learns_k_of_n_masks_and_reports_storage_and_metrics(tmp_path, d
     out = tmp_path / "dpp"
     code = main(["prune", "--checkpoint", str(dense_checkpoint), "--method", "dpp", "--granularity", "kernel",
                  "--k", "1", "--finetune-epochs", "1", "--quant", "bits=8", "--out", str(out), "--no-progress",
-                 "--no-latency"])
+                 "--no-latency", "--init-scale", "10", "--anneal-noise", "--logit-lr-scale", "20"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["pruned"]["nonzero_params"] < report["dense"]["params"]
@@ -310,6 +310,7 @@ def test_cli_dpp_learns_k_of_n_masks_and_reports_storage_and_metrics(tmp_path, d
     assert report["metrics"] and "final mask confidence / diversity" in (out / "report.md").read_text()
     model, meta = load_compressed(out / "dpp.safetensors")
     assert meta["dpp"]["granularity"] == "kernel"
+    assert (meta["dpp"]["init_scale"], meta["dpp"]["anneal_noise"], meta["dpp"]["logit_lr_scale"]) == (10, True, 20)
 
 
 def test_cli_dpp_filter_granularity_shrinks_the_model_and_it_reloads(tmp_path, dense_checkpoint, capsys):
@@ -329,6 +330,8 @@ def test_cli_dpp_filter_granularity_shrinks_the_model_and_it_reloads(tmp_path, d
         (["--method", "dpp", "--k", "5", "--n", "4", "--finetune-epochs", "1"], "k must be smaller than n"),
         (["--method", "dpp", "--k", "1", "--n", "4", "--temperature", "0", "0.1", "--finetune-epochs", "1"],
          "temperature start must be > 0"),
+        (["--method", "dpp", "--k", "1", "--n", "4", "--logit-lr-scale", "0", "--finetune-epochs", "1"],
+         "logit_lr_scale must be > 0"),
         (["--method", "admm", "--target", "flops=0.5"], "needs --pattern group"),
         (["--method", "admm", "--pattern", "k-of-n", "--k", "5", "--n", "4"], "k < n"),
         (["--method", "admm", "--quant", "bits=0"], "bits must be an int >= 1"),

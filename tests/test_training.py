@@ -18,6 +18,7 @@ from prunekit.training import (
     Augment,
     Schedule,
     TrainConfig,
+    TrainHooks,
     TrainingDivergedError,
     augment_batch,
     evaluate,
@@ -87,6 +88,23 @@ def test_best_validation_weights_are_restored(tmp_path, synthetic, make_lenet300
     result_mem = fit(in_memory, data, config, progress=False)
     assert (result_mem.best_epoch, result_mem.best_val_acc) == (result.best_epoch, result.best_val_acc)
     assert _same_state(in_memory.state_dict(), model.state_dict())
+
+
+def test_hook_param_groups_scale_the_learning_rate_and_set_their_own_decay(synthetic, make_lenet300):
+    model = make_lenet300()
+    frozen, decayed = model.fc1.weight, model.fc2.weight
+    others = [p for p in model.parameters() if p is not frozen and p is not decayed]
+
+    class Groups(TrainHooks):
+        def param_groups(self, model):  # lr x0 and no decay: stays put; lr x1 and huge decay: shrinks
+            return [{"params": others}, {"params": [frozen], "lr_scale": 0.0, "weight_decay": 0.0},
+                    {"params": [decayed], "weight_decay": 5.0}]
+
+    before = frozen.detach().clone(), decayed.detach().norm()
+    fit(model, synthetic, TrainConfig(epochs=1, lr=0.05, weight_decay=0.0), progress=False, hooks=Groups(),
+        select_best=False)
+    assert torch.equal(frozen, before[0])
+    assert decayed.norm() < 0.5 * before[1]
 
 
 def test_zero_epochs_only_evaluates(synthetic, make_lenet300):

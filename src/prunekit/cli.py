@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiles", type=int, default=None, help="dpp weight granularity: k of n within each of G tiles")
     p.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.05], metavar=("START", "END"),
                    help="dpp: Gumbel-softmax temperature, annealed per epoch")
+    p.add_argument("--init-scale", type=float, default=1.0,
+                   help="dpp: logits start at this times log(1 + |w| / mean|w|) (magnitude-informed start)")
+    p.add_argument("--anneal-noise", action="store_true", help="dpp: Gumbel noise scale follows the temperature")
+    p.add_argument("--logit-lr-scale", type=float, default=1.0, help="dpp: the logits' lr as a multiple of --lr")
     p.add_argument("--admm-epochs", type=int, default=4, help="admm: ADMM epochs per phase")
     p.add_argument("--rho", type=float, default=1e-3, help="admm: initial penalty (grows x1.3 per update)")
     p.add_argument("--seed", type=int, default=0)
@@ -213,6 +217,8 @@ def cmd_prune(args) -> None:
         outcome = dpp_job(args.model, data, checkpoint=args.checkpoint, granularity=args.granularity, k=args.k,
                           n=args.n, tiles=args.tiles, quant=args.quant, epochs=args.finetune_epochs, lr=args.lr,
                           batch_size=args.batch_size, temperature=tuple(args.temperature),
+                          mask_options={"init_scale": args.init_scale, "anneal_noise": args.anneal_noise,
+                                        "logit_lr_scale": args.logit_lr_scale},
                           target=args.target[0] if args.granularity == "filter" else None, out=out,
                           progress=not args.no_progress, measure_latency=not args.no_latency, seed=args.seed)
         print()

@@ -121,8 +121,13 @@ class DPPConfig:
         tiles: Weight granularity: split each row into this many tiles, ``k`` of ``n = row / tiles`` in each.
         temperature: :class:`TemperatureSchedule`.
         noise_scale: ``s`` in ``phi + s * Gumbel``.
+        anneal_noise: Scale ``s`` with the temperature, ``s * T(epoch) / T(0)``, so the draws settle on
+            ``top-k(phi)`` as the relaxation sharpens and the last epochs train the weights under (nearly) the mask
+            that evaluation uses.
         entropy_weight: Weight of the mean logit entropy added to the loss (0: off).
         init_scale: Logits start at ``init_scale * |w|`` normalised per group (magnitude-informed start).
+        logit_lr_scale: The logits' learning rate, as a multiple of the weights' (logits never get weight decay,
+            which would only flatten them toward the uniform mask).
     """
 
     granularity: Granularity = Granularity.WEIGHT
@@ -133,6 +138,8 @@ class DPPConfig:
     noise_scale: float = 1.0
     entropy_weight: float = 0.0
     init_scale: float = 1.0
+    anneal_noise: bool = False
+    logit_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         try:
@@ -150,13 +157,22 @@ class DPPConfig:
             raise ValueError(f"tiles must be >= 1 and needs weight granularity, got tiles={self.tiles!r}")
         if self.noise_scale < 0 or self.entropy_weight < 0:
             raise ValueError("noise_scale and entropy_weight must be >= 0")
+        if not self.logit_lr_scale > 0:
+            raise ValueError(f"logit_lr_scale must be > 0, got {self.logit_lr_scale!r}")
 
     def to_dict(self) -> dict[str, Any]:
         t = self.temperature
         return {"granularity": self.granularity.value, "k": self.k, "n": self.n, "tiles": self.tiles,
                 "temperature": {"start": t.start, "end": t.end, "epochs": t.epochs, "mode": t.mode.value,
                                 "floor": t.floor},
-                "noise_scale": self.noise_scale, "entropy_weight": self.entropy_weight, "init_scale": self.init_scale}
+                "noise_scale": self.noise_scale, "entropy_weight": self.entropy_weight, "init_scale": self.init_scale,
+                "anneal_noise": self.anneal_noise, "logit_lr_scale": self.logit_lr_scale}
+
+    def noise_at(self, epoch: int) -> float:
+        """The Gumbel noise scale of ``epoch`` (0-based)."""
+        if not self.anneal_noise:
+            return self.noise_scale
+        return self.noise_scale * self.temperature(epoch) / self.temperature(0)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DPPConfig:
@@ -202,7 +218,7 @@ class KOfNMask(nn.Module):
         self.groups, self.n = group_layout(weight.shape, config)
         self.k = config.k
         self.shape = tuple(weight.shape)
-        self.temperature = config.temperature(0)
+        self.temperature, self.noise_scale = config.temperature(0), config.noise_at(0)
         self.generator = generator
         scores = self._group_view(weight.detach().abs())
         scores = scores / scores.mean(-1, keepdim=True).clamp_min(1e-12)
@@ -226,7 +242,7 @@ class KOfNMask(nn.Module):
 
     def mask(self) -> torch.Tensor:
         if self.training:
-            m = gumbel_topk_mask(self.logits, self.k, self.temperature, self.config.noise_scale, self.generator)
+            m = gumbel_topk_mask(self.logits, self.k, self.temperature, self.noise_scale, self.generator)
         else:
             m = topk_mask(self.logits.detach(), self.k)
         return self._expand(m)
@@ -275,9 +291,10 @@ class STEQuantize(nn.Module):
 
 
 class DPPHooks(TrainHooks):
-    """Sets each epoch's temperature, adds the entropy regulariser, records per-layer confidence/diversity.
+    """Sets each epoch's temperature and noise scale, adds the entropy regulariser, records per-layer
+    confidence/diversity.
 
-    ``masks`` needs ``logits``, a settable ``temperature`` and ``entropy()`` (:class:`KOfNMask`,
+    ``masks`` needs ``logits``, settable ``temperature`` and ``noise_scale``, and ``entropy()`` (:class:`KOfNMask`,
     :class:`prunekit.dpp_groups.GroupMask`)."""
 
     def __init__(self, masks: dict[str, KOfNMask], config: DPPConfig) -> None:
@@ -287,7 +304,13 @@ class DPPHooks(TrainHooks):
 
     def _set(self, epoch: int) -> None:
         for m in self.masks.values():
-            m.temperature = self.config.temperature(epoch)
+            m.temperature, m.noise_scale = self.config.temperature(epoch), self.config.noise_at(epoch)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        logits = [m.logits for m in self.masks.values()]
+        ids = {id(p) for p in logits}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        return [{"params": rest}, {"params": logits, "lr_scale": self.config.logit_lr_scale, "weight_decay": 0.0}]
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         if not self.config.entropy_weight:
@@ -296,6 +319,7 @@ class DPPHooks(TrainHooks):
 
     def after_epoch(self, model: nn.Module, epoch: int) -> None:
         self.metrics.append({"epoch": epoch + 1, "temperature": self.config.temperature(epoch),
+                             "noise_scale": self.config.noise_at(epoch),
                              **{f"{n}/confidence": mask_confidence(m.logits) for n, m in self.masks.items()},
                              **{f"{n}/diversity": mask_diversity(m.logits) for n, m in self.masks.items()}})
         self._set(epoch + 1)

@@ -35,7 +35,8 @@ class GroupMask(nn.Module):
         if not 0 < k < group.size:
             raise ValueError(f"group {group.root} has {group.size} channels: k must be in [1, {group.size - 1}], "
                              f"got {k}")
-        self.k, self.config, self.temperature = k, config, config.temperature(0)
+        self.k, self.config = k, config
+        self.temperature, self.noise_scale = config.temperature(0), config.noise_at(0)
         norms = group.reduce(lambda s: s.rows().pow(2).sum(1)).sqrt().float()
         self.logits = nn.Parameter(config.init_scale * (norms / norms.mean().clamp_min(1e-12)).log1p())
         self._draw: torch.Tensor | None = None
@@ -51,7 +52,7 @@ class GroupMask(nn.Module):
         if not self.training:
             return topk_mask(self.logits.detach(), self.k)
         if self._draw is None:
-            self._draw = gumbel_topk_mask(self.logits, self.k, self.temperature, self.config.noise_scale)
+            self._draw = gumbel_topk_mask(self.logits, self.k, self.temperature, self.noise_scale)
         return self._draw
 
 

@@ -297,12 +297,14 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
             quant: str = "none", epochs: int = 4, lr: float = 0.01, batch_size: int = 128,
             temperature: tuple[float, float] = (1.0, 0.05), target: str | None = None,
             out: str | Path | None = None, progress: bool = True, log=print, measure_latency: bool = True,
-            seed: int = 0) -> PruneOutcome:
+            seed: int = 0, mask_options: dict[str, Any] | None = None) -> PruneOutcome:
     """DPP: learn k-of-n masks (optionally with quantized weights) on a dense network, measure and report, with the
     exact k-of-n storage, the per-layer confidence/diversity plot and the model (``prunekit prune --method dpp``).
 
     ``granularity="filter"`` learns which filters of every coupled channel group to keep (``target``, e.g.
-    ``flops=x4``, sets how many) and removes the rest physically (:mod:`prunekit.dpp_groups`)."""
+    ``flops=x4``, sets how many) and removes the rest physically (:mod:`prunekit.dpp_groups`). ``mask_options``
+    are further :class:`prunekit.dpp.DPPConfig` fields (``init_scale``, ``noise_scale``, ``anneal_noise``,
+    ``logit_lr_scale``, ``entropy_weight``)."""
     import copy
 
     from prunekit.admm import format_storage
@@ -323,10 +325,11 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
         if quant != "none":
             raise ValueError("DPP filter granularity trains float weights; quantize with --granularity weight|kernel")
         parsed = Target.parse(target)
-        config = DPPConfig(granularity="weight", k=1, n=2, temperature=schedule)  # schedule and noise only
+        config = DPPConfig(granularity="weight", k=1, n=2, temperature=schedule,  # schedule and mask options only
+                           **(mask_options or {}))
     else:
         config = DPPConfig(granularity=granularity, k=k, n=n if granularity == "weight" and not tiles else None,
-                           tiles=tiles, temperature=schedule)
+                           tiles=tiles, temperature=schedule, **(mask_options or {}))
     data_cfg = DataConfig(name=data) if isinstance(data, str) else data
     dense, base, data_cfg = load_dense(model, checkpoint, data_cfg)
     splits = load_dataset(data_cfg)

@@ -190,8 +190,13 @@ class TrainHooks:
     """Extension points of :func:`fit` for methods that train under constraints (ADMM, masked retraining).
 
     ``penalty`` is added to the loss of every step; ``after_step`` runs after each optimizer step (re-apply masks,
-    update ADMM variables every N steps); ``after_epoch`` after each epoch's training, before validation.
+    update ADMM variables every N steps); ``after_epoch`` after each epoch's training, before validation;
+    ``param_groups`` may split the parameters into optimizer groups, each with an ``lr_scale`` (times the
+    scheduled learning rate) and its own ``weight_decay`` (e.g. mask logits: faster, no decay).
     """
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
+        return None
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         return None
@@ -237,8 +242,9 @@ def fit(
     model.to(device)
     net: nn.Module = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if ctx.enabled else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(hooks.param_groups(model) or model.parameters(), lr=config.lr,
+                                momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,
+                                weight_decay=config.weight_decay)
     result = FitResult(out_dir=out)
     start_epoch = 0
     best_state: dict[str, torch.Tensor] | None = None
@@ -266,7 +272,7 @@ def fit(
         for step, (x, y) in enumerate(bar):
             lr = config.lr_at((epoch * steps_per_epoch + step) / total_steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             x = augment_batch(x.to(device), config.augment, gen)
             y = y.to(device)
             if len(y) == 0:  # a last global batch smaller than the number of processes
