@@ -107,6 +107,23 @@ def table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]], batches:
     return "\n".join(lines)
 
 
+def readme_table(rows: list[dict[str, Any]]) -> str:
+    """The README's latency table: speedup over dense, the limit's, and the fraction, per engine at each batch."""
+    batches = sorted({x["batch"] for r in rows for x in r["latency"]})
+    head = ["model", "FLOPs"] + [f"{e} b{b}: speedup / limit / fraction" for b in batches
+                                 for e in ("eager", "ONNX Runtime")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        by = {(x["engine"], x["batch"]): x for x in r["latency"]}
+        cells = [r["model"], f"x{r['factor']:g}"]
+        for b in batches:
+            for engine in ("eager", "onnxruntime"):
+                x = by[(engine, b)]
+                cells.append(f"{x['speedup']:.2f}x / {x['limit_speedup']:.2f}x / {x['fraction_of_limit']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="deploy.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=None, choices=sorted(st.CHECKPOINTS))

@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import deploy  # noqa: E402
 import eigendamage  # noqa: E402
 import structured  # noqa: E402
 
@@ -26,6 +27,7 @@ def tables() -> dict[str, str]:
                                                   ["rows"]),
         "eigendamage": eigendamage.summary_table(json.loads((results / "eigendamage" / "eigendamage.json")
                                                             .read_text())["rows"]),
+        "deploy": deploy.readme_table(json.loads((results / "deploy" / "deploy.json").read_text())["rows"]),
     }
 
 
