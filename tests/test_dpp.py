@@ -134,6 +134,9 @@ def test_evaluation_mask_is_the_topk_of_the_logits():
     ({"granularity": "kernel", "k": 3}, (4, 3, 3, 3), "k=3 must be smaller than n=3"),
     ({"granularity": "kernel", "k": 1}, (4, 8), "needs a Conv2d weight"),
     ({"tiles": 3, "k": 1, "n": None}, (4, 8), "tiles=3 must divide the row length 8"),
+    ({"init_scale": -1.0}, None, "init_scale must be a finite number >= 0"),
+    ({"noise_scale": float("nan")}, None, "noise_scale must be a finite number >= 0"),
+    ({"logit_lr_scale": float("inf")}, None, "logit_lr_scale must be > 0 and finite"),
 ])
 def test_bad_input_is_a_clear_error(kwargs, shape, match):
     with pytest.raises(ValueError, match=match):

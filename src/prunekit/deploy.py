@@ -216,22 +216,24 @@ def op_profile(model: nn.Module, input_shape: tuple[int, ...], batch: int = 64, 
 
 
 def export_runners(models: dict[str, nn.Module], input_shape: tuple[int, ...], batches: Sequence[int], threads: int,
-                   onnx: bool, workdir: str | Path | None = None) -> dict[tuple[str, str, int], Callable[[], Any]]:
+                   onnx: bool, workdir: str | Path | None = None, min_run_time: float = 0.2
+                   ) -> tuple[dict[tuple[str, str, int], Callable[[], Any]], dict[str, InferenceForm]]:
     """Runners keyed (model, engine, batch) for the eager inference form and, with ``onnx``, ONNX Runtime on the
-    exported folded model (files under ``workdir`` or a temporary folder)."""
+    exported folded model (files under ``workdir`` or a temporary folder); and each model's inference form."""
     from prunekit.export import export_onnx
 
     runners: dict[tuple[str, str, int], Callable[[], Any]] = {}
+    forms: dict[str, InferenceForm] = {}
     folder = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="prunekit-bench-"))
     for name, model in models.items():
-        form = inference_form(model, input_shape, max(batches), threads)
+        forms[name] = form = inference_form(model, input_shape, max(batches), threads, min_run_time)
         for b in batches:
             runners[(name, "eager", b)] = eager_runner(form.model, input_shape, b)
-        if onnx:
+        if onnx:  # the folded graph before any memory-format change: ONNX Runtime picks its own layout
             path = export_onnx(fold_batchnorm(model)[0], folder / f"{name}.onnx", input_shape)
             for b in batches:
                 runners[(name, "onnxruntime", b)] = onnx_runner(path, input_shape, b, threads)
-    return runners
+    return runners, forms
 
 
 def measure_against_limit(pruned: nn.Module, dense: nn.Module, input_shape: tuple[int, ...],
@@ -258,7 +260,7 @@ def measure_against_limit(pruned: nn.Module, dense: nn.Module, input_shape: tupl
         limit, limit_width = uniform_width_model(build, count_flops(pruned, shape), input_shape, full_width)
         models["limit"] = limit.eval()
     flops = {k: count_flops(m, shape) for k, m in models.items()}
-    runners = export_runners(models, input_shape, batches, threads, onnx)
+    runners, forms = export_runners(models, input_shape, batches, threads, onnx, min_run_time=min_run_time)
     times = paired_latency(runners, threads, repeats, min_run_time)
     rows = []
     for engine in ("eager", "onnxruntime") if onnx else ("eager",):
@@ -269,8 +271,7 @@ def measure_against_limit(pruned: nn.Module, dense: nn.Module, input_shape: tupl
                          "speedup": d / p, "limit_speedup": None if lim is None else d / lim,
                          "fraction_of_limit": None if lim is None else (d / p) / (d / lim)})
     return {"rows": rows, "limit_width": limit_width, "flops": flops, "threads": threads,
-            "profile": op_profile(inference_form(pruned, input_shape, max(batches), threads, min_run_time).model,
-                                  input_shape, max(batches))}
+            "profile": op_profile(forms["pruned"].model, input_shape, max(batches))}
 
 
 def latency_markdown(result: dict[str, Any]) -> str:

@@ -155,10 +155,12 @@ class DPPConfig:
             raise ValueError(f"k must be smaller than n (keep k of every n), got k={self.k}, n={self.n}")
         if self.tiles is not None and (self.tiles < 1 or self.granularity is not Granularity.WEIGHT):
             raise ValueError(f"tiles must be >= 1 and needs weight granularity, got tiles={self.tiles!r}")
-        if self.noise_scale < 0 or self.entropy_weight < 0:
-            raise ValueError("noise_scale and entropy_weight must be >= 0")
-        if not self.logit_lr_scale > 0:
-            raise ValueError(f"logit_lr_scale must be > 0, got {self.logit_lr_scale!r}")
+        for name in ("noise_scale", "entropy_weight", "init_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (math.isfinite(self.logit_lr_scale) and self.logit_lr_scale > 0):
+            raise ValueError(f"logit_lr_scale must be > 0 and finite, got {self.logit_lr_scale!r}")
 
     def to_dict(self) -> dict[str, Any]:
         t = self.temperature
