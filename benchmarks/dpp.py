@@ -4,14 +4,23 @@ sparsity, with float, 8-bit and binary weights.
 Every row starts from the committed dense checkpoint and trains ``--epochs`` epochs (SGD lr ``--lr``, cosine, no
 augmentation; test accuracy of the best-on-validation epoch):
 
-* ``dpp``: masks and weights trained together (``prunekit.dpp.dpp_prune_``, temperature 1 -> 0.05 per epoch);
+* ``dpp``: masks and weights trained together (``prunekit.dpp.dpp_prune_``, temperature 1 -> 0.05 per epoch;
+  by default logits start at 10 x the log-magnitude score, the Gumbel noise follows the temperature down and the
+  logits learn at 5000 x the weights' lr, the best of the LeNet-5 pilots in ``results/dpp/pilot-*``);
 * ``magnitude``: the same k-of-n pattern chosen by weight magnitude once, then masked retraining for the same
-  epochs (``prunekit.admm`` with no ADMM epochs).
+  epochs (:func:`magnitude_k_of_n_`).
 
-A sparsity ``1 - k/n`` is requested as ``k`` of ``n``; where ``n`` does not divide a layer's rows (LeNet-300's
-784-wide first layer, LeNet-5's 25-wide first conv) that layer gets the nearest dividing run length
-(``prunekit.dpp.nearest_k_of_n``), and the table reports the sparsity actually reached. Quantized rows (8-bit,
-binary) use straight-through estimators for both methods' training and report the same sparsity pattern.
+Which layer keeps how many (``--layer-plan``, the same for both methods; the table reports the sparsity reached):
+
+* ``small-dense`` (default): layers holding under 2% of the weights (LeNet-5's first convolution and classifier,
+  LeNet-300's classifier) stay dense and the others share the budget at one keep ratio, each as the densest k-of-n
+  at or under it with ``n <= 32`` dividing its rows (``prunekit.dpp.plan_k_of_n``), the usual practice for N:M
+  sparsity;
+* ``uniform``: every layer keeps ``1`` of ``n`` (4, 10, 20), or the nearest run length dividing its rows
+  (``prunekit.dpp.nearest_k_of_n``: LeNet-300's 784-wide first layer, LeNet-5's 25-wide first conv).
+
+Quantized rows (8-bit, binary) quantize every layer's weights by straight-through estimators in both methods'
+training and keep the same sparsity pattern.
 
 Filter granularity (``--filter-models``, default ResNet-20): DPP over coupled channel groups at 1/4 of the FLOPs
 (``prunekit.dpp_groups``), the dropped filters removed physically, trained for the two epochs (SGD lr 0.01,
@@ -38,7 +47,7 @@ from torch import nn
 
 from prunekit.checkpoint import atomic_write
 from prunekit.data import load_dataset
-from prunekit.dpp import DPPConfig, TemperatureSchedule, dpp_prune_, nearest_k_of_n
+from prunekit.dpp import DPPConfig, TemperatureSchedule, dpp_prune_, nearest_k_of_n, plan_k_of_n, ste_quantizer
 from prunekit.jobs import load_dense
 from prunekit.plots import plot_mask_metrics
 from prunekit.training import Augment, TrainConfig, evaluate
@@ -50,6 +59,11 @@ import structured as st  # noqa: E402  (row cache and hashing)
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "dpp"
 LEVELS = {0.75: (1, 4), 0.9: (1, 10), 0.95: (1, 20)}
+LAYER_PLANS = ("small-dense", "uniform")
+# DPP defaults chosen by the LeNet-5 90% pilots in results/dpp/pilot-* (README, "DPP"): a magnitude-informed start,
+# noise annealed with the temperature, and a logit learning rate large enough for the masks to move in 6 epochs.
+INIT_SCALE = 10.0
+LOGIT_LR_SCALE = 5000.0
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -59,8 +73,8 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
 def run_row(dense, data, method: str, sparsity: float, quant: str, args) -> dict[str, Any]:
     torch.manual_seed(0)
     net = copy.deepcopy(dense).train()
-    k, n = LEVELS[sparsity]
-    per_layer = {name: nearest_k_of_n(m.weight[0].numel(), k, n) for name, m in _layers(net).items()}
+    per_layer = layer_plan(net, sparsity, args.layer_plan)
+    k, n = next(iter(per_layer.values()))
     train = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=128, augment=Augment.NONE, seed=0)
     extra: dict[str, Any] = {}
     if method == "dpp":
@@ -69,9 +83,12 @@ def run_row(dense, data, method: str, sparsity: float, quant: str, args) -> dict
                         "anneal_noise": args.anneal_noise, "logit_lr_scale": args.logit_lr_scale}
         configs = {name: DPPConfig(k=kk, n=nn_, temperature=schedule, **extra_config)
                    for name, (kk, nn_) in per_layer.items()}
+        dense_layers = [m for name, m in _layers(net).items() if name not in per_layer]
+        quantize_(dense_layers, quant)  # dpp_prune_ quantizes the layers it masks
         result = dpp_prune_(net, data, DPPConfig(k=k, n=n, temperature=schedule, **extra_config), train,
                             layers=list(per_layer),
                             quant=quant, progress=False, per_layer=configs)
+        bake_(dense_layers)
         last = result.metrics[-1] if result.metrics else {}
         extra["final_confidence"] = {key: v for key, v in last.items() if key.endswith("/confidence")}
         extra["metrics"] = result.metrics
@@ -85,13 +102,39 @@ def run_row(dense, data, method: str, sparsity: float, quant: str, args) -> dict
             "test_acc": evaluate(net, data.test)["acc"], **extra}
 
 
+def layer_plan(net: nn.Module, sparsity: float, plan: str) -> dict[str, tuple[int, int]]:
+    """``{layer: (k, n)}`` of the constrained layers under ``--layer-plan`` (layers left out stay dense)."""
+    if plan == "uniform":
+        k, n = LEVELS[sparsity]
+        return {name: nearest_k_of_n(m.weight[0].numel(), k, n) for name, m in _layers(net).items()}
+    return plan_k_of_n({name: m.weight.shape for name, m in _layers(net).items()}, sparsity)
+
+
+def quantize_(layers: list[nn.Module], quant: str) -> None:
+    """Train ``layers``' weights quantized (straight-through) under ``quant``; :func:`bake_` undoes it."""
+    from torch.nn.utils import parametrize
+
+    for m in layers:
+        quantizer = ste_quantizer(quant)
+        if quantizer is not None:
+            parametrize.register_parametrization(m, "weight", quantizer)
+
+
+def bake_(layers: list[nn.Module]) -> None:
+    """Leave the (quantized) weights as plain parameters."""
+    from torch.nn.utils import parametrize
+
+    for m in layers:
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+
+
 def magnitude_k_of_n_(net: nn.Module, data, per_layer: dict[str, tuple[int, int]], quant: str,
                       train: TrainConfig) -> None:
-    """The k largest magnitudes of every run, then masked retraining (quantized by STE when asked)."""
+    """The k largest magnitudes of every run, then masked retraining (every layer quantized by STE when asked)."""
     from torch.nn.utils import parametrize
 
     from prunekit.constraints import Pattern, SparsityConstraint, sparsity_mask
-    from prunekit.dpp import STEQuantize
     from prunekit.training import TrainHooks, fit
 
     layers = _layers(net)
@@ -100,10 +143,7 @@ def magnitude_k_of_n_(net: nn.Module, data, per_layer: dict[str, tuple[int, int]
         for name, (kk, nn_) in per_layer.items():
             masks[name] = sparsity_mask(layers[name].weight, SparsityConstraint(Pattern.K_OF_N, k=kk, n=nn_))
             layers[name].weight.mul_(masks[name])
-    if quant != "none":
-        for m in layers.values():
-            parametrize.register_parametrization(
-                m, "weight", STEQuantize(binary=True) if quant == "binary" else STEQuantize(bits=int(quant[5:])))
+    quantize_(list(layers.values()), quant)
 
     def stored(m: nn.Module) -> torch.Tensor:
         return m.parametrizations.weight.original if parametrize.is_parametrized(m) else m.weight
@@ -111,16 +151,14 @@ def magnitude_k_of_n_(net: nn.Module, data, per_layer: dict[str, tuple[int, int]
     class KeepMasks(TrainHooks):
         @torch.no_grad()
         def after_step(self, model, optimizer, step):
-            for name, m in layers.items():
-                stored(m).mul_(masks[name])
-                state = optimizer.state.get(stored(m), {})
+            for name, mask in masks.items():
+                stored(layers[name]).mul_(mask)
+                state = optimizer.state.get(stored(layers[name]), {})
                 if state.get("momentum_buffer") is not None:
-                    state["momentum_buffer"].mul_(masks[name])
+                    state["momentum_buffer"].mul_(mask)
 
     fit(net, data, train, progress=False, hooks=KeepMasks())
-    if quant != "none":
-        for m in layers.values():
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    bake_(list(layers.values()))
 
 
 FILTER_CHECKPOINTS = {"resnet20": "resnet20-fmnist.safetensors"}
@@ -167,20 +205,43 @@ def filter_table(model: str, row: dict[str, Any], reference: Path) -> str:
     return "\n".join(lines)
 
 
+def _pairs(rows: list[dict[str, Any]]):
+    """``(sparsity target, quant, magnitude row or None, DPP row)`` in run order."""
+    by = {(r["method"], r["sparsity_target"], r["quant"]): r for r in rows}
+    for (method, s, q), r in by.items():
+        if method == "dpp":
+            yield s, q, by.get(("magnitude", s, q)), r
+
+
+def _cells(mag: dict[str, Any] | None, dpp: dict[str, Any]) -> str:
+    mag_acc = "-" if mag is None else f"{100 * mag['test_acc']:.2f}"
+    diff = "-" if mag is None else f"{100 * (dpp['test_acc'] - mag['test_acc']):+.2f}"
+    return f"{mag_acc} | {100 * dpp['test_acc']:.2f} | {diff} | {dpp['sparsity']:.3f}"
+
+
 def table(model: str, dense_acc: float, rows: list[dict[str, Any]]) -> str:
     lines = [f"**{model}** (dense test accuracy {100 * dense_acc:.2f}%)", "",
              "| sparsity target | weights | magnitude k-of-n test acc % | DPP test acc % | DPP - magnitude pt | "
              "sparsity reached |", "|---|---|---|---|---|---|"]
-    by = {(r["method"], r["sparsity_target"], r["quant"]): r for r in rows}
-    for (method, s, q), r in by.items():
-        if method != "dpp":
-            continue
-        mag = by.get(("magnitude", s, q))
-        diff = "-" if mag is None else f"{100 * (r['test_acc'] - mag['test_acc']):+.2f}"
-        mag_acc = "-" if mag is None else f"{100 * mag['test_acc']:.2f}"
-        lines.append(f"| {s:.0%} | {q} | {mag_acc} | "
-                     f"{100 * r['test_acc']:.2f} | {diff} | {r['sparsity']:.3f} |")
+    lines += [f"| {s:.0%} | {q} | {_cells(mag, r)} |" for s, q, mag, r in _pairs(rows)]
     return "\n".join(lines)
+
+
+def readme_table(payload: dict[str, Any]) -> str:
+    """Both LeNets in one table, with each row's k of n per layer (the README's DPP table)."""
+    lines = ["| model (dense %) | sparsity target | weights | k of n per layer | magnitude k-of-n % | DPP % | "
+             "DPP - magnitude pt | sparsity reached |", "|---|---|---|---|---|---|---|---|"]
+    for model, entry in payload["models"].items():
+        for s, q, mag, r in _pairs(entry["rows"]):
+            plan = ", ".join(f"{name} {k}/{n}" for name, (k, n) in r["k_of_n"].items())
+            lines.append(f"| {model} ({100 * entry['dense_test_acc']:.2f}) | {s:.0%} | {q} | {plan} | "
+                         f"{_cells(mag, r)} |")
+    return "\n".join(lines)
+
+
+def readme_filter_table(payload: dict[str, Any]) -> str:
+    return "\n\n".join(filter_table(model, row, ROOT / "benchmarks/results/eigendamage/eigendamage.json")
+                        for model, row in payload.get("filter", {}).items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,13 +255,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="models of the filter-granularity row (default resnet20; none: skip)")
     p.add_argument("--filter-epochs", type=int, default=2)
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--init-scale", type=float, default=1.0,
-                   help="DPP logits start at this times the log of the normalised weight magnitudes")
+    p.add_argument("--layer-plan", choices=LAYER_PLANS, default="small-dense",
+                   help="small-dense: layers under 2%% of the weights stay dense, the rest share the budget; "
+                        "uniform: 1 of n everywhere (default small-dense)")
+    p.add_argument("--init-scale", type=float, default=INIT_SCALE,
+                   help="DPP logits start at this times the log of the normalised weight magnitudes "
+                        f"(default {INIT_SCALE:g})")
     p.add_argument("--noise-scale", type=float, default=1.0, help="DPP Gumbel noise scale")
-    p.add_argument("--anneal-noise", action="store_true",
-                   help="DPP noise scale follows the temperature down (DPPConfig.anneal_noise)")
-    p.add_argument("--logit-lr-scale", type=float, default=1.0,
-                   help="DPP logits' learning rate as a multiple of --lr")
+    p.add_argument("--anneal-noise", action=argparse.BooleanOptionalAction, default=True,
+                   help="DPP noise scale follows the temperature down (DPPConfig.anneal_noise; default on)")
+    p.add_argument("--logit-lr-scale", type=float, default=LOGIT_LR_SCALE,
+                   help=f"DPP logits' learning rate as a multiple of --lr (default {LOGIT_LR_SCALE:g})")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--checkpoint-dir", type=Path, default=st.CHECKPOINT_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -237,11 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         dense, _, data_cfg = load_dense(None, checkpoint, None)
         data = load_dataset(data_cfg)
         dense_acc = evaluate(dense, data.test)["acc"]
-        settings = {"checkpoint_sha256": st._sha256(checkpoint), "epochs": args.epochs, "lr": args.lr}
-        dpp_settings = {**settings, **({"init_scale": args.init_scale, "noise_scale": args.noise_scale}
-                                       if (args.init_scale, args.noise_scale) != (1.0, 1.0) else {}),
-                        **({"anneal_noise": True} if args.anneal_noise else {}),
-                        **({"logit_lr_scale": args.logit_lr_scale} if args.logit_lr_scale != 1.0 else {})}
+        settings = {"checkpoint_sha256": st._sha256(checkpoint), "epochs": args.epochs, "lr": args.lr,
+                    **({"layer_plan": args.layer_plan} if args.layer_plan != "uniform" else {})}
+        dpp_settings = {**settings, "init_scale": args.init_scale, "noise_scale": args.noise_scale,
+                        "anneal_noise": args.anneal_noise, "logit_lr_scale": args.logit_lr_scale}
         rows = []
         for q in args.quant:
             for s in args.sparsities:
@@ -279,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     md = ["# DPP vs magnitude k-of-n" + (" (quick smoke run)" if args.quick else ""), "",
           "Made by (from the repository root):", "", f"    {command}", "",
           f"{args.epochs} training epoch(s) per row for both methods, SGD lr {args.lr}, cosine, no augmentation; "
+          f"layer plan {args.layer_plan} (k of n per layer in `dpp.json`); "
           f"DPP logits start at {args.init_scale:g} x log(1 + |w| / mean|w|), Gumbel noise scale "
           f"{args.noise_scale:g}{' annealed with the temperature' if args.anneal_noise else ''}, logit lr "
           f"{args.logit_lr_scale:g} x lr; test accuracy of the best-on-validation epoch.", ""] + \

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import deploy  # noqa: E402
+import dpp  # noqa: E402
 import eigendamage  # noqa: E402
 import structured  # noqa: E402
 
@@ -28,6 +29,8 @@ def tables() -> dict[str, str]:
         "eigendamage": eigendamage.summary_table(json.loads((results / "eigendamage" / "eigendamage.json")
                                                             .read_text())["rows"]),
         "deploy": deploy.readme_table(json.loads((results / "deploy" / "deploy.json").read_text())["rows"]),
+        "dpp": dpp.readme_table(json.loads((results / "dpp" / "dpp.json").read_text())),
+        "dpp-filter": dpp.readme_filter_table(json.loads((results / "dpp" / "dpp.json").read_text())),
     }
 
 

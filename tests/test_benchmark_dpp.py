@@ -32,7 +32,8 @@ def test_quick_run_compares_both_methods_at_the_same_sparsity(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [(["--sparsities", "0.5"], "--sparsities must be among"),
                                            (["--noise-scale", "-1"], "must be >= 0"),
-                                           (["--quant", "octal"], "--quant takes none, binary or bits=N")])
+                                           (["--quant", "octal"], "--quant takes none, binary or bits=N"),
+                                           (["--layer-plan", "even"], "invalid choice")])
 def test_misuse_is_a_clear_error(tmp_path, argv, message):
     proc = run_script("benchmarks/dpp.py", "--out", str(tmp_path), *argv)
     assert proc.returncode == 2 and message in proc.stderr

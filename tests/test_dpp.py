@@ -211,6 +211,36 @@ def test_nearest_k_of_n_picks_a_dividing_run_length():
         nearest_k_of_n(1, 1, 4)
 
 
+def test_k_of_n_for_keep_is_never_denser_than_asked():
+    from prunekit.dpp import k_of_n_for_keep
+
+    assert k_of_n_for_keep(800, 0.0883) == (2, 25)  # 2/25 = 0.08; 3/32 would be denser than asked
+    assert k_of_n_for_keep(800, 0.25) == (1, 4)  # exact; 2/8 and 8/32 tie and the shorter run wins
+    assert k_of_n_for_keep(784, 0.2472) == (3, 14)  # 784's divisors <= 32: 2, 4, 7, 8, 14, 16, 28
+    assert k_of_n_for_keep(25, 0.01) == (1, 25)  # nothing is sparse enough: the sparsest there is
+    with pytest.raises(ValueError, match="no divisor"):
+        k_of_n_for_keep(37, 0.1)  # a prime above max_n
+    with pytest.raises(ValueError, match="keep must be in"):
+        k_of_n_for_keep(800, 1.0)
+
+
+def test_plan_k_of_n_keeps_small_layers_dense_and_reaches_the_target():
+    from prunekit.dpp import plan_k_of_n
+
+    shapes = {"conv1": (20, 1, 5, 5), "conv2": (50, 20, 5, 5), "fc1": (500, 800), "fc2": (10, 500)}  # LeNet-5
+    plan = plan_k_of_n(shapes, 0.9)
+    assert set(plan) == {"conv2", "fc1"}  # conv1 (0.1%) and fc2 (1.2%) stay dense
+    sizes = {name: math.prod(s) for name, s in shapes.items()}
+    kept = sum(sizes[n] * k / nn for n, (k, nn) in plan.items()) + sizes["conv1"] + sizes["fc2"]
+    assert 0.9 <= 1 - kept / sum(sizes.values()) < 0.92
+    assert all(math.prod(shapes[n][1:]) % nn == 0 and nn <= 32 for n, (_, nn) in plan.items())
+    assert set(plan_k_of_n(shapes, 0.9, dense_below=0)) == set(shapes)
+    with pytest.raises(ValueError, match="more than 0.5% allows"):
+        plan_k_of_n(shapes, 0.995, dense_below=0.05)  # fc2 and conv1 alone exceed the budget
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        plan_k_of_n(shapes, 1.0)
+
+
 def test_filter_dpp_on_coupled_groups_meets_the_target_and_removal_is_exact(synthetic):
     """ResNet residual stages couple several convs and BNs: one mask per group zeroes every producer, so the
     trained network (masks baked in) and the physically shrunk one compute the same function."""

@@ -313,6 +313,18 @@ def test_cli_dpp_learns_k_of_n_masks_and_reports_storage_and_metrics(tmp_path, d
     assert (meta["dpp"]["init_scale"], meta["dpp"]["anneal_noise"], meta["dpp"]["logit_lr_scale"]) == (10, True, 20)
 
 
+def test_cli_dpp_params_target_plans_k_of_n_per_layer_and_keeps_about_that_fraction(
+        tmp_path, dense_checkpoint, capsys):
+    out, report = _prune_cli(tmp_path, dense_checkpoint, capsys, "dpp-plan", "--method", "dpp", "--target",
+                             "params=0.25", "--finetune-epochs", "1", "--anneal-noise")
+    model, _ = load_compressed(out / "dpp.safetensors")
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    kept = sum(int((w != 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert 0.18 < kept <= 0.25  # the plan never keeps more than asked; small layers dense count in
+    assert "k-of-n" in report["storage"]["bits"]
+    assert "k of n per layer" in (out / "report.md").read_text()
+
+
 def test_cli_dpp_filter_granularity_shrinks_the_model_and_it_reloads(tmp_path, dense_checkpoint, capsys):
     out, report = _prune_cli(tmp_path, dense_checkpoint, capsys, "dpp-filter", "--method", "dpp", "--granularity",
                              "filter", "--target", "flops=0.5", "--finetune-epochs", "1")
@@ -327,6 +339,8 @@ def test_cli_dpp_filter_granularity_shrinks_the_model_and_it_reloads(tmp_path, d
     [
         (["--method", "dpp", "--granularity", "filter", "--finetune-epochs", "1"], "takes one --target"),
         (["--method", "dpp"], "needs --k"),
+        (["--method", "dpp", "--target", "params=0.25", "--k", "1", "--finetune-epochs", "1"], "not both"),
+        (["--method", "dpp", "--target", "flops=0.25", "--finetune-epochs", "1"], "must be params=FRACTION"),
         (["--method", "dpp", "--k", "5", "--n", "4", "--finetune-epochs", "1"], "k must be smaller than n"),
         (["--method", "dpp", "--k", "1", "--n", "4", "--temperature", "0", "0.1", "--finetune-epochs", "1"],
          "temperature start must be > 0"),

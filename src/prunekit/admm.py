@@ -449,9 +449,12 @@ def storage_report(model: nn.Module, result: ADMMResult, config: ADMMConfig, gap
 
 
 def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = None,
-                   scales: dict[str, float] | None = None, k_of_n: tuple[int, int] | None = None,
+                   scales: dict[str, float] | None = None,
+                   k_of_n: tuple[int, int] | dict[str, tuple[int, int]] | None = None,
                    gap_bits: int = 5, dense_bits: int | None = None) -> dict[str, Any]:
     """Exact storage of ``model`` with the weights of ``layers`` in each format of :mod:`prunekit.formats`.
+
+    ``k_of_n`` adds the fixed-k format: one ``(k, n)`` for every layer, or one per layer.
 
     Those weights are stored as float32 values, or as ``code_bits`` codes with one float32 scale per layer
     (``scales``); every other parameter (biases, norms, other layers) as dense float32. Returns total bits per
@@ -468,9 +471,9 @@ def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = 
     for name in layers:
         w = modules[name].weight.detach().cpu()
         codec = value_codec(w, code_bits, (scales or {}).get(name)) if code_bits else value_codec(w)
+        k, n = (k_of_n[name] if isinstance(k_of_n, dict) else k_of_n) if k_of_n else (None, None)
         for fmt in formats:
-            options = {"gap_bits": gap_bits} if fmt == "relative" else (
-                {"k": k_of_n[0], "n": k_of_n[1]} if fmt == "k-of-n" else {})
+            options = {"gap_bits": gap_bits} if fmt == "relative" else ({"k": k, "n": n} if fmt == "k-of-n" else {})
             totals[fmt] += encode(w, fmt, codec, **options).bits
     dense_bits = dense_bits or sum(32 * p.numel() for p in model.parameters())
     return {"dense_float32_bits": dense_bits, "bits": totals,

@@ -210,8 +210,13 @@ def cmd_prune(args) -> None:
             if args.target is None or len(args.target) != 1 or args.k is not None:
                 raise CLIError("--method dpp --granularity filter takes one --target (e.g. flops=x4) and no --k: "
                                "every coupled group keeps the same fraction of its filters")
+        elif args.target is not None:
+            if len(args.target) != 1 or args.k is not None or args.n is not None:
+                raise CLIError("--method dpp takes either --k/--n or one --target params=FRACTION (k of n planned "
+                               "per layer), not both")
         elif args.k is None:
-            raise CLIError("--method dpp needs --k (and --n for weight granularity, or --tiles)")
+            raise CLIError("--method dpp needs --k (and --n for weight granularity, or --tiles), or --target "
+                           "params=FRACTION")
         if args.finetune_epochs < 1:
             raise CLIError("--method dpp trains masks and weights together: give --finetune-epochs >= 1")
         outcome = dpp_job(args.model, data, checkpoint=args.checkpoint, granularity=args.granularity, k=args.k,
@@ -219,7 +224,7 @@ def cmd_prune(args) -> None:
                           batch_size=args.batch_size, temperature=tuple(args.temperature),
                           mask_options={"init_scale": args.init_scale, "anneal_noise": args.anneal_noise,
                                         "logit_lr_scale": args.logit_lr_scale},
-                          target=args.target[0] if args.granularity == "filter" else None, out=out,
+                          target=args.target[0] if args.target else None, out=out,
                           progress=not args.no_progress, measure_latency=not args.no_latency, seed=args.seed)
         print()
         print(summary_table(outcome.rows))

@@ -292,6 +292,18 @@ class STEQuantize(nn.Module):
         return (q * torch.clamp(torch.round(w / q), -m, m)).detach() + (w - w.detach())
 
 
+def ste_quantizer(quant: str) -> STEQuantize | None:
+    """The :class:`STEQuantize` for ``none`` (``None``), ``binary`` or ``bits=N``."""
+    kind, _, value = quant.partition("=")
+    if quant == "none":
+        return None
+    if kind == "binary" and not value:
+        return STEQuantize(binary=True)
+    if kind == "bits" and value.isdigit():
+        return STEQuantize(bits=int(value))
+    raise ValueError(f"DPP quantization must be none, binary or bits=N, got {quant!r}")
+
+
 class DPPHooks(TrainHooks):
     """Sets each epoch's temperature and noise scale, adds the entropy regulariser, records per-layer
     confidence/diversity.
@@ -370,14 +382,9 @@ def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[st
     for name in layers:
         module = modules[name]
         mask = KOfNMask(module.weight, (per_layer or {}).get(name, config))
-        if quant != "none":
-            kind, _, value = quant.partition("=")
-            if kind == "binary":
-                parametrize.register_parametrization(module, "weight", STEQuantize(binary=True))
-            elif kind == "bits" and value.isdigit():
-                parametrize.register_parametrization(module, "weight", STEQuantize(bits=int(value)))
-            else:
-                raise ValueError(f"DPP quantization must be none, binary or bits=N, got {quant!r}")
+        quantizer = ste_quantizer(quant)
+        if quantizer is not None:
+            parametrize.register_parametrization(module, "weight", quantizer)
         parametrize.register_parametrization(module, "weight", mask)
         masks[name] = mask
     hooks = DPPHooks(masks, config)
@@ -398,3 +405,44 @@ def nearest_k_of_n(row: int, k: int, n: int) -> tuple[int, int]:
         raise ValueError(f"a row of length {row} cannot hold a k-of-n pattern")
     best = min(divisors, key=lambda d: (abs(d - n), -d))
     return min(max(1, round(k * best / n)), best - 1), best
+
+
+def k_of_n_for_keep(row: int, keep: float, max_n: int = 32) -> tuple[int, int]:
+    """The largest ``k / n <= keep`` with ``n`` dividing ``row`` and ``n <= max_n`` (hardware run lengths stay
+    short; on a tie the shorter run wins), so the layer is never less sparse than asked; when even ``1 / n`` is
+    above ``keep``, the sparsest ``1 / n`` there is."""
+    if not 0 < keep < 1:
+        raise ValueError(f"keep must be in (0, 1), got {keep!r}")
+    candidates = [(k, n) for n in range(2, min(row, max_n) + 1) if row % n == 0 for k in range(1, n)]
+    if not candidates:
+        raise ValueError(f"a row of length {row} has no divisor in [2, {max_n}] for a k-of-n pattern")
+    below = [kn for kn in candidates if kn[0] / kn[1] <= keep + 1e-12]
+    if not below:
+        return min(candidates, key=lambda kn: (kn[0] / kn[1], kn[1]))
+    return max(below, key=lambda kn: (kn[0] / kn[1], -kn[1]))
+
+
+def plan_k_of_n(weights: dict[str, torch.Size | tuple[int, ...]], sparsity: float, dense_below: float = 0.02,
+                max_n: int = 32) -> dict[str, tuple[int, int]]:
+    """Per-layer ``(k, n)`` reaching about ``sparsity`` of all the weights overall.
+
+    Layers holding less than ``dense_below`` of the weights (a LeNet's first convolution and classifier: about 1%
+    of its weights, where one kept weight in ten costs the most accuracy) stay dense and are left out of the
+    result; the others share the remaining budget at one keep ratio, each with the densest k-of-n at or under it
+    (:func:`k_of_n_for_keep`). Common practice for N:M sparsity, and it applies to any method alike.
+
+    Raises:
+        ValueError: ``sparsity`` is not in (0, 1), or the dense layers alone hold more than the budget.
+    """
+    if not 0 < sparsity < 1:
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity!r}")
+    sizes = {name: math.prod(shape) for name, shape in weights.items()}
+    total = sum(sizes.values())
+    pruned = {name for name, size in sizes.items() if size >= dense_below * total}
+    dense = total - sum(sizes[name] for name in pruned)
+    budget = (1 - sparsity) * total - dense
+    if not pruned or budget <= 0:
+        raise ValueError(f"the layers kept dense (under {dense_below:.0%} of the weights each) hold {dense} of "
+                         f"{total} weights, more than {1 - sparsity:.1%} allows; lower dense_below")
+    keep = budget / sum(sizes[name] for name in pruned)
+    return {name: k_of_n_for_keep(math.prod(weights[name][1:]), keep, max_n) for name in weights if name in pruned}

@@ -302,7 +302,9 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
     exact k-of-n storage, the per-layer confidence/diversity plot and the model (``prunekit prune --method dpp``).
 
     ``granularity="filter"`` learns which filters of every coupled channel group to keep (``target``, e.g.
-    ``flops=x4``, sets how many) and removes the rest physically (:mod:`prunekit.dpp_groups`). ``mask_options``
+    ``flops=x4``, sets how many) and removes the rest physically (:mod:`prunekit.dpp_groups`). With weight
+    granularity a ``params=F`` target (instead of ``k``/``n``) keeps about ``F`` of the weights: layers under 2% of
+    them stay dense and every other layer gets its own k-of-n (:func:`prunekit.dpp.plan_k_of_n`). ``mask_options``
     are further :class:`prunekit.dpp.DPPConfig` fields (``init_scale``, ``noise_scale``, ``anneal_noise``,
     ``logit_lr_scale``, ``entropy_weight``)."""
     import copy
@@ -327,11 +329,28 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
         parsed = Target.parse(target)
         config = DPPConfig(granularity="weight", k=1, n=2, temperature=schedule,  # schedule and mask options only
                            **(mask_options or {}))
+    elif target is not None:
+        from prunekit.allocation import Target
+
+        parsed = Target.parse(target)
+        if granularity != "weight" or tiles or parsed.metric.value != "params":
+            raise ValueError("a DPP target plans k of n per layer for weight granularity without tiles and must be "
+                             f"params=FRACTION (e.g. params=0.1 keeps a tenth of the weights), got {target!r}")
     else:
         config = DPPConfig(granularity=granularity, k=k, n=n if granularity == "weight" and not tiles else None,
                            tiles=tiles, temperature=schedule, **(mask_options or {}))
     data_cfg = DataConfig(name=data) if isinstance(data, str) else data
     dense, base, data_cfg = load_dense(model, checkpoint, data_cfg)
+    planned: dict[str, tuple[int, int]] | None = None
+    if target is not None and not filters:
+        from prunekit.dpp import plan_k_of_n
+
+        layers = {name: m.weight.shape for name, m in dense.named_modules()
+                  if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and getattr(m, "groups", 1) == 1}
+        planned = plan_k_of_n(layers, 1 - parsed.keep)
+        k, n = next(iter(planned.values()))
+        config = DPPConfig(k=k, n=n, temperature=schedule, **(mask_options or {}))
+        log("k of n per layer: " + ", ".join(f"{name} {k_}/{n_}" for name, (k_, n_) in planned.items()))
     splits = load_dataset(data_cfg)
     train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, augment=default_augment(data_cfg.name))
     log(f"dense: measuring ({splits.describe()})")
@@ -344,7 +363,10 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
         changes = [result.plan.to_dict()]
         log(f"removed {result.plan.num_removed()} coupled channels physically")
     else:
-        result = dpp_prune_(net, splits, config, train, quant=quant, progress=progress)
+        result = dpp_prune_(net, splits, config, train, quant=quant, progress=progress,
+                            layers=list(planned) if planned else None,
+                            per_layer={name: DPPConfig(k=k_, n=n_, temperature=schedule, **(mask_options or {}))
+                                       for name, (k_, n_) in planned.items()} if planned else None)
     net.eval()
     summary = summarize(net, splits, latency=measure_latency).to_dict()
     summary["nonzero_params"] = int(sum(int((p != 0).sum()) for p in net.parameters()))
@@ -352,11 +374,12 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
     if tiles:
         run_n = None
     masked_layers = [] if filters else list(result.masks)
-    storage = format_storage(net, masked_layers, None, None, (k, run_n) if run_n else None,
+    storage = format_storage(net, masked_layers, None, None, planned or ((k, run_n) if run_n else None),
                              dense_bits=32 * sum(p.numel() for p in dense.parameters()))
     summary["storage_bits"] = storage["bits"][storage["best"]]
-    label = f"dpp filter {target}" if filters else \
-        f"dpp {granularity} {k}-of-{n if run_n else 'n'}" + (f" {quant}" if quant != "none" else "")
+    label = f"dpp filter {target}" if filters else f"dpp weight k-of-n {target}" if planned else \
+        f"dpp {granularity} {k}-of-{n if run_n else 'n'}"
+    label += f" {quant}" if quant != "none" and not filters else ""
     rows[label] = summary
     report = None
     if out is not None:
@@ -364,7 +387,7 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
         outdir.mkdir(parents=True, exist_ok=True)
         path = save_compressed(outdir / "dpp.safetensors", net, base, changes,
                                {"dpp": config.to_dict(), "quant": quant, "data": data_cfg.to_dict()})
-        plot_mask_metrics(result.metrics, outdir / "mask_metrics.png", title=f"DPP {granularity}, k={k}")
+        plot_mask_metrics(result.metrics, outdir / "mask_metrics.png", title=label)
         last = result.metrics[-1] if result.metrics else {}
         notes = [f"{epochs} epoch(s) of joint mask + weight training, temperature {temperature[0]:g} -> "
                  f"{temperature[1]:g} (exponential, per epoch); model chosen on validation",
@@ -374,6 +397,9 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
                      f"{name} {last.get(name + '/confidence', float('nan')):.2f} / "
                      f"{last.get(name + '/diversity', float('nan')):.2f}"
                      for name in (result.kept if filters else result.masks))]
+        if planned:
+            notes.append("k of n per layer (layers under 2% of the weights stay dense): " + ", ".join(
+                f"{name} {k_}/{n_}" for name, (k_, n_) in planned.items()))
         if filters:
             notes.append("filters kept per coupled group (k of n): " + ", ".join(
                 f"{r} {k_}/{n_}" for r, (k_, n_) in result.kept.items()) + "; the rest were removed physically")
