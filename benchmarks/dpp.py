@@ -165,8 +165,10 @@ FILTER_CHECKPOINTS = {"resnet20": "resnet20-fmnist.safetensors"}
 FILTER_FLOPS = 0.25
 
 
-def filter_row(checkpoint: Path, epochs: int, augment: Augment) -> dict[str, Any]:
-    """Filter-granularity DPP on coupled groups from the dense checkpoint; the network shrinks physically."""
+def filter_row(checkpoint: Path, epochs: int, augment: Augment, init_scale: float = 1.0,
+               anneal_noise: bool = False) -> dict[str, Any]:
+    """Filter-granularity DPP on coupled groups from the dense checkpoint; the network shrinks physically. The
+    logits learn at the weights' lr: a filter mask's gradient already sums over a whole channel."""
     from prunekit.allocation import Target
     from prunekit.architecture import input_shape_of
     from prunekit.dpp_groups import dpp_filter_prune_
@@ -177,7 +179,8 @@ def filter_row(checkpoint: Path, epochs: int, augment: Augment) -> dict[str, Any
     shape = (1, *input_shape_of(base))
     torch.manual_seed(0)
     net = copy.deepcopy(dense).train()
-    config = DPPConfig(k=1, n=2, temperature=TemperatureSchedule(1.0, 0.05, max(epochs, 1)))
+    config = DPPConfig(k=1, n=2, temperature=TemperatureSchedule(1.0, 0.05, max(epochs, 1)),
+                       init_scale=init_scale, anneal_noise=anneal_noise)
     train = TrainConfig(epochs=epochs, lr=0.01, batch_size=128, augment=augment, seed=0)
     result = dpp_filter_prune_(net, data, Target("flops", FILTER_FLOPS), config, train, progress=False)
     net.eval()
@@ -333,8 +336,10 @@ def main(argv: list[str] | None = None) -> int:
          for m in args.filter_models]
     for model_name, checkpoint, epochs, augment in filter_jobs:
         key, settings = f"{model_name}__filter__flops{FILTER_FLOPS:g}", {
-            "checkpoint_sha256": st._sha256(checkpoint), "epochs": epochs, "augment": augment.value}
-        row = cache.get_or_run(key, settings, filter_row, checkpoint, epochs, augment,
+            "checkpoint_sha256": st._sha256(checkpoint), "epochs": epochs, "augment": augment.value,
+            "init_scale": args.init_scale, "anneal_noise": args.anneal_noise}
+        row = cache.get_or_run(key, settings, filter_row, checkpoint, epochs, augment, args.init_scale,
+                               args.anneal_noise,
                                announce=f"{model_name} DPP filter: test acc {{test_acc:.4f}} "
                                         "(FLOPs {flops_reduction:.2f}x)")
         payload.setdefault("filter", {})[model_name] = row
