@@ -310,6 +310,7 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
     import copy
 
     from prunekit.admm import format_storage
+    from prunekit.allocation import Target
     from prunekit.architecture import save_compressed
     from prunekit.dpp import DPPConfig, TemperatureSchedule, dpp_prune_
     from prunekit.plots import plot_mask_metrics
@@ -318,7 +319,6 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
     schedule = TemperatureSchedule(temperature[0], temperature[1], max(epochs, 1))
     filters = granularity == "filter"
     if filters:
-        from prunekit.allocation import Target
         from prunekit.dpp_groups import dpp_filter_prune_
 
         if target is None:
@@ -330,8 +330,6 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
         config = DPPConfig(granularity="weight", k=1, n=2, temperature=schedule,  # schedule and mask options only
                            **(mask_options or {}))
     elif target is not None:
-        from prunekit.allocation import Target
-
         parsed = Target.parse(target)
         if granularity != "weight" or tiles or parsed.metric.value != "params":
             raise ValueError("a DPP target plans k of n per layer for weight granularity without tiles and must be "
