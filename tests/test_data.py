@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from prunekit.data import (
     FASHION_MNIST_DIR,
     DataConfig,
     DataNotFoundError,
+    SparseLabelsWarning,
     list_datasets,
     load_dataset,
     read_idx,
@@ -172,6 +174,25 @@ def test_real_fashion_mnist():
     assert splits.describe() == "fashion-mnist: 54000 train / 6000 val / 10000 test, 1x28x28, 10 classes"
 
 
+def test_a_stray_label_warns_about_empty_classes(tmp_path):
+    raw = _write_mnist(tmp_path, classes=3)
+    labels = raw["train-labels-idx1-ubyte"].copy()
+    labels[0] = 255  # one corrupted label makes a 256-class problem
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    with pytest.warns(SparseLabelsWarning, match=r"the labels use 4 of the class ids 0\.\.255 \(largest 255\), so "
+                                                  r"the model gets 256 outputs; no example has class 3, 4, 5, 6, 7 and "
+                                                  r"247 more"):
+        splits = load_dataset("mnist", data_dir=str(tmp_path))
+    assert splits.num_classes == 256
+
+
+def test_dense_labels_do_not_warn(tmp_path):
+    _write_mnist(tmp_path, classes=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset("mnist", data_dir=str(tmp_path))
+
+
 # --------------------------------------------------------------------------------------------------- CIFAR
 
 
@@ -273,8 +294,14 @@ def test_cifar_refuses_code_in_pickles(tmp_path):
         ({b"data": np.zeros((2, 3072), np.uint8)}, r"lacks the keys b'data' and b'labels'"),
         ([1, 2, 3], r"lacks the keys"),
         ({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, r"must be \(N, 3072\), got \(2, 100\)"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, r"test_batch holds label 10; cifar10 labels "
+                                                                         r"are 0\.\.9"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [-1, 0]}, r"holds label -1"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, r"2 images but labels of shape \(1,\)"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": ["a", "b"]}, r"must be numeric arrays"),
     ],
-    ids=["no-labels", "not-a-dict", "wrong-width"],
+    ids=["no-labels", "not-a-dict", "wrong-width", "label-too-large", "label-negative", "label-count",
+         "label-text"],
 )
 def test_cifar_rejects_malformed_batches(tmp_path, batch, match):
     _write_cifar10(tmp_path, n=2)

@@ -111,6 +111,7 @@ def test_create_model_rejects_config_plus_kwargs():
         ({"width": -1.0}, r"width must be a positive number, got -1.0"),
         ({"width": "2"}, r"width must be a positive number, got '2'"),
         ({"width": float("nan")}, r"width must be a positive number, got nan"),
+        ({"width": float("inf")}, r"width must be a positive number, got inf"),
     ],
 )
 def test_model_config_validation(kwargs, match):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from prunekit.allocation import InfeasibleTargetError
-from prunekit.architecture import load_compressed, load_factory
+from prunekit.architecture import UntrustedCodeError, load_compressed, load_factory
 from prunekit.checkpoint import CheckpointError, save_checkpoint
 from prunekit.cli import main
 from prunekit.jobs import prune
@@ -198,7 +198,9 @@ def test_user_factory_model_from_a_state_dict(tmp_path, synthetic, monkeypatch):
         outcome = prune("usernet:build", synthetic.config, checkpoint=tmp_path / ckpt, target="params=0.6",
                         out=tmp_path / f"out-{ckpt}", measure_latency=False, log=lambda *_: None)
         path = tmp_path / f"out-{ckpt}" / "params-0.6" / "round_1" / "pruned.safetensors"
-        model, meta = load_compressed(path)
+        with pytest.raises(UntrustedCodeError, match="pass --trust-factory usernet:build"):
+            load_compressed(path)  # a file naming a factory is refused unless the caller trusts that factory
+        model, meta = load_compressed(path, trusted_factories=["usernet:build"])
         assert meta["model"]["factory"] == "usernet:build"
         assert outcome.rows["pruned params=0.6"]["params"] == sum(p.numel() for p in model.parameters())
 

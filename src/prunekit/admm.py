@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.allocation import CostModel, Target, TargetMetric, plan_for_target
+from prunekit.allocation import CostModel, InfeasibleTargetError, Target, TargetMetric, plan_for_target
 from prunekit.configs import config_from_dict
 from prunekit.constraints import Pattern, QuantConstraint, QuantKind, SparsityConstraint, sparsity_mask
 from prunekit.data import DataSplits
-from prunekit.engine import ChannelGraph, ChannelPlan, SliceKind, find_output_layers
+from prunekit.engine import ChannelGraph, ChannelPlan, SliceKind, find_output_layers, ignored_modules
 from prunekit.training import TrainConfig, TrainHooks, fit
 
 
@@ -131,12 +131,34 @@ def constrained_layers(model: nn.Module, config: ADMMConfig, example: torch.Tens
     """Conv/Linear layers whose weights ADMM constrains (names in ``ignore`` and, unless included, the output
     layer are left out)."""
     modules = dict(model.named_modules())
-    unknown = [n for n in config.ignore if n not in modules]
-    if unknown:
-        raise ValueError(f"ignore names {unknown} are not modules of the model")
-    skip = set(config.ignore) | (set() if config.include_output else set(find_output_layers(model, example)))
+    skip = ignored_modules(model, list(config.ignore)) | \
+        (set() if config.include_output else set(find_output_layers(model, example)))
     return {n: m for n, m in modules.items()
             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and n not in skip and getattr(m, "groups", 1) == 1}
+
+
+def unit_entries(weight: torch.Tensor, pattern: Pattern) -> int:
+    """Weights in one unit of ``pattern`` (what ADMM keeps or removes together) of a weight tensor."""
+    mat = weight.reshape(weight.shape[0], -1)
+    return {Pattern.UNSTRUCTURED: 1, Pattern.FILTER: mat.shape[1], Pattern.COLUMN: mat.shape[0],
+            Pattern.CHANNEL: weight[:, :1].numel()}.get(pattern, 1)
+
+
+def check_feasible(layers: dict[str, nn.Module], config: ADMMConfig) -> None:
+    """Refuse a keep fraction below one unit per constrained layer: a layer with nothing left cuts the network.
+
+    Raises:
+        InfeasibleTargetError: naming the smallest fraction that can be kept.
+    """
+    if config.pattern in (Pattern.K_OF_N, Pattern.GROUP) or len(config.rates) == len(layers):
+        return
+    total = sum(m.weight.numel() for m in layers.values())
+    smallest = sum(unit_entries(m.weight, config.pattern) for m in layers.values()) / total
+    if config.keep < smallest:
+        raise InfeasibleTargetError(
+            f"target params={config.keep:g} is infeasible for the {config.pattern.value} pattern: every one of the "
+            f"{len(layers)} constrained layers keeps at least one unit, which is {smallest:.3g} of their weights; "
+            f"give params={smallest:.3g} or more (or ignore some layers)")
 
 
 def allocate_rates(layers: dict[str, nn.Module], config: ADMMConfig) -> dict[str, float]:
@@ -336,6 +358,7 @@ def admm_prune_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: T
         group = GroupProjection(model, layers, example, Target(config.group_metric, config.keep), config.ignore)
         project: Projection = group
     else:
+        check_feasible(layers, config)
         rates = allocate_rates(layers, config)
         # a layer whose allocated rate keeps everything is left dense
         constraints = {n: config.constraint(rates[n]) for n in layers if rates[n] < 1}

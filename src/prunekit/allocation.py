@@ -77,7 +77,8 @@ class AllocationConfig:
         max_per_layer: Largest fraction of a group's channels that may be removed (at least one always stays).
         tolerance: Relative distance to the target that counts as reached (0.02 = within 2%).
         round_to: Keep a multiple of this many channels in every group (of untied channels) that is pruned:
-            CPU and GPU kernels run faster on widths that are multiples of 8 or 16.
+            CPU and GPU kernels run faster on widths that are multiples of 8 or 16. A group of ``round_to``
+            channels or fewer stays whole; a value at least as wide as every group is refused.
     """
 
     allocation: Allocation = Allocation.GLOBAL
@@ -182,6 +183,11 @@ def plan_for_target(scores: dict[str, torch.Tensor], cost: CostModel, target: Ta
     caps = {root: min(len(us) - 1, int(math.floor(config.max_per_layer * len(us)))) for root, us in groups.items()}
     selector = _UnitSelector(units, {root: torch.argsort(us, stable=True) for root, us in groups.items()},
                              config.round_to)
+    if groups and config.round_to > 1 and all(len(us) <= config.round_to for us in groups.values()):
+        widest = max(len(us) for us in groups.values())
+        raise InfeasibleTargetError(
+            f"round_to={config.round_to} is at least the width of every prunable group (the widest has {widest}), "
+            f"so no group can keep a smaller multiple of it; pick --round-to below {widest}")
 
     if config.allocation is Allocation.UNIFORM:
         steps = sorted({k / len(us) for us in groups.values() for k in range(len(us) + 1)})
@@ -231,8 +237,9 @@ class _UnitSelector:
 
     def channels(self, root: str, k: int) -> tuple[int, ...]:
         n = len(self.units[root])
-        if self.round_to > 1 and k and n == len(self.orders[root]) and n > self.round_to:
-            # keep a multiple of round_to: remove fewer (never more) than asked, so targets stay monotone
+        if self.round_to > 1 and k and n == len(self.orders[root]):
+            # keep a multiple of round_to: remove fewer (never more) than asked, so targets stay monotone; a group
+            # of round_to units or fewer has no smaller multiple to keep, so it stays whole
             k = n - min(n, -(-(n - k) // self.round_to) * self.round_to)
         return tuple(sorted(c for u in self.orders[root][:k].tolist() for c in self.units[root][u]))
 

@@ -3,12 +3,17 @@
 A base spec is either a zoo :class:`~prunekit.models.ModelConfig` or a user factory ``"package.module:function"``
 (called with no arguments). Changes are JSON dicts replayed in order on the freshly built base, e.g.
 ``{"kind": "channels", "removed": {"layer1.0.conv1": [3, 7]}}`` from :class:`~prunekit.engine.ChannelPlan`.
+
+A checkpoint is data: a factory that a file names is imported only when the caller trusts that exact factory
+(``trusted_factories``; on the command line ``--trust-factory package.module:function``, or ``prune --model`` with
+the same factory), in the spirit of Hugging Face's ``trust_remote_code``. Otherwise loading stops with
+:class:`UntrustedCodeError` before anything is imported.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,11 @@ from torch import nn
 
 from prunekit.checkpoint import CheckpointError, load_weights_, read_metadata, save_checkpoint
 from prunekit.models import ModelConfig, create_model
+
+
+class UntrustedCodeError(CheckpointError):
+    """A file names code to import (a model factory) that the caller has not trusted."""
+
 
 # kind -> function(model, change_dict, example_inputs) that applies the change in place
 CHANGE_REPLAYERS: dict[str, Callable[[nn.Module, dict[str, Any], torch.Tensor], None]] = {}
@@ -58,9 +68,33 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
     return factory
 
 
-def build_base(spec: dict[str, Any]) -> nn.Module:
-    """Build the network a spec names: ``{"name": ..., ...ModelConfig}`` or ``{"factory": "pkg.mod:fn"}``."""
+def check_factory_trusted(spec: dict[str, Any], trusted_factories: Collection[str], source: str) -> None:
+    """Refuse a spec whose factory the caller has not trusted, before anything is imported.
+
+    Raises:
+        UntrustedCodeError: naming the module it would import, the function it would call and how to allow it.
+    """
+    factory = spec.get("factory")
+    if factory is None or factory in trusted_factories:
+        return
+    module, _, function = str(factory).partition(":")
+    raise UntrustedCodeError(
+        f"{source} asks to import {module!r} and call {function!r} to build its network (model factory "
+        f"{factory!r}); prunekit runs no code that a file names. If you trust it, pass --trust-factory {factory} "
+        f"(Python: trusted_factories=[{factory!r}])")
+
+
+def build_base(spec: dict[str, Any], trusted_factories: Collection[str] = (), source: str = "the model spec"
+               ) -> nn.Module:
+    """Build the network a spec names: ``{"name": ..., ...ModelConfig}`` or ``{"factory": "pkg.mod:fn"}``.
+
+    Args:
+        trusted_factories: Factories the caller allows to be imported and called; any other raises
+            :class:`UntrustedCodeError` before importing.
+        source: Where the spec came from, for that message.
+    """
     if "factory" in spec:
+        check_factory_trusted(spec, trusted_factories, source)
         model = load_factory(spec["factory"])()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model factory {spec['factory']!r} returned {type(model).__name__}, not an nn.Module")
@@ -92,21 +126,60 @@ def save_compressed(path: str | Path, model: nn.Module, base: dict[str, Any], ch
     return save_checkpoint(path, model, {**(metadata or {}), "model": base, "architecture_changes": changes})
 
 
-def load_compressed(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_compressed(path: str | Path, trusted_factories: Collection[str] = ()) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the base network, replay its changes and load the weights (no pickle anywhere).
 
-    Works for dense checkpoints too (no changes). Returns (model in eval mode, metadata).
+    Works for dense checkpoints too (no changes). Returns (model in eval mode, validated metadata).
+
+    Args:
+        trusted_factories: User factories (``"package.module:function"``) this call may import; a checkpoint
+            naming any other factory raises :class:`UntrustedCodeError` and nothing is imported.
+
+    Raises:
+        CheckpointError: unreadable file, metadata that does not fit the schema (the field is named), changes that
+            do not fit the network, or weights that do not fit it.
     """
     meta = read_metadata(path)
     base = meta.get("model")
-    if not isinstance(base, dict):
+    if base is None:
         raise CheckpointError(f"{path}: metadata has no model description; cannot rebuild the network")
+    check_factory_trusted(base, trusted_factories, str(path))
     try:
-        model = build_base(base)
+        model = build_base(base, trusted_factories, str(path))
         replay_changes_(model, meta.get("architecture_changes", []), input_shape_of(base))
     except CheckpointError:
         raise
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{path}: cannot rebuild the network ({exc})") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
+        message = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path}: cannot rebuild the network ({exc.__class__.__name__}: {message})") from None
     load_weights_(model, path)
     return model.eval(), meta
+
+
+def describe_base(spec: dict[str, Any]) -> str:
+    """``lenet5 (width 1.0, 10 classes, 1x28x28)`` or the factory's name: what a base spec builds, for messages."""
+    if "factory" in spec:
+        return f"factory {spec['factory']} on {'x'.join(map(str, input_shape_of(spec)))}"
+    return (f"{spec.get('name')} (width {spec.get('width')}, {spec.get('num_classes')} classes, "
+            f"{'x'.join(map(str, input_shape_of(spec)))})")
+
+
+def check_pruned_from(dense: dict[str, Any], pruned: dict[str, Any], dense_source: str, pruned_source: str) -> None:
+    """Refuse to compare networks unless ``pruned`` really is ``dense`` after more architecture changes: the same
+    base spec, and the dense network's changes a prefix of the pruned one's.
+
+    Args:
+        dense, pruned: Validated checkpoint metadata (:func:`~prunekit.checkpoint.read_metadata`).
+
+    Raises:
+        ValueError: naming both files and what each was built from.
+    """
+    if dense.get("model") != pruned.get("model"):
+        raise ValueError(f"{pruned_source} is not pruned from {dense_source}: it was built from "
+                         f"{describe_base(pruned['model'])}, the other from {describe_base(dense['model'])}; "
+                         "compare a pruned network only with the network it was pruned from")
+    before, after = dense.get("architecture_changes", []), pruned.get("architecture_changes", [])
+    if after[:len(before)] != before:
+        raise ValueError(f"{pruned_source} is not pruned from {dense_source}: both start from "
+                         f"{describe_base(dense['model'])}, but {dense_source}'s own architecture changes are not the "
+                         f"first of {pruned_source}'s")

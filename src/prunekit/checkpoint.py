@@ -7,6 +7,7 @@ arguments and the metrics, so a checkpoint rebuilds its network without any pick
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -26,11 +27,16 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupted, or does not fit the model it is loaded into."""
 
 
+TEMP_MARK = "prunekit-"  # in every temporary's name, so a clean-up never touches another program's files
+TEMP_PATTERN = f".*.{TEMP_MARK}*.tmp*"
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` then move the temporary file over ``path`` in one step."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the temporary keeps the real extension last: some writers (torch.export) check it
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{TEMP_MARK}", suffix=".tmp" + path.suffix)
     os.close(fd)
     try:
         write(tmp)
@@ -41,6 +47,21 @@ def atomic_write(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def state_fingerprint(model: nn.Module | dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a network's tensors (names, dtypes, shapes and bytes, in name order), as 64 hex digits.
+
+    Two networks share a fingerprint exactly when their state_dicts are equal, whatever file they came from; a
+    pruning run records its dense network's fingerprint so that ``--resume`` can refuse a different one.
+    """
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any]) -> Path:
@@ -68,9 +89,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         meta = json.loads(header[_META_KEY])
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: corrupted metadata ({exc})") from None
-    if meta.get("format") != FORMAT:
+    from prunekit.metadata import validate_metadata
+
+    if isinstance(meta, dict) and meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r}; expected {FORMAT!r}")
-    return meta
+    return validate_metadata(meta, str(path))
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -81,13 +104,19 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupted or not a safetensors file ({exc})") from None
 
 
-def load_weights_(model: nn.Module, path: str | Path) -> None:
-    """Load a checkpoint's tensors into ``model`` in place, with an error that lists mismatches."""
-    state = load_state(path)
+def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse tensors that do not fit ``model``: missing, unexpected, other shapes, or integer where the model
+    holds floating point (and the reverse); ``source`` names them in the message.
+
+    Raises:
+        CheckpointError: listing the mismatches.
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    kinds = sorted(k for k in set(state) & set(expected)
+                   if state[k].is_floating_point() != expected[k].is_floating_point())
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -98,7 +127,19 @@ def load_weights_(model: nn.Module, path: str | Path) -> None:
             k = wrong[0]
             parts.append(f"shape mismatch for {k}: checkpoint {tuple(state[k].shape)} vs model "
                          f"{tuple(expected[k].shape)} ({len(wrong)} tensors in all)")
-        raise CheckpointError(f"{path} does not fit this model: {'; '.join(parts)}")
+        raise CheckpointError(f"{source} does not fit this model: {'; '.join(parts)}")
+    if kinds:
+        k = kinds[0]
+        need = "floating-point" if expected[k].is_floating_point() else str(expected[k].dtype)
+        raise CheckpointError(f"{source} holds {k} as {state[k].dtype}, but the model needs {need} values "
+                              f"({len(kinds)} tensors in all); prunekit does not cast between integer and "
+                              "floating-point weights")
+
+
+def load_weights_(model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint's tensors into ``model`` in place, with an error that lists mismatches."""
+    state = load_state(path)
+    check_state_fits(model, state, path)
     model.load_state_dict(state)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from prunekit import __version__
@@ -24,17 +26,57 @@ def _positive_int(text: str) -> int:
 
 
 def _add_data_args(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
-    p.add_argument("--data", default=default, help="dataset name (`prunekit list datasets`)")
+    from_checkpoint = default is None
+    p.add_argument("--data", default=default, help="dataset name (`prunekit list datasets`)"
+                   + ("; default: the checkpoint's" if from_checkpoint else ""))
     p.add_argument("--data-dir", default=None, help="directory holding the dataset files")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="training fraction held out for validation")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="training fraction held out for validation (default: "
+                        + ("the checkpoint's" if from_checkpoint else "0.1") + ")")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training examples")
+
+
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-factory", action="append", default=[], metavar="PACKAGE.MODULE:FUNCTION",
+                   help="allow a checkpoint that names this model factory to import and call it (repeat for "
+                        "several); without it such a checkpoint is refused and nothing is imported")
 
 
 def _data_config(args):
     from prunekit.data import DataConfig
 
-    return DataConfig(name=args.data, data_dir=args.data_dir, val_fraction=args.val_fraction, seed=0,
-                      limit=args.limit)
+    return DataConfig(name=args.data, data_dir=args.data_dir,
+                      val_fraction=0.1 if args.val_fraction is None else args.val_fraction, seed=0, limit=args.limit)
+
+
+def _data_for(args, checkpoint: str | None):
+    """The dataset of a command that reads a checkpoint: the checkpoint's own, with every data flag given on top
+    (a different ``--data`` starts from that dataset's defaults); ``None`` when neither says anything."""
+    from dataclasses import replace
+
+    from prunekit.checkpoint import CheckpointError, read_metadata
+    from prunekit.data import DataConfig
+
+    saved = None
+    if checkpoint is not None and str(checkpoint).endswith(".safetensors"):
+        try:
+            meta = read_metadata(checkpoint)
+        except CheckpointError as exc:
+            if "without prunekit metadata" not in str(exc):
+                raise
+            meta = {}
+        if meta.get("data") is not None:
+            saved = DataConfig.from_dict(meta["data"])
+    if args.data is not None and (saved is None or saved.name != args.data):
+        return _data_config(args)
+    given = {"data_dir": args.data_dir, "val_fraction": args.val_fraction, "limit": args.limit}
+    given = {k: v for k, v in given.items() if v is not None}
+    if saved is None:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise CLIError(f"{flags} need --data: {checkpoint or 'no checkpoint'} names no dataset")
+        return None
+    return replace(saved, **given)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="zoo name or package.module:function (default: the checkpoint's)")
     p.add_argument("--checkpoint", default=None, help="dense weights (.safetensors from prunekit, or a state_dict)")
     _add_data_args(p, default=None)
+    _add_trust_arg(p)
     p.add_argument("--method", default="l1", help="criterion (`prunekit list methods`)")
     p.add_argument("--target", action="append", default=None,
                    help="flops=0.25 | params=0.5 | channels=0.7 | flops=x4; repeat for several targets")
@@ -116,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admm-epochs", type=int, default=4, help="admm: ADMM epochs per phase")
     p.add_argument("--rho", type=float, default=1e-3, help="admm: initial penalty (grows x1.3 per update)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory (pruned model, report.md/json, plots)")
+    p.add_argument("--out", required=True,
+                   help="output directory (pruned model, report.md/json, plots)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--no-progress", action="store_true")
@@ -128,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=64, help="batch size of the latency measurements")
     p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per latency measurement")
     p.add_argument("--out", default=None, help="write compare.md and compare.json here")
+    _add_trust_arg(p)
 
     p = sub.add_parser("export", help="export a (pruned) checkpoint for deployment")
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit (dense or pruned)")
@@ -135,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pt2", default=None, help="output torch.export program (.pt2) of the eager inference form")
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm layers instead of folding them")
     p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (never the checkpoint)")
+    _add_trust_arg(p)
 
     p = sub.add_parser("bench", help="latency of a pruned checkpoint vs dense and vs the uniformly thinned limit "
                                      "(eager and ONNX Runtime)")
@@ -145,17 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="alternated measurements per network (median kept)")
     p.add_argument("--no-onnx", action="store_true", help="eager PyTorch only")
     p.add_argument("--out", default=None, help="write bench.md, bench.json and bench.png here")
+    _add_trust_arg(p)
 
     p = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset split")
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit")
     _add_data_args(p, default=None)
     p.add_argument("--split", choices=["val", "test", "train"], default="test")
+    _add_trust_arg(p)
 
     p = sub.add_parser("inspect", help="per-layer table of a checkpoint or zoo model")
     p.add_argument("target", help="a .safetensors checkpoint, or a zoo model name")
     p.add_argument("--input", default="3x32x32", help="CxHxW input for a zoo model name (default 3x32x32)")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--width", type=float, default=1.0)
+    _add_trust_arg(p)
 
     p = sub.add_parser("demo", help="the main job on the embedded digits data: train, compress, compare")
     p.add_argument("--out", default="demo-report", help="report directory")
@@ -187,8 +237,6 @@ def cmd_train(args) -> None:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                          weight_decay=args.weight_decay, schedule=args.schedule, augment=augment, seed=args.seed)
     out = Path(args.out)
-    if not args.resume and (out / "train_state.pt").exists():
-        raise CLIError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     outcome = train_job(args.model, data, config, out, width=args.width, resume=args.resume,
                         progress=not args.no_progress, device=args.device)
     if outcome.checkpoint is not None:  # only the main process writes (and says so) under torchrun
@@ -200,9 +248,7 @@ def cmd_prune(args) -> None:
     from prunekit.report import summary_table
 
     out = Path(args.out)
-    if not args.resume and (out / "report.json").exists():
-        raise CLIError(f"{out} already holds a pruning report; pass --resume or choose another --out")
-    data = _data_config(args) if args.data else None
+    data = _data_for(args, args.checkpoint)
     if args.method == "dpp":
         from prunekit.jobs import dpp_job
 
@@ -225,7 +271,8 @@ def cmd_prune(args) -> None:
                           mask_options={"init_scale": args.init_scale, "anneal_noise": args.anneal_noise,
                                         "logit_lr_scale": args.logit_lr_scale},
                           target=args.target[0] if args.target else None, out=out,
-                          progress=not args.no_progress, measure_latency=not args.no_latency, seed=args.seed)
+                          progress=not args.no_progress, measure_latency=not args.no_latency, seed=args.seed,
+                          trusted_factories=args.trust_factory)
         print()
         print(summary_table(outcome.rows))
         print(f"\nreport: {outcome.report}")
@@ -241,7 +288,7 @@ def cmd_prune(args) -> None:
                            retrain_epochs=args.finetune_epochs, rho=args.rho, lr=args.lr,
                            batch_size=args.batch_size, allocation=args.allocation, ignore=tuple(args.ignore),
                            out=out, progress=not args.no_progress, measure_latency=not args.no_latency,
-                           seed=args.seed)
+                           seed=args.seed, trusted_factories=args.trust_factory)
         print()
         print(summary_table(outcome.rows))
         print(f"\nreport: {outcome.report}")
@@ -256,7 +303,8 @@ def cmd_prune(args) -> None:
                     progress=not args.no_progress, measure_latency=not args.no_latency, seed=args.seed,
                     curvature={"fisher": args.fisher, "batches": args.fisher_batches, "damping": args.damping,
                                "obs_update": args.obs_update, "seed": args.seed},
-                    eigendamage={"form": args.eigen_form, "train_rotations": not args.freeze_rotations})
+                    eigendamage={"form": args.eigen_form, "train_rotations": not args.freeze_rotations},
+                    trusted_factories=args.trust_factory)
     print()
     print(summary_table(outcome.rows))
     print(f"\nreport: {outcome.report}")
@@ -267,7 +315,8 @@ def cmd_export(args) -> None:
 
     if args.onnx is None and args.pt2 is None:
         raise CLIError("give --onnx PATH and/or --pt2 PATH")
-    for line in export_job(args.checkpoint, onnx=args.onnx, pt2=args.pt2, fold=not args.no_fold, opset=args.opset):
+    for line in export_job(args.checkpoint, onnx=args.onnx, pt2=args.pt2, fold=not args.no_fold, opset=args.opset,
+                           overwrite=args.overwrite, trusted_factories=args.trust_factory):
         print(line)
 
 
@@ -279,7 +328,7 @@ def cmd_bench(args) -> None:
     if any(b < 1 for b in args.batch) or args.repeats < 1:
         raise CLIError(f"--batch sizes and --repeats must be >= 1, got {args.batch} and {args.repeats}")
     result = bench(args.checkpoint, dense_checkpoint=args.dense, threads=args.threads, batches=tuple(args.batch),
-                   repeats=args.repeats, onnx=not args.no_onnx, out=args.out)
+                   repeats=args.repeats, onnx=not args.no_onnx, out=args.out, trusted_factories=args.trust_factory)
     print(result["markdown"])
     if args.out:
         print(f"\nwrote {Path(args.out) / 'bench.md'}, bench.json, bench.png")
@@ -287,17 +336,15 @@ def cmd_bench(args) -> None:
 
 def cmd_eval(args) -> None:
     from prunekit.architecture import load_compressed
-    from prunekit.data import DataConfig, load_dataset
+    from prunekit.data import load_dataset
     from prunekit.training import evaluate
 
-    model, meta = load_compressed(args.checkpoint)
-    saved = meta.get("data", {})
-    name = args.data or saved.get("name")
-    if name is None:
+    config = _data_for(args, args.checkpoint)
+    model, meta = load_compressed(args.checkpoint, args.trust_factory)
+    if config is None:
         raise CLIError("the checkpoint names no dataset; pass --data")
-    data_dir = args.data_dir or (saved.get("data_dir") if name == saved.get("name") else None)
-    data = load_dataset(DataConfig(name=name, data_dir=data_dir, val_fraction=saved.get("val_fraction", 0.1),
-                                   seed=saved.get("seed", 0), limit=args.limit))
+    name = config.name
+    data = load_dataset(config)
     from prunekit.architecture import input_shape_of
 
     expected = input_shape_of(meta["model"])
@@ -313,7 +360,8 @@ def cmd_eval(args) -> None:
 def cmd_inspect(args) -> None:
     from prunekit.inspect import inspect_table
 
-    print(inspect_table(args.target, input_spec=args.input, num_classes=args.classes, width=args.width))
+    print(inspect_table(args.target, input_spec=args.input, num_classes=args.classes, width=args.width,
+                        trusted_factories=args.trust_factory))
 
 
 def cmd_demo(args) -> None:
@@ -330,10 +378,13 @@ def cmd_compare(args) -> None:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise CLIError(f"--variant must look like NAME=PATH, got {spec!r}")
+        if name in variants or name == "dense":
+            raise CLIError(f"--variant name {name!r} is given twice (or is 'dense'); give every variant its own name")
         variants[name] = path
     if not variants:
         raise CLIError("give at least one --variant NAME=PATH to compare with the dense model")
-    result = compare_models(args.dense, variants, batch=args.batch, min_run_time=args.min_run_time)
+    result = compare_models(args.dense, variants, batch=args.batch, min_run_time=args.min_run_time,
+                            trusted_factories=args.trust_factory)
     print()
     print(comparison_markdown(result))
     if args.out:
@@ -348,7 +399,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            default_show = warnings.showwarning
+
+            def show(message, category, filename, lineno, file=None, line=None):
+                if category.__module__.startswith("prunekit"):  # prunekit's own: one plain line
+                    print(f"prunekit {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+                else:
+                    default_show(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = show
+            if getattr(args, "out", None) is not None and not args.out.strip():
+                raise CLIError(f"--out must name a folder, got {args.out!r}")
+            COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted; finished epochs are saved (use --resume to continue)", file=sys.stderr)
         return 130
@@ -359,5 +422,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_launched(code: int) -> None:
+    """Exit a process that torchrun launched without running C++ static destructors: under load, gloo's threads
+    are sometimes still joinable at that point and the process aborts ("terminate called without an active
+    exception") after all its work is done and saved. Every file is closed by then; streams are flushed here."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_launched(main())

@@ -10,6 +10,7 @@ sparsity the sparse kernel starts to pay on this machine. The verdict names the 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,10 @@ import torch
 from torch import nn
 
 from prunekit.admm import format_storage
-from prunekit.architecture import input_shape_of, load_compressed
-from prunekit.checkpoint import atomic_write
+from prunekit.architecture import check_pruned_from, input_shape_of, load_compressed
+from prunekit.checkpoint import CheckpointError, atomic_write
 from prunekit.data import DataConfig, load_dataset
-from prunekit.metrics import count_flops, count_params, measure_latency
+from prunekit.metrics import check_latency_settings, count_flops, count_params, measure_latency
 from prunekit.sparse_kernels import break_even_sparsity, to_sparse_kernels
 from prunekit.training import evaluate
 
@@ -42,21 +43,28 @@ def _largest_gemm(model: nn.Module) -> tuple[int, int]:
 
 
 def compare_models(dense_path: str | Path, variants: dict[str, str | Path], *, batch: int = 64,
-                   min_run_time: float = 0.3, break_even: bool = True, log=print) -> dict[str, Any]:
-    """Measure the dense checkpoint and each variant (prunekit checkpoints: dense, pruned or ADMM)."""
-    dense, meta = load_compressed(dense_path)
+                   min_run_time: float = 0.3, break_even: bool = True, log=print,
+                   trusted_factories: Collection[str] = ()) -> dict[str, Any]:
+    """Measure the dense checkpoint and each variant (prunekit checkpoints: dense, pruned or ADMM).
+
+    Every variant must be pruned from the dense network (same base, the dense network's architecture changes
+    first); ``trusted_factories`` are the user factories the checkpoints may import.
+
+    Raises:
+        ValueError: a bad latency setting, a variant named ``dense`` or a variant of another network.
+    """
+    check_latency_settings(min_run_time, batches=(batch,))
+    if "dense" in variants:
+        raise ValueError("variant name 'dense' is taken by the dense model; name the variant otherwise")
+    dense, meta = load_compressed(dense_path, trusted_factories)
     if "data" not in meta:
         raise ValueError(f"{dense_path} does not record its dataset; compare needs a prunekit checkpoint")
     data = load_dataset(DataConfig.from_dict(meta["data"]))
     shape = input_shape_of(meta["model"])
     models: dict[str, tuple[nn.Module, dict[str, Any]]] = {"dense": (dense, meta)}
     for name, path in variants.items():
-        if name in models:
-            raise ValueError(f"variant name {name!r} is used twice (or is 'dense')")
-        model, vmeta = load_compressed(path)
-        if input_shape_of(vmeta["model"]) != shape:
-            raise ValueError(f"variant {name} ({path}) takes inputs {input_shape_of(vmeta['model'])}, the dense "
-                             f"model {shape}: compare variants of the same network")
+        model, vmeta = load_compressed(path, trusted_factories)
+        check_pruned_from(meta, vmeta, str(dense_path), f"variant {name} ({path})")
         models[name] = (model, vmeta)
     rows: dict[str, dict[str, Any]] = {}
     for name, (model, vmeta) in models.items():
@@ -68,6 +76,10 @@ def compare_models(dense_path: str | Path, variants: dict[str, str | Path], *, b
 
             code_bits = QuantConstraint.parse(admm["quant"]).code_bits
         layers = list(vmeta.get("scales") or {}) if code_bits else _weight_layers(model)
+        unknown = sorted(set(layers) - set(_weight_layers(model)))
+        if unknown:
+            raise CheckpointError(f"{variants.get(name, dense_path)}: metadata field 'scales' names {unknown[:3]}, "
+                                  "which are not Conv2d/Linear layers of the network")
         storage = format_storage(model, layers, code_bits, vmeta.get("scales"))
         sparsity = _sparsity(model)
         row = {"test_acc": evaluate(model, data.test)["acc"], "params": count_params(model),
@@ -129,12 +141,12 @@ def comparison_markdown(result: dict[str, Any]) -> str:
 def write_comparison(result: dict[str, Any], out: str | Path) -> Path:
     import json
 
-    outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    atomic_write(outdir / "compare.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    from prunekit.outputs import output_lock
     from prunekit.plots import plot_comparison
 
-    plot_comparison(result, outdir / "compare.png", "dense vs pruned variants on this machine")
-    atomic_write(outdir / "compare.md", lambda tmp: Path(tmp).write_text(
-        "# prunekit compare\n\n" + comparison_markdown(result) + "\n\n![comparison](compare.png)\n"))
+    with output_lock(out) as outdir:
+        atomic_write(outdir / "compare.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+        plot_comparison(result, outdir / "compare.png", "dense vs pruned variants on this machine")
+        atomic_write(outdir / "compare.md", lambda tmp: Path(tmp).write_text(
+            "# prunekit compare\n\n" + comparison_markdown(result) + "\n\n![comparison](compare.png)\n"))
     return outdir / "compare.md"

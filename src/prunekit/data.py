@@ -17,6 +17,7 @@ import gzip
 import io
 import pickle
 import struct
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -211,8 +212,26 @@ def load_idx_directory(directory: Path, dataset: str, how_to_install: str):
     if len(x_train) != len(arrays["train_labels"]) or len(x_test) != len(arrays["test_labels"]):
         raise ValueError(f"{dataset}: image and label counts differ in {directory}")
     y_train, y_test = arrays["train_labels"].astype(np.int64), arrays["test_labels"].astype(np.int64)
+    if y_train.ndim != 1 or y_test.ndim != 1 or (y_train < 0).any() or (y_test < 0).any():
+        raise ValueError(f"{dataset}: label files must be 1-D with non-negative class ids in {directory}")
     num_classes = int(max(y_train.max(), y_test.max())) + 1
+    warn_sparse_classes(dataset, np.concatenate([y_train, y_test]), num_classes)
     return x_train[:, None], y_train, x_test[:, None], y_test, num_classes
+
+
+class SparseLabelsWarning(UserWarning):
+    """Class ids with no example: the model gets an output for each, which usually means a bad label file."""
+
+
+def warn_sparse_classes(dataset: str, labels: np.ndarray, num_classes: int) -> None:
+    """Warn when fewer than all of ``0 .. num_classes - 1`` occur among ``labels`` (e.g. one stray label 255)."""
+    used = np.unique(labels)
+    if len(used) < num_classes:
+        missing = sorted(set(range(num_classes)) - set(used.tolist()))
+        shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        warnings.warn(f"{dataset}: the labels use {len(used)} of the class ids 0..{num_classes - 1} (largest "
+                      f"{int(used.max())}), so the model gets {num_classes} outputs; no example has class "
+                      f"{shown}. Check the label files", SparseLabelsWarning, stacklevel=3)
 
 
 @DATASETS.register("fashion-mnist", help=f"Fashion-MNIST IDX files (default dir {FASHION_MNIST_DIR})")
@@ -278,10 +297,17 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndar
             raise ValueError(f"{path} is not a CIFAR python batch file: {exc}") from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         raise ValueError(f"{path} lacks the keys b'data' and {label_key!r} of a CIFAR batch")
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    try:
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: CIFAR data and labels must be numeric arrays ({exc})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise ValueError(f"{path}: CIFAR data must be (N, 3072), got {data.shape}")
-    return data.reshape(-1, 3, 32, 32), np.asarray(batch[label_key], dtype=np.int64)
+    if labels.shape != (len(data),):
+        raise ValueError(f"{path}: {len(data)} images but labels of shape {labels.shape}; a CIFAR batch has one "
+                         "label per image")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def _cifar(data_dir: Path | None, name: str, folder: str, train_files: list[str], test_file: str,
@@ -299,6 +325,10 @@ def _cifar(data_dir: Path | None, name: str, folder: str, train_files: list[str]
     x_test, y_test = _read_cifar_batch(directory / test_file, label_key)
     x_train = np.concatenate([p[0] for p in parts])
     y_train = np.concatenate([p[1] for p in parts])
+    for labels, where in ((y_train, ", ".join(train_files)), (y_test, test_file)):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        if len(bad):
+            raise ValueError(f"{name}: {where} holds label {int(bad[0])}; {name} labels are 0..{num_classes - 1}")
     return x_train, y_train, x_test, y_test, num_classes
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from prunekit.checkpoint import CheckpointError
 from prunekit.data import DataConfig
 from prunekit.jobs import prune, train_job
+from prunekit.outputs import output_lock
 from prunekit.plots import plot_before_after
 from prunekit.report import summary_table, write_report
 from prunekit.training import Augment, TrainConfig
@@ -22,17 +24,32 @@ DEMO_METHOD, DEMO_TARGET, DEMO_FINETUNE_EPOCHS = "taylor", "flops=0.25", 20
 
 def run_demo(out_dir: str | Path = "demo-report", epochs: int | None = None, progress: bool = True,
              log=print) -> dict:
-    """Run the demo and return the report rows (also written to ``out_dir/report.json``)."""
+    """Run the demo and return the report rows (also written to ``out_dir/report.json``).
+
+    The folder is locked while the demo runs. Run again on the same folder, the demo continues an interrupted
+    run (or re-reports a finished one) from its saved epochs and rounds instead of starting over.
+    """
+    with output_lock(out_dir) as out:
+        return _demo(out, epochs, progress, log)
+
+
+def _demo(out: Path, epochs: int | None, progress: bool, log) -> dict:
     t0 = time.perf_counter()
-    out = Path(out_dir)
     train = TrainConfig(epochs=DEMO_EPOCHS if epochs is None else epochs, lr=0.05, augment=Augment.CROP, seed=0)
+    resume = (out / "dense" / "train_state.pt").is_file()
+    if resume:
+        log(f"continuing the demo saved in {out} (delete the folder to start over)")
     log(f"[1/3] training {DEMO_MODEL} (width {DEMO_WIDTH}) on digits for {train.epochs} epochs")
-    dense = train_job(DEMO_MODEL, DataConfig("digits"), train, out / "dense", width=DEMO_WIDTH,
-                      progress=progress, log=lambda *_: None)
+    try:
+        dense = train_job(DEMO_MODEL, DataConfig("digits"), train, out / "dense", width=DEMO_WIDTH, resume=resume,
+                          progress=progress, log=lambda *_: None)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {out} holds a demo run with other settings: delete it or pass another --out"
+                              ) from None
     log(f"[2/3] pruning to {DEMO_TARGET} with the {DEMO_METHOD} criterion, fine-tuning {DEMO_FINETUNE_EPOCHS} epochs")
     outcome = prune(checkpoint=dense.checkpoint, method=DEMO_METHOD, target=DEMO_TARGET,
                     finetune_epochs=DEMO_FINETUNE_EPOCHS, lr=0.05, out=out / "pruned", progress=progress,
-                    log=lambda *_: None)
+                    resume=True, log=lambda *_: None)
     log("[3/3] measuring")
     pruned = outcome.rows[f"pruned {DEMO_TARGET}"]
     rows = {"dense": outcome.rows["dense"], "pruned": pruned}

@@ -76,6 +76,14 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def finish_distributed(ctx: DistContext) -> None:
+    """Wait for every process (rank 0 may still be writing files), then leave the process group, so that no
+    process exits while the others still talk to it (gloo then aborts with "terminate called")."""
+    if ctx.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of one shuffled order, each global batch split evenly over the processes.
 

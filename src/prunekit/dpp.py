@@ -293,15 +293,26 @@ class STEQuantize(nn.Module):
 
 
 def ste_quantizer(quant: str) -> STEQuantize | None:
-    """The :class:`STEQuantize` for ``none`` (``None``), ``binary`` or ``bits=N``."""
-    kind, _, value = quant.partition("=")
-    if quant == "none":
+    """The :class:`STEQuantize` for ``none`` (``None``), ``binary`` or ``bits=N`` (2 <= N <= 16), parsed by
+    :meth:`~prunekit.constraints.QuantConstraint.parse` like ADMM's.
+
+    Raises:
+        ValueError: anything else (ternary, bits=1, bits above 16, malformed text).
+    """
+    from prunekit.constraints import QuantConstraint, QuantKind
+
+    accepted = "none, binary or bits=N with 2 <= N <= 16"
+    try:
+        parsed = QuantConstraint.parse(quant)
+    except ValueError as exc:
+        raise ValueError(f"DPP quantization must be {accepted}, got {quant!r} ({exc})") from None
+    if parsed.kind is QuantKind.NONE:
         return None
-    if kind == "binary" and not value:
+    if parsed.kind is QuantKind.BINARY:
         return STEQuantize(binary=True)
-    if kind == "bits" and value.isdigit():
-        return STEQuantize(bits=int(value))
-    raise ValueError(f"DPP quantization must be none, binary or bits=N, got {quant!r}")
+    if parsed.kind is QuantKind.BITS and parsed.bits >= 2:
+        return STEQuantize(bits=parsed.bits)
+    raise ValueError(f"DPP quantization must be {accepted}, got {quant!r}")
 
 
 class DPPHooks(TrainHooks):

@@ -32,7 +32,7 @@ from torch import nn
 from prunekit.allocation import InfeasibleTargetError, Target, TargetMetric
 from prunekit.configs import config_from_dict
 from prunekit.curvature import ConvFactor, CurvatureConfig, collect_kfac, kfac_support
-from prunekit.engine import find_output_layers
+from prunekit.engine import find_output_layers, ignored_modules
 from prunekit.metrics import count_flops, count_params
 
 
@@ -181,7 +181,7 @@ class _Layer:
 
 def _find_layers(model: nn.Module, example: torch.Tensor, ignore: Iterable[str]) -> dict[str, tuple[str, nn.Module]]:
     """layer name -> (name of the module statistics are collected on, that module)."""
-    skip = set(ignore) | set(find_output_layers(model, example))
+    skip = ignored_modules(model, list(ignore)) | set(find_output_layers(model, example))
     inside = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, KFEBottleneck) for c, _ in
               m.named_modules() if c}
     found = {}
@@ -429,8 +429,14 @@ def replay_eigenbasis_(model: nn.Module, change: dict[str, Any], example_inputs:
     """Replace each listed layer by an (untrained) bottleneck of the recorded shape; weights are loaded after."""
     for name, entry in change["layers"].items():
         try:
-            model.get_submodule(name)
+            current = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"eigenbasis change names layer {name!r}, which the model does not have") from None
         spec = LayerSpec.from_dict(entry["spec"])
+        if not isinstance(current, (nn.Conv2d, nn.Linear, KFEBottleneck)) or LayerSpec.of(current) != spec:
+            raise ValueError(f"eigenbasis change records layer {name!r} as {spec}, but the model's layer is "
+                             f"{type(current).__name__}")
+        if not (1 <= int(entry["rank_in"]) <= spec.in_channels and 1 <= int(entry["rank_out"]) <= spec.out_channels):
+            raise ValueError(f"eigenbasis change gives layer {name!r} ranks {entry['rank_in']}/{entry['rank_out']}, "
+                             f"beyond its {spec.in_channels} inputs / {spec.out_channels} outputs")
         _set_module(model, name, KFEBottleneck(spec, int(entry["rank_in"]), int(entry["rank_out"]), entry["form"]))

@@ -13,6 +13,7 @@ checks that both give the same outputs and rolls the model back, naming the grou
 from __future__ import annotations
 
 import copy
+import difflib
 import enum
 import json
 from collections.abc import Iterator, Sequence
@@ -254,6 +255,23 @@ class ChannelPlan:
         return bool(self.removed)
 
 
+def ignored_modules(model: nn.Module, names: Sequence[str]) -> set[str]:
+    """Every module name under the ``names`` a user asked to leave alone (a container such as ``layer1`` covers
+    all the layers inside it), validated.
+
+    Raises:
+        ValueError: a name that is not a module of ``model``, with the closest names.
+    """
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if not isinstance(n, str) or n not in modules or not n]
+    if unknown:
+        close = sorted({c for n in unknown if isinstance(n, str) for c in difflib.get_close_matches(n, modules, 3)})
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"ignore names {unknown} are not modules of the model; known: "
+                         f"{', '.join(n for n in modules if n)[:400]}.{hint}")
+    return {f"{n}.{sub}" if sub else n for n in names for sub, _ in modules[n].named_modules()}
+
+
 def find_output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
     """Names of the modules whose output is the model's output (the classifier), found with forward hooks; when
     an op follows the classifier, the last conv/linear layer to run."""
@@ -301,14 +319,11 @@ class ChannelGraph:
         self.model = model
         self.example_inputs = example_inputs
         modules = dict(model.named_modules())
-        unknown = [n for n in ignore if n not in modules]
-        if unknown:
-            raise ValueError(f"ignore names {unknown} are not modules of the model; known: "
-                             f"{', '.join(n for n in modules if n)[:400]}")
+        covered = ignored_modules(model, list(ignore))
         was_training = model.training
         model.eval()
         self.ignore = sorted(set(ignore) | set(find_output_layers(model, example_inputs)))
-        ignored = [modules[n] for n in self.ignore]
+        ignored = [modules[n] for n in sorted(covered | set(self.ignore))]
         try:
             with torch.enable_grad():  # the graph is traced through autograd
                 self._dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,

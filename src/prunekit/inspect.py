@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -50,12 +51,14 @@ def format_table(rows: list[dict], total_params: int, total_flops: int) -> str:
     return "\n".join(lines)
 
 
-def inspect_table(target: str, input_spec: str = "3x32x32", num_classes: int = 10, width: float = 1.0) -> str:
-    """The table for a checkpoint path (its own input size) or a zoo model name (``input_spec``)."""
+def inspect_table(target: str, input_spec: str = "3x32x32", num_classes: int = 10, width: float = 1.0,
+                  trusted_factories: Collection[str] = ()) -> str:
+    """The table for a checkpoint path (its own input size) or a zoo model name (``input_spec``);
+    ``trusted_factories`` are the user factories a checkpoint may import."""
     if target.endswith(".safetensors") or Path(target).is_file():
         from prunekit.architecture import input_shape_of, load_compressed
 
-        model, meta = load_compressed(target)
+        model, meta = load_compressed(target, trusted_factories)
         cfg = meta["model"]
         shape = input_shape_of(cfg)
         what = f"{cfg['name']} (width {cfg['width']})" if "name" in cfg else cfg["factory"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ from torch import nn
 
 from prunekit.checkpoint import atomic_write, save_checkpoint
 from prunekit.data import DataConfig, DataSplits, load_dataset
-from prunekit.distributed import DistContext, init_distributed
-from prunekit.metrics import ModelSummary, summarize
+from prunekit.distributed import DistContext, finish_distributed, init_distributed
+from prunekit.metrics import ModelSummary, check_latency_settings, summarize
 from prunekit.models import ModelConfig, create_model
+from prunekit.outputs import check_output_files, locked_output, output_dir, output_lock, refuse_existing_run
 from prunekit.training import Augment, FitResult, TrainConfig, evaluate, fit
 
 
@@ -38,9 +40,26 @@ def train_job(model: str, data: DataConfig, train: TrainConfig, out_dir: str | P
               device: str = "auto", measure_latency: bool = True) -> TrainOutcome:
     """Build a zoo model for ``data``, train it (best on validation), measure it and save ``model.safetensors``.
 
-    Runs unchanged under ``torchrun``: only rank 0 writes files and prints.
+    Runs unchanged under ``torchrun``: only rank 0 writes files and prints. ``out_dir`` is locked for the whole
+    run; without ``resume`` a folder that already holds a run is refused.
     """
     ctx: DistContext = init_distributed(device)
+    existing = ("train_state.pt", "model.safetensors")
+    if out_dir is not None and not resume:  # every process checks, so that all of them stop together
+        refuse_existing_run(output_dir(out_dir), existing, "a training run")
+    if out_dir is None or not ctx.is_main:
+        outcome = _train(model, data, train, out_dir, width, resume, progress, log, measure_latency, ctx)
+    else:
+        with output_lock(out_dir) as out:
+            if not resume:  # again under the lock: another run may have started in between
+                refuse_existing_run(out, existing, "a training run")
+            outcome = _train(model, data, train, out_dir, width, resume, progress, log, measure_latency, ctx)
+    finish_distributed(ctx)
+    return outcome
+
+
+def _train(model: str, data: DataConfig, train: TrainConfig, out_dir: str | Path | None, width: float, resume: bool,
+           progress: bool, log, measure_latency: bool, ctx: DistContext) -> TrainOutcome:
     say = log if ctx.is_main else (lambda *_: None)
     splits = load_dataset(data)
     say(splits.describe())
@@ -68,18 +87,21 @@ def train_job(model: str, data: DataConfig, train: TrainConfig, out_dir: str | P
     return TrainOutcome(net, splits, result, summary, path)
 
 
-def load_dense(model: str | None, checkpoint: str | Path | None, data: DataConfig | None
-               ) -> tuple[nn.Module, dict[str, Any], DataConfig]:
+def load_dense(model: str | None, checkpoint: str | Path | None, data: DataConfig | None,
+               trusted_factories: Collection[str] = ()) -> tuple[nn.Module, dict[str, Any], DataConfig]:
     """The network to compress and how to rebuild it.
 
-    ``model`` is a zoo name or ``package.module:function``; ``checkpoint`` a prunekit checkpoint (its metadata
-    names model and data) or, for a user factory, a safetensors / ``torch.save`` state_dict.
+    ``model`` is a zoo name or ``package.module:function`` (a factory given here is trusted: the user asked for
+    it); ``checkpoint`` a prunekit checkpoint (its metadata names model and data) or, for a user factory, a
+    safetensors / ``torch.save`` state_dict. A checkpoint naming any factory not in ``trusted_factories`` (or
+    ``model``) is refused before anything is imported.
     """
     from prunekit.architecture import build_base, load_compressed, load_factory
-    from prunekit.checkpoint import CheckpointError, load_weights_, read_metadata
+    from prunekit.checkpoint import CheckpointError, check_state_fits, load_weights_, read_metadata
 
     if model is None and checkpoint is None:
         raise ValueError("give --model (a zoo name or package.module:function) and/or --checkpoint")
+    trusted = {*trusted_factories, *([model] if model is not None and ":" in model else [])}
     meta: dict[str, Any] = {}
     if checkpoint is not None and str(checkpoint).endswith(".safetensors"):
         try:
@@ -88,10 +110,13 @@ def load_dense(model: str | None, checkpoint: str | Path | None, data: DataConfi
             if "without prunekit metadata" not in str(exc):
                 raise
     if meta:
-        saved = meta.get("model", {})
-        if model is not None and ":" not in model and saved.get("name") not in (None, model):
-            raise ValueError(f"--model {model} does not match the checkpoint, which holds {saved.get('name')}")
-        net, meta = load_compressed(checkpoint)
+        saved = meta.get("model")
+        if saved is None:
+            raise CheckpointError(f"{checkpoint}: metadata has no model description; cannot rebuild the network")
+        held = saved.get("name", saved.get("factory"))
+        if model is not None and model != held:
+            raise ValueError(f"--model {model} does not match the checkpoint, which holds {held}")
+        net, meta = load_compressed(checkpoint, trusted)
         if data is None and meta.get("data"):
             data = DataConfig.from_dict(meta["data"])
         if data is None:
@@ -108,7 +133,7 @@ def load_dense(model: str | None, checkpoint: str | Path | None, data: DataConfi
     else:
         base = ModelConfig(name=model, num_classes=splits.num_classes, in_channels=splits.in_channels,
                            input_size=splits.input_size).to_dict()
-    net = build_base(base)
+    net = build_base(base, trusted)
     if checkpoint is not None:
         path = Path(checkpoint)
         if path.suffix == ".safetensors":
@@ -120,8 +145,9 @@ def load_dense(model: str | None, checkpoint: str | Path | None, data: DataConfi
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
                 raise CheckpointError(f"{path} is not a state_dict readable with weights_only=True ({exc})") from None
-            if not isinstance(state, dict):
-                raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state_dict")
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors")
+            check_state_fits(net, state, path)
             net.load_state_dict(state)
     return net.eval(), base, data
 
@@ -135,6 +161,7 @@ class PruneOutcome:
     report: Path | None
 
 
+@locked_output("a pruning run", ("report.json", "*/round_*"))
 def prune(model: str | None = None, data: str | DataConfig | None = None, *, checkpoint: str | Path | None = None,
           method: str = "l1", target: str | list[str] = "flops=0.5", iterations: int = 1,
           finetune_epochs: int = 0, lr: float = 0.01, batch_size: int = 128, allocation: str = "global",
@@ -142,13 +169,15 @@ def prune(model: str | None = None, data: str | DataConfig | None = None, *, che
           bn_recalibration_images: int = 512, reconstruction_images: int = 256,
           out: str | Path | None = None, resume: bool = False, progress: bool = True, log=print,
           measure_latency: bool = True, seed: int = 0, curvature: dict | None = None,
-          eigendamage: dict | None = None) -> PruneOutcome:
+          eigendamage: dict | None = None, trusted_factories: Collection[str] = ()) -> PruneOutcome:
     """Prune a dense network to one or several targets, fine-tune, measure and report (``prunekit prune``).
 
     Each target starts from the dense model; with ``out`` every target gets ``out/<target>/`` (pruned model,
     rounds) and ``out`` gets ``report.md``, ``report.json`` and plots. ``report.json["pruned"]`` is the last target.
     ``curvature`` and ``eigendamage`` are the fields of :class:`~prunekit.curvature.CurvatureConfig` and
     :class:`~prunekit.eigendamage.EigenDamageConfig` (e.g. ``curvature={"fisher": "empirical"}``).
+    ``out`` is locked for the whole run; without ``resume`` a folder that already holds a run is refused.
+    ``trusted_factories``: see :func:`load_dense`.
     """
     import copy
 
@@ -158,7 +187,7 @@ def prune(model: str | None = None, data: str | DataConfig | None = None, *, che
     from prunekit.report import write_report
 
     data_cfg = DataConfig(name=data) if isinstance(data, str) else data
-    dense, base, data_cfg = load_dense(model, checkpoint, data_cfg)
+    dense, base, data_cfg = load_dense(model, checkpoint, data_cfg, trusted_factories)
     splits = load_dataset(data_cfg)
     targets = [target] if isinstance(target, str) else list(target)
     if not targets:
@@ -217,12 +246,13 @@ def prune(model: str | None = None, data: str | DataConfig | None = None, *, che
     return PruneOutcome(rows, results, report)
 
 
+@locked_output("an ADMM run", ("report.json", "admm.safetensors"), resumable=False)
 def admm_job(model: str | None = None, data: str | DataConfig | None = None, *, checkpoint: str | Path | None = None,
              pattern: str = "unstructured", target: str = "params=0.1", k: int | None = None, n: int | None = None,
              quant: str = "none", admm_epochs: int = 4, retrain_epochs: int = 4, rho: float = 1e-3,
              lr: float = 0.01, batch_size: int = 128, allocation: str = "global", ignore: tuple[str, ...] = (),
              out: str | Path | None = None, progress: bool = True, log=print, measure_latency: bool = True,
-             seed: int = 0) -> PruneOutcome:
+             seed: int = 0, trusted_factories: Collection[str] = ()) -> PruneOutcome:
     """ADMM pruning (and quantization) of a dense network with retraining, measured and reported with the exact
     storage of every compressed format (``prunekit prune --method admm``).
 
@@ -243,7 +273,7 @@ def admm_job(model: str | None = None, data: str | DataConfig | None = None, *, 
                         retrain_epochs=retrain_epochs, allocation=allocation, ignore=tuple(ignore),
                         group_metric=parsed.metric)
     data_cfg = DataConfig(name=data) if isinstance(data, str) else data
-    dense, base, data_cfg = load_dense(model, checkpoint, data_cfg)
+    dense, base, data_cfg = load_dense(model, checkpoint, data_cfg, trusted_factories)
     splits = load_dataset(data_cfg)
     train = TrainConfig(epochs=1, lr=lr, batch_size=batch_size, seed=seed, augment=default_augment(data_cfg.name))
     log(f"dense: measuring ({splits.describe()})")
@@ -292,12 +322,14 @@ def admm_job(model: str | None = None, data: str | DataConfig | None = None, *, 
     return PruneOutcome(rows, {label: result}, report)
 
 
+@locked_output("a DPP run", ("report.json", "dpp.safetensors"), resumable=False)
 def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, checkpoint: str | Path | None = None,
             granularity: str = "weight", k: int = 1, n: int | None = 4, tiles: int | None = None,
             quant: str = "none", epochs: int = 4, lr: float = 0.01, batch_size: int = 128,
             temperature: tuple[float, float] = (1.0, 0.05), target: str | None = None,
             out: str | Path | None = None, progress: bool = True, log=print, measure_latency: bool = True,
-            seed: int = 0, mask_options: dict[str, Any] | None = None) -> PruneOutcome:
+            seed: int = 0, mask_options: dict[str, Any] | None = None,
+            trusted_factories: Collection[str] = ()) -> PruneOutcome:
     """DPP: learn k-of-n masks (optionally with quantized weights) on a dense network, measure and report, with the
     exact k-of-n storage, the per-layer confidence/diversity plot and the model (``prunekit prune --method dpp``).
 
@@ -312,10 +344,11 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
     from prunekit.admm import format_storage
     from prunekit.allocation import Target
     from prunekit.architecture import save_compressed
-    from prunekit.dpp import DPPConfig, TemperatureSchedule, dpp_prune_
+    from prunekit.dpp import DPPConfig, TemperatureSchedule, dpp_prune_, ste_quantizer
     from prunekit.plots import plot_mask_metrics
     from prunekit.report import write_report
 
+    ste_quantizer(quant)  # refuse a bad quantization before any work
     schedule = TemperatureSchedule(temperature[0], temperature[1], max(epochs, 1))
     filters = granularity == "filter"
     if filters:
@@ -338,7 +371,7 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
         config = DPPConfig(granularity=granularity, k=k, n=n if granularity == "weight" and not tiles else None,
                            tiles=tiles, temperature=schedule, **(mask_options or {}))
     data_cfg = DataConfig(name=data) if isinstance(data, str) else data
-    dense, base, data_cfg = load_dense(model, checkpoint, data_cfg)
+    dense, base, data_cfg = load_dense(model, checkpoint, data_cfg, trusted_factories)
     planned: dict[str, tuple[int, int]] | None = None
     if target is not None and not filters:
         from prunekit.dpp import plan_k_of_n
@@ -421,22 +454,27 @@ def width_builder(base: dict[str, Any]):
 
 def bench(checkpoint: str | Path, *, dense_checkpoint: str | Path | None = None, threads: int | None = None,
           batches: tuple[int, ...] = (1, 64), repeats: int = 5, min_run_time: float = 0.2, onnx: bool = True,
-          out: str | Path | None = None, log=print) -> dict[str, Any]:
+          out: str | Path | None = None, log=print, trusted_factories: Collection[str] = ()) -> dict[str, Any]:
     """``prunekit bench``: latency of a pruned checkpoint against its dense network and the uniformly thinned
     limit of the same FLOPs, eager and ONNX Runtime, per batch; writes bench.md, bench.json, bench.png to ``out``.
 
-    The dense network is ``dense_checkpoint`` or, without it, the unpruned architecture rebuilt from the
-    checkpoint's metadata (weights do not change dense-kernel latency).
+    The dense network is ``dense_checkpoint`` (which must be the network the checkpoint was pruned from) or,
+    without it, the unpruned architecture rebuilt from the checkpoint's metadata (weights do not change
+    dense-kernel latency).
     """
-    from prunekit.architecture import build_base, input_shape_of, load_compressed
+    from prunekit.architecture import build_base, check_pruned_from, input_shape_of, load_compressed
     from prunekit.deploy import latency_markdown, measure_against_limit
-    from prunekit.plots import plot_speedups
 
-    pruned, meta = load_compressed(checkpoint)
-    base = meta.get("model") or {}
-    if not base:
-        raise ValueError(f"{checkpoint} has no architecture metadata; give a checkpoint written by prunekit")
-    dense = load_compressed(dense_checkpoint)[0] if dense_checkpoint is not None else build_base(base)
+    check_latency_settings(min_run_time, threads, batches, repeats)
+    if out is not None:
+        output_dir(out)
+    pruned, meta = load_compressed(checkpoint, trusted_factories)
+    base = meta["model"]
+    if dense_checkpoint is not None:
+        dense, dense_meta = load_compressed(dense_checkpoint, trusted_factories)
+        check_pruned_from(dense_meta, meta, str(dense_checkpoint), str(checkpoint))
+    else:
+        dense = build_base(base, trusted_factories, str(checkpoint))
     shape = input_shape_of(base)
     build = width_builder(base)
     if build is None:
@@ -447,30 +485,40 @@ def bench(checkpoint: str | Path, *, dense_checkpoint: str | Path | None = None,
     result["checkpoint"] = str(checkpoint)
     text = latency_markdown(result)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "bench.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
-        atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(
-            f"# prunekit bench: {checkpoint}\n\n{text}\n\n![speedups](bench.png)\n"))
-        plot_speedups(result["rows"], out / "bench.png", title=f"{Path(checkpoint).name}: speedup over dense")
+        with output_lock(out) as out:
+            _write_bench(out, checkpoint, result, text)
     result["markdown"] = text
     return result
 
 
+def _write_bench(out: Path, checkpoint: str | Path, result: dict[str, Any], text: str) -> None:
+    from prunekit.plots import plot_speedups
+
+    atomic_write(out / "bench.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(
+        f"# prunekit bench: {checkpoint}\n\n{text}\n\n![speedups](bench.png)\n"))
+    plot_speedups(result["rows"], out / "bench.png", title=f"{Path(checkpoint).name}: speedup over dense")
+
+
 def export_job(checkpoint: str | Path, *, onnx: str | Path | None = None, pt2: str | Path | None = None,
-               fold: bool = True, opset: int = 18, atol: float = 1e-4) -> list[str]:
+               fold: bool = True, opset: int = 18, atol: float = 1e-4, overwrite: bool = False,
+               trusted_factories: Collection[str] = ()) -> list[str]:
     """``prunekit export``: the deployable form of a checkpoint, each output checked against the checkpoint's
-    own PyTorch outputs (max abs difference <= ``atol``, else ``RuntimeError``).
+    own PyTorch outputs (max abs difference <= ``atol``, else ``RuntimeError`` and nothing is written).
 
     ONNX: BatchNorm folded, run by ONNX Runtime with all graph optimisations. ``pt2``: a ``torch.export``
-    program of the eager inference form (folded; channels-last when it measures faster here).
-    Returns one line per file written.
+    program of the eager inference form (folded; channels-last when it measures faster here). Each file is
+    written atomically and only after its check passed. An output may not be the checkpoint itself or the other
+    output, nor an existing file unless ``overwrite``. Returns one line per file written.
     """
     from prunekit.architecture import input_shape_of, load_compressed
     from prunekit.deploy import fold_batchnorm, inference_form
     from prunekit.export import check_onnx, export_onnx
 
-    model, meta = load_compressed(checkpoint)
+    if onnx is None and pt2 is None:
+        raise ValueError("give --onnx PATH and/or --pt2 PATH")
+    check_output_files({"--onnx": onnx, "--pt2": pt2}, [checkpoint], overwrite=overwrite)
+    model, meta = load_compressed(checkpoint, trusted_factories)
     shape = input_shape_of(meta["model"])
     x = torch.randn(4, *shape)
     with torch.no_grad():
@@ -478,28 +526,38 @@ def export_job(checkpoint: str | Path, *, onnx: str | Path | None = None, pt2: s
     lines = []
     if onnx is not None:
         deployable, folded = fold_batchnorm(model) if fold else (model, 0)
-        path = export_onnx(deployable, onnx, shape, opset=opset)
-        diff = check_onnx(model, path, shape)
-        if not diff <= atol:
-            raise RuntimeError(f"ONNX Runtime outputs differ from PyTorch by {diff:.3g} (> {atol:g}); {path} is not "
-                               "trustworthy")
-        lines.append(f"wrote {path} ({folded} BatchNorm folded); ONNX Runtime matches PyTorch (max abs diff "
-                     f"{diff:.2g})")
+        diffs: list[float] = []
+
+        def write_onnx(tmp: str) -> None:
+            export_onnx(deployable, tmp, shape, opset=opset)
+            diffs.append(check_onnx(model, tmp, shape))
+            if not diffs[-1] <= atol:
+                raise RuntimeError(f"ONNX Runtime outputs differ from PyTorch by {diffs[-1]:.3g} (> {atol:g}); "
+                                   f"{onnx} was not written")
+
+        atomic_write(onnx, write_onnx)
+        lines.append(f"wrote {onnx} ({folded} BatchNorm folded); ONNX Runtime matches PyTorch (max abs diff "
+                     f"{diffs[-1]:.2g})")
     if pt2 is not None:
         form = inference_form(model, shape) if fold else None
         eager = form.model if form is not None else model.eval()
         xin = x.contiguous(memory_format=torch.channels_last) if form is not None and form.channels_last else x
         program = torch.export.export(eager, (xin,), dynamic_shapes=({0: torch.export.Dim("batch", min=1,
                                                                                           max=4096)},))
-        Path(pt2).parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():  # "No complete tensor found in the group": harmless for CPU weights
-            warnings.simplefilter("ignore", UserWarning)
-            torch.export.save(program, str(pt2))
-        with torch.no_grad():
-            diff = (torch.export.load(str(pt2)).module()(xin) - expected).abs().max().item()
-        if not diff <= atol:
-            raise RuntimeError(f"the exported program differs from PyTorch by {diff:.3g} (> {atol:g})")
+        diffs = []
+
+        def write_pt2(tmp: str) -> None:
+            with warnings.catch_warnings():  # "No complete tensor found in the group": harmless for CPU weights
+                warnings.simplefilter("ignore", UserWarning)
+                torch.export.save(program, tmp)
+            with torch.no_grad():
+                diffs.append((torch.export.load(tmp).module()(xin) - expected).abs().max().item())
+            if not diffs[-1] <= atol:
+                raise RuntimeError(f"the exported program differs from PyTorch by {diffs[-1]:.3g} (> {atol:g}); "
+                                   f"{pt2} was not written")
+
+        atomic_write(pt2, write_pt2)
         layout = "" if form is None else (", channels-last" if form.channels_last else ", contiguous") + \
             f" ({form.folded} BatchNorm folded)"
-        lines.append(f"wrote {pt2}{layout}; torch.export.load(...).module() matches (max abs diff {diff:.2g})")
+        lines.append(f"wrote {pt2}{layout}; torch.export.load(...).module() matches (max abs diff {diffs[-1]:.2g})")
     return lines

@@ -12,6 +12,7 @@ True
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -80,6 +81,24 @@ class Latency:
     runs: int
 
 
+def check_latency_settings(min_run_time: float, threads: int | None = None, batches: tuple[int, ...] = (1,),
+                           repeats: int = 1) -> None:
+    """Refuse latency settings that would never finish or mean nothing (NaN or infinite seconds, no batches).
+
+    Raises:
+        ValueError: naming the setting, what it got and what it accepts.
+    """
+    if isinstance(min_run_time, bool) or not isinstance(min_run_time, (int, float)) or \
+            not math.isfinite(min_run_time) or not 0 < min_run_time <= 600:
+        raise ValueError(f"min_run_time (--min-run-time) must be seconds in (0, 600], got {min_run_time!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads (--threads) must be an int >= 1, got {threads!r}")
+    if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
+        raise ValueError(f"batch sizes (--batch) must be ints >= 1, got {list(batches)}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats (--repeats) must be an int >= 1, got {repeats!r}")
+
+
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1,
                     threads: int | None = None, min_run_time: float = 0.5) -> Latency:
     """Median eval-mode forward time with ``torch.utils.benchmark.Timer.blocked_autorange``.
@@ -91,6 +110,7 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: 
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_latency_settings(min_run_time, threads, (batch_size,))
     threads = threads or torch.get_num_threads()
     was_training = model.training
     model.eval()

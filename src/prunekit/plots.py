@@ -12,10 +12,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Write the figure atomically (a kill mid-write never leaves a truncated image) and close it."""
+    from prunekit.checkpoint import atomic_write
+
+    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
+    return path
 
 
 def plot_history(history: Sequence[dict], path: str | Path, title: str = "") -> Path:

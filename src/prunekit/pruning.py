@@ -9,6 +9,7 @@ the last finished round, and inside a round from the last finished fine-tuning e
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from prunekit.allocation import AllocationConfig, CostModel, Target, plan_for_target
 from prunekit.architecture import load_compressed, save_compressed
-from prunekit.checkpoint import CheckpointError, read_metadata
+from prunekit.checkpoint import CheckpointError, atomic_write, read_metadata, state_fingerprint
 from prunekit.configs import config_from_dict
 from prunekit.criteria import CRITERIA, Criterion, score_groups
 from prunekit.curvature import CurvatureConfig
@@ -34,6 +35,7 @@ from prunekit.reconstruction import reconstruct_
 from prunekit.training import TrainConfig, evaluate, fit
 
 EIGENDAMAGE = "eigendamage"
+MAX_ITERATIONS = 100  # every round scores, shrinks and fine-tunes; more rounds than this is a typo, not a schedule
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,10 @@ class PruneConfig:
         if isinstance(self.allocation, dict):
             object.__setattr__(self, "allocation", AllocationConfig(**self.allocation))
         object.__setattr__(self, "ignore", tuple(self.ignore))
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ValueError(f"iterations must be an int >= 1, got {self.iterations!r}")
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or \
+                not 1 <= self.iterations <= MAX_ITERATIONS:
+            raise ValueError(f"iterations must be an int >= 1 and at most {MAX_ITERATIONS} (rounds of prune + "
+                             f"fine-tune; iterative pruning uses 3 to 10), got {self.iterations!r}")
         if self.score_batches < 1:
             raise ValueError(f"score_batches must be >= 1, got {self.score_batches!r}")
         if self.bn_recalibration_images < 0:
@@ -218,9 +222,15 @@ def prune_model(
     dense_metric = {"flops": dense_flops, "params": dense_params}
     changes: list[dict[str, Any]] = []
     result = PruneResult(model=model, changes=changes)
+    dense_sha256 = state_fingerprint(model)
     start_round = 1
+    if out is not None:
+        _check_or_write_manifest(out, resume, {
+            "dense_sha256": dense_sha256, "prune": config.to_dict(), "data": data.config.to_dict(),
+            "finetune": finetune.to_dict() if finetune is not None and finetune.epochs > 0 else None})
     if resume and out is not None:
-        start_round, model = _resume(out, config, result, log)
+        trusted = [base["factory"]] if base and "factory" in base else []
+        start_round, model = _resume(out, config, result, log, dense_sha256, trusted)
         result.model = model
     k = config.iterations
     for r in range(start_round, k + 1):
@@ -272,7 +282,7 @@ def prune_model(
         if round_dir is not None:
             result.checkpoint = save_compressed(
                 round_dir / "pruned.safetensors", model, base, changes,
-                {"prune": config.to_dict(), "data": data.config.to_dict(), "round": r,
+                {"prune": config.to_dict(), "data": data.config.to_dict(), "round": r, "dense_sha256": dense_sha256,
                  "rounds": [vars(x) for x in result.rounds],
                  "val_acc_before_finetune": result.val_acc_before_finetune,
                  "test_acc_before_finetune": result.test_acc_before_finetune})
@@ -312,15 +322,50 @@ def _channel_round(model: nn.Module, data: DataSplits, config: PruneConfig, exam
     return change, predicted, plan.num_removed()
 
 
-def _resume(out: Path, config: PruneConfig, result: PruneResult, log) -> tuple[int, nn.Module]:
-    done = sorted((int(p.parent.name.split("_")[1]), p) for p in out.glob("round_*/pruned.safetensors"))
+RUN_FORMAT = "prunekit.prune_run/1"
+
+
+def _check_or_write_manifest(out: Path, resume: bool, run: dict[str, Any]) -> None:
+    """``out/run.json`` records what a pruning run is made of (dense network, settings, data, fine-tuning) before
+    its first round; a resume must match it, so no round or fine-tuning epoch of another run is ever continued."""
+    path = out / "run.json"
+    if resume and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is unreadable ({exc}); choose another --out") from None
+        if not isinstance(saved, dict) or saved.get("format") != RUN_FORMAT:
+            raise CheckpointError(f"{path} is not a {RUN_FORMAT} record; choose another --out")
+        differs = [k for k, v in run.items() if saved.get(k) != v]
+        if differs:
+            what = {"dense_sha256": "another dense network (its weights differ)", "prune": "other pruning settings",
+                    "data": "other data settings", "finetune": "other fine-tuning settings"}
+            raise CheckpointError(f"cannot resume {out}: it was started from " + " and ".join(what[k] for k in differs)
+                                  + "; give the original checkpoint and settings, or choose another --out")
+        return
+    if resume and any(out.glob("round_*")):
+        raise CheckpointError(f"cannot resume {out}: it has rounds but no run.json (written by an older prunekit), "
+                              "so it cannot be checked against this dense network; choose another --out")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"format": RUN_FORMAT, **run}, indent=1)))
+
+
+def _resume(out: Path, config: PruneConfig, result: PruneResult, log, dense_sha256: str,
+            trusted_factories: list[str]) -> tuple[int, nn.Module]:
+    """Continue after the last saved round, refusing a run made with other settings or from another network."""
+    done = sorted((int(p.parent.name.split("_")[1]), p) for p in out.glob("round_*/pruned.safetensors")
+                  if p.parent.name.split("_")[1].isdigit())
     if not done:
         return 1, result.model
     last_round, path = done[-1]
     meta = read_metadata(path)
     if meta.get("prune") != config.to_dict():
         raise CheckpointError(f"cannot resume {out}: it was pruned with {meta.get('prune')}, not {config.to_dict()}")
-    model, meta = load_compressed(path)
+    if meta.get("dense_sha256") != dense_sha256:
+        saved = meta.get("dense_sha256")
+        what = f"weights sha256 {saved[:12]}..." if saved else "a network this version cannot identify"
+        raise CheckpointError(f"cannot resume {out}: its rounds were pruned from another dense network ({what}, "
+                              f"this one is {dense_sha256[:12]}...); give the original checkpoint or a new --out")
+    model, meta = load_compressed(path, trusted_factories)
     result.changes.extend(meta["architecture_changes"])
     result.rounds.extend(RoundResult(**r) for r in meta.get("rounds", []))
     result.val_acc_before_finetune = meta.get("val_acc_before_finetune")

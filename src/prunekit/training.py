@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from prunekit.checkpoint import CheckpointError, atomic_write, load_weights_, save_checkpoint
+from prunekit.checkpoint import CheckpointError, atomic_write, check_state_fits, save_checkpoint
 from prunekit.configs import config_from_dict
 from prunekit.data import DataSplits
 from prunekit.distributed import DistContext, GlobalBatchSampler, all_reduce_sum, barrier, current_context
@@ -225,9 +225,11 @@ def fit(
     """Train ``model`` in place; afterwards it holds the weights of the best validation epoch (of the last epoch
     with ``select_best=False``, as ADMM needs: its variables follow the last weights).
 
-    With ``out_dir``, every epoch writes ``last.safetensors`` + ``train_state.pt`` (optimizer state, history;
-    read back with ``weights_only=True``) and, when validation improves, ``best.safetensors``; ``resume=True``
-    continues from the last finished epoch and ends with exactly the weights of an uninterrupted run.
+    With ``out_dir``, every epoch is committed by one atomic write of ``train_state.pt`` (last and best weights,
+    optimizer state, RNG state, history; read back with ``weights_only=True``), so a kill at any instant leaves
+    either the previous epoch or the new one. ``last.safetensors`` and ``best.safetensors`` are written after the
+    commit for users; they are views, rewritten from the commit on resume. ``resume=True`` continues from the last
+    committed epoch and ends with exactly the weights (BatchNorm counters included) of an uninterrupted run.
 
     Raises:
         TrainingDivergedError: the loss became NaN/inf (the previous epoch's checkpoint stays on disk).
@@ -251,7 +253,9 @@ def fit(
     if resume:
         if out is None:
             raise ValueError("resume=True needs out_dir, where the interrupted run saved its state")
-        start_epoch = _restore(out, model, optimizer, config, result)
+        start_epoch, best_state = _restore(out, model, optimizer, config, result)
+        if ctx.is_main:
+            _write_views(out, model, best_state, metadata, config, result)
         log(f"resuming after epoch {start_epoch} of {config.epochs} from {out}")
 
     if config.batch_size < ctx.world_size:
@@ -320,57 +324,148 @@ def fit(
         improved = not (val["acc"] <= result.best_val_acc) or not select_best  # NaN best: the first epoch
         if improved:
             result.best_epoch, result.best_val_acc = epoch + 1, val["acc"]
-            if out is None:
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         log(f"epoch {epoch + 1}/{config.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
             f"val loss {val['loss']:.4f} acc {val['acc']:.4f}  ({row['seconds']:.1f}s)"
             + ("  *best" if improved else ""))
         if out is not None and ctx.is_main:
-            meta = {**metadata, "train": config.to_dict(), "epoch": epoch + 1,
-                    "metrics": {"val_acc": val["acc"], "val_loss": val["loss"]}}
-            if improved:
-                save_checkpoint(out / "best.safetensors", model, meta)
-            save_checkpoint(out / "last.safetensors", model, meta)
-            _save_state(out, optimizer, config, result)
+            _commit_epoch(out, model, best_state, optimizer, config, result)
+            _write_views(out, model, best_state, metadata, config, result)
         barrier(ctx)
 
     if config.epochs == 0 or result.best_epoch < 0:
         val = evaluate(model, data.val, ctx=ctx)
         result.best_val_acc, result.best_epoch = val["acc"], 0
-    elif out is not None:
-        load_weights_(model, out / "best.safetensors")
     elif best_state is not None:
         model.load_state_dict(best_state)
     return result
 
 
-def _save_state(out: Path, optimizer: torch.optim.Optimizer, config: TrainConfig, result: FitResult) -> None:
+STATE_FORMAT = "prunekit.train_state/2"
+HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+
+
+def _commit_epoch(out: Path, model: nn.Module, best_state: dict[str, torch.Tensor] | None,
+                  optimizer: torch.optim.Optimizer, config: TrainConfig, result: FitResult) -> None:
+    """Write everything a resume needs in one file, atomically: this write is the epoch's commit."""
     state = {
-        "optimizer": optimizer.state_dict(),
+        "format": STATE_FORMAT,
         "config": config.to_dict(),
         "history": result.history,
         "best_epoch": result.best_epoch,
         "best_val_acc": result.best_val_acc,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "best_model": {k: v.cpu() for k, v in (best_state or {}).items()},
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
     }
     atomic_write(out / "train_state.pt", lambda tmp: torch.save(state, tmp))
 
 
+def _write_views(out: Path, model: nn.Module, best_state: dict[str, torch.Tensor] | None,
+                 metadata: dict[str, Any], config: TrainConfig, result: FitResult) -> None:
+    """``last.safetensors`` and ``best.safetensors``, each a loadable checkpoint of what the commit holds."""
+    if not result.history:
+        return
+    last = result.history[-1]
+    meta = {**metadata, "train": config.to_dict(), "epoch": last["epoch"],
+            "metrics": {"val_acc": last["val_acc"], "val_loss": last["val_loss"]}}
+    save_checkpoint(out / "last.safetensors", model, meta)
+    if best_state is not None:
+        best = result.history[result.best_epoch - 1]
+        best_meta = {**meta, "epoch": best["epoch"], "metrics": {"val_acc": best["val_acc"],
+                                                                 "val_loss": best["val_loss"]}}
+        save_checkpoint(out / "best.safetensors", _StateHolder(best_state), best_meta)
+
+
+class _StateHolder(nn.Module):
+    """Lets :func:`save_checkpoint` write a bare state_dict."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return self._state
+
+
 def _restore(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
-             result: FitResult) -> int:
-    state_path, last = out / "train_state.pt", out / "last.safetensors"
-    if not state_path.is_file() or not last.is_file():
-        raise CheckpointError(f"nothing to resume in {out}: train_state.pt or last.safetensors is missing")
+             result: FitResult) -> tuple[int, dict[str, torch.Tensor] | None]:
+    """Load the last commit into ``model``, ``optimizer``, ``result`` and the RNG; returns (epochs done, best)."""
+    state_path = out / "train_state.pt"
+    if not state_path.is_file():
+        raise CheckpointError(f"nothing to resume in {out}: train_state.pt is missing")
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupted file is a user-facing condition
-        raise CheckpointError(f"{state_path} is corrupted ({exc.__class__.__name__}); start without --resume") from None
-    saved = state.get("config", {})
-    diff = {k: (saved.get(k), v) for k, v in config.to_dict().items() if saved.get(k) != v}
-    if diff:
-        desc = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise CheckpointError(f"cannot resume {out}: training settings differ ({desc})")
-    load_weights_(model, last)
-    optimizer.load_state_dict(state["optimizer"])
-    result.history = list(state["history"])
-    result.best_epoch, result.best_val_acc = int(state["best_epoch"]), float(state["best_val_acc"])
-    return len(result.history)
+        raise CheckpointError(f"{state_path} is corrupted ({exc.__class__.__name__}); {_fresh_start(state_path)}"
+                              ) from None
+    if isinstance(state, dict) and isinstance(state.get("config"), dict):  # settings first: the likelier mistake
+        saved = state["config"]
+        diff = {k: (saved.get(k), v) for k, v in config.to_dict().items() if saved.get(k) != v}
+        if diff:
+            desc = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"cannot resume {out}: training settings differ ({desc})")
+    _check_state(state, state_path, config)
+    check_state_fits(model, state["model"], f"{state_path} (model)")
+    if state["best_model"]:
+        check_state_fits(model, state["best_model"], f"{state_path} (best_model)")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{state_path}: the optimizer state does not fit this model and optimizer "
+                              f"({exc.__class__.__name__}: {exc}); {_fresh_start(state_path)}") from None
+    model.load_state_dict(state["model"])
+    torch.set_rng_state(state["rng"])
+    result.history = [dict(row) for row in state["history"]]
+    result.best_epoch, result.best_val_acc = state["best_epoch"], float(state["best_val_acc"])
+    return len(result.history), (dict(state["best_model"]) or None)
+
+
+def _fresh_start(path: Path) -> str:
+    return f"it cannot be resumed: choose another --out, or delete {path} to start over"
+
+
+def _check_state(state: Any, path: Path, config: TrainConfig) -> None:
+    """The commit's structure, field by field, with the first bad field named."""
+
+    def bad(field: str, expected: str) -> CheckpointError:
+        return CheckpointError(f"{path}: field {field!r} must be {expected} (the file was edited or not written by "
+                               f"this version of prunekit); {_fresh_start(path)}")
+
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a prunekit training state; "
+                              f"{_fresh_start(path)}")
+    if state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} has format {state.get('format')!r}, not {STATE_FORMAT!r} (written by an older "
+                              f"prunekit, whose epochs were not committed atomically); {_fresh_start(path)}")
+    if not isinstance(state.get("config"), dict):
+        raise bad("config", "an object")
+    history = state.get("history")
+    if not isinstance(history, list) or len(history) > config.epochs:
+        raise bad("history", f"a list of at most {config.epochs} epochs")
+    for i, row in enumerate(history):
+        if not isinstance(row, dict) or any(not isinstance(row.get(k), (int, float)) for k in HISTORY_KEYS):
+            raise bad(f"history[{i}]", f"an object with numbers {', '.join(HISTORY_KEYS)}")
+        if row["epoch"] != i + 1:
+            raise bad(f"history[{i}].epoch", f"{i + 1}")
+    best = state.get("best_epoch")
+    if isinstance(best, bool) or not isinstance(best, int) or not (-1 <= best <= len(history)) or \
+            (history and best < 1):
+        raise bad("best_epoch", f"an int in 1..{len(history)}")
+    if not isinstance(state.get("best_val_acc"), (int, float)):
+        raise bad("best_val_acc", "a number")
+    for key in ("model", "best_model"):
+        tensors = state.get(key)
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in tensors.items()):
+            raise bad(key, "an object of tensors")
+    if history and not state["best_model"]:
+        raise bad("best_model", "the best epoch's tensors")
+    optimizer = state.get("optimizer")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or \
+            not isinstance(optimizer.get("param_groups"), list):
+        raise bad("optimizer", "an optimizer state_dict (state, param_groups)")
+    rng = state.get("rng")
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+        raise bad("rng", "a torch RNG state (uint8 tensor)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -38,7 +39,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{field} must be a positive int, got {value!r}")
         if self.num_classes < 2:
             raise ValueError(f"ModelConfig.num_classes must be >= 2, got {self.num_classes}")
-        if isinstance(self.width, bool) or not isinstance(self.width, (int, float)) or not self.width > 0:
+        if isinstance(self.width, bool) or not isinstance(self.width, (int, float)) or \
+                not (self.width > 0 and math.isfinite(self.width)):
             raise ValueError(f"ModelConfig.width must be a positive number, got {self.width!r}")
         if self.name not in MODELS:
             MODELS.get(self.name)  # raises the helpful unknown-name error

@@ -1,0 +1,193 @@
+"""Inputs that used to be accepted and then did something else: each is now refused in one line, or does exactly
+what it says."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from prunekit.admm import ADMMConfig, admm_prune_, constrained_layers
+from prunekit.allocation import AllocationConfig, InfeasibleTargetError, Target
+from prunekit.cli import _data_for, main
+from prunekit.data import DataConfig
+from prunekit.eigendamage import _find_layers
+from prunekit.engine import ChannelGraph, SliceKind
+from prunekit.jobs import train_job
+from prunekit.models import create_model
+from prunekit.pruning import PruneConfig, prune_model
+from prunekit.training import TrainConfig
+
+
+def _one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {err!r}"
+    assert lines[0].startswith(f"prunekit {command}: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A trained LeNet-300-100, a channel-pruned copy and a LeNet-5 of the same data (another architecture)."""
+    root = tmp_path_factory.mktemp("misuse")
+    data, train = DataConfig("synthetic", limit=200), TrainConfig(epochs=1, batch_size=64)
+    dense = train_job("lenet300", data, train, root / "dense", progress=False, log=lambda *_: None,
+                      measure_latency=False).checkpoint
+    other = train_job("lenet5", data, train, root / "other", progress=False, log=lambda *_: None,
+                      measure_latency=False).checkpoint
+    assert main(["prune", "--checkpoint", str(dense), "--target", "flops=0.5", "--out", str(root / "l1"),
+                 "--no-progress", "--no-latency"]) == 0
+    return {"dense": dense, "other": other, "pruned": root / "l1" / "flops-0.5" / "round_1" / "pruned.safetensors",
+            "root": root}
+
+
+def _resnet(synthetic):
+    torch.manual_seed(0)
+    return create_model("resnet20", num_classes=4, in_channels=1, input_size=12, width=0.5)
+
+
+def test_ignoring_a_container_leaves_every_layer_inside_it_alone(synthetic):
+    model = _resnet(synthetic)
+    inside = {n for n, _ in model.named_modules() if n.startswith("layer1.")}
+    graph = ChannelGraph(model, synthetic.train[:2][0], ignore=["layer1"])
+    touched = {m.name for g in graph.groups for m in g.members if m.kind is SliceKind.OUT}
+    assert touched and not touched & inside
+    widths = {n: m.out_channels for n, m in model.named_modules() if n.startswith("layer1.") and hasattr(m,
+                                                                                                       "out_channels")}
+    prune_model(model, synthetic, PruneConfig(method="l1", target="flops=0.6", ignore=("layer1",),
+                                             reconstruction_images=0), log=lambda *_: None)
+    modules = dict(model.named_modules())
+    assert {n: modules[n].out_channels for n in widths} == widths
+    assert not set(constrained_layers(model, ADMMConfig(ignore=("layer1",)), synthetic.train[:2][0])) & inside
+    assert not set(_find_layers(model, synthetic.train[:2][0], ["layer1"])) & inside
+
+
+def test_an_unknown_ignore_name_suggests_the_close_ones(synthetic):
+    with pytest.raises(ValueError, match=r"ignore names \['layer4'\] are not modules.*Did you mean layer1"):
+        ChannelGraph(_resnet(synthetic), synthetic.train[:2][0], ignore=["layer4"])
+
+
+def test_round_to_wider_than_every_group_is_refused(runs, capsys):
+    assert main(["prune", "--checkpoint", str(runs["dense"]), "--round-to", "100000", "--out",
+                 str(runs["root"] / "round"), "--no-progress", "--no-latency"]) == 2
+    line = _one_error_line(capsys, "prune")
+    assert "round_to=100000 is at least the width of every prunable group (the widest has 300)" in line
+
+
+def test_a_group_no_wider_than_round_to_stays_whole(synthetic):
+    torch.manual_seed(0)
+    model = create_model("lenet5", num_classes=4, in_channels=1, input_size=12, width=0.25)  # conv1 has 5 channels
+    result = prune_model(model, synthetic, PruneConfig(method="l1", target="flops=0.7", reconstruction_images=0,
+                                                       allocation=AllocationConfig(round_to=8)),
+                         log=lambda *_: None)
+    assert result.kept_width["conv1"] == (5, 5)  # 5 < 8: no multiple of 8 to keep
+    kept = [k for n, (k, d) in result.kept_width.items() if k != d]
+    assert kept and all(k % 8 == 0 for k in kept)
+
+
+@pytest.mark.parametrize("quant", ["bits=64", "bits=1", "ternary", "bits=x"])
+def test_dpp_refuses_quantizations_it_cannot_train(runs, quant, capsys):
+    assert main(["prune", "--checkpoint", str(runs["dense"]), "--method", "dpp", "--k", "1", "--n", "4",
+                 "--quant", quant, "--finetune-epochs", "1", "--out", str(runs["root"] / "dpp"), "--no-progress",
+                 "--no-latency"]) == 2
+    assert "DPP quantization must be none, binary or bits=N with 2 <= N <= 16" in _one_error_line(capsys, "prune")
+    assert not (runs["root"] / "dpp").exists()
+
+
+def test_admm_refuses_a_target_below_one_unit_per_layer(runs, capsys):
+    assert main(["prune", "--checkpoint", str(runs["dense"]), "--method", "admm", "--target", "params=1e-9",
+                 "--out", str(runs["root"] / "admm"), "--no-progress", "--no-latency"]) == 2
+    line = _one_error_line(capsys, "prune")
+    assert "target params=1e-09 is infeasible for the unstructured pattern" in line and "give params=" in line
+
+
+def test_admm_infeasible_filter_target_from_python(synthetic):
+    torch.manual_seed(0)
+    model = create_model("lenet300", num_classes=4, in_channels=1, input_size=12)
+    expected = r"every one of the 3 constrained layers keeps at least one unit, which is 0\.00739"
+    with pytest.raises(InfeasibleTargetError, match=expected):
+        admm_prune_(model, synthetic, ADMMConfig(pattern="filter", keep=1e-4), TrainConfig(epochs=1), progress=False,
+                    log=lambda *_: None)
+
+
+def test_bench_refuses_a_dense_network_of_another_architecture(runs, capsys):
+    assert main(["bench", str(runs["pruned"]), "--dense", str(runs["other"]), "--no-onnx", "--batch", "1"]) == 2
+    line = _one_error_line(capsys, "bench")
+    assert f"{runs['pruned']} is not pruned from {runs['other']}" in line
+    assert "built from lenet300 (width 1.0, 4 classes, 1x12x12), the other from lenet5" in line
+
+
+def test_compare_refuses_a_variant_of_another_network(runs, capsys):
+    assert main(["compare", str(runs["dense"]), "--variant", f"a={runs['other']}", "--min-run-time", "0.01"]) == 2
+    assert f"variant a ({runs['other']}) is not pruned from {runs['dense']}" in _one_error_line(capsys, "compare")
+
+
+def test_compare_refuses_a_dense_model_that_is_itself_more_pruned(runs, capsys):
+    assert main(["compare", str(runs["pruned"]), "--variant", f"a={runs['dense']}", "--min-run-time", "0.01"]) == 2
+    assert "own architecture changes are not the first of" in _one_error_line(capsys, "compare")
+
+
+def test_compare_refuses_duplicate_variant_names(runs, capsys):
+    argv = ["compare", str(runs["dense"]), "--variant", f"a={runs['pruned']}", "--variant", f"a={runs['dense']}"]
+    assert main(argv) == 2
+    assert "--variant name 'a' is given twice" in _one_error_line(capsys, "compare")
+
+
+@pytest.mark.parametrize("seconds", ["nan", "inf", "0", "-1"])
+def test_compare_refuses_latency_times_that_never_end(runs, seconds, capsys):
+    argv = ["compare", str(runs["dense"]), "--variant", f"a={runs['pruned']}", "--min-run-time", seconds]
+    assert main(argv) == 2
+    assert "min_run_time (--min-run-time) must be seconds in (0, 600]" in _one_error_line(capsys, "compare")
+
+
+def test_iterations_are_bounded(runs, capsys):
+    assert main(["prune", "--checkpoint", str(runs["dense"]), "--iterations", "1000000000", "--out",
+                 str(runs["root"] / "it"), "--no-progress", "--no-latency"]) == 2
+    assert "iterations must be an int >= 1 and at most 100" in _one_error_line(capsys, "prune")
+
+
+def test_eval_val_fraction_is_validated_and_used(runs, capsys):
+    assert main(["eval", str(runs["dense"]), "--val-fraction", "2"]) == 2
+    assert "val_fraction must be in (0, 1), got 2.0" in _one_error_line(capsys, "eval")
+    args = argparse.Namespace(data=None, data_dir=None, val_fraction=0.3, limit=None)
+    assert _data_for(args, str(runs["dense"])) == DataConfig("synthetic", limit=200, val_fraction=0.3)
+    args.val_fraction = None  # not given: the checkpoint's own split
+    assert _data_for(args, str(runs["dense"])) == DataConfig("synthetic", limit=200)
+    args.data = "digits"  # another dataset starts from its defaults
+    assert _data_for(args, str(runs["dense"])) == DataConfig("digits")
+
+
+def test_data_flags_without_a_dataset_to_apply_them_to(capsys):
+    assert main(["prune", "--model", "lenet300", "--limit", "100", "--out", "x", "--no-progress"]) == 2
+    assert "--limit need --data" in _one_error_line(capsys, "prune")
+
+
+def test_train_refuses_an_infinite_width(tmp_path, capsys):
+    assert main(["train", "--model", "lenet300", "--data", "synthetic", "--width", "inf", "--epochs", "1",
+                 "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "width must be a positive number, got inf" in _one_error_line(capsys, "train")
+
+
+def test_sparse_labels_warn_in_one_line(tmp_path, capsys):
+    import numpy as np
+
+    from prunekit.data import write_idx
+
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 60), ("t10k", 20)):
+        write_idx(tmp_path / f"{stem}-images-idx3-ubyte", rng.integers(0, 256, (n, 8, 8), dtype=np.uint8))
+        labels = (np.arange(n) % 3).astype(np.uint8)
+        labels[0] = 255
+        write_idx(tmp_path / f"{stem}-labels-idx1-ubyte", labels)
+    assert main(["train", "--model", "lenet300", "--data", "mnist", "--data-dir", str(tmp_path), "--epochs", "1",
+                 "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == [warned[0]] and warned[0].startswith("prunekit train: warning: mnist: the labels use 4 of the "
+                                                          "class ids 0..255")
+
+
+def test_target_rejects_nan():
+    with pytest.raises(ValueError):
+        Target.parse("flops=nan")
