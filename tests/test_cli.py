@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from cli_lines import one_error_line
 from prunekit import __version__
 from prunekit.checkpoint import read_metadata
 from prunekit.cli import main
@@ -18,12 +19,6 @@ TRAIN = ["train", "--model", "lenet300", "--data", "synthetic", "--epochs", "1",
          "--device", "cpu", "--no-progress"]
 
 
-def _one_error_line(capsys, command: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {err!r}"
-    assert lines[0].startswith(f"prunekit {command}: error: ")
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -88,20 +83,20 @@ def test_train_prints_where_it_saved(tmp_path, capsys):
 def test_train_refuses_to_overwrite_a_run(trained_run, capsys):
     before = (trained_run / "model.safetensors").read_bytes()
     assert main([*TRAIN, "--out", str(trained_run)]) == 2
-    line = _one_error_line(capsys, "train")
+    line = one_error_line(capsys, "train")
     assert f"{trained_run} already holds a training run; pass --resume" in line
     assert (trained_run / "model.safetensors").read_bytes() == before
 
 
 def test_resume_with_changed_settings_is_one_line(trained_run, capsys):
     assert main([*TRAIN, "--out", str(trained_run), "--resume", "--lr", "0.3"]) == 2
-    line = _one_error_line(capsys, "train")
+    line = one_error_line(capsys, "train")
     assert "training settings differ (lr: saved 0.05 vs now 0.3)" in line
 
 
 def test_unknown_model(tmp_path, capsys):
     assert main([*TRAIN, "--model", "resnet21", "--out", str(tmp_path / "run")]) == 2
-    line = _one_error_line(capsys, "train")
+    line = one_error_line(capsys, "train")
     assert "unknown model 'resnet21'; known models: " + ", ".join(list_models()) in line
     assert "Did you mean" in line
     assert not (tmp_path / "run").exists()
@@ -109,14 +104,14 @@ def test_unknown_model(tmp_path, capsys):
 
 def test_unknown_dataset(tmp_path, capsys):
     assert main([*TRAIN, "--data", "imagenet", "--out", str(tmp_path / "run")]) == 2
-    assert "unknown dataset 'imagenet'; known datasets: cifar10" in _one_error_line(capsys, "train")
+    assert "unknown dataset 'imagenet'; known datasets: cifar10" in one_error_line(capsys, "train")
 
 
 def test_missing_data_dir(tmp_path, capsys):
     missing = tmp_path / "nonexistent"
     argv = [*TRAIN, "--data", "fashion-mnist", "--data-dir", str(missing), "--out", str(tmp_path / "run")]
     assert main(argv) == 2
-    line = _one_error_line(capsys, "train")
+    line = one_error_line(capsys, "train")
     assert f"directory {missing} does not exist" in line
     assert "apt-get install dataset-fashion-mnist" in line
 
@@ -126,26 +121,26 @@ def test_eval_corrupted_checkpoint(tmp_path, capsys, content):
     path = tmp_path / "broken.safetensors"
     path.write_bytes(content)
     assert main(["eval", str(path), "--data", "synthetic"]) == 2
-    assert str(path) in _one_error_line(capsys, "eval")
+    assert str(path) in one_error_line(capsys, "eval")
 
 
 def test_eval_truncated_checkpoint(trained_run, tmp_path, capsys):
     path = tmp_path / "cut.safetensors"
     path.write_bytes((trained_run / "model.safetensors").read_bytes()[:-100])
     assert main(["eval", str(path)]) == 2
-    line = _one_error_line(capsys, "eval")
+    line = one_error_line(capsys, "eval")
     assert re.search(f"{re.escape(str(path))} is (not a readable safetensors checkpoint|corrupted)", line), line
 
 
 def test_eval_missing_checkpoint(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "none.safetensors")]) == 2
-    assert "does not exist" in _one_error_line(capsys, "eval")
+    assert "does not exist" in one_error_line(capsys, "eval")
 
 
 def test_eval_on_data_the_model_was_not_built_for(trained_run, capsys):
     assert main(["eval", str(trained_run / "model.safetensors"), "--data", "digits"]) == 2
     expected = "was built for 1x12x12 inputs with 4 classes; digits has 1x8x8 inputs with 10 classes"
-    assert expected in _one_error_line(capsys, "eval")
+    assert expected in one_error_line(capsys, "eval")
 
 
 @pytest.mark.parametrize("epochs,message", [("-1", "must be >= 0, got -1"), ("two", "expected a whole number")])
@@ -171,7 +166,7 @@ def test_argparse_misuse_exits_2(argv, capsys):
 
 def test_bad_train_setting_is_one_line(tmp_path, capsys):
     assert main([*TRAIN, "--lr", "0", "--out", str(tmp_path / "run")]) == 2
-    assert "lr must be a positive finite number, got 0.0" in _one_error_line(capsys, "train")
+    assert "lr must be a positive finite number, got 0.0" in one_error_line(capsys, "train")
 
 
 def test_interrupt_exits_130(tmp_path, capsys, monkeypatch):

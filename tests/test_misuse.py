@@ -8,6 +8,7 @@ import argparse
 import pytest
 import torch
 
+from cli_lines import one_error_line
 from prunekit.admm import ADMMConfig, admm_prune_, constrained_layers
 from prunekit.allocation import AllocationConfig, InfeasibleTargetError, Target
 from prunekit.cli import _data_for, main
@@ -18,14 +19,6 @@ from prunekit.jobs import train_job
 from prunekit.models import create_model
 from prunekit.pruning import PruneConfig, prune_model
 from prunekit.training import TrainConfig
-
-
-def _one_error_line(capsys, command: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {err!r}"
-    assert lines[0].startswith(f"prunekit {command}: error: "), lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +65,7 @@ def test_an_unknown_ignore_name_suggests_the_close_ones(synthetic):
 def test_round_to_wider_than_every_group_is_refused(runs, capsys):
     assert main(["prune", "--checkpoint", str(runs["dense"]), "--round-to", "100000", "--out",
                  str(runs["root"] / "round"), "--no-progress", "--no-latency"]) == 2
-    line = _one_error_line(capsys, "prune")
+    line = one_error_line(capsys, "prune")
     assert "round_to=100000 is at least the width of every prunable group (the widest has 300)" in line
 
 
@@ -92,14 +85,14 @@ def test_dpp_refuses_quantizations_it_cannot_train(runs, quant, capsys):
     assert main(["prune", "--checkpoint", str(runs["dense"]), "--method", "dpp", "--k", "1", "--n", "4",
                  "--quant", quant, "--finetune-epochs", "1", "--out", str(runs["root"] / "dpp"), "--no-progress",
                  "--no-latency"]) == 2
-    assert "DPP quantization must be none, binary or bits=N with 2 <= N <= 16" in _one_error_line(capsys, "prune")
+    assert "DPP quantization must be none, binary or bits=N with 2 <= N <= 16" in one_error_line(capsys, "prune")
     assert not (runs["root"] / "dpp").exists()
 
 
 def test_admm_refuses_a_target_below_one_unit_per_layer(runs, capsys):
     assert main(["prune", "--checkpoint", str(runs["dense"]), "--method", "admm", "--target", "params=1e-9",
                  "--out", str(runs["root"] / "admm"), "--no-progress", "--no-latency"]) == 2
-    line = _one_error_line(capsys, "prune")
+    line = one_error_line(capsys, "prune")
     assert "target params=1e-09 is infeasible for the unstructured pattern" in line and "give params=" in line
 
 
@@ -114,43 +107,43 @@ def test_admm_infeasible_filter_target_from_python(synthetic):
 
 def test_bench_refuses_a_dense_network_of_another_architecture(runs, capsys):
     assert main(["bench", str(runs["pruned"]), "--dense", str(runs["other"]), "--no-onnx", "--batch", "1"]) == 2
-    line = _one_error_line(capsys, "bench")
+    line = one_error_line(capsys, "bench")
     assert f"{runs['pruned']} is not pruned from {runs['other']}" in line
     assert "built from lenet300 (width 1.0, 4 classes, 1x12x12), the other from lenet5" in line
 
 
 def test_compare_refuses_a_variant_of_another_network(runs, capsys):
     assert main(["compare", str(runs["dense"]), "--variant", f"a={runs['other']}", "--min-run-time", "0.01"]) == 2
-    assert f"variant a ({runs['other']}) is not pruned from {runs['dense']}" in _one_error_line(capsys, "compare")
+    assert f"variant a ({runs['other']}) is not pruned from {runs['dense']}" in one_error_line(capsys, "compare")
 
 
 def test_compare_refuses_a_dense_model_that_is_itself_more_pruned(runs, capsys):
     assert main(["compare", str(runs["pruned"]), "--variant", f"a={runs['dense']}", "--min-run-time", "0.01"]) == 2
-    assert "own architecture changes are not the first of" in _one_error_line(capsys, "compare")
+    assert "own architecture changes are not the first of" in one_error_line(capsys, "compare")
 
 
 def test_compare_refuses_duplicate_variant_names(runs, capsys):
     argv = ["compare", str(runs["dense"]), "--variant", f"a={runs['pruned']}", "--variant", f"a={runs['dense']}"]
     assert main(argv) == 2
-    assert "--variant name 'a' is given twice" in _one_error_line(capsys, "compare")
+    assert "--variant name 'a' is given twice" in one_error_line(capsys, "compare")
 
 
 @pytest.mark.parametrize("seconds", ["nan", "inf", "0", "-1"])
 def test_compare_refuses_latency_times_that_never_end(runs, seconds, capsys):
     argv = ["compare", str(runs["dense"]), "--variant", f"a={runs['pruned']}", "--min-run-time", seconds]
     assert main(argv) == 2
-    assert "min_run_time (--min-run-time) must be seconds in (0, 600]" in _one_error_line(capsys, "compare")
+    assert "min_run_time (--min-run-time) must be seconds in (0, 600]" in one_error_line(capsys, "compare")
 
 
 def test_iterations_are_bounded(runs, capsys):
     assert main(["prune", "--checkpoint", str(runs["dense"]), "--iterations", "1000000000", "--out",
                  str(runs["root"] / "it"), "--no-progress", "--no-latency"]) == 2
-    assert "iterations must be an int >= 1 and at most 100" in _one_error_line(capsys, "prune")
+    assert "iterations must be an int >= 1 and at most 100" in one_error_line(capsys, "prune")
 
 
 def test_eval_val_fraction_is_validated_and_used(runs, capsys):
     assert main(["eval", str(runs["dense"]), "--val-fraction", "2"]) == 2
-    assert "val_fraction must be in (0, 1), got 2.0" in _one_error_line(capsys, "eval")
+    assert "val_fraction must be in (0, 1), got 2.0" in one_error_line(capsys, "eval")
     args = argparse.Namespace(data=None, data_dir=None, val_fraction=0.3, limit=None)
     assert _data_for(args, str(runs["dense"])) == DataConfig("synthetic", limit=200, val_fraction=0.3)
     args.val_fraction = None  # not given: the checkpoint's own split
@@ -161,13 +154,13 @@ def test_eval_val_fraction_is_validated_and_used(runs, capsys):
 
 def test_data_flags_without_a_dataset_to_apply_them_to(capsys):
     assert main(["prune", "--model", "lenet300", "--limit", "100", "--out", "x", "--no-progress"]) == 2
-    assert "--limit need --data" in _one_error_line(capsys, "prune")
+    assert "--limit need --data" in one_error_line(capsys, "prune")
 
 
 def test_train_refuses_an_infinite_width(tmp_path, capsys):
     assert main(["train", "--model", "lenet300", "--data", "synthetic", "--width", "inf", "--epochs", "1",
                  "--out", str(tmp_path / "run"), "--no-progress"]) == 2
-    assert "width must be a positive number, got inf" in _one_error_line(capsys, "train")
+    assert "width must be a positive number, got inf" in one_error_line(capsys, "train")
 
 
 def test_sparse_labels_warn_in_one_line(tmp_path, capsys):

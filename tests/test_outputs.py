@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from cli_lines import one_error_line
 from prunekit.cli import main
 from prunekit.data import DataConfig
 from prunekit.jobs import train_job
@@ -17,12 +18,6 @@ TRAIN = ["train", "--model", "lenet300", "--data", "synthetic", "--limit", "200"
          "64", "--device", "cpu", "--no-progress"]
 
 
-def _one_error_line(capsys, command: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {err!r}"
-    assert lines[0].startswith(f"prunekit {command}: error: "), lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +30,7 @@ def checkpoint(tmp_path_factory):
 def test_export_never_writes_over_its_checkpoint(checkpoint, capsys):
     before = checkpoint.read_bytes()
     assert main(["export", str(checkpoint), "--onnx", str(checkpoint), "--overwrite"]) == 2
-    line = _one_error_line(capsys, "export")
+    line = one_error_line(capsys, "export")
     assert f"--onnx {checkpoint} is the input file" in line
     assert checkpoint.read_bytes() == before
 
@@ -43,7 +38,7 @@ def test_export_never_writes_over_its_checkpoint(checkpoint, capsys):
 def test_export_refuses_one_path_for_two_outputs(checkpoint, tmp_path, capsys):
     target = tmp_path / "o.x"
     assert main(["export", str(checkpoint), "--onnx", str(target), "--pt2", str(target)]) == 2
-    assert f"--onnx and --pt2 both name {target}" in _one_error_line(capsys, "export")
+    assert f"--onnx and --pt2 both name {target}" in one_error_line(capsys, "export")
     assert not target.exists()
 
 
@@ -51,7 +46,7 @@ def test_export_replaces_an_existing_file_only_with_overwrite(checkpoint, tmp_pa
     target = tmp_path / "m.pt2"
     target.write_text("the user's file")
     assert main(["export", str(checkpoint), "--pt2", str(target)]) == 2
-    assert "already exists; pass --overwrite" in _one_error_line(capsys, "export")
+    assert "already exists; pass --overwrite" in one_error_line(capsys, "export")
     assert target.read_text() == "the user's file"
     assert main(["export", str(checkpoint), "--pt2", str(target), "--overwrite"]) == 0
     assert target.read_bytes()[:2] == b"PK"  # a torch.export zip archive now
@@ -62,7 +57,7 @@ def test_a_second_writer_is_refused_while_the_first_runs(tmp_path, capsys):
     out = tmp_path / "run"
     with output_lock(out):  # another run holds the folder
         assert main([*TRAIN, "--out", str(out)]) == 2
-        assert f"{out} is being written by another prunekit run" in _one_error_line(capsys, "train")
+        assert f"{out} is being written by another prunekit run" in one_error_line(capsys, "train")
         with pytest.raises(OutputBusyError):
             with output_lock(out):
                 pass
@@ -76,7 +71,7 @@ def test_a_finished_run_is_not_mixed_with_a_new_one(tmp_path, capsys):
     before = (out / "model.safetensors").read_bytes()
     capsys.readouterr()
     assert main([*TRAIN, "--out", str(out), "--seed", "1"]) == 2
-    assert "already holds a training run; pass --resume" in _one_error_line(capsys, "train")
+    assert "already holds a training run; pass --resume" in one_error_line(capsys, "train")
     assert (out / "model.safetensors").read_bytes() == before
 
 
@@ -84,7 +79,7 @@ def test_a_killed_prune_run_is_not_restarted_over_its_rounds(checkpoint, tmp_pat
     out = tmp_path / "pruned"
     (out / "flops-0.5" / "round_1").mkdir(parents=True)  # what a run killed before its report leaves
     assert main(["prune", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress", "--no-latency"]) == 2
-    line = _one_error_line(capsys, "prune")
+    line = one_error_line(capsys, "prune")
     assert "already holds a pruning run; pass --resume" in line and "flops-0.5/round_1" in line
 
 
@@ -98,7 +93,7 @@ def test_a_killed_prune_run_is_not_restarted_over_its_rounds(checkpoint, tmp_pat
 def test_an_empty_out_is_refused(argv, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
-    assert "--out must name a folder" in _one_error_line(capsys, argv[0])
+    assert "--out must name a folder" in one_error_line(capsys, argv[0])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -116,7 +111,7 @@ def test_output_helpers_validate(tmp_path):
 def test_a_run_that_fails_early_leaves_no_folder(tmp_path, capsys):
     out = tmp_path / "never"
     assert main([*TRAIN, "--resume", "--out", str(out)]) == 2  # fails inside the lock: nothing to resume
-    assert "nothing to resume" in _one_error_line(capsys, "train")
+    assert "nothing to resume" in one_error_line(capsys, "train")
     assert not out.exists()
 
 

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from cli_lines import one_error_line
 from prunekit.architecture import UntrustedCodeError, load_compressed, save_compressed
 from prunekit.checkpoint import CheckpointError, read_metadata
 from prunekit.cli import main
@@ -47,12 +48,6 @@ def _factory_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
 
 
-def _one_error_line(capsys, command: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {err!r}"
-    assert lines[0].startswith(f"prunekit {command}: error: "), lines[0]
-    return lines[0]
 
 
 @pytest.fixture
@@ -92,7 +87,7 @@ def _loading_commands(path: Path, zoo: Path, out: Path) -> dict[str, list[str]]:
 def test_a_checkpoint_naming_a_factory_imports_nothing(planted, case, capsys):
     argv = _loading_commands(planted["path"], planted["zoo"], planted["dir"])[case]
     assert main(argv) == 2
-    line = _one_error_line(capsys, argv[0])
+    line = one_error_line(capsys, argv[0])
     assert "asks to import 'plantedfactory' and call 'build'" in line
     assert "pass --trust-factory plantedfactory:build" in line
     assert not planted["marker"].exists(), "the module named by the file was imported"
@@ -265,7 +260,7 @@ def test_metadata_of_the_wrong_shape_is_one_line_in_every_reader(good_checkpoint
     for case in READERS:
         argv = _loading_commands(bad, dense, tmp_path)[case]
         assert main(argv) == 2, case
-        line = _one_error_line(capsys, argv[0])
+        line = one_error_line(capsys, argv[0])
         assert expected in line, (case, line)
         assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "pruned").exists()
 
@@ -295,7 +290,7 @@ def test_integer_weights_are_refused_not_cast(good_checkpoints, tmp_path, capsys
         header = f.metadata()
     save_file(tensors, str(tmp_path / "int.safetensors"), metadata=header)
     assert main(["eval", str(tmp_path / "int.safetensors")]) == 2
-    line = _one_error_line(capsys, "eval")
+    line = one_error_line(capsys, "eval")
     assert "holds fc1.weight as torch.int32, but the model needs floating-point values" in line
 
 
@@ -305,4 +300,4 @@ def test_compare_refuses_scales_of_layers_the_network_lacks(good_checkpoints, tm
         bad = _rewrite(pruned, tmp_path / "bad.safetensors",
                        lambda m, scales=scales: {**m, "admm": {"quant": "bits=4"}, "scales": scales})
         assert main(["compare", str(dense), "--variant", f"a={bad}", "--min-run-time", "0.01"]) == 2
-        assert "metadata field 'scales' names" in _one_error_line(capsys, "compare")
+        assert "metadata field 'scales' names" in one_error_line(capsys, "compare")

@@ -96,6 +96,23 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return validate_metadata(meta, str(path))
 
 
+def read_metadata_if_any(path: str | Path) -> dict[str, Any]:
+    """The validated metadata of a prunekit ``.safetensors`` checkpoint; ``{}`` for a plain state_dict file (a
+    ``.pt`` file, or safetensors saved by another tool).
+
+    Raises:
+        CheckpointError: as :func:`read_metadata`, except for a missing prunekit header.
+    """
+    if not str(path).endswith(".safetensors"):
+        return {}
+    try:
+        return read_metadata(path)
+    except CheckpointError as exc:
+        if "without prunekit metadata" in str(exc):
+            return {}
+        raise
+
+
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     path = _existing(path)
     try:

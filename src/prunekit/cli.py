@@ -54,19 +54,13 @@ def _data_for(args, checkpoint: str | None):
     (a different ``--data`` starts from that dataset's defaults); ``None`` when neither says anything."""
     from dataclasses import replace
 
-    from prunekit.checkpoint import CheckpointError, read_metadata
+    from prunekit.checkpoint import read_metadata_if_any
     from prunekit.data import DataConfig
 
     saved = None
-    if checkpoint is not None and str(checkpoint).endswith(".safetensors"):
-        try:
-            meta = read_metadata(checkpoint)
-        except CheckpointError as exc:
-            if "without prunekit metadata" not in str(exc):
-                raise
-            meta = {}
-        if meta.get("data") is not None:
-            saved = DataConfig.from_dict(meta["data"])
+    meta = read_metadata_if_any(checkpoint) if checkpoint is not None else {}
+    if meta.get("data") is not None:
+        saved = DataConfig.from_dict(meta["data"])
     if args.data is not None and (saved is None or saved.name != args.data):
         return _data_config(args)
     given = {"data_dir": args.data_dir, "val_fraction": args.val_fraction, "limit": args.limit}

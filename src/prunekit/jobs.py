@@ -97,18 +97,12 @@ def load_dense(model: str | None, checkpoint: str | Path | None, data: DataConfi
     ``model``) is refused before anything is imported.
     """
     from prunekit.architecture import build_base, load_compressed, load_factory
-    from prunekit.checkpoint import CheckpointError, check_state_fits, load_weights_, read_metadata
+    from prunekit.checkpoint import CheckpointError, check_state_fits, load_weights_, read_metadata_if_any
 
     if model is None and checkpoint is None:
         raise ValueError("give --model (a zoo name or package.module:function) and/or --checkpoint")
     trusted = {*trusted_factories, *([model] if model is not None and ":" in model else [])}
-    meta: dict[str, Any] = {}
-    if checkpoint is not None and str(checkpoint).endswith(".safetensors"):
-        try:
-            meta = read_metadata(checkpoint)
-        except CheckpointError as exc:
-            if "without prunekit metadata" not in str(exc):
-                raise
+    meta = read_metadata_if_any(checkpoint) if checkpoint is not None else {}
     if meta:
         saved = meta.get("model")
         if saved is None:
