@@ -17,7 +17,7 @@ storage, latency of dense and sparse kernels, break-even sparsity), written to `
 trains as the structural benchmarks fine-tune (SGD lr 0.01, crop+flip, 1 ADMM + 1 retraining epoch: the two epochs
 the curvature benchmark's rows get).
 
-Storage: exact bits of the best format (``prunekit.formats``: dense, CSR, relative indexing with 5-bit gaps,
+Storage: exact bits of the best format (``prunekit.measurement.formats``: dense, CSR, relative indexing with 5-bit gaps,
 bitmap), weights + indices + scales, every other parameter as float32; compression = dense float32 bits / that.
 Accuracy: test accuracy of the best-on-validation retraining epoch.
 
@@ -40,12 +40,12 @@ from typing import Any
 
 import torch
 
-from prunekit.admm import ADMMConfig, admm_prune_, storage_report
-from prunekit.architecture import save_compressed
-from prunekit.checkpoint import atomic_write, save_checkpoint
 from prunekit.data import DataConfig, load_dataset
 from prunekit.jobs import load_dense
+from prunekit.methods.admm import ADMMConfig, admm_prune_, storage_report
 from prunekit.models import ModelConfig, create_model
+from prunekit.persistence.architecture import save_compressed
+from prunekit.persistence.checkpoint import atomic_write, save_checkpoint
 from prunekit.training import Augment, TrainConfig, evaluate, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -124,7 +124,7 @@ def verdict_variant(dense, base, data, data_cfg, kind: str, keep: float, metric:
 
 def run_verdict(model_name: str, checkpoint: Path, cache, args, quick: bool) -> dict[str, Any]:
     """Group ADMM at the model's target, unstructured ADMM at the same kept weights, then ``prunekit compare``."""
-    from prunekit.compare import compare_models, write_comparison
+    from prunekit.measurement.compare import compare_models, write_comparison
 
     dense, base, data_cfg = load_dense(None, checkpoint, None)
     data = load_dataset(data_cfg)

@@ -1,7 +1,7 @@
 """How much Tikhonov damping the OBS criteria need: validation accuracy right after one-shot pruning (BatchNorm
 re-estimated, no fine-tuning) of the committed ResNet-20 Fashion-MNIST checkpoint, for a range of damping values.
 
-The damping default of ``prunekit.curvature.CurvatureConfig`` is Kron-OBS's best value on validation (test
+The damping default of ``prunekit.curvature.kfac.CurvatureConfig`` is Kron-OBS's best value on validation (test
 accuracy is reported but not used for the choice); C-OBS's own best is reported beside it. Only the OBS criteria
 invert the factors; C-OBD, Kron-OBD and EigenDamage do not depend on damping.
 
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from prunekit.allocation import AllocationConfig, Target
-from prunekit.checkpoint import atomic_write
 from prunekit.data import DataConfig, load_dataset
 from prunekit.jobs import load_dense
-from prunekit.pruning import PruneConfig, prune_model
+from prunekit.methods.channel import PruneConfig, prune_model
+from prunekit.persistence.checkpoint import atomic_write
+from prunekit.planning.allocation import AllocationConfig, Target
 from prunekit.training import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,15 +4,15 @@ For ResNet-20 and VGG-11 on Fashion-MNIST (committed dense checkpoints) at FLOPs
 default pipeline (L1 criterion, global allocation, at most 90% of a group):
 
 * test accuracy right after pruning with BatchNorm re-estimation only (512 training images), and with the
-  least-squares re-fit first (``prunekit.reconstruction``, 256 images; the default), both before any training;
+  least-squares re-fit first (``prunekit.recovery.reconstruction``, 256 images; the default), both before any training;
 * test accuracy after ``--finetune-epochs`` (default 1) of fine-tuning (SGD lr 0.01, cosine, batch 128, crop+flip;
   the best-on-validation epoch): the budget of ``benchmarks/structured.py``, whose L1 rows are the same pipeline
   without the re-fit;
-* latency (``prunekit.deploy.measure_against_limit``): dense, pruned and the *limit* -- the same architecture made
-  uniformly thinner until its FLOPs match the pruned model's, built directly -- each in inference form (BatchNorm
-  folded; eager PyTorch with the faster memory format, and ONNX Runtime with all graph optimisations), batch 1 and
-  64, all measured in alternation in one process, medians. Speedup = dense / pruned; fraction of the limit =
-  speedup / the limit's speedup.
+* latency (``prunekit.measurement.deploy.measure_against_limit``): dense, pruned and the *limit* -- the same
+  architecture made uniformly thinner until its FLOPs match the pruned model's, built directly -- each in
+  inference form (BatchNorm folded; eager PyTorch with the faster memory format, and ONNX Runtime with all graph
+  optimisations), batch 1 and 64, all measured in alternation in one process, medians. Speedup = dense / pruned;
+  fraction of the limit = speedup / the limit's speedup.
 
 Rows (pruning + fine-tuning) and latencies are cached separately under ``<out>/cache``; fine-tuned models go to
 ``<out>/models/`` (git-ignored). Run latency on an idle machine: ``--remeasure-latency`` times every row again.
@@ -35,15 +35,15 @@ from typing import Any
 
 import torch
 
-from prunekit.allocation import AllocationConfig, Target
-from prunekit.architecture import load_compressed, save_compressed
-from prunekit.checkpoint import atomic_write
 from prunekit.data import load_dataset
-from prunekit.deploy import measure_against_limit
 from prunekit.jobs import load_dense, width_builder
-from prunekit.metrics import count_flops, count_params
-from prunekit.plots import plot_speedups
-from prunekit.pruning import PruneConfig, prune_model
+from prunekit.measurement.deploy import measure_against_limit
+from prunekit.measurement.metrics import count_flops, count_params
+from prunekit.measurement.plots import plot_speedups
+from prunekit.methods.channel import PruneConfig, prune_model
+from prunekit.persistence.architecture import load_compressed, save_compressed
+from prunekit.persistence.checkpoint import atomic_write
+from prunekit.planning.allocation import AllocationConfig, Target
 from prunekit.training import Augment, TrainConfig, evaluate, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

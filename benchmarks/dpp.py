@@ -4,7 +4,7 @@ sparsity, with float, 8-bit and binary weights.
 Every row starts from the committed dense checkpoint and trains ``--epochs`` epochs (SGD lr ``--lr``, cosine, no
 augmentation; test accuracy of the best-on-validation epoch):
 
-* ``dpp``: masks and weights trained together (``prunekit.dpp.dpp_prune_``, temperature 1 -> 0.05 per epoch;
+* ``dpp``: masks and weights trained together (``prunekit.methods.dpp.dpp_prune_``, temperature 1 -> 0.05 per epoch;
   by default logits start at 10 x the log-magnitude score, the Gumbel noise follows the temperature down and the
   logits learn at 5000 x the weights' lr, the best of the LeNet-5 pilots in ``results/dpp/pilot-*``);
 * ``magnitude``: the same k-of-n pattern chosen by weight magnitude once, then masked retraining for the same
@@ -14,16 +14,16 @@ Which layer keeps how many (``--layer-plan``, the same for both methods; the tab
 
 * ``small-dense`` (default): layers holding under 2% of the weights (LeNet-5's first convolution and classifier,
   LeNet-300's classifier) stay dense and the others share the budget at one keep ratio, each as the densest k-of-n
-  at or under it with ``n <= 32`` dividing its rows (``prunekit.dpp.plan_k_of_n``), the usual practice for N:M
+  at or under it with ``n <= 32`` dividing its rows (``prunekit.methods.dpp.plan_k_of_n``), the usual practice for N:M
   sparsity;
 * ``uniform``: every layer keeps ``1`` of ``n`` (4, 10, 20), or the nearest run length dividing its rows
-  (``prunekit.dpp.nearest_k_of_n``: LeNet-300's 784-wide first layer, LeNet-5's 25-wide first conv).
+  (``prunekit.methods.dpp.nearest_k_of_n``: LeNet-300's 784-wide first layer, LeNet-5's 25-wide first conv).
 
 Quantized rows (8-bit, binary) quantize every layer's weights by straight-through estimators in both methods'
 training and keep the same sparsity pattern.
 
 Filter granularity (``--filter-models``, default ResNet-20): DPP over coupled channel groups at 1/4 of the FLOPs
-(``prunekit.dpp_groups``), the dropped filters removed physically, trained for the two epochs (SGD lr 0.01,
+(``prunekit.methods.dpp_filters``), the dropped filters removed physically, trained for the two epochs (SGD lr 0.01,
 crop+flip) that the curvature benchmark's one-shot rows fine-tune for; the table puts it next to those rows.
 
     python benchmarks/dpp.py                        # LeNet-5 and LeNet-300-100, 75/90/95%, none/8-bit/binary
@@ -45,11 +45,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.checkpoint import atomic_write
 from prunekit.data import load_dataset
-from prunekit.dpp import DPPConfig, TemperatureSchedule, dpp_prune_, nearest_k_of_n, plan_k_of_n, ste_quantizer
 from prunekit.jobs import load_dense
-from prunekit.plots import plot_mask_metrics
+from prunekit.measurement.plots import plot_mask_metrics
+from prunekit.methods.dpp import DPPConfig, TemperatureSchedule, dpp_prune_, nearest_k_of_n, plan_k_of_n, ste_quantizer
+from prunekit.persistence.checkpoint import atomic_write
 from prunekit.training import Augment, TrainConfig, evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -134,7 +134,7 @@ def magnitude_k_of_n_(net: nn.Module, data, per_layer: dict[str, tuple[int, int]
     """The k largest magnitudes of every run, then masked retraining (every layer quantized by STE when asked)."""
     from torch.nn.utils import parametrize
 
-    from prunekit.constraints import Pattern, SparsityConstraint, sparsity_mask
+    from prunekit.planning.constraints import Pattern, SparsityConstraint, sparsity_mask
     from prunekit.training import TrainHooks, fit
 
     layers = _layers(net)
@@ -169,10 +169,10 @@ def filter_row(checkpoint: Path, epochs: int, augment: Augment, init_scale: floa
                anneal_noise: bool = False) -> dict[str, Any]:
     """Filter-granularity DPP on coupled groups from the dense checkpoint; the network shrinks physically. The
     logits learn at the weights' lr: a filter mask's gradient already sums over a whole channel."""
-    from prunekit.allocation import Target
-    from prunekit.architecture import input_shape_of
-    from prunekit.dpp_groups import dpp_filter_prune_
-    from prunekit.metrics import count_flops, count_params
+    from prunekit.measurement.metrics import count_flops, count_params
+    from prunekit.methods.dpp_filters import dpp_filter_prune_
+    from prunekit.persistence.architecture import input_shape_of
+    from prunekit.planning.allocation import Target
 
     dense, base, data_cfg = load_dense(None, checkpoint, None)
     data = load_dataset(data_cfg)

@@ -38,12 +38,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from prunekit.allocation import AllocationConfig, Target
-from prunekit.checkpoint import atomic_write
-from prunekit.curvature import CurvatureConfig
+from prunekit.curvature.kfac import CurvatureConfig
 from prunekit.data import load_dataset
 from prunekit.jobs import load_dense
-from prunekit.pruning import PruneConfig, prune_model, recalibrate_batchnorm_
+from prunekit.methods.channel import PruneConfig, prune_model, recalibrate_batchnorm_
+from prunekit.persistence.checkpoint import atomic_write
+from prunekit.planning.allocation import AllocationConfig, Target
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eigendamage"
@@ -158,8 +158,8 @@ def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, An
     rebuilt from its recorded architecture changes (latency does not depend on the weights). Parameters and FLOPs
     are checked against the row first. Statistics time is compared with one training epoch of the dense network,
     timed again here."""
-    from prunekit.architecture import build_base, input_shape_of, replay_changes_
-    from prunekit.metrics import count_flops, count_params
+    from prunekit.measurement.metrics import count_flops, count_params
+    from prunekit.persistence.architecture import build_base, input_shape_of, replay_changes_
 
     dense, base, data_cfg = load_dense(None, checkpoint, None)
     dense.eval()

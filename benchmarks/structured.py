@@ -3,17 +3,17 @@
 For every model, FLOPs-reduction target (x2, x4, x8) and criterion, both tools prune the same dense checkpoint and
 then get exactly the same treatment, so only the pruning differs:
 
-* BatchNorm statistics re-estimated on 512 training images (``prunekit.pruning.recalibrate_batchnorm_``), then
+* BatchNorm statistics re-estimated on 512 training images (``prunekit.methods.channel.recalibrate_batchnorm_``), then
   validation/test accuracy "right after pruning";
 * fine-tuning with ``prunekit.training.fit`` (SGD lr 0.01, cosine, batch 128, crop+flip, seed 0, ``--finetune-epochs``
   epochs); the reported test accuracy is that of the best-on-validation epoch;
-* parameters and FLOPs by ``prunekit.metrics`` (FLOPs = 2 x MACs of convolutions and matrix products);
-* CPU latency at batch 64 by ``prunekit.metrics.measure_latency``, dense and pruned measured back to back in this
-  process (alternated ``--latency-repeats`` times, medians kept); speedup = dense ms / pruned ms and
+* parameters and FLOPs by ``prunekit.measurement.metrics`` (FLOPs = 2 x MACs of convolutions and matrix products);
+* CPU latency at batch 64 by ``prunekit.measurement.metrics.measure_latency``, dense and pruned measured back to
+  back in this process (alternated ``--latency-repeats`` times, medians kept); speedup = dense ms / pruned ms and
   ratio = speedup / FLOPs reduction (1.0 means the FLOPs saving turns fully into wall-clock time).
 
-prunekit (``prunekit.pruning.prune_model``): one-shot, global allocation of per-group mean-normalised scores, at most
-90% of a group removed; the plan meets the FLOPs target exactly (exact cost model, within 2%).
+prunekit (``prunekit.methods.channel.prune_model``): one-shot, global allocation of per-group mean-normalised
+scores, at most 90% of a group removed; the plan meets the FLOPs target exactly (exact cost model, within 2%).
 
 Torch-Pruning (the installed version, its own pruner ``tp.pruner.BasePruner`` -- ``MetaPruner`` is a deprecated alias
 in 1.6 -- with ``global_pruning=True`` and its own importances ``MagnitudeImportance(p=1)``, ``(p=2)``,
@@ -63,14 +63,14 @@ import torch_pruning as tp
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit.allocation import AllocationConfig, Target
-from prunekit.checkpoint import atomic_write, save_checkpoint
+from prunekit.channels.graph import ChannelGraph, ChannelPlan, SliceKind, find_output_layers
 from prunekit.data import DataConfig, DataSplits, load_dataset
-from prunekit.engine import ChannelGraph, ChannelPlan, SliceKind, find_output_layers
 from prunekit.jobs import load_dense
-from prunekit.metrics import count_flops, count_params, measure_latency
+from prunekit.measurement.metrics import count_flops, count_params, measure_latency
+from prunekit.methods.channel import PruneConfig, layer_widths, prune_model, recalibrate_batchnorm_, score_batches
 from prunekit.models import ModelConfig, create_model, list_models
-from prunekit.pruning import PruneConfig, layer_widths, prune_model, recalibrate_batchnorm_, score_batches
+from prunekit.persistence.checkpoint import atomic_write, save_checkpoint
+from prunekit.planning.allocation import AllocationConfig, Target
 from prunekit.training import Augment, TrainConfig, evaluate, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -677,7 +677,8 @@ def write_outputs(out: Path, command: str, rows: list[dict[str, Any]], dense: di
         f"network at each step), stepped until its own MAC counter (`tp.utils.count_ops_and_params`) shows the "
         f"target, `max_pruning_ratio={s['max_per_layer']}`; Taylor gradients from the same {s['score_batches']} "
         f"batches of 64 prunekit's Taylor scores with. FLOPs "
-        f"counted by `prunekit.metrics.count_flops` for both. Latency: batch {s['latency_batch']}, dense and pruned "
+        f"counted by `prunekit.measurement.metrics.count_flops` for both. Latency: batch {s['latency_batch']}, "
+        "dense and pruned "
         f"measured alternately {s['latency_repeats']} time(s) in the same process (medians); the target for speedup "
         "/ FLOPs reduction is >= 0.8.",
         "",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunekit.engine import ChannelGraph, ChannelPlan
+from prunekit.channels.graph import ChannelGraph, ChannelPlan
 
 IMAGE = (3, 8, 8)
 CLASSES = 5

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
-from prunekit.curvature import CurvatureConfig, FisherType, collect_diagonal_fisher, collect_kfac
+from prunekit.curvature.kfac import CurvatureConfig, FisherType, collect_diagonal_fisher, collect_kfac
 
 
 def tiny_model() -> nn.Module:

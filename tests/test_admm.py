@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.admm import ADMMConfig, MaskedRetrain, admm_prune_, allocate_rates, constrained_layers
+from prunekit.methods.admm import ADMMConfig, MaskedRetrain, admm_prune_, allocate_rates, constrained_layers
 from prunekit.models import ModelConfig, create_model
 from prunekit.training import TrainConfig, evaluate, fit
 
@@ -132,12 +132,12 @@ def test_fit_without_selection_keeps_the_last_epoch(synthetic):
 
 
 def test_storage_report_counts_indices_and_prefers_the_smallest_format(synthetic):
-    from prunekit.formats import encode, value_codec
+    from prunekit.measurement.formats import encode, value_codec
 
     model = _lenet300(synthetic)
     config = ADMMConfig(keep=0.05, quant="bits=3", admm_epochs=0, retrain_epochs=0, quant_steps=(1.0,))
     result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
-    from prunekit.admm import storage_report
+    from prunekit.methods.admm import storage_report
 
     report = storage_report(model, result, config)
     layers = dict(model.named_modules())
@@ -152,8 +152,8 @@ def test_storage_report_counts_indices_and_prefers_the_smallest_format(synthetic
 
 
 def test_channel_pattern_zeros_are_removed_physically_and_exactly(synthetic):
-    from prunekit.admm import shrink_zero_channels_
-    from prunekit.metrics import count_flops
+    from prunekit.measurement.metrics import count_flops
+    from prunekit.methods.admm import shrink_zero_channels_
 
     torch.manual_seed(0)
     model = create_model(ModelConfig("vgg11", in_channels=1, num_classes=4, input_size=12, width=0.25))
@@ -168,7 +168,7 @@ def test_channel_pattern_zeros_are_removed_physically_and_exactly(synthetic):
 
 
 def test_filter_zeros_before_batchnorm_stay_because_beta_still_flows(synthetic):
-    from prunekit.admm import shrink_zero_channels_
+    from prunekit.methods.admm import shrink_zero_channels_
 
     torch.manual_seed(0)
     model = create_model(ModelConfig("vgg11", in_channels=1, num_classes=4, input_size=12, width=0.25))
@@ -182,8 +182,8 @@ def test_group_projection_removes_the_channels_brute_force_finds_nearest():
     projection must zero the 3 units whose removal loses the least weight energy, as brute force finds."""
     import itertools
 
-    from prunekit.admm import GroupProjection
-    from prunekit.allocation import Target
+    from prunekit.methods.admm import GroupProjection
+    from prunekit.planning.allocation import Target
 
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 6, bias=False), nn.ReLU(),
@@ -208,8 +208,8 @@ def test_group_projection_removes_the_channels_brute_force_finds_nearest():
 
 
 def test_group_admm_meets_the_flops_target_and_the_saved_model_replays(synthetic, tmp_path):
-    from prunekit.architecture import load_compressed, save_compressed
-    from prunekit.metrics import count_flops
+    from prunekit.measurement.metrics import count_flops
+    from prunekit.persistence.architecture import load_compressed, save_compressed
 
     torch.manual_seed(0)
     config_model = ModelConfig("resnet20", in_channels=1, num_classes=4, input_size=12)
@@ -230,7 +230,7 @@ def test_group_admm_meets_the_flops_target_and_the_saved_model_replays(synthetic
 
 
 def test_group_pattern_has_no_per_layer_projection():
-    from prunekit.constraints import SparsityConstraint
+    from prunekit.planning.constraints import SparsityConstraint
 
     with pytest.raises(ValueError, match="spans coupled layers"):
         SparsityConstraint("group", 0.5)

@@ -12,7 +12,11 @@ import torch
 from torch import nn
 
 from architectures import ARCHITECTURES, calibrate_bn_
-from prunekit.allocation import (
+from prunekit.channels.criteria import CRITERIA, Magnitude, score_groups
+from prunekit.channels.graph import ChannelGraph, ChannelPlan
+from prunekit.measurement.metrics import count_flops, count_params
+from prunekit.models import create_model
+from prunekit.planning.allocation import (
     Allocation,
     AllocationConfig,
     CostModel,
@@ -21,10 +25,6 @@ from prunekit.allocation import (
     TargetMetric,
     plan_for_target,
 )
-from prunekit.criteria import CRITERIA, Magnitude, score_groups
-from prunekit.engine import ChannelGraph, ChannelPlan
-from prunekit.metrics import count_flops, count_params
-from prunekit.models import create_model
 
 CIFAR = (3, 32, 32)
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from prunekit.checkpoint import (
+from prunekit.models import ModelConfig, create_model
+from prunekit.persistence.checkpoint import (
     FORMAT,
     CheckpointError,
     atomic_write,
@@ -21,7 +22,6 @@ from prunekit.checkpoint import (
     read_metadata,
     save_checkpoint,
 )
-from prunekit.models import ModelConfig, create_model
 
 CONFIG = ModelConfig(name="lenet5", num_classes=4, in_channels=1, input_size=12, width=0.5)
 

@@ -11,9 +11,9 @@ import pytest
 
 from cli_lines import one_error_line
 from prunekit import __version__
-from prunekit.checkpoint import read_metadata
 from prunekit.cli import main
 from prunekit.models import list_models
+from prunekit.persistence.checkpoint import read_metadata
 
 TRAIN = ["train", "--model", "lenet300", "--data", "synthetic", "--epochs", "1", "--batch-size", "128",
          "--device", "cpu", "--no-progress"]

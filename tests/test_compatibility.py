@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prunekit.architecture import load_compressed
+from prunekit.persistence.architecture import load_compressed
 
 FIXTURES = Path(__file__).parent / "fixtures" / "release-0.1"
 EXPECTED = load_file(str(FIXTURES / "expected-outputs.safetensors"))

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.criteria import CRITERIA, BNScale, Criterion, Magnitude, RandomScores, Taylor, score_groups
-from prunekit.engine import ChannelGraph
+from prunekit.channels.criteria import CRITERIA, BNScale, Criterion, Magnitude, RandomScores, Taylor, score_groups
+from prunekit.channels.graph import ChannelGraph
 
 
 class ConvBNConv(nn.Module):
@@ -138,7 +138,7 @@ def test_random_is_reproducible_per_seed(net):
 
 
 def test_registry_lists_the_structural_and_curvature_criteria():
-    import prunekit.obs  # noqa: F401  (registers the curvature criteria)
+    import prunekit.curvature.obs  # noqa: F401  (registers the curvature criteria)
 
     names = ["bn", "c-obd", "c-obs", "kron-obd", "kron-obs", "l1", "l2", "random", "taylor"]
     assert CRITERIA.list() == names

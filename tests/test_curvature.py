@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.curvature import (
+from prunekit.curvature.kfac import (
     ConvFactor,
     CurvatureConfig,
     CurvatureError,

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.architecture import save_compressed
 from prunekit.cli import main
-from prunekit.deploy import fold_batchnorm, measure_against_limit, op_profile, uniform_width_model
 from prunekit.jobs import export_job, width_builder
-from prunekit.metrics import count_flops
-from prunekit.pruning import PruneConfig, prune_model
+from prunekit.measurement.deploy import fold_batchnorm, measure_against_limit, op_profile, uniform_width_model
+from prunekit.measurement.metrics import count_flops
+from prunekit.methods.channel import PruneConfig, prune_model
+from prunekit.persistence.architecture import save_compressed
 from test_pruning import small_resnet
 
 
@@ -100,7 +100,7 @@ def test_onnx_and_pt2_exports_match_pytorch(checkpoints, tmp_path, which):
 
 
 def test_limit_network_has_the_nearest_flops_of_any_width(checkpoints):
-    from prunekit.architecture import load_compressed
+    from prunekit.persistence.architecture import load_compressed
 
     pruned, meta = load_compressed(checkpoints["l1"])
     build = width_builder(meta["model"])
@@ -115,7 +115,7 @@ def test_limit_network_has_the_nearest_flops_of_any_width(checkpoints):
 
 
 def test_latency_rows_are_consistent_ratios(checkpoints):
-    from prunekit.architecture import build_base, load_compressed
+    from prunekit.persistence.architecture import build_base, load_compressed
 
     pruned, meta = load_compressed(checkpoints["l1"])
     result = measure_against_limit(pruned, build_base(meta["model"]), (1, 12, 12), width_builder(meta["model"]),

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prunekit.checkpoint import read_metadata
+from prunekit.persistence.checkpoint import read_metadata
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunekit.dpp import (
+from prunekit.methods.dpp import (
     DPPConfig,
     KOfNMask,
     TemperatureSchedule,
@@ -89,7 +89,7 @@ def test_temperature_schedule_is_indexed_by_epoch_and_clamped():
 
 
 def test_annealed_noise_follows_the_temperature_and_reaches_the_masks():
-    from prunekit.dpp import DPPHooks
+    from prunekit.methods.dpp import DPPHooks
 
     schedule = TemperatureSchedule(start=2.0, end=0.02, epochs=3, mode="exponential")
     plain, annealed = DPPConfig(k=1, n=4, temperature=schedule, noise_scale=3.0), \
@@ -109,7 +109,7 @@ def test_annealed_noise_follows_the_temperature_and_reaches_the_masks():
 
 
 def test_logits_get_their_own_learning_rate_and_no_weight_decay():
-    from prunekit.dpp import DPPHooks
+    from prunekit.methods.dpp import DPPHooks
 
     layer = nn.Linear(8, 3)
     config = DPPConfig(k=1, n=4, logit_lr_scale=50.0)
@@ -156,7 +156,7 @@ def test_tiles_split_rows_into_groups():
 
 
 def test_dpp_training_learns_masks_that_keep_exactly_k_and_logs_metrics(synthetic):
-    from prunekit.dpp import dpp_prune_
+    from prunekit.methods.dpp import dpp_prune_
     from prunekit.models import ModelConfig, create_model
     from prunekit.training import TrainConfig
 
@@ -175,7 +175,7 @@ def test_dpp_training_learns_masks_that_keep_exactly_k_and_logs_metrics(syntheti
 
 @pytest.mark.parametrize("quant, levels", [("bits=3", 7), ("binary", 2)])
 def test_joint_quantization_leaves_few_levels_per_layer(synthetic, quant, levels):
-    from prunekit.dpp import dpp_prune_
+    from prunekit.methods.dpp import dpp_prune_
     from prunekit.models import ModelConfig, create_model
     from prunekit.training import TrainConfig
 
@@ -189,7 +189,7 @@ def test_joint_quantization_leaves_few_levels_per_layer(synthetic, quant, levels
 
 
 def test_ste_quantization_passes_gradients():
-    from prunekit.dpp import STEQuantize
+    from prunekit.methods.dpp import STEQuantize
 
     w = torch.tensor([0.5, -2.0, 0.1], requires_grad=True)
     STEQuantize(bits=3)(w).sum().backward()
@@ -202,7 +202,7 @@ def test_ste_quantization_passes_gradients():
 
 
 def test_nearest_k_of_n_picks_a_dividing_run_length():
-    from prunekit.dpp import nearest_k_of_n
+    from prunekit.methods.dpp import nearest_k_of_n
 
     assert nearest_k_of_n(800, 1, 20) == (1, 20)  # 20 divides 800
     assert nearest_k_of_n(784, 1, 10) == (1, 8)  # 8 and 14 divide 784; 8 is nearer to 10
@@ -212,7 +212,7 @@ def test_nearest_k_of_n_picks_a_dividing_run_length():
 
 
 def test_k_of_n_for_keep_is_never_denser_than_asked():
-    from prunekit.dpp import k_of_n_for_keep
+    from prunekit.methods.dpp import k_of_n_for_keep
 
     assert k_of_n_for_keep(800, 0.0883) == (2, 25)  # 2/25 = 0.08; 3/32 would be denser than asked
     assert k_of_n_for_keep(800, 0.25) == (1, 4)  # exact; 2/8 and 8/32 tie and the shorter run wins
@@ -225,7 +225,7 @@ def test_k_of_n_for_keep_is_never_denser_than_asked():
 
 
 def test_plan_k_of_n_keeps_small_layers_dense_and_reaches_the_target():
-    from prunekit.dpp import plan_k_of_n
+    from prunekit.methods.dpp import plan_k_of_n
 
     shapes = {"conv1": (20, 1, 5, 5), "conv2": (50, 20, 5, 5), "fc1": (500, 800), "fc2": (10, 500)}  # LeNet-5
     plan = plan_k_of_n(shapes, 0.9)
@@ -246,11 +246,11 @@ def test_filter_dpp_on_coupled_groups_meets_the_target_and_removal_is_exact(synt
     trained network (masks baked in) and the physically shrunk one compute the same function."""
     import copy
 
-    from prunekit.allocation import Target
-    from prunekit.dpp_groups import GroupMask, dpp_filter_prune_
-    from prunekit.engine import ChannelGraph
-    from prunekit.metrics import count_flops
+    from prunekit.channels.graph import ChannelGraph
+    from prunekit.measurement.metrics import count_flops
+    from prunekit.methods.dpp_filters import GroupMask, dpp_filter_prune_
     from prunekit.models import ModelConfig, create_model
+    from prunekit.planning.allocation import Target
     from prunekit.training import TrainConfig
 
     torch.manual_seed(0)
@@ -286,8 +286,8 @@ def test_filter_dpp_on_coupled_groups_meets_the_target_and_removal_is_exact(synt
 
 
 def test_filter_dpp_target_that_removes_nothing_is_an_error(synthetic):
-    from prunekit.allocation import Target
-    from prunekit.dpp_groups import dpp_filter_prune_
+    from prunekit.methods.dpp_filters import dpp_filter_prune_
+    from prunekit.planning.allocation import Target
     from prunekit.training import TrainConfig
 
     net = nn.Sequential(nn.Flatten(), nn.Linear(144, 4))

@@ -10,19 +10,19 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.allocation import InfeasibleTargetError, Target
-from prunekit.architecture import load_compressed
-from prunekit.curvature import ConvFactor, CurvatureConfig, FisherType, KroneckerFactors, collect_kfac
-from prunekit.eigendamage import (
+from prunekit.curvature.kfac import ConvFactor, CurvatureConfig, FisherType, KroneckerFactors, collect_kfac
+from prunekit.measurement.metrics import count_flops, count_params
+from prunekit.methods.channel import PruneConfig, prune_model
+from prunekit.methods.eigendamage import (
     BottleneckForm,
     EigenDamageConfig,
     KFEBottleneck,
     bottleneck_from_factors,
     eigendamage_round_,
 )
-from prunekit.metrics import count_flops, count_params
 from prunekit.models import ModelConfig, create_model
-from prunekit.pruning import PruneConfig, prune_model
+from prunekit.persistence.architecture import load_compressed
+from prunekit.planning.allocation import InfeasibleTargetError, Target
 
 
 def _random_factors(n_in: int, n_out: int, seed: int = 0) -> KroneckerFactors:
@@ -103,8 +103,8 @@ def test_layers_where_a_bottleneck_would_be_larger_stay_dense(synthetic):
                        CurvatureConfig(batches=2), 0.9, EigenDamageConfig())
     for name, m in model.named_modules():
         if isinstance(m, KFEBottleneck):
-            from prunekit.allocation import TargetMetric
-            from prunekit.eigendamage import layer_cost
+            from prunekit.methods.eigendamage import layer_cost
+            from prunekit.planning.allocation import TargetMetric
             factored = layer_cost(m.spec, 1, 1, (m.rank_in, m.rank_out), m.form, TargetMetric.PARAMS)
             dense = layer_cost(m.spec, 1, 1, None, m.form, TargetMetric.PARAMS)
             assert factored < dense, name
@@ -125,7 +125,7 @@ def test_iterative_rounds_merge_rotations_so_layers_stay_three_deep_and_reload(s
     loaded, _ = load_compressed(result.checkpoint)
     x = synthetic.test[:8][0]
     torch.testing.assert_close(loaded(x), model.eval()(x))
-    code = ("import sys, torch; from prunekit.architecture import load_compressed; "
+    code = ("import sys, torch; from prunekit.persistence.architecture import load_compressed; "
             "m, _ = load_compressed(sys.argv[1]); torch.manual_seed(0); x = torch.randn(3, 1, 12, 12); "
             "print(repr(m(x).sum().item()))")
     out = subprocess.run([sys.executable, "-c", code, str(result.checkpoint)], capture_output=True, text=True,
@@ -174,7 +174,7 @@ def test_eigendamage_bad_input_gives_clear_errors(synthetic):
         eigendamage_round_(only_output, _batches(synthetic, 1), synthetic.train[:2][0], Target("flops", 0.5),
                            CurvatureConfig(batches=1), 0.9, EigenDamageConfig())
     with pytest.raises(ValueError, match="depthwise form needs a convolution"):
-        from prunekit.eigendamage import LayerSpec
+        from prunekit.methods.eigendamage import LayerSpec
         KFEBottleneck(LayerSpec("linear", 4, 4), 2, 2, BottleneckForm.DEPTHWISE)
 
 

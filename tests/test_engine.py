@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from architectures import ARCHITECTURES, calibrate_bn_, random_plan
-from prunekit.engine import ChannelGraph, ChannelPlan, SliceKind, UnsupportedModelError
-from prunekit.metrics import count_params
+from prunekit.channels.graph import ChannelGraph, ChannelPlan, SliceKind, UnsupportedModelError
+from prunekit.measurement.metrics import count_params
 from prunekit.models import create_model, list_models
 
 ZOO = list_models()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunekit.constraints import Pattern, QuantConstraint, SparsityConstraint
-from prunekit.formats import FORMATS, encode, index_bits, value_codec
+from prunekit.measurement.formats import FORMATS, encode, index_bits, value_codec
+from prunekit.planning.constraints import Pattern, QuantConstraint, SparsityConstraint
 
 
 def _example() -> torch.Tensor:

@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prunekit.checkpoint import CheckpointError
 from prunekit.cli import main
 from prunekit.data import DataConfig
 from prunekit.jobs import prune, train_job
+from prunekit.persistence.checkpoint import CheckpointError
 from prunekit.training import TrainConfig
 
 KILLED = 113

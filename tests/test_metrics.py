@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.metrics import (
+from prunekit.measurement.metrics import (
     Latency,
     count_flops,
     count_params,

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from cli_lines import one_error_line
-from prunekit.admm import ADMMConfig, admm_prune_, constrained_layers
-from prunekit.allocation import AllocationConfig, InfeasibleTargetError, Target
+from prunekit.channels.graph import ChannelGraph, SliceKind
 from prunekit.cli import _data_for, main
 from prunekit.data import DataConfig
-from prunekit.eigendamage import _find_layers
-from prunekit.engine import ChannelGraph, SliceKind
 from prunekit.jobs import train_job
+from prunekit.methods.admm import ADMMConfig, admm_prune_, constrained_layers
+from prunekit.methods.channel import PruneConfig, prune_model
+from prunekit.methods.eigendamage import _find_layers
 from prunekit.models import create_model
-from prunekit.pruning import PruneConfig, prune_model
+from prunekit.planning.allocation import AllocationConfig, InfeasibleTargetError, Target
 from prunekit.training import TrainConfig
 
 

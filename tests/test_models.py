@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from prunekit.metrics import count_params
+from prunekit.measurement.metrics import count_params
 from prunekit.models import MODELS, ModelConfig, create_model, list_models
 from prunekit.registry import Registry
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.curvature import CurvatureConfig, FisherType
-from prunekit.engine import ChannelGraph, ChannelPlan
-from prunekit.obs import COBD, COBS, KronOBD, KronOBS
-from prunekit.pruning import PruneConfig, prune_model
+from prunekit.channels.graph import ChannelGraph, ChannelPlan
+from prunekit.curvature.kfac import CurvatureConfig, FisherType
+from prunekit.curvature.obs import COBD, COBS, KronOBD, KronOBS
+from prunekit.methods.channel import PruneConfig, prune_model
 
 
 def _mlp() -> nn.Module:
@@ -142,7 +142,7 @@ def test_conv_columns_cover_every_kernel_offset_of_an_input_channel():
 
 @pytest.mark.parametrize("method", ["c-obd", "c-obs", "kron-obd", "kron-obs"])
 def test_curvature_methods_prune_a_resnet_to_the_target(method, synthetic):
-    from prunekit.metrics import count_flops
+    from prunekit.measurement.metrics import count_flops
     from prunekit.models import ModelConfig, create_model
 
     torch.manual_seed(0)

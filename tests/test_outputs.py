@@ -11,7 +11,7 @@ from cli_lines import one_error_line
 from prunekit.cli import main
 from prunekit.data import DataConfig
 from prunekit.jobs import train_job
-from prunekit.outputs import OutputBusyError, check_output_files, output_dir, output_lock
+from prunekit.persistence.outputs import OutputBusyError, check_output_files, output_dir, output_lock
 from prunekit.training import TrainConfig
 
 TRAIN = ["train", "--model", "lenet300", "--data", "synthetic", "--limit", "200", "--epochs", "1", "--batch-size",

@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from prunekit.allocation import InfeasibleTargetError
-from prunekit.architecture import UntrustedCodeError, load_compressed, load_factory
-from prunekit.checkpoint import CheckpointError, save_checkpoint
 from prunekit.cli import main
 from prunekit.jobs import prune
-from prunekit.metrics import count_flops, count_params
+from prunekit.measurement.metrics import count_flops, count_params
+from prunekit.methods.channel import PruneConfig, prune_model, recalibrate_batchnorm_
 from prunekit.models import ModelConfig, create_model
-from prunekit.pruning import PruneConfig, prune_model, recalibrate_batchnorm_
+from prunekit.persistence.architecture import UntrustedCodeError, load_compressed, load_factory
+from prunekit.persistence.checkpoint import CheckpointError, save_checkpoint
+from prunekit.planning.allocation import InfeasibleTargetError
 from prunekit.training import TrainConfig
 
 
@@ -133,7 +133,7 @@ def test_saved_pruned_model_loads_in_a_new_process_with_identical_outputs(tmp_pa
         expected = result.model.eval()(x)
     script = textwrap.dedent(f"""
         import torch
-        from prunekit.architecture import load_compressed
+        from prunekit.persistence.architecture import load_compressed
         model, _ = load_compressed({str(path)!r})
         x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
         with torch.no_grad():
@@ -170,7 +170,7 @@ def test_prune_config_round_trip_and_validation():
 
 def test_infeasible_target_is_a_clear_error(synthetic):
     model, base = small_resnet(synthetic)
-    from prunekit.allocation import AllocationConfig
+    from prunekit.planning.allocation import AllocationConfig
 
     with pytest.raises(InfeasibleTargetError, match="max_per_layer=0.3"):
         prune_model(model, synthetic, PruneConfig(target="flops=0.05", allocation=AllocationConfig("global", 0.3)),

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from prunekit.allocation import Target
-from prunekit.engine import ChannelGraph, ChannelPlan
-from prunekit.pruning import PruneConfig, prune_model
-from prunekit.reconstruction import reconstruct_, refittable_layers
+from prunekit.channels.graph import ChannelGraph, ChannelPlan
+from prunekit.methods.channel import PruneConfig, prune_model
+from prunekit.planning.allocation import Target
+from prunekit.recovery.reconstruction import reconstruct_, refittable_layers
 from prunekit.training import TrainConfig, fit
 from test_pruning import small_resnet
 

@@ -21,12 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cli_lines import one_error_line
-from prunekit.architecture import UntrustedCodeError, load_compressed, save_compressed
-from prunekit.checkpoint import CheckpointError, read_metadata
+from prunekit.channels.graph import ChannelGraph, ChannelPlan
 from prunekit.cli import main
-from prunekit.engine import ChannelGraph, ChannelPlan
-from prunekit.metadata import MetadataError
 from prunekit.models import ModelConfig, create_model
+from prunekit.persistence.architecture import UntrustedCodeError, load_compressed, save_compressed
+from prunekit.persistence.checkpoint import CheckpointError, read_metadata
+from prunekit.persistence.metadata import MetadataError
 
 MODEL = ModelConfig(name="lenet300", num_classes=4, in_channels=1, input_size=12)
 FACTORY_SOURCE = """

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.constraints import Pattern, SparsityConstraint
+from prunekit.measurement.sparse_kernels import SparseConv2d, SparseLinear, break_even_sparsity, to_sparse_kernels
 from prunekit.models import ModelConfig, create_model
-from prunekit.sparse_kernels import SparseConv2d, SparseLinear, break_even_sparsity, to_sparse_kernels
+from prunekit.planning.constraints import Pattern, SparsityConstraint
 
 
 def _prune_(module: nn.Module, keep: float = 0.1) -> None:

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from prunekit.checkpoint import CheckpointError, load_model, load_state, read_metadata
 from prunekit.data import DataSplits
 from prunekit.models import ModelConfig
 from prunekit.models.lenet import LeNet300
+from prunekit.persistence.checkpoint import CheckpointError, load_model, load_state, read_metadata
 from prunekit.training import (
     Augment,
     Schedule,

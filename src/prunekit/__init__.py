@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from prunekit.architecture import load_compressed, save_compressed
-from prunekit.checkpoint import CheckpointError, load_model, read_metadata, save_checkpoint
 from prunekit.data import DataConfig, DataSplits, list_datasets, load_dataset
 from prunekit.jobs import prune
-from prunekit.metrics import ModelSummary, count_flops, count_params, measure_latency, storage_bits, summarize
+from prunekit.measurement.metrics import (
+    ModelSummary,
+    count_flops,
+    count_params,
+    measure_latency,
+    storage_bits,
+    summarize,
+)
+from prunekit.methods.channel import PruneConfig, prune_model
 from prunekit.models import ModelConfig, create_model, list_models
-from prunekit.pruning import PruneConfig, prune_model
+from prunekit.persistence.architecture import load_compressed, save_compressed
+from prunekit.persistence.checkpoint import CheckpointError, load_model, read_metadata, save_checkpoint
 from prunekit.training import Augment, FitResult, Schedule, TrainConfig, evaluate, fit
 
 __version__ = "0.1.0"

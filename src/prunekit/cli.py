@@ -54,8 +54,8 @@ def _data_for(args, checkpoint: str | None):
     (a different ``--data`` starts from that dataset's defaults); ``None`` when neither says anything."""
     from dataclasses import replace
 
-    from prunekit.checkpoint import read_metadata_if_any
     from prunekit.data import DataConfig
+    from prunekit.persistence.checkpoint import read_metadata_if_any
 
     saved = None
     meta = read_metadata_if_any(checkpoint) if checkpoint is not None else {}
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_list(args) -> None:
     from prunekit.data import DATASETS
-    from prunekit.methods import METHODS
+    from prunekit.methods.registry import METHODS
     from prunekit.models import MODELS
 
     sections = {"models": MODELS, "datasets": DATASETS, "methods": METHODS}
@@ -239,7 +239,7 @@ def cmd_train(args) -> None:
 
 def cmd_prune(args) -> None:
     from prunekit.jobs import prune
-    from prunekit.report import summary_table
+    from prunekit.measurement.report import summary_table
 
     out = Path(args.out)
     data = _data_for(args, args.checkpoint)
@@ -329,8 +329,8 @@ def cmd_bench(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from prunekit.architecture import load_compressed
     from prunekit.data import load_dataset
+    from prunekit.persistence.architecture import load_compressed
     from prunekit.training import evaluate
 
     config = _data_for(args, args.checkpoint)
@@ -339,7 +339,7 @@ def cmd_eval(args) -> None:
         raise CLIError("the checkpoint names no dataset; pass --data")
     name = config.name
     data = load_dataset(config)
-    from prunekit.architecture import input_shape_of
+    from prunekit.persistence.architecture import input_shape_of
 
     expected = input_shape_of(meta["model"])
     classes = meta["model"].get("num_classes", data.num_classes)
@@ -352,7 +352,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from prunekit.inspect import inspect_table
+    from prunekit.measurement.inspect import inspect_table
 
     print(inspect_table(args.target, input_spec=args.input, num_classes=args.classes, width=args.width,
                         trusted_factories=args.trust_factory))
@@ -365,7 +365,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from prunekit.compare import compare_models, comparison_markdown, write_comparison
+    from prunekit.measurement.compare import compare_models, comparison_markdown, write_comparison
 
     variants = {}
     for spec in args.variant:

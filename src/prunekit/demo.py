@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prunekit.checkpoint import CheckpointError
 from prunekit.data import DataConfig
 from prunekit.jobs import prune, train_job
-from prunekit.outputs import output_lock
-from prunekit.plots import plot_before_after
-from prunekit.report import summary_table, write_report
+from prunekit.measurement.plots import plot_before_after
+from prunekit.measurement.report import summary_table, write_report
+from prunekit.persistence.checkpoint import CheckpointError
+from prunekit.persistence.outputs import output_lock
 from prunekit.training import Augment, TrainConfig
 
 DEMO_MODEL, DEMO_WIDTH, DEMO_EPOCHS = "resnet20", 0.5, 15

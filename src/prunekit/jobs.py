@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.checkpoint import atomic_write, save_checkpoint
 from prunekit.data import DataConfig, DataSplits, load_dataset
 from prunekit.distributed import DistContext, finish_distributed, init_distributed
-from prunekit.metrics import ModelSummary, check_latency_settings, summarize
+from prunekit.measurement.metrics import ModelSummary, check_latency_settings, summarize
 from prunekit.models import ModelConfig, create_model
-from prunekit.outputs import check_output_files, locked_output, output_dir, output_lock, refuse_existing_run
+from prunekit.persistence.checkpoint import atomic_write, save_checkpoint
+from prunekit.persistence.outputs import check_output_files, locked_output, output_dir, output_lock, refuse_existing_run
 from prunekit.training import Augment, FitResult, TrainConfig, evaluate, fit
 
 
@@ -80,7 +80,7 @@ def _train(model: str, data: DataConfig, train: TrainConfig, out_dir: str | Path
         path = save_checkpoint(out / "model.safetensors", net, meta)
         atomic_write(out / "history.json", lambda tmp: Path(tmp).write_text(json.dumps(result.history, indent=1)))
         if result.history:
-            from prunekit.plots import plot_history
+            from prunekit.measurement.plots import plot_history
 
             plot_history(result.history, out / "training.png", title=f"{model} on {data.name}")
     say(f"best epoch {result.best_epoch}: val acc {summary.val_acc:.4f}, test acc {summary.test_acc:.4f}")
@@ -96,8 +96,8 @@ def load_dense(model: str | None, checkpoint: str | Path | None, data: DataConfi
     safetensors / ``torch.save`` state_dict. A checkpoint naming any factory not in ``trusted_factories`` (or
     ``model``) is refused before anything is imported.
     """
-    from prunekit.architecture import build_base, load_compressed, load_factory
-    from prunekit.checkpoint import CheckpointError, check_state_fits, load_weights_, read_metadata_if_any
+    from prunekit.persistence.architecture import build_base, load_compressed, load_factory
+    from prunekit.persistence.checkpoint import CheckpointError, check_state_fits, load_weights_, read_metadata_if_any
 
     if model is None and checkpoint is None:
         raise ValueError("give --model (a zoo name or package.module:function) and/or --checkpoint")
@@ -168,17 +168,17 @@ def prune(model: str | None = None, data: str | DataConfig | None = None, *, che
 
     Each target starts from the dense model; with ``out`` every target gets ``out/<target>/`` (pruned model,
     rounds) and ``out`` gets ``report.md``, ``report.json`` and plots. ``report.json["pruned"]`` is the last target.
-    ``curvature`` and ``eigendamage`` are the fields of :class:`~prunekit.curvature.CurvatureConfig` and
-    :class:`~prunekit.eigendamage.EigenDamageConfig` (e.g. ``curvature={"fisher": "empirical"}``).
+    ``curvature`` and ``eigendamage`` are the fields of :class:`~prunekit.curvature.kfac.CurvatureConfig` and
+    :class:`~prunekit.methods.eigendamage.EigenDamageConfig` (e.g. ``curvature={"fisher": "empirical"}``).
     ``out`` is locked for the whole run; without ``resume`` a folder that already holds a run is refused.
     ``trusted_factories``: see :func:`load_dense`.
     """
     import copy
 
-    from prunekit.allocation import AllocationConfig
-    from prunekit.plots import plot_accuracy_vs_flops, plot_kept_width
-    from prunekit.pruning import PruneConfig, prune_model
-    from prunekit.report import write_report
+    from prunekit.measurement.plots import plot_accuracy_vs_flops, plot_kept_width
+    from prunekit.measurement.report import write_report
+    from prunekit.methods.channel import PruneConfig, prune_model
+    from prunekit.planning.allocation import AllocationConfig
 
     data_cfg = DataConfig(name=data) if isinstance(data, str) else data
     dense, base, data_cfg = load_dense(model, checkpoint, data_cfg, trusted_factories)
@@ -254,10 +254,10 @@ def admm_job(model: str | None = None, data: str | DataConfig | None = None, *, 
     (ignored for the k-of-n pattern, which keeps ``k / n``). The group pattern also takes ``flops=...`` and
     ``channels=...``: the fraction of the whole model's FLOPs (params, channels) it keeps.
     """
-    from prunekit.admm import ADMMConfig, admm_prune_, storage_report
-    from prunekit.allocation import Target
-    from prunekit.architecture import save_compressed
-    from prunekit.report import write_report
+    from prunekit.measurement.report import write_report
+    from prunekit.methods.admm import ADMMConfig, admm_prune_, storage_report
+    from prunekit.persistence.architecture import save_compressed
+    from prunekit.planning.allocation import Target
 
     parsed = Target.parse(target)
     if parsed.metric.value != "params" and pattern != "group":
@@ -281,7 +281,7 @@ def admm_job(model: str | None = None, data: str | DataConfig | None = None, *, 
     if result.change is not None:  # group pattern: the coupled channels are already gone
         removed_channels, changes = sum(len(v) for v in result.change["removed"].values()), [result.change]
     elif config.pattern.value in ("filter", "channel"):  # structured zeros leave the model physically where exact
-        from prunekit.admm import shrink_zero_channels_
+        from prunekit.methods.admm import shrink_zero_channels_
 
         plan = shrink_zero_channels_(net.eval(), splits.train[:2][0])
         removed_channels, changes = plan.num_removed(), ([plan.to_dict()] if plan else [])
@@ -328,25 +328,25 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
     exact k-of-n storage, the per-layer confidence/diversity plot and the model (``prunekit prune --method dpp``).
 
     ``granularity="filter"`` learns which filters of every coupled channel group to keep (``target``, e.g.
-    ``flops=x4``, sets how many) and removes the rest physically (:mod:`prunekit.dpp_groups`). With weight
+    ``flops=x4``, sets how many) and removes the rest physically (:mod:`prunekit.methods.dpp_filters`). With weight
     granularity a ``params=F`` target (instead of ``k``/``n``) keeps about ``F`` of the weights: layers under 2% of
-    them stay dense and every other layer gets its own k-of-n (:func:`prunekit.dpp.plan_k_of_n`). ``mask_options``
-    are further :class:`prunekit.dpp.DPPConfig` fields (``init_scale``, ``noise_scale``, ``anneal_noise``,
-    ``logit_lr_scale``, ``entropy_weight``)."""
+    them stay dense and every other layer gets its own k-of-n (:func:`prunekit.methods.dpp.plan_k_of_n`).
+    ``mask_options`` are further :class:`prunekit.methods.dpp.DPPConfig` fields (``init_scale``, ``noise_scale``,
+    ``anneal_noise``, ``logit_lr_scale``, ``entropy_weight``)."""
     import copy
 
-    from prunekit.admm import format_storage
-    from prunekit.allocation import Target
-    from prunekit.architecture import save_compressed
-    from prunekit.dpp import DPPConfig, TemperatureSchedule, dpp_prune_, ste_quantizer
-    from prunekit.plots import plot_mask_metrics
-    from prunekit.report import write_report
+    from prunekit.measurement.plots import plot_mask_metrics
+    from prunekit.measurement.report import write_report
+    from prunekit.methods.admm import format_storage
+    from prunekit.methods.dpp import DPPConfig, TemperatureSchedule, dpp_prune_, ste_quantizer
+    from prunekit.persistence.architecture import save_compressed
+    from prunekit.planning.allocation import Target
 
     ste_quantizer(quant)  # refuse a bad quantization before any work
     schedule = TemperatureSchedule(temperature[0], temperature[1], max(epochs, 1))
     filters = granularity == "filter"
     if filters:
-        from prunekit.dpp_groups import dpp_filter_prune_
+        from prunekit.methods.dpp_filters import dpp_filter_prune_
 
         if target is None:
             raise ValueError("DPP filter granularity needs a target (e.g. flops=x4): each coupled group keeps the "
@@ -368,7 +368,7 @@ def dpp_job(model: str | None = None, data: str | DataConfig | None = None, *, c
     dense, base, data_cfg = load_dense(model, checkpoint, data_cfg, trusted_factories)
     planned: dict[str, tuple[int, int]] | None = None
     if target is not None and not filters:
-        from prunekit.dpp import plan_k_of_n
+        from prunekit.methods.dpp import plan_k_of_n
 
         layers = {name: m.weight.shape for name, m in dense.named_modules()
                   if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and getattr(m, "groups", 1) == 1}
@@ -456,8 +456,8 @@ def bench(checkpoint: str | Path, *, dense_checkpoint: str | Path | None = None,
     without it, the unpruned architecture rebuilt from the checkpoint's metadata (weights do not change
     dense-kernel latency).
     """
-    from prunekit.architecture import build_base, check_pruned_from, input_shape_of, load_compressed
-    from prunekit.deploy import latency_markdown, measure_against_limit
+    from prunekit.measurement.deploy import latency_markdown, measure_against_limit
+    from prunekit.persistence.architecture import build_base, check_pruned_from, input_shape_of, load_compressed
 
     check_latency_settings(min_run_time, threads, batches, repeats)
     if out is not None:
@@ -486,7 +486,7 @@ def bench(checkpoint: str | Path, *, dense_checkpoint: str | Path | None = None,
 
 
 def _write_bench(out: Path, checkpoint: str | Path, result: dict[str, Any], text: str) -> None:
-    from prunekit.plots import plot_speedups
+    from prunekit.measurement.plots import plot_speedups
 
     atomic_write(out / "bench.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(
@@ -505,9 +505,9 @@ def export_job(checkpoint: str | Path, *, onnx: str | Path | None = None, pt2: s
     written atomically and only after its check passed. An output may not be the checkpoint itself or the other
     output, nor an existing file unless ``overwrite``. Returns one line per file written.
     """
-    from prunekit.architecture import input_shape_of, load_compressed
-    from prunekit.deploy import fold_batchnorm, inference_form
-    from prunekit.export import check_onnx, export_onnx
+    from prunekit.measurement.deploy import fold_batchnorm, inference_form
+    from prunekit.persistence.architecture import input_shape_of, load_compressed
+    from prunekit.persistence.export import check_onnx, export_onnx
 
     if onnx is None and pt2 is None:
         raise ValueError("give --onnx PATH and/or --pt2 PATH")

@@ -28,10 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from prunekit.checkpoint import CheckpointError, atomic_write, check_state_fits, save_checkpoint
 from prunekit.configs import config_from_dict
 from prunekit.data import DataSplits
 from prunekit.distributed import DistContext, GlobalBatchSampler, all_reduce_sum, barrier, current_context
+from prunekit.persistence.checkpoint import CheckpointError, atomic_write, check_state_fits, save_checkpoint
 
 
 class Schedule(str, enum.Enum):

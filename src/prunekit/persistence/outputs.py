@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from prunekit.checkpoint import TEMP_PATTERN
+from prunekit.persistence.checkpoint import TEMP_PATTERN
 
 try:
     import fcntl
@@ -74,7 +74,7 @@ def output_lock(path: str | Path, flag: str = "--out") -> Iterator[Path]:
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete the temporaries that :func:`~prunekit.checkpoint.atomic_write` leaves when a process is killed
+    """Delete the temporaries that :func:`~prunekit.persistence.checkpoint.atomic_write` leaves when a process is killed
     mid-write (``.NAME.prunekit-XXXX.tmp.EXT``), in ``directory`` and its sub-folders.
 
     Call it only while holding ``directory``'s lock: a sub-folder locked by another running job is skipped with

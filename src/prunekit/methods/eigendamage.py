@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.allocation import InfeasibleTargetError, Target, TargetMetric
+from prunekit.channels.graph import find_output_layers, ignored_modules
 from prunekit.configs import config_from_dict
-from prunekit.curvature import ConvFactor, CurvatureConfig, collect_kfac, kfac_support
-from prunekit.engine import find_output_layers, ignored_modules
-from prunekit.metrics import count_flops, count_params
+from prunekit.curvature.kfac import ConvFactor, CurvatureConfig, collect_kfac, kfac_support
+from prunekit.measurement.metrics import count_flops, count_params
+from prunekit.planning.allocation import InfeasibleTargetError, Target, TargetMetric
 
 
 class BottleneckForm(str, enum.Enum):
@@ -333,7 +333,7 @@ def bottleneck_from_factors(module: nn.Module, factors, keep_in: torch.Tensor | 
     given eigen-directions (all by default: then the standard form computes exactly what the layer did).
 
     Args:
-        factors: :class:`~prunekit.curvature.KroneckerFactors` in channel form, without a bias entry.
+        factors: :class:`~prunekit.curvature.kfac.KroneckerFactors` in channel form, without a bias entry.
     """
     base = module if isinstance(module, KFEBottleneck) else None
     inner = module.core if base is not None else module

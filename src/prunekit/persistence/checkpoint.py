@@ -89,7 +89,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         meta = json.loads(header[_META_KEY])
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: corrupted metadata ({exc})") from None
-    from prunekit.metadata import validate_metadata
+    from prunekit.persistence.metadata import validate_metadata
 
     if isinstance(meta, dict) and meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r}; expected {FORMAT!r}")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from prunekit.checkpoint import atomic_write
+from prunekit.persistence.checkpoint import atomic_write
 
 # (key in a ModelSummary dict, column title, formatter)
 COLUMNS: list[tuple[str, str, Any]] = [

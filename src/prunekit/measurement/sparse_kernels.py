@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.metrics import measure_latency
+from prunekit.measurement.metrics import measure_latency
 
 
 def _csr(matrix: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ arXiv 1804.03294).
 Minimise ``loss(W)`` subject to ``W_l in S_l`` for every constrained layer through the augmented Lagrangian:
 
 * W-step: ordinary training of ``loss(W) + sum_l rho_l / 2 ||W_l - Z_l + U_l||^2``;
-* Z-step: ``Z_l = Pi_{S_l}(W_l + U_l)`` (:mod:`prunekit.constraints`);
+* Z-step: ``Z_l = Pi_{S_l}(W_l + U_l)`` (:mod:`prunekit.planning.constraints`);
 * U-step: ``U_l += W_l - Z_l``;
 
 with Z and U updated every epoch (or every ``update_every`` steps) and ``rho`` multiplied by ``rho_growth`` at each
@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.allocation import CostModel, InfeasibleTargetError, Target, TargetMetric, plan_for_target
+from prunekit.channels.graph import ChannelGraph, ChannelPlan, SliceKind, find_output_layers, ignored_modules
 from prunekit.configs import config_from_dict
-from prunekit.constraints import Pattern, QuantConstraint, QuantKind, SparsityConstraint, sparsity_mask
 from prunekit.data import DataSplits
-from prunekit.engine import ChannelGraph, ChannelPlan, SliceKind, find_output_layers, ignored_modules
+from prunekit.planning.allocation import CostModel, InfeasibleTargetError, Target, TargetMetric, plan_for_target
+from prunekit.planning.constraints import Pattern, QuantConstraint, QuantKind, SparsityConstraint, sparsity_mask
 from prunekit.training import TrainConfig, TrainHooks, fit
 
 
@@ -45,7 +45,7 @@ class ADMMConfig:
     """ADMM pruning (and quantization) settings.
 
     Args:
-        pattern: Sparsity :class:`~prunekit.constraints.Pattern`; ``group`` removes whole coupled channels
+        pattern: Sparsity :class:`~prunekit.planning.constraints.Pattern`; ``group`` removes whole coupled channels
             (:class:`GroupProjection`) physically after ADMM.
         keep: Fraction of the constrained weights kept overall (``0.02`` = 50x pruning); ignored for k-of-n. For
             the group pattern, the fraction of the model's ``group_metric`` kept.
@@ -53,7 +53,7 @@ class ADMMConfig:
         k, n: k-of-n pattern.
         rates: Per-layer keep fractions that override the allocation (layer name -> fraction).
         allocation: :class:`RateAllocation` of ``keep`` over layers when ``rates`` does not name a layer.
-        quant: :class:`~prunekit.constraints.QuantConstraint` (``"bits=3"``, ``"binary"``, ``"ternary"``).
+        quant: :class:`~prunekit.planning.constraints.QuantConstraint` (``"bits=3"``, ``"binary"``, ``"ternary"``).
         rho, rho_growth: Initial penalty and its growth per Z/U update.
         admm_epochs: Epochs of ADMM training (per phase: pruning, then quantization).
         retrain_epochs: Epochs of masked retraining after the hard projection.
@@ -313,8 +313,8 @@ class GroupProjection:
 
     A channel of a coupled group is every slice that removing it takes away (the conv producing it, the convs
     reading it across residual adds, the classifier columns), so ADMM drives exactly what the structural engine
-    can remove physically. Scores are the L2 norm over those slices (:class:`~prunekit.criteria.Magnitude` with
-    ``p=2`` on ``W + U``), allocation is global as in :func:`prunekit.allocation.plan_for_target`.
+    can remove physically. Scores are the L2 norm over those slices (:class:`~prunekit.channels.criteria.Magnitude` with
+    ``p=2`` on ``W + U``), allocation is global as in :func:`prunekit.planning.allocation.plan_for_target`.
     """
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], example: torch.Tensor, target: Target,
@@ -475,7 +475,7 @@ def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = 
                    scales: dict[str, float] | None = None,
                    k_of_n: tuple[int, int] | dict[str, tuple[int, int]] | None = None,
                    gap_bits: int = 5, dense_bits: int | None = None) -> dict[str, Any]:
-    """Exact storage of ``model`` with the weights of ``layers`` in each format of :mod:`prunekit.formats`.
+    """Exact storage of ``model`` with the weights of ``layers`` in each format of :mod:`prunekit.measurement.formats`.
 
     ``k_of_n`` adds the fixed-k format: one ``(k, n)`` for every layer, or one per layer.
 
@@ -484,7 +484,7 @@ def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = 
     format, the dense float32 size (``dense_bits``: the unpruned model's, when channels were removed physically;
     default ``model``'s own) and the compression ratio of each format.
     """
-    from prunekit.formats import encode, value_codec
+    from prunekit.measurement.formats import encode, value_codec
 
     modules = dict(model.named_modules())
     formats = ["dense", "csr", "relative", "bitmap", "structured"] + (["k-of-n"] if k_of_n else [])

@@ -71,7 +71,7 @@ def value_codec(weight: torch.Tensor, code_bits: int | None = None, scale: float
     levels = nz / scale
     if len(nz) and (levels - levels.round()).abs().max() > 1e-4:
         raise ValueError("the weights are not multiples of the given scale; quantize them first "
-                         "(prunekit.constraints.QuantConstraint.project)")
+                         "(prunekit.planning.constraints.QuantConstraint.project)")
     top = 2 ** (code_bits - 1) if code_bits > 1 else 1
     if len(nz) and levels.round().abs().max() > top:
         raise ValueError(f"a level exceeds the {code_bits}-bit range (+-{top})")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunekit.metrics import count_flops, count_params, flops_by_module
+from prunekit.measurement.metrics import count_flops, count_params, flops_by_module
 
 
 def parse_input_spec(spec: str) -> tuple[int, int, int]:
@@ -56,7 +56,7 @@ def inspect_table(target: str, input_spec: str = "3x32x32", num_classes: int = 1
     """The table for a checkpoint path (its own input size) or a zoo model name (``input_spec``);
     ``trusted_factories`` are the user factories a checkpoint may import."""
     if target.endswith(".safetensors") or Path(target).is_file():
-        from prunekit.architecture import input_shape_of, load_compressed
+        from prunekit.persistence.architecture import input_shape_of, load_compressed
 
         model, meta = load_compressed(target, trusted_factories)
         cfg = meta["model"]

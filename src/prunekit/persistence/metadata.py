@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from prunekit.checkpoint import CheckpointError
+from prunekit.persistence.checkpoint import CheckpointError
 
 FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -217,7 +217,7 @@ def _check_rounds(where: str, value: Any) -> list:
 
 
 def _check_admm(where: str, value: Any) -> dict[str, Any]:
-    from prunekit.constraints import QuantConstraint
+    from prunekit.planning.constraints import QuantConstraint
 
     admm = _object(where, "admm", value)
     if "quant" in admm:

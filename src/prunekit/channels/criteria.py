@@ -1,8 +1,8 @@
-"""Channel importance criteria: each maps a :class:`~prunekit.engine.ChannelGroup` to one score per channel
+"""Channel importance criteria: each maps a :class:`~prunekit.channels.graph.ChannelGroup` to one score per channel
 (low scores are removed first). A coupled group's score sums over all its members.
 
 Criteria that need data (first-order Taylor) gather it in :meth:`Criterion.prepare`; the curvature criteria of
-:mod:`prunekit.curvature` plug into the same interface.
+:mod:`prunekit.curvature.kfac` plug into the same interface.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.engine import ChannelGraph, ChannelGroup, ChannelPlan
+from prunekit.channels.graph import ChannelGraph, ChannelGroup, ChannelPlan
 from prunekit.registry import Registry
 
 

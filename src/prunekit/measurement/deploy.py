@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import benchmark
 
-from prunekit.metrics import count_flops
+from prunekit.measurement.metrics import count_flops
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -111,7 +111,7 @@ def eager_runner(model: nn.Module, input_shape: tuple[int, ...], batch: int, cha
 
 def onnx_runner(path: str | Path, input_shape: tuple[int, ...], batch: int, threads: int) -> Callable[[], Any]:
     """An ONNX Runtime session (all graph optimisations, ``threads`` intra-op threads) on a fixed random batch."""
-    from prunekit.export import onnx_session
+    from prunekit.persistence.export import onnx_session
 
     session = onnx_session(path, threads=threads)
     x = {"input": torch.randn(batch, *input_shape).numpy()}
@@ -220,7 +220,7 @@ def export_runners(models: dict[str, nn.Module], input_shape: tuple[int, ...], b
                    ) -> tuple[dict[tuple[str, str, int], Callable[[], Any]], dict[str, InferenceForm]]:
     """Runners keyed (model, engine, batch) for the eager inference form and, with ``onnx``, ONNX Runtime on the
     exported folded model (files under ``workdir`` or a temporary folder); and each model's inference form."""
-    from prunekit.export import export_onnx
+    from prunekit.persistence.export import export_onnx
 
     runners: dict[tuple[str, str, int], Callable[[], Any]] = {}
     forms: dict[str, InferenceForm] = {}

@@ -2,7 +2,7 @@
 
 A base spec is either a zoo :class:`~prunekit.models.ModelConfig` or a user factory ``"package.module:function"``
 (called with no arguments). Changes are JSON dicts replayed in order on the freshly built base, e.g.
-``{"kind": "channels", "removed": {"layer1.0.conv1": [3, 7]}}`` from :class:`~prunekit.engine.ChannelPlan`.
+``{"kind": "channels", "removed": {"layer1.0.conv1": [3, 7]}}`` from :class:`~prunekit.channels.graph.ChannelPlan`.
 
 A checkpoint is data: a factory that a file names is imported only when the caller trusts that exact factory
 (``trusted_factories``; on the command line ``--trust-factory package.module:function``, or ``prune --model`` with
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.checkpoint import CheckpointError, load_weights_, read_metadata, save_checkpoint
 from prunekit.models import ModelConfig, create_model
+from prunekit.persistence.checkpoint import CheckpointError, load_weights_, read_metadata, save_checkpoint
 
 
 class UntrustedCodeError(CheckpointError):
@@ -33,14 +33,14 @@ CHANGE_REPLAYERS: dict[str, Callable[[nn.Module, dict[str, Any], torch.Tensor], 
 
 
 def _replay_channels(model: nn.Module, change: dict[str, Any], example_inputs: torch.Tensor) -> None:
-    from prunekit.engine import ChannelGraph, ChannelPlan
+    from prunekit.channels.graph import ChannelGraph, ChannelPlan
 
     plan = ChannelPlan.from_dict(change)
     ChannelGraph(model, example_inputs, ignore=change.get("ignore", ()), probe=False).shrink_(plan, verify=False)
 
 
 def _replay_eigenbasis(model: nn.Module, change: dict[str, Any], example_inputs: torch.Tensor) -> None:
-    from prunekit.eigendamage import replay_eigenbasis_
+    from prunekit.methods.eigendamage import replay_eigenbasis_
 
     replay_eigenbasis_(model, change, example_inputs)
 
@@ -169,7 +169,7 @@ def check_pruned_from(dense: dict[str, Any], pruned: dict[str, Any], dense_sourc
     base spec, and the dense network's changes a prefix of the pruned one's.
 
     Args:
-        dense, pruned: Validated checkpoint metadata (:func:`~prunekit.checkpoint.read_metadata`).
+        dense, pruned: Validated checkpoint metadata (:func:`~prunekit.persistence.checkpoint.read_metadata`).
 
     Raises:
         ValueError: naming both files and what each was built from.

@@ -20,18 +20,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from prunekit.allocation import AllocationConfig, CostModel, Target, plan_for_target
-from prunekit.architecture import load_compressed, save_compressed
-from prunekit.checkpoint import CheckpointError, atomic_write, read_metadata, state_fingerprint
+from prunekit.channels.criteria import CRITERIA, Criterion, score_groups
+from prunekit.channels.graph import ChannelGraph
 from prunekit.configs import config_from_dict
-from prunekit.criteria import CRITERIA, Criterion, score_groups
-from prunekit.curvature import CurvatureConfig
+from prunekit.curvature.kfac import CurvatureConfig
+from prunekit.curvature.obs import CURVATURE_CRITERIA
 from prunekit.data import DataSplits
-from prunekit.eigendamage import EigenDamageConfig, KFEBottleneck, eigendamage_round_, set_rotations_trainable_
-from prunekit.engine import ChannelGraph
-from prunekit.metrics import count_flops, count_params
-from prunekit.obs import CURVATURE_CRITERIA
-from prunekit.reconstruction import reconstruct_
+from prunekit.measurement.metrics import count_flops, count_params
+from prunekit.methods.eigendamage import EigenDamageConfig, KFEBottleneck, eigendamage_round_, set_rotations_trainable_
+from prunekit.persistence.architecture import load_compressed, save_compressed
+from prunekit.persistence.checkpoint import CheckpointError, atomic_write, read_metadata, state_fingerprint
+from prunekit.planning.allocation import AllocationConfig, CostModel, Target, plan_for_target
+from prunekit.recovery.reconstruction import reconstruct_
 from prunekit.training import TrainConfig, evaluate, fit
 
 EIGENDAMAGE = "eigendamage"
@@ -44,19 +44,19 @@ class PruneConfig:
 
     Args:
         method: Criterion name (``prunekit list methods``).
-        target: :class:`~prunekit.allocation.Target` or its text form (``"flops=0.25"``).
-        allocation: :class:`~prunekit.allocation.AllocationConfig` (uniform/global, per-layer cap).
+        target: :class:`~prunekit.planning.allocation.Target` or its text form (``"flops=0.25"``).
+        allocation: :class:`~prunekit.planning.allocation.AllocationConfig` (uniform/global, per-layer cap).
         iterations: Rounds of prune + fine-tune (1 = one-shot).
         ignore: Module names to leave alone (the output layer always is).
         score_batches: Training batches (of 64) a data-driven criterion sees.
         bn_recalibration_images: Training images used to re-estimate BatchNorm statistics after each
             shrink (0 disables it).
         reconstruction_images: Training images for the layer-wise least-squares re-fit of the channel methods
-            (:func:`prunekit.reconstruction.reconstruct_`) before each shrink; 0 disables it.
+            (:func:`prunekit.recovery.reconstruction.reconstruct_`) before each shrink; 0 disables it.
         seed: Seed of the random criterion and of data order for scoring.
-        curvature: :class:`~prunekit.curvature.CurvatureConfig` of the curvature criteria (C-OBD, C-OBS,
+        curvature: :class:`~prunekit.curvature.kfac.CurvatureConfig` of the curvature criteria (C-OBD, C-OBS,
             Kron-OBD, Kron-OBS, EigenDamage): Fisher type, batches, damping, OBS update.
-        eigendamage: :class:`~prunekit.eigendamage.EigenDamageConfig` (bottleneck form, trainable rotations).
+        eigendamage: :class:`~prunekit.methods.eigendamage.EigenDamageConfig` (bottleneck form, trainable rotations).
     """
 
     method: str = "l1"

@@ -3,8 +3,8 @@
 The structured extensions of Optimal Brain Damage (LeCun et al. 1990) and Optimal Brain Surgeon (Hassibi & Stork
 1993) that EigenDamage (Wang et al. 2019, arXiv 1905.05934) compares against. Around a trained minimum the loss
 change of a perturbation ``d`` of a layer's weight matrix ``W`` is ``1/2 vec(d)^T F vec(d)``, with ``F`` the
-Fisher block of the layer: its diagonal (:func:`~prunekit.curvature.collect_diagonal_fisher`) or its Kronecker
-factors ``G kron A`` (:func:`~prunekit.curvature.collect_kfac`). Removing channel ``c`` removes rows ``I`` of the
+Fisher block of the layer: its diagonal (:func:`~prunekit.curvature.kfac.collect_diagonal_fisher`) or its Kronecker
+factors ``G kron A`` (:func:`~prunekit.curvature.kfac.collect_kfac`). Removing channel ``c`` removes rows ``I`` of the
 layer that produces it and columns ``J`` of every layer that reads it; a coupled group's saliency sums over all
 its members (norm layers carry no curvature statistics and add nothing):
 
@@ -18,7 +18,7 @@ its members (norm layers carry no curvature statistics and add nothing):
   ``-W_J [A^-1]_JJ^-1 A^-1[J, :]``), per channel and summed (``obs_update="individual"``) or for all removed
   channels of a layer at once (``"joint"``, the exact minimiser of the quadratic model).
 
-OBS criteria use the damped factors (:meth:`~prunekit.curvature.KroneckerFactors.damped`); the inverses exist for
+OBS criteria use the damped factors (:meth:`~prunekit.curvature.kfac.KroneckerFactors.damped`); the inverses exist for
 any damping > 0.
 """
 
@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunekit.criteria import CRITERIA, Criterion
-from prunekit.curvature import (
+from prunekit.channels.criteria import CRITERIA, Criterion
+from prunekit.channels.graph import ChannelGraph, ChannelGroup, ChannelPlan, SliceKind
+from prunekit.curvature.kfac import (
     ConvFactor,
     CurvatureConfig,
     KroneckerFactors,
@@ -39,7 +40,6 @@ from prunekit.curvature import (
     collect_kfac,
     kfac_support,
 )
-from prunekit.engine import ChannelGraph, ChannelGroup, ChannelPlan, SliceKind
 
 
 @dataclass

@@ -6,11 +6,11 @@ convolutions and BatchNorms whose outputs are added. One learned mask per couple
 channels, ``k`` kept) therefore multiplies every slice that *produces* a channel: the producing conv/linear rows and
 biases and the BatchNorm scale and shift. A dropped channel is then exactly zero wherever it is read, so removing it
 afterwards changes no output. Each training step draws one Gumbel top-k mask per group (exactly k-hot forward,
-relaxed sequential soft top-k backward, :func:`prunekit.dpp.gumbel_topk_mask`) shared by all its slices;
+relaxed sequential soft top-k backward, :func:`prunekit.methods.dpp.gumbel_topk_mask`) shared by all its slices;
 evaluation uses the top-k of the logits.
 
 ``k`` per group follows from a FLOPs, params or channels target with the same fraction of every group removed
-(:func:`prunekit.allocation.plan_for_target`, uniform allocation).
+(:func:`prunekit.planning.allocation.plan_for_target`, uniform allocation).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunekit.allocation import AllocationConfig, CostModel, Target, plan_for_target
-from prunekit.dpp import DPPConfig, DPPHooks, gumbel_topk_mask, topk_mask
-from prunekit.engine import ChannelGraph, ChannelGroup, ChannelPlan, ParamSlice, SliceKind
+from prunekit.channels.graph import ChannelGraph, ChannelGroup, ChannelPlan, ParamSlice, SliceKind
+from prunekit.methods.dpp import DPPConfig, DPPHooks, gumbel_topk_mask, topk_mask
+from prunekit.planning.allocation import AllocationConfig, CostModel, Target, plan_for_target
 
 
 class GroupMask(nn.Module):

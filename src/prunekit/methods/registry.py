@@ -1,19 +1,19 @@
 """The registry of compression methods a user can name with ``--method``.
 
-Structural criteria (channel groups scored, then removed physically) come from :mod:`prunekit.criteria` and the
-curvature criteria of :mod:`prunekit.obs`; EigenDamage (:mod:`prunekit.eigendamage`) removes eigen-directions and
-rebuilds layers as bottlenecks.
+Structural criteria (channel groups scored, then removed physically) come from :mod:`prunekit.channels.criteria`
+and the curvature criteria of :mod:`prunekit.curvature.obs`; EigenDamage (:mod:`prunekit.methods.eigendamage`)
+removes eigen-directions and rebuilds layers as bottlenecks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import prunekit.obs  # noqa: F401  (registers the curvature criteria)
-from prunekit.admm import admm_prune_
-from prunekit.criteria import CRITERIA
-from prunekit.dpp import dpp_prune_
-from prunekit.eigendamage import eigendamage_round_
+import prunekit.curvature.obs  # noqa: F401  (registers the curvature criteria)
+from prunekit.channels.criteria import CRITERIA
+from prunekit.methods.admm import admm_prune_
+from prunekit.methods.dpp import dpp_prune_
+from prunekit.methods.eigendamage import eigendamage_round_
 from prunekit.registry import Registry
 
 METHODS: Registry[Callable] = Registry("method")

@@ -2,10 +2,11 @@
 
 The fair comparison of ADMM-NN-S (Ma et al. 2019, arXiv 1907.02124): for a dense model and pruned variants (at
 matched accuracy and the same quantization, which the user arranges), report test accuracy, exact storage
-(weights + indices + scales, the smallest format of :mod:`prunekit.formats`), and measured CPU latency of real
-kernels: the dense kernel on the (masked or shrunk) weights, and, for variants with zeros, CSR sparse kernels
-(:mod:`prunekit.sparse_kernels`). The break-even sparsity of the dense model's largest layer tells from which
-sparsity the sparse kernel starts to pay on this machine. The verdict names the smallest and the fastest variant.
+(weights + indices + scales, the smallest format of :mod:`prunekit.measurement.formats`), and measured CPU
+latency of real kernels: the dense kernel on the (masked or shrunk) weights, and, for variants with zeros, CSR
+sparse kernels (:mod:`prunekit.measurement.sparse_kernels`). The break-even sparsity of the dense model's largest
+layer tells from which sparsity the sparse kernel starts to pay on this machine. The verdict names the smallest and
+the fastest variant.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.admm import format_storage
-from prunekit.architecture import check_pruned_from, input_shape_of, load_compressed
-from prunekit.checkpoint import CheckpointError, atomic_write
 from prunekit.data import DataConfig, load_dataset
-from prunekit.metrics import check_latency_settings, count_flops, count_params, measure_latency
-from prunekit.sparse_kernels import break_even_sparsity, to_sparse_kernels
+from prunekit.measurement.metrics import check_latency_settings, count_flops, count_params, measure_latency
+from prunekit.measurement.sparse_kernels import break_even_sparsity, to_sparse_kernels
+from prunekit.methods.admm import format_storage
+from prunekit.persistence.architecture import check_pruned_from, input_shape_of, load_compressed
+from prunekit.persistence.checkpoint import CheckpointError, atomic_write
 from prunekit.training import evaluate
 
 
@@ -72,7 +73,7 @@ def compare_models(dense_path: str | Path, variants: dict[str, str | Path], *, b
         admm = vmeta.get("admm")
         code_bits = None
         if admm and admm.get("quant", "none") != "none":
-            from prunekit.constraints import QuantConstraint
+            from prunekit.planning.constraints import QuantConstraint
 
             code_bits = QuantConstraint.parse(admm["quant"]).code_bits
         layers = list(vmeta.get("scales") or {}) if code_bits else _weight_layers(model)
@@ -141,8 +142,8 @@ def comparison_markdown(result: dict[str, Any]) -> str:
 def write_comparison(result: dict[str, Any], out: str | Path) -> Path:
     import json
 
-    from prunekit.outputs import output_lock
-    from prunekit.plots import plot_comparison
+    from prunekit.measurement.plots import plot_comparison
+    from prunekit.persistence.outputs import output_lock
 
     with output_lock(out) as outdir:
         atomic_write(outdir / "compare.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))

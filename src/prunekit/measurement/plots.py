@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def _save(fig, path: str | Path) -> Path:
     """Write the figure atomically (a kill mid-write never leaves a truncated image) and close it."""
-    from prunekit.checkpoint import atomic_write
+    from prunekit.persistence.checkpoint import atomic_write
 
     path = Path(path)
     fig.tight_layout()

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunekit.engine import ChannelGraph, ChannelPlan
-from prunekit.metrics import count_flops, count_params, flops_by_module
+from prunekit.channels.graph import ChannelGraph, ChannelPlan
+from prunekit.measurement.metrics import count_flops, count_params, flops_by_module
 
 
 class TargetMetric(str, enum.Enum):

@@ -36,7 +36,7 @@ class Pattern(str, enum.Enum):
     COLUMN = "column"
     K_OF_N = "k-of-n"
     # Whole coupled channels across layers (a residual stage's channel, its BN, every conv reading it), chosen by
-    # the channel graph and removed physically after ADMM. It spans layers, so only prunekit.admm projects it.
+    # the channel graph and removed physically after ADMM. It spans layers, so only prunekit.methods.admm projects it.
     GROUP = "group"
 
 
@@ -72,7 +72,7 @@ class SparsityConstraint:
             object.__setattr__(self, "keep", self.k / self.n)
         elif self.pattern is Pattern.GROUP:
             raise ValueError("the group pattern spans coupled layers, so it has no per-layer projection; use it "
-                             "through prunekit.admm (ADMMConfig(pattern='group'))")
+                             "through prunekit.methods.admm (ADMMConfig(pattern='group'))")
         elif not (isinstance(self.keep, (int, float)) and 0 < self.keep < 1):
             raise ValueError(f"keep must be a fraction in (0, 1) (a pruning rate of 1/keep), got {self.keep!r}")
 

@@ -2,7 +2,7 @@
 (``torch.utils.benchmark``), weight storage bits, accuracy.
 
 >>> from prunekit.models import create_model
->>> from prunekit.metrics import count_params, count_flops
+>>> from prunekit.measurement.metrics import count_params, count_flops
 >>> m = create_model("lenet300", in_channels=1, input_size=28)
 >>> count_params(m)
 266610

@@ -294,12 +294,12 @@ class STEQuantize(nn.Module):
 
 def ste_quantizer(quant: str) -> STEQuantize | None:
     """The :class:`STEQuantize` for ``none`` (``None``), ``binary`` or ``bits=N`` (2 <= N <= 16), parsed by
-    :meth:`~prunekit.constraints.QuantConstraint.parse` like ADMM's.
+    :meth:`~prunekit.planning.constraints.QuantConstraint.parse` like ADMM's.
 
     Raises:
         ValueError: anything else (ternary, bits=1, bits above 16, malformed text).
     """
-    from prunekit.constraints import QuantConstraint, QuantKind
+    from prunekit.planning.constraints import QuantConstraint, QuantKind
 
     accepted = "none, binary or bits=N with 2 <= N <= 16"
     try:
@@ -320,7 +320,7 @@ class DPPHooks(TrainHooks):
     confidence/diversity.
 
     ``masks`` needs ``logits``, settable ``temperature`` and ``noise_scale``, and ``entropy()`` (:class:`KOfNMask`,
-    :class:`prunekit.dpp_groups.GroupMask`)."""
+    :class:`prunekit.methods.dpp_filters.GroupMask`)."""
 
     def __init__(self, masks: dict[str, KOfNMask], config: DPPConfig) -> None:
         self.masks, self.config = masks, config
@@ -376,7 +376,7 @@ def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[st
     """
     from torch.nn.utils import parametrize
 
-    from prunekit.engine import find_output_layers
+    from prunekit.channels.graph import find_output_layers
     from prunekit.training import fit
 
     modules = dict(model.named_modules())

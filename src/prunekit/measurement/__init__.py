@@ -1,0 +1,2 @@
+"""Measurement: parameters, FLOPs, storage formats, latency, deployment forms, comparisons, reports
+and plots."""

@@ -1,0 +1,1 @@
+"""Files: pickle-free checkpoints and their metadata schema, architecture replay, locked outputs and export."""

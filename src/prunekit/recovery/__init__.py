@@ -1,0 +1,1 @@
+"""Recovery after pruning: the layer-wise least-squares re-fit and BatchNorm re-estimation."""
