@@ -3,8 +3,9 @@ what joint quantization does to the storage once indices and scales are counted.
 
 For LeNet-5 and LeNet-300-100 (committed checkpoints), every row starts from the dense weights:
 
-* ``admm``: unstructured ADMM pruning (``--admm-epochs``) keeping 1/rate of the weights (global magnitude
-  allocation over all layers, the classifier included), then masked retraining (``--retrain-epochs``);
+* ``admm``: unstructured ADMM pruning (``prunekit.prune_`` with ``prunekit.ADMMConfig``, ``--admm-epochs``)
+  keeping 1/rate of the weights (global magnitude allocation over all layers, the classifier included), then masked
+  retraining (``--retrain-epochs``);
 * ``imp``: iterative magnitude pruning with the same number of epochs (``--imp-steps`` steps, each a global
   magnitude prune to the next rate followed by masked retraining);
 * at the highest ADMM rate within ``--max-loss`` points of the dense test accuracy: the same ADMM run followed by
@@ -32,68 +33,72 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import (
+    CHECKPOINT_DIR,
+    LENETS,
+    ROOT,
+    RowCache,
+    checkpoint_paths,
+    prune_copy,
+    quick_dense,
+    quiet,
+    sha256,
+    write_json,
+    write_text,
+)
 
-from prunekit.data import DataConfig, load_dataset
+import prunekit
 from prunekit.jobs import load_dense
-from prunekit.methods.admm import ADMMConfig, admm_prune_, storage_report
-from prunekit.models import ModelConfig, create_model
-from prunekit.persistence.architecture import save_compressed
-from prunekit.persistence.checkpoint import atomic_write, save_checkpoint
-from prunekit.training import Augment, TrainConfig, evaluate, fit
+from prunekit.measurement.formats import encoding_storage
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import structured as st  # noqa: E402  (the sibling benchmark: row cache, checkpoint lookup, hashing)
-
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "admm"
-CHECKPOINTS = {"lenet5": "lenet5-fmnist.safetensors", "lenet300": "lenet300-fmnist.safetensors"}
-VERDICT_CHECKPOINTS = {"lenet5": "lenet5-fmnist.safetensors", "resnet20": "resnet20-fmnist.safetensors"}
+VERDICT_MODELS = ("lenet5", "resnet20")
 VERDICT_TARGETS = {"lenet5": ("params", 0.1), "resnet20": ("flops", 0.25)}
+# ResNet-20 trains as the structural benchmarks fine-tune (the LeNets: --lr, no augmentation)
+VERDICT_TRAIN = {"resnet20": (0.01, prunekit.Augment.CROP_FLIP)}
 
 
-def quick_dense(cache: Path) -> Path:
-    path = cache / "quick-dense-lenet5.safetensors"
-    if path.is_file():
-        return path
-    data = load_dataset(DataConfig(name="digits"))
-    torch.manual_seed(0)
-    config = ModelConfig("lenet5", num_classes=10, in_channels=1, input_size=8)
-    net = create_model(config)
-    fit(net, data, TrainConfig(epochs=8, lr=0.05, augment=Augment.CROP), progress=False)
-    save_checkpoint(path, net.eval(), {"model": config.to_dict(), "data": DataConfig(name="digits").to_dict()})
-    return path
+def admm_configs(rate: float, quant: str, args) -> list[prunekit.ADMMConfig]:
+    """ADMM keeping 1/rate of the weights, masked retraining and, with ``quant``, joint quantization."""
+    return [prunekit.ADMMConfig(target=prunekit.Target("params", 1 / rate), quant=quant, rho=args.rho,
+                                admm_epochs=args.admm_epochs, retrain_epochs=args.retrain_epochs)]
+
+
+def imp_configs(rate: float, quant: str, args) -> list[prunekit.ADMMConfig]:
+    """Iterative magnitude pruning with the same epochs in total: ``--imp-steps`` ADMM runs without ADMM epochs,
+    each a global magnitude prune to the next rate followed by masked retraining (``quant`` is not used)."""
+    total = args.admm_epochs + args.retrain_epochs
+    steps = min(args.imp_steps, total)
+    return [prunekit.ADMMConfig(target=prunekit.Target("params", rate ** (-i / steps)), admm_epochs=0,
+                                retrain_epochs=total // steps + (1 if i <= total % steps else 0))
+            for i in range(1, steps + 1)]
+
+
+ROW_KINDS = {"admm": admm_configs, "imp": imp_configs}
 
 
 def run_row(dense, data, kind: str, rate: float, quant: str, args) -> dict[str, Any]:
+    """The ``kind`` row's configs run one after the other (``prunekit.prune_``) on a copy of ``dense``."""
     torch.manual_seed(0)
     net = copy.deepcopy(dense).train()
-    train = TrainConfig(epochs=1, lr=args.lr, batch_size=128, augment=Augment.NONE, seed=0)
-    quiet = lambda *_: None  # noqa: E731
-    if kind == "admm":
-        config = ADMMConfig(keep=1 / rate, quant=quant, rho=args.rho, admm_epochs=args.admm_epochs,
-                            retrain_epochs=args.retrain_epochs)
-        result = admm_prune_(net, data, config, train, progress=False, log=quiet)
-    else:  # iterative magnitude pruning, the same epochs in total
-        total = args.admm_epochs + args.retrain_epochs
-        steps = min(args.imp_steps, total)
-        for i in range(1, steps + 1):
-            epochs = total // steps + (1 if i <= total % steps else 0)
-            config = ADMMConfig(keep=rate ** (-i / steps), admm_epochs=0, retrain_epochs=epochs)
-            result = admm_prune_(net, data, config, train, progress=False, log=quiet)
+    context = prunekit.RunContext(train=prunekit.TrainConfig(epochs=1, lr=args.lr, batch_size=128,
+                                                             augment=prunekit.Augment.NONE, seed=0),
+                                  seed=0, progress=False, log=quiet)
+    for config in ROW_KINDS[kind](rate, quant, args):
+        record = prunekit.prune_(net, config, data, context)
     net.eval()
-    storage = storage_report(net, result, config)
-    return {"kind": kind, "rate": rate, "quant": quant, "kept_fraction": result.kept_fraction(),
-            "val_acc": evaluate(net, data.val)["acc"], "test_acc": evaluate(net, data.test)["acc"],
+    storage = encoding_storage(net, record.encoding, 32 * sum(p.numel() for p in dense.parameters()))
+    return {"kind": kind, "rate": rate, "quant": quant, "kept_fraction": record.results["kept_fraction"],
+            "val_acc": prunekit.evaluate(net, data.val)["acc"], "test_acc": prunekit.evaluate(net, data.test)["acc"],
             "storage_bits": storage["bits"], "best_format": storage["best"],
             "compression": storage["compression"][storage["best"]], "dense_bits": storage["dense_float32_bits"],
-            "rates": result.rates}
+            "rates": record.results["rates"]}
 
 
 def cached_row(cache, settings: dict[str, Any], model_name: str, dense, data, kind: str, rate: float, quant: str,
@@ -105,21 +110,19 @@ def cached_row(cache, settings: dict[str, Any], model_name: str, dense, data, ki
                               "{compression:.1f}x ({best_format})")
 
 
-def verdict_variant(dense, base, data, data_cfg, kind: str, keep: float, metric: str, train: TrainConfig, args,
-                    path: Path) -> dict[str, Any]:
-    """Train one verdict variant from the dense weights, save it to ``path``; returns its row."""
-    torch.manual_seed(0)
-    net = copy.deepcopy(dense).train()
-    config = ADMMConfig(pattern="group" if kind == "group" else "unstructured", keep=keep, group_metric=metric,
-                        rho=args.rho, admm_epochs=args.verdict_epochs, retrain_epochs=args.verdict_epochs)
-    result = admm_prune_(net, data, config, train, progress=False, log=lambda *_: None)
+def verdict_variant(dense, base, data, config: prunekit.ADMMConfig, train: prunekit.TrainConfig, metric: str,
+                    args, path: Path) -> dict[str, Any]:
+    """Train one verdict variant (``prunekit.prune_``) from the dense weights, save it to ``path``; returns its
+    row."""
+    net, record = prune_copy(dense, config, data, train=train)
     net.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_compressed(path, net, base, [result.change] if result.change else [],
-                    {"admm": config.to_dict(), "scales": result.scales, "data": data_cfg.to_dict()})
-    return {"kind": kind, "keep": keep, "metric": metric if kind == "group" else "weights",
-            "kept_fraction": result.kept_fraction(), "test_acc": evaluate(net, data.test)["acc"],
-            "val_acc": evaluate(net, data.val)["acc"], "path": str(path.relative_to(args.out))}
+    prunekit.save_compressed(path, net, base, record.changes, {
+        "method": record.method, "config": config.to_dict(), "encoding": record.encoding,
+        "data": data.config.to_dict()})
+    return {"kind": config.pattern.value, "keep": config.target.keep, "metric": metric,
+            "kept_fraction": record.results["kept_fraction"], "test_acc": prunekit.evaluate(net, data.test)["acc"],
+            "val_acc": prunekit.evaluate(net, data.val)["acc"], "path": str(path.relative_to(args.out))}
 
 
 def run_verdict(model_name: str, checkpoint: Path, cache, args, quick: bool) -> dict[str, Any]:
@@ -127,24 +130,29 @@ def run_verdict(model_name: str, checkpoint: Path, cache, args, quick: bool) -> 
     from prunekit.measurement.compare import compare_models, write_comparison
 
     dense, base, data_cfg = load_dense(None, checkpoint, None)
-    data = load_dataset(data_cfg)
-    train = TrainConfig(epochs=1, lr=0.01 if model_name == "resnet20" else args.lr, batch_size=128,
-                        augment=Augment.CROP_FLIP if model_name == "resnet20" else Augment.NONE, seed=0)
+    data = prunekit.load_dataset(data_cfg)
+    lr, augment = VERDICT_TRAIN.get(model_name, (args.lr, prunekit.Augment.NONE))
+    train = prunekit.TrainConfig(epochs=1, lr=lr, batch_size=128, augment=augment, seed=0)
     metric, keep = VERDICT_TARGETS[model_name]
-    settings = {"checkpoint_sha256": st._sha256(checkpoint), "epochs": args.verdict_epochs, "rho": args.rho,
+    settings = {"checkpoint_sha256": sha256(checkpoint), "epochs": args.verdict_epochs, "rho": args.rho,
                 "train": train.to_dict(), "target": [metric, keep]}
-    rows = {}
-    for kind in ("group", "unstructured"):
-        key = f"verdict__{model_name}__{kind}"
-        path = args.out / "models" / f"{model_name}-{kind}.safetensors"
+    rows: dict[str, dict[str, Any]] = {}
+    # the group variant keeps whole coupled channels; the unstructured one then keeps as many weights
+    variants = (("group", lambda: (prunekit.Target(metric, keep), metric)),
+                ("unstructured", lambda: (prunekit.Target("params", rows["group"]["kept_fraction"]), "weights")))
+    for pattern, target_of in variants:
+        key = f"verdict__{model_name}__{pattern}"
+        path = args.out / "models" / f"{model_name}-{pattern}.safetensors"
         row = cache.get(key, settings)
         if row is None or not path.is_file():
-            kept = keep if kind == "group" else rows["group"]["kept_fraction"]
-            row = verdict_variant(dense, base, data, data_cfg, kind, kept, metric, train, args, path)
+            target, what = target_of()
+            config = prunekit.ADMMConfig(pattern=pattern, target=target, rho=args.rho,
+                                         admm_epochs=args.verdict_epochs, retrain_epochs=args.verdict_epochs)
+            row = verdict_variant(dense, base, data, config, train, what, args, path)
             cache.put(key, settings, row)
-            print(f"{model_name} verdict {kind}: test acc {row['test_acc']:.4f}, keeps {row['kept_fraction']:.4f} "
+            print(f"{model_name} verdict {pattern}: test acc {row['test_acc']:.4f}, keeps {row['kept_fraction']:.4f} "
                   "of the weights", flush=True)
-        rows[kind] = row
+        rows[pattern] = row
     result = compare_models(checkpoint, {k: args.out / r["path"] for k, r in rows.items()},
                             min_run_time=0.05 if quick else 0.5, log=lambda *_: None)
     result["variants"] = rows
@@ -187,7 +195,7 @@ def table(model: str, dense_acc: float, rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="admm.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="*", default=None, choices=sorted(CHECKPOINTS),
+    p.add_argument("--models", nargs="*", default=None, choices=sorted(LENETS),
                    help="models of the pruning-rate rows (default: both LeNets; none: skip)")
     p.add_argument("--rates", nargs="+", type=float, default=None, help="pruning rates (default 10 20 50 100)")
     p.add_argument("--admm-epochs", type=int, default=4)
@@ -195,11 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--imp-steps", type=int, default=4)
     p.add_argument("--rho", type=float, default=1e-2)
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--verdict", nargs="*", default=None, choices=sorted(VERDICT_CHECKPOINTS),
+    p.add_argument("--verdict", nargs="*", default=None, choices=sorted(VERDICT_MODELS),
                    help="models of the structured vs non-structured verdict (default: lenet5 resnet20; none: skip)")
     p.add_argument("--verdict-epochs", type=int, default=1, help="ADMM and retraining epochs of each verdict variant")
     p.add_argument("--max-loss", type=float, default=1.0, help="accuracy points allowed for the highest rate")
-    p.add_argument("--checkpoint-dir", type=Path, default=st.CHECKPOINT_DIR)
+    p.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -207,39 +215,39 @@ def main(argv: list[str] | None = None) -> int:
         args.models = ["lenet5"] if args.models is None else args.models
         args.rates = args.rates or [10.0]
         args.admm_epochs, args.retrain_epochs, args.imp_steps = 1, 1, 2
-        torch.set_num_threads(1)
-    if args.quick:
         args.verdict = ["lenet5"] if args.verdict is None else args.verdict
-    args.verdict = sorted(VERDICT_CHECKPOINTS) if args.verdict is None else args.verdict
-    args.models = ["lenet5", "lenet300"] if args.models is None else args.models
+        torch.set_num_threads(1)
+    args.verdict = sorted(VERDICT_MODELS) if args.verdict is None else args.verdict
+    args.models = list(LENETS) if args.models is None else args.models
     args.rates = args.rates or [10.0, 20.0, 50.0, 100.0]
     if any(not r > 1 for r in args.rates):
         p.error(f"--rates must be > 1 (10 keeps a tenth of the weights), got {args.rates}")
     command = shlex.join(["python", "benchmarks/admm.py", *(sys.argv[1:] if argv is None else argv)])
-    cache = st.RowCache(args.out / "cache")
+    cache = RowCache(args.out / "cache")
+
+    def checkpoint_of(model_name: str, accepted: tuple[str, ...]) -> Path:
+        if args.quick:
+            return quick_dense(cache.directory, "lenet5")
+        return checkpoint_paths([model_name], args.checkpoint_dir, accepted)[model_name]
+
     payload: dict[str, Any] = {"command": command, "models": {}}
     texts = []
     for model_name in args.models:
-        if args.quick:
-            checkpoint = quick_dense(cache.directory)
-        else:
-            checkpoint = args.checkpoint_dir / CHECKPOINTS[model_name]
-            if not checkpoint.is_file():
-                raise SystemExit(f"admm.py: error: {checkpoint} is missing; train it with "
-                                 f"`bash benchmarks/checkpoints/train_baselines.sh {model_name}`")
+        checkpoint = checkpoint_of(model_name, LENETS)
         dense, _, data_cfg = load_dense(None, checkpoint, None)
-        data = load_dataset(data_cfg)
-        dense_acc = evaluate(dense, data.test)["acc"]
-        settings = {"checkpoint_sha256": st._sha256(checkpoint), "admm_epochs": args.admm_epochs,
+        data = prunekit.load_dataset(data_cfg)
+        dense_acc = prunekit.evaluate(dense, data.test)["acc"]
+        settings = {"checkpoint_sha256": sha256(checkpoint), "admm_epochs": args.admm_epochs,
                     "retrain_epochs": args.retrain_epochs, "imp_steps": args.imp_steps, "rho": args.rho,
                     "lr": args.lr}
-        rows = []
-
+        rows, ok = [], []
         for rate in args.rates:
-            for kind in ("admm", "imp"):
-                rows.append(cached_row(cache, settings, model_name, dense, data, kind, rate, "none", args))
-        ok = [r for r in rows if r["kind"] == "admm" and 100 * (dense_acc - r["test_acc"]) <= args.max_loss]
-        best_rate = max((r["rate"] for r in ok), default=min(args.rates))  # none within: quantize the lowest
+            admm, imp = (cached_row(cache, settings, model_name, dense, data, kind, rate, "none", args)
+                         for kind in ROW_KINDS)
+            rows += [admm, imp]
+            if 100 * (dense_acc - admm["test_acc"]) <= args.max_loss:
+                ok.append(rate)
+        best_rate = max(ok, default=min(args.rates))  # none within: quantize the lowest
         for quant in ("bits=3", "binary"):
             rows.append(cached_row(cache, settings, model_name, dense, data, "admm", best_rate, quant, args))
         payload["models"][model_name] = {"dense_test_acc": dense_acc, "highest_rate_within_loss": best_rate,
@@ -252,26 +260,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.verdict:
         verdicts = {}
         for model_name in args.verdict:
-            checkpoint = quick_dense(cache.directory) if args.quick else \
-                args.checkpoint_dir / VERDICT_CHECKPOINTS[model_name]
-            verdicts[model_name] = run_verdict(model_name, checkpoint, cache, args, args.quick)
+            verdicts[model_name] = run_verdict(model_name, checkpoint_of(model_name, VERDICT_MODELS), cache, args,
+                                               args.quick)
         vmd = ["# Structured vs non-structured pruning on this CPU" + (" (quick smoke run)" if args.quick else ""),
                "", "Made by (from the repository root):", "", f"    {command}", "",
                f"Each variant: {args.verdict_epochs} ADMM epoch(s) (rho {args.rho:g}) + {args.verdict_epochs} "
                f"retraining epoch(s) from the dense checkpoint; latency at batch 64, "
                f"{torch.get_num_threads()} thread(s), medians.", ""]
         vmd += [verdict_markdown(m, r) for m, r in verdicts.items()]
-        atomic_write(args.out / "verdict.md", lambda tmp: Path(tmp).write_text("\n".join(vmd)))
+        write_text(args.out / "verdict.md", "\n".join(vmd))
         print("\n".join(vmd))
     if not args.models:
         return 0
-    atomic_write(args.out / "admm.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
+    write_json(args.out / "admm.json", payload)
     md = ["# ADMM-NN-S on the LeNets" + (" (quick smoke run)" if args.quick else ""), "",
           "Made by (from the repository root):", "", f"    {command}", "",
           f"ADMM {args.admm_epochs} epoch(s) (rho {args.rho:g}, x1.3 per epoch) + {args.retrain_epochs} masked "
           f"retraining epoch(s), SGD lr {args.lr}; IMP: {args.imp_steps} prune-retrain steps, the same epochs.", ""]
     md += [t + "\n" for t in texts]
-    atomic_write(args.out / "admm.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
+    write_text(args.out / "admm.md", "\n".join(md))
     print("\n".join(md))
     return 0
 

@@ -1,7 +1,7 @@
 """How much Tikhonov damping the OBS criteria need: validation accuracy right after one-shot pruning (BatchNorm
 re-estimated, no fine-tuning) of the committed ResNet-20 Fashion-MNIST checkpoint, for a range of damping values.
 
-The damping default of ``prunekit.curvature.kfac.CurvatureConfig`` is Kron-OBS's best value on validation (test
+The damping default of ``prunekit.FisherSettings`` is Kron-OBS's best value on validation (test
 accuracy is reported but not used for the choice); C-OBS's own best is reported beside it. Only the OBS criteria
 invert the factors; C-OBD, Kron-OBD and EigenDamage do not depend on damping.
 
@@ -14,22 +14,26 @@ Every finished row is cached in ``<out>/cache``; an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import shlex
 import sys
 from pathlib import Path
 
 import torch
+from common import (
+    CHECKPOINT_DIR,
+    ROOT,
+    RowCache,
+    checkpoint_paths,
+    prune_copy,
+    quick_dense,
+    sha256,
+    write_json,
+    write_text,
+)
 
-from prunekit.data import DataConfig, load_dataset
+import prunekit
 from prunekit.jobs import load_dense
-from prunekit.methods.channel import PruneConfig, prune_model
-from prunekit.persistence.checkpoint import atomic_write
-from prunekit.planning.allocation import AllocationConfig, Target
-from prunekit.training import evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "damping"
 DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -46,17 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     if any(not (d > 0) for d in args.dampings):
         p.error(f"--dampings must be > 0, got {args.dampings}")
     command = shlex.join(["python", "benchmarks/damping.py", *(sys.argv[1:] if argv is None else argv)])
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import structured as st  # the sibling benchmark: row cache, checkpoints, the quick dense model
-    cache = st.RowCache(args.out / "cache")
+    cache = RowCache(args.out / "cache")
     if args.quick:
         torch.set_num_threads(1)
-        checkpoint = st.quick_dense(cache.directory, DataConfig(name="digits"), print)
+        checkpoint = quick_dense(cache.directory, "resnet20", log=print)
     else:
-        checkpoint = st.checkpoint_paths(["resnet20"], st.CHECKPOINT_DIR)["resnet20"]
+        checkpoint = checkpoint_paths(["resnet20"], CHECKPOINT_DIR)["resnet20"]
     dense, _, data_cfg = load_dense(None, checkpoint, None)
-    data = load_dataset(data_cfg)
-    settings = {"checkpoint_sha256": st._sha256(checkpoint), "factor": args.factor,
+    data = prunekit.load_dataset(data_cfg)
+    settings = {"checkpoint_sha256": sha256(checkpoint), "factor": args.factor,
                 "fisher_batches": args.fisher_batches, "data": data_cfg.to_dict()}
     rows = []
     for method in args.methods:
@@ -64,14 +66,13 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{method}__damping{damping:g}"
             row = cache.get(key, settings)
             if row is None:
-                torch.manual_seed(0)
-                config = PruneConfig(method=method, target=Target("flops", 1 / args.factor),
-                                     allocation=AllocationConfig("global", 0.9), reconstruction_images=0,
-                                     curvature={"batches": args.fisher_batches, "damping": damping})
-                net = prune_model(copy.deepcopy(dense).train(), data, config, progress=False,
-                                  log=lambda *_: None).model.eval()
-                row = {"method": method, "damping": damping, "val_acc": evaluate(net, data.val)["acc"],
-                       "test_acc": evaluate(net, data.test)["acc"]}
+                config = prunekit.get_method(method).config(
+                    target=prunekit.Target("flops", 1 / args.factor), reconstruction_images=0,
+                    allocation=prunekit.AllocationConfig("global", 0.9),
+                    curvature=prunekit.FisherSettings(fisher_batches=args.fisher_batches, damping=damping))
+                net = prune_copy(dense, config, data)[0].eval()
+                row = {"method": method, "damping": damping, "val_acc": prunekit.evaluate(net, data.val)["acc"],
+                       "test_acc": prunekit.evaluate(net, data.test)["acc"]}
                 cache.put(key, settings, row)
                 print(f"{method} damping {damping:g}: val {row['val_acc']:.4f}, test {row['test_acc']:.4f}")
             rows.append(row)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"command": command, "settings": settings, "rows": rows, "best_on_validation": best,
                "default": default}
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "damping.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
+    write_json(args.out / "damping.json", payload)
     lines = ["# Damping of the OBS criteria", "", "Made by (from the repository root):", "", f"    {command}", "",
              f"One-shot pruning to 1/{args.factor:g} of the FLOPs, BatchNorm re-estimated, no fine-tuning; "
              f"true Fisher on {args.fisher_batches} batches of 64. Best on validation: "
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
              "| method | damping | val acc after pruning % | test acc after pruning % |", "|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['damping']:g} | {100 * r['val_acc']:.2f} | {100 * r['test_acc']:.2f} |"
               for r in rows]
-    atomic_write(args.out / "damping.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    write_text(args.out / "damping.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -1,7 +1,8 @@
 """Recovery and deployment: accuracy right after pruning (before any training) and latency against the limit.
 
 For ResNet-20 and VGG-11 on Fashion-MNIST (committed dense checkpoints) at FLOPs x2, x4, x8, with prunekit's
-default pipeline (L1 criterion, global allocation, at most 90% of a group):
+default pipeline (``prunekit.prune_`` with ``--method``'s registered config: L1 criterion, global allocation, at
+most 90% of a group):
 
 * test accuracy right after pruning with BatchNorm re-estimation only (512 training images), and with the
   least-squares re-fit first (``prunekit.recovery.reconstruction``, 256 images; the default), both before any training;
@@ -25,8 +26,6 @@ Rows (pruning + fine-tuning) and latencies are cached separately under ``<out>/c
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import shlex
 import sys
 import time
@@ -34,22 +33,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import (
+    CHECKPOINT_DIR,
+    CONV_MODELS,
+    ROOT,
+    RowCache,
+    checkpoint_paths,
+    method_config,
+    prune_copy,
+    quick_dense,
+    sha256,
+    write_json,
+    write_text,
+)
 
-from prunekit.data import load_dataset
+import prunekit
 from prunekit.jobs import load_dense, width_builder
 from prunekit.measurement.deploy import measure_against_limit
-from prunekit.measurement.metrics import count_flops, count_params
 from prunekit.measurement.plots import plot_speedups
-from prunekit.methods.channel import PruneConfig, prune_model
-from prunekit.persistence.architecture import load_compressed, save_compressed
-from prunekit.persistence.checkpoint import atomic_write
-from prunekit.planning.allocation import AllocationConfig, Target
-from prunekit.training import Augment, TrainConfig, evaluate, fit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import structured as st  # noqa: E402  (the sibling benchmark: row cache, checkpoint lookup, hashing)
-
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "deploy"
 
 
@@ -58,26 +60,27 @@ def prune_row(dense, base: dict[str, Any], data, method: str, factor: float, arg
     """Prune twice (BatchNorm only / re-fit + BatchNorm), fine-tune the default one, save it; the accuracy row."""
     accs = {}
     for label, images in (("bn_only", 0), ("refit", args.refit_images)):
-        config = PruneConfig(method=method, target=Target("flops", 1.0 / factor),
-                             allocation=AllocationConfig("global", 0.9), reconstruction_images=images)
+        config = method_config(method, target=prunekit.Target("flops", 1.0 / factor),
+                               allocation=prunekit.AllocationConfig("global", 0.9), reconstruction_images=images)
         t0 = time.perf_counter()
-        result = prune_model(copy.deepcopy(dense).train(), data, config, None, progress=False, log=st._quiet)
-        accs[label] = (result.test_acc_before_finetune, time.perf_counter() - t0)
-    net, changes = result.model, result.changes
+        net, record = prune_copy(dense, config, data)
+        accs[label] = (record.test_acc_before_finetune, time.perf_counter() - t0)
     shape = (data.in_channels, data.input_size, data.input_size)
-    finetune = TrainConfig(epochs=args.finetune_epochs, lr=0.01, batch_size=128, augment=Augment.CROP_FLIP, seed=0)
-    fitted = fit(net, data, finetune, progress=False) if args.finetune_epochs > 0 else None
-    save_compressed(model_path, net.eval(), base, changes, {"data": data.config.to_dict()})
-    return {"params": count_params(net), "flops": count_flops(net, (1, *shape)),
+    finetune = prunekit.TrainConfig(epochs=args.finetune_epochs, lr=0.01, batch_size=128,
+                                    augment=prunekit.Augment.CROP_FLIP, seed=0)
+    fitted = prunekit.fit(net, data, finetune, progress=False) if args.finetune_epochs > 0 else None
+    prunekit.save_compressed(model_path, net.eval(), base, record.changes, {
+        "method": record.method, "config": config.to_dict(), "data": data.config.to_dict()})
+    return {"params": prunekit.count_params(net), "flops": prunekit.count_flops(net, (1, *shape)),
             "test_acc_bn_only": accs["bn_only"][0], "test_acc_refit": accs["refit"][0],
             "seconds_prune_bn_only": accs["bn_only"][1], "seconds_prune_refit": accs["refit"][1],
-            "test_acc": evaluate(net, data.test)["acc"],
+            "test_acc": prunekit.evaluate(net, data.test)["acc"],
             "best_epoch": fitted.best_epoch if fitted is not None else None}
 
 
 def latency_row(dense_path: Path, model_path: Path, args) -> dict[str, Any]:
-    dense, meta = load_compressed(dense_path)
-    pruned, _ = load_compressed(model_path)
+    dense, meta = prunekit.load_compressed(dense_path)
+    pruned, _ = prunekit.load_compressed(model_path)
     shape = (meta["model"]["in_channels"], meta["model"]["input_size"], meta["model"]["input_size"])
     result = measure_against_limit(pruned, dense, shape, width_builder(meta["model"]), threads=args.threads,
                                    batches=tuple(args.batches), repeats=args.repeats, min_run_time=args.min_run_time)
@@ -126,7 +129,7 @@ def readme_table(rows: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="deploy.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=None, choices=sorted(st.CHECKPOINTS))
+    p.add_argument("--models", nargs="+", default=None, choices=sorted(CONV_MODELS))
     p.add_argument("--factors", nargs="+", type=float, default=None, help="FLOPs reductions (default 2 4 8)")
     p.add_argument("--method", default="l1", help="pruning criterion (default: prunekit's default, l1)")
     p.add_argument("--refit-images", type=int, default=256)
@@ -135,11 +138,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--min-run-time", type=float, default=0.3)
-    p.add_argument("--checkpoint-dir", type=Path, default=st.CHECKPOINT_DIR)
+    p.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true", help="about a minute: digits, a small resnet20, x2")
     p.add_argument("--remeasure-latency", action="store_true", help="time every row again (idle machine)")
     args = p.parse_args(argv)
+    try:
+        prunekit.get_method(args.method)
+    except ValueError as exc:
+        p.error(f"--method: {exc}")
     if args.quick:
         args.models, args.factors = ["resnet20"], args.factors or [2.0]
         args.finetune_epochs, args.repeats, args.min_run_time = 1, 1, 0.02
@@ -158,21 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "benchmarks/deploy.py", *(sys.argv[1:] if argv is None else argv)])
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cache = st.RowCache(args.out / "cache")
+    cache = RowCache(args.out / "cache")
     models_dir = args.out / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     if args.quick:
-        paths = {"resnet20": st.quick_dense(cache.directory, st.DataConfig(name="digits"), print)}
+        paths = {"resnet20": quick_dense(cache.directory, "resnet20", log=print)}
     else:
-        paths = st.checkpoint_paths(args.models, args.checkpoint_dir)
+        paths = checkpoint_paths(args.models, args.checkpoint_dir)
     rows, dense_rows = [], {}
     for name in args.models:
         dense, base, data_cfg = load_dense(None, paths[name], None)
-        data = load_dataset(data_cfg)
+        data = prunekit.load_dataset(data_cfg)
         shape = (data.in_channels, data.input_size, data.input_size)
-        dense_rows[name] = {"params": count_params(dense), "flops": count_flops(dense, (1, *shape)),
-                            "test_acc": evaluate(dense, data.test)["acc"], "checkpoint": str(paths[name])}
-        settings = {"checkpoint_sha256": st._sha256(paths[name]), "method": args.method,
+        dense_rows[name] = {"params": prunekit.count_params(dense), "flops": prunekit.count_flops(dense, (1, *shape)),
+                            "test_acc": prunekit.evaluate(dense, data.test)["acc"], "checkpoint": str(paths[name])}
+        settings = {"checkpoint_sha256": sha256(paths[name]), "method": args.method,
                     "refit_images": args.refit_images, "finetune_epochs": args.finetune_epochs}
         lat_settings = {**settings, "threads": args.threads or torch.get_num_threads(), "batches": args.batches,
                         "repeats": args.repeats, "min_run_time": args.min_run_time}
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     payload = {"command": command, "quick": args.quick, "torch": torch.__version__, "dense": dense_rows,
                "rows": rows}
-    atomic_write(out / "deploy.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
+    write_json(out / "deploy.json", payload)
     for r in rows:
         plot_speedups(r["latency"], out / f"speedups_{r['model']}_x{r['factor']:g}.png",
                       title=f"{r['model']} x{r['factor']:g} FLOPs ({args.method}, re-fit, fine-tuned)")
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         md += [f"Where the eager time of the last row ({rows[-1]['model']} x{rows[-1]['factor']:g}) goes, batch "
                f"{max(args.batches)}:", "", "| op | ms per forward | share |", "|---|---|---|"]
         md += [f"| {p['op']} | {p['ms_per_forward']:.3f} | {100 * p['share']:.1f}% |" for p in profile]
-    atomic_write(out / "deploy.md", lambda tmp: Path(tmp).write_text("\n".join(md) + "\n"))
+    write_text(out / "deploy.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

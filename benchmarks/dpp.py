@@ -4,9 +4,10 @@ sparsity, with float, 8-bit and binary weights.
 Every row starts from the committed dense checkpoint and trains ``--epochs`` epochs (SGD lr ``--lr``, cosine, no
 augmentation; test accuracy of the best-on-validation epoch):
 
-* ``dpp``: masks and weights trained together (``prunekit.methods.dpp.dpp_prune_``, temperature 1 -> 0.05 per epoch;
-  by default logits start at 10 x the log-magnitude score, the Gumbel noise follows the temperature down and the
-  logits learn at 5000 x the weights' lr, the best of the LeNet-5 pilots in ``results/dpp/pilot-*``);
+* ``dpp``: masks and weights trained together (``prunekit.methods.dpp.dpp_prune_``, called directly because the
+  layer plan below and the quantization of the layers it leaves dense are the benchmark's own; temperature 1 ->
+  0.05 per epoch; by default logits start at 10 x the log-magnitude score, the Gumbel noise follows the temperature
+  down and the logits learn at 5000 x the weights' lr, the best of the LeNet-5 pilots in ``results/dpp/pilot-*``);
 * ``magnitude``: the same k-of-n pattern chosen by weight magnitude once, then masked retraining for the same
   epochs (:func:`magnitude_k_of_n_`).
 
@@ -14,17 +15,18 @@ Which layer keeps how many (``--layer-plan``, the same for both methods; the tab
 
 * ``small-dense`` (default): layers holding under 2% of the weights (LeNet-5's first convolution and classifier,
   LeNet-300's classifier) stay dense and the others share the budget at one keep ratio, each as the densest k-of-n
-  at or under it with ``n <= 32`` dividing its rows (``prunekit.methods.dpp.plan_k_of_n``), the usual practice for N:M
-  sparsity;
+  at or under it with ``n <= 32`` dividing its rows (``prunekit.planning.allocation.plan_k_of_n``), the usual practice
+  for N:M sparsity;
 * ``uniform``: every layer keeps ``1`` of ``n`` (4, 10, 20), or the nearest run length dividing its rows
-  (``prunekit.methods.dpp.nearest_k_of_n``: LeNet-300's 784-wide first layer, LeNet-5's 25-wide first conv).
+  (``prunekit.planning.allocation.nearest_k_of_n``: LeNet-300's 784-wide first layer, LeNet-5's 25-wide first conv).
 
 Quantized rows (8-bit, binary) quantize every layer's weights by straight-through estimators in both methods'
 training and keep the same sparsity pattern.
 
 Filter granularity (``--filter-models``, default ResNet-20): DPP over coupled channel groups at 1/4 of the FLOPs
-(``prunekit.methods.dpp_filters``), the dropped filters removed physically, trained for the two epochs (SGD lr 0.01,
-crop+flip) that the curvature benchmark's one-shot rows fine-tune for; the table puts it next to those rows.
+(``prunekit.prune_`` with ``prunekit.DPPConfig(pattern="group")``), the dropped filters removed physically, trained
+for the two epochs (SGD lr 0.01, crop+flip) that the curvature benchmark's one-shot rows fine-tune for; the table
+puts it next to those rows.
 
     python benchmarks/dpp.py                        # LeNet-5 and LeNet-300-100, 75/90/95%, none/8-bit/binary
     python benchmarks/dpp.py --quick --out /tmp/q   # about a minute: digits, small LeNet-5, 75%, float
@@ -39,24 +41,31 @@ import copy
 import json
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import (
+    CHECKPOINT_DIR,
+    LENETS,
+    ROOT,
+    RowCache,
+    checkpoint_paths,
+    prune_copy,
+    quick_dense,
+    sha256,
+    write_json,
+    write_text,
+)
 from torch import nn
 
-from prunekit.data import load_dataset
+import prunekit
 from prunekit.jobs import load_dense
 from prunekit.measurement.plots import plot_mask_metrics
-from prunekit.methods.dpp import DPPConfig, TemperatureSchedule, dpp_prune_, nearest_k_of_n, plan_k_of_n, ste_quantizer
-from prunekit.persistence.checkpoint import atomic_write
-from prunekit.training import Augment, TrainConfig, evaluate
+from prunekit.methods.dpp import dpp_prune_, ste_quantizer
+from prunekit.planning.allocation import nearest_k_of_n, plan_k_of_n
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import admm as admm_bench  # noqa: E402  (the quick dense LeNet-5 and the checkpoint names)
-import structured as st  # noqa: E402  (row cache and hashing)
-
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "dpp"
 LEVELS = {0.75: (1, 4), 0.9: (1, 10), 0.95: (1, 20)}
 LAYER_PLANS = ("small-dense", "uniform")
@@ -64,42 +73,81 @@ LAYER_PLANS = ("small-dense", "uniform")
 # noise annealed with the temperature, and a logit learning rate large enough for the masks to move in 6 epochs.
 INIT_SCALE = 10.0
 LOGIT_LR_SCALE = 5000.0
+TEMPERATURE = prunekit.TemperatureSchedule(1.0, 0.05)  # per epoch, exponential
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
+def dpp_k_of_n_(net: nn.Module, data, per_layer: dict[str, tuple[int, int]], quant: str,
+                train: prunekit.TrainConfig, args) -> dict[str, Any]:
+    """DPP masks and weights trained together with the layer plan's k of n per layer (``dpp_prune_``: the plan
+    and the quantization of the layers left dense are the benchmark's, not a config's); the layers left dense are
+    quantized too."""
+    k, n = next(iter(per_layer.values()))
+    config = prunekit.DPPConfig(k=k, n=n, quant=quant, epochs=args.epochs, temperature=TEMPERATURE,
+                                init_scale=args.init_scale, noise_scale=args.noise_scale,
+                                anneal_noise=args.anneal_noise, logit_lr_scale=args.logit_lr_scale)
+    configs = {name: replace(config, k=kk, n=nn_) for name, (kk, nn_) in per_layer.items()}
+    dense_layers = [m for name, m in _layers(net).items() if name not in per_layer]
+    quantize_(dense_layers, quant)  # dpp_prune_ quantizes the layers it masks
+    result = dpp_prune_(net, data, config, train, layers=list(per_layer), progress=False, per_layer=configs)
+    bake_(dense_layers)
+    last = result.metrics[-1] if result.metrics else {}
+    return {"final_confidence": {key: v for key, v in last.items() if key.endswith("/confidence")},
+            "metrics": result.metrics}
+
+
+def magnitude_k_of_n_(net: nn.Module, data, per_layer: dict[str, tuple[int, int]], quant: str,
+                      train: prunekit.TrainConfig, args) -> dict[str, Any]:
+    """The k largest magnitudes of every run, then masked retraining (every layer quantized by STE when asked)."""
+    from torch.nn.utils import parametrize
+
+    from prunekit.planning.constraints import SparsityConstraint, sparsity_mask
+    from prunekit.training import TrainHooks
+
+    layers = _layers(net)
+    masks = {}
+    with torch.no_grad():
+        for name, (kk, nn_) in per_layer.items():
+            masks[name] = sparsity_mask(layers[name].weight, SparsityConstraint(prunekit.Pattern.K_OF_N, k=kk, n=nn_))
+            layers[name].weight.mul_(masks[name])
+    quantize_(list(layers.values()), quant)
+
+    def stored(m: nn.Module) -> torch.Tensor:
+        return m.parametrizations.weight.original if parametrize.is_parametrized(m) else m.weight
+
+    class KeepMasks(TrainHooks):
+        @torch.no_grad()
+        def after_step(self, model, optimizer, step):
+            for name, mask in masks.items():
+                stored(layers[name]).mul_(mask)
+                state = optimizer.state.get(stored(layers[name]), {})
+                if state.get("momentum_buffer") is not None:
+                    state["momentum_buffer"].mul_(mask)
+
+    prunekit.fit(net, data, train, progress=False, hooks=KeepMasks())
+    bake_(list(layers.values()))
+    return {}
+
+
+ROW_METHODS = {"magnitude": magnitude_k_of_n_, "dpp": dpp_k_of_n_}  # the baseline first
+
+
 def run_row(dense, data, method: str, sparsity: float, quant: str, args) -> dict[str, Any]:
     torch.manual_seed(0)
     net = copy.deepcopy(dense).train()
     per_layer = layer_plan(net, sparsity, args.layer_plan)
-    k, n = next(iter(per_layer.values()))
-    train = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=128, augment=Augment.NONE, seed=0)
-    extra: dict[str, Any] = {}
-    if method == "dpp":
-        schedule = TemperatureSchedule(1.0, 0.05, max(args.epochs, 1))
-        extra_config = {"init_scale": args.init_scale, "noise_scale": args.noise_scale,
-                        "anneal_noise": args.anneal_noise, "logit_lr_scale": args.logit_lr_scale}
-        configs = {name: DPPConfig(k=kk, n=nn_, temperature=schedule, **extra_config)
-                   for name, (kk, nn_) in per_layer.items()}
-        dense_layers = [m for name, m in _layers(net).items() if name not in per_layer]
-        quantize_(dense_layers, quant)  # dpp_prune_ quantizes the layers it masks
-        result = dpp_prune_(net, data, DPPConfig(k=k, n=n, temperature=schedule, **extra_config), train,
-                            layers=list(per_layer),
-                            quant=quant, progress=False, per_layer=configs)
-        bake_(dense_layers)
-        last = result.metrics[-1] if result.metrics else {}
-        extra["final_confidence"] = {key: v for key, v in last.items() if key.endswith("/confidence")}
-        extra["metrics"] = result.metrics
-    else:
-        magnitude_k_of_n_(net, data, per_layer, quant, train)
+    train = prunekit.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=128, augment=prunekit.Augment.NONE,
+                                 seed=0)
+    extra = ROW_METHODS[method](net, data, per_layer, quant, train, args)
     net.eval()
     weights = [m.weight for m in _layers(net).values()]
     kept = sum(int((w != 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     return {"method": method, "sparsity_target": sparsity, "k_of_n": per_layer, "quant": quant,
-            "sparsity": 1 - kept, "val_acc": evaluate(net, data.val)["acc"],
-            "test_acc": evaluate(net, data.test)["acc"], **extra}
+            "sparsity": 1 - kept, "val_acc": prunekit.evaluate(net, data.val)["acc"],
+            "test_acc": prunekit.evaluate(net, data.test)["acc"], **extra}
 
 
 def layer_plan(net: nn.Module, sparsity: float, plan: str) -> dict[str, tuple[int, int]]:
@@ -129,67 +177,36 @@ def bake_(layers: list[nn.Module]) -> None:
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
 
 
-def magnitude_k_of_n_(net: nn.Module, data, per_layer: dict[str, tuple[int, int]], quant: str,
-                      train: TrainConfig) -> None:
-    """The k largest magnitudes of every run, then masked retraining (every layer quantized by STE when asked)."""
-    from torch.nn.utils import parametrize
-
-    from prunekit.planning.constraints import Pattern, SparsityConstraint, sparsity_mask
-    from prunekit.training import TrainHooks, fit
-
-    layers = _layers(net)
-    masks = {}
-    with torch.no_grad():
-        for name, (kk, nn_) in per_layer.items():
-            masks[name] = sparsity_mask(layers[name].weight, SparsityConstraint(Pattern.K_OF_N, k=kk, n=nn_))
-            layers[name].weight.mul_(masks[name])
-    quantize_(list(layers.values()), quant)
-
-    def stored(m: nn.Module) -> torch.Tensor:
-        return m.parametrizations.weight.original if parametrize.is_parametrized(m) else m.weight
-
-    class KeepMasks(TrainHooks):
-        @torch.no_grad()
-        def after_step(self, model, optimizer, step):
-            for name, mask in masks.items():
-                stored(layers[name]).mul_(mask)
-                state = optimizer.state.get(stored(layers[name]), {})
-                if state.get("momentum_buffer") is not None:
-                    state["momentum_buffer"].mul_(mask)
-
-    fit(net, data, train, progress=False, hooks=KeepMasks())
-    bake_(list(layers.values()))
-
-
-FILTER_CHECKPOINTS = {"resnet20": "resnet20-fmnist.safetensors"}
+FILTER_MODELS = ("resnet20",)
 FILTER_FLOPS = 0.25
 
 
-def filter_row(checkpoint: Path, epochs: int, augment: Augment, init_scale: float = 1.0,
+def filter_row(checkpoint: Path, epochs: int, augment: prunekit.Augment, init_scale: float = 1.0,
                anneal_noise: bool = False) -> dict[str, Any]:
-    """Filter-granularity DPP on coupled groups from the dense checkpoint; the network shrinks physically. The
-    logits learn at the weights' lr: a filter mask's gradient already sums over a whole channel."""
-    from prunekit.measurement.metrics import count_flops, count_params
-    from prunekit.methods.dpp_filters import dpp_filter_prune_
+    """DPP's group pattern (``prunekit.prune_`` with ``prunekit.DPPConfig(pattern="group")``): filters of coupled
+    groups from the dense checkpoint, the dropped ones removed physically. The logits learn at the weights' lr: a
+    filter mask's gradient already sums over a whole channel."""
+    from prunekit.channels.graph import ChannelGraph
     from prunekit.persistence.architecture import input_shape_of
-    from prunekit.planning.allocation import Target
 
     dense, base, data_cfg = load_dense(None, checkpoint, None)
-    data = load_dataset(data_cfg)
+    data = prunekit.load_dataset(data_cfg)
     shape = (1, *input_shape_of(base))
-    torch.manual_seed(0)
-    net = copy.deepcopy(dense).train()
-    config = DPPConfig(k=1, n=2, temperature=TemperatureSchedule(1.0, 0.05, max(epochs, 1)),
-                       init_scale=init_scale, anneal_noise=anneal_noise)
-    train = TrainConfig(epochs=epochs, lr=0.01, batch_size=128, augment=augment, seed=0)
-    result = dpp_filter_prune_(net, data, Target("flops", FILTER_FLOPS), config, train, progress=False)
+    config = prunekit.DPPConfig(pattern="group", target=prunekit.Target("flops", FILTER_FLOPS), epochs=epochs,
+                                temperature=TEMPERATURE, init_scale=init_scale, anneal_noise=anneal_noise)
+    train = prunekit.TrainConfig(epochs=epochs, lr=0.01, batch_size=128, augment=augment, seed=0)
+    net, record = prune_copy(dense, config, data, train=train)
     net.eval()
-    last = result.metrics[-1] if result.metrics else {}
-    return {"flops_reduction": count_flops(dense, shape) / count_flops(net, shape),
-            "params_reduction": count_params(dense) / count_params(net), "kept": result.kept,
-            "dense_test_acc": evaluate(dense, data.test)["acc"], "val_acc": evaluate(net, data.val)["acc"],
-            "test_acc": evaluate(net, data.test)["acc"], "metrics": result.metrics,
-            "final_confidence": {k: v for k, v in last.items() if k.endswith("/confidence")}}
+    sizes = {g.root: g.size for g in ChannelGraph(copy.deepcopy(dense), data.train[:2][0]).groups}
+    metrics = record.results["metrics"]
+    last = metrics[-1] if metrics else {}
+    return {"flops_reduction": prunekit.count_flops(dense, shape) / prunekit.count_flops(net, shape),
+            "params_reduction": prunekit.count_params(dense) / prunekit.count_params(net),
+            "kept": {root: [sizes[root] - len(removed), sizes[root]]
+                     for root, removed in record.changes[0]["removed"].items()},
+            "dense_test_acc": prunekit.evaluate(dense, data.test)["acc"],
+            "val_acc": prunekit.evaluate(net, data.val)["acc"], "test_acc": prunekit.evaluate(net, data.test)["acc"],
+            "metrics": metrics, "final_confidence": {k: v for k, v in last.items() if k.endswith("/confidence")}}
 
 
 def filter_table(model: str, row: dict[str, Any], reference: Path) -> str:
@@ -210,10 +227,11 @@ def filter_table(model: str, row: dict[str, Any], reference: Path) -> str:
 
 def _pairs(rows: list[dict[str, Any]]):
     """``(sparsity target, quant, magnitude row or None, DPP row)`` in run order."""
-    by = {(r["method"], r["sparsity_target"], r["quant"]): r for r in rows}
-    for (method, s, q), r in by.items():
-        if method == "dpp":
-            yield s, q, by.get(("magnitude", s, q)), r
+    by: dict[str, dict[tuple[float, str], dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["method"], {})[(r["sparsity_target"], r["quant"])] = r
+    for (s, q), r in by.get("dpp", {}).items():
+        yield s, q, by.get("magnitude", {}).get((s, q)), r
 
 
 def _cells(mag: dict[str, Any] | None, dpp: dict[str, Any]) -> str:
@@ -249,12 +267,12 @@ def readme_filter_table(payload: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dpp.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=None, choices=sorted(admm_bench.CHECKPOINTS))
+    p.add_argument("--models", nargs="+", default=None, choices=sorted(LENETS))
     p.add_argument("--sparsities", nargs="+", type=float, default=None, help=f"of {sorted(LEVELS)}")
     p.add_argument("--quant", nargs="+", default=None, help="none, bits=8, binary (default: all three)")
     p.add_argument("--quant-sparsities", nargs="+", type=float, default=[0.9],
                    help="sparsities that also get the quantized rows (default 0.9, the goal's level)")
-    p.add_argument("--filter-models", nargs="*", default=None, choices=sorted(FILTER_CHECKPOINTS),
+    p.add_argument("--filter-models", nargs="*", default=None, choices=sorted(FILTER_MODELS),
                    help="models of the filter-granularity row (default resnet20; none: skip)")
     p.add_argument("--filter-epochs", type=int, default=2)
     p.add_argument("--epochs", type=int, default=6)
@@ -270,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--logit-lr-scale", type=float, default=LOGIT_LR_SCALE,
                    help=f"DPP logits' learning rate as a multiple of --lr (default {LOGIT_LR_SCALE:g})")
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--checkpoint-dir", type=Path, default=st.CHECKPOINT_DIR)
+    p.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -293,37 +311,35 @@ def main(argv: list[str] | None = None) -> int:
     if any(q not in ("none", "binary") and not (q.startswith("bits=") and q[5:].isdigit()) for q in args.quant):
         p.error(f"--quant takes none, binary or bits=N, got {args.quant}")
     command = shlex.join(["python", "benchmarks/dpp.py", *(sys.argv[1:] if argv is None else argv)])
-    cache = st.RowCache(args.out / "cache")
+    cache = RowCache(args.out / "cache")
     payload: dict[str, Any] = {"command": command, "models": {}}
     texts = []
     for model_name in args.models:
-        checkpoint = admm_bench.quick_dense(cache.directory) if args.quick else \
-            args.checkpoint_dir / admm_bench.CHECKPOINTS[model_name]
-        if not checkpoint.is_file():
-            raise SystemExit(f"dpp.py: error: {checkpoint} is missing; train it with "
-                             f"`bash benchmarks/checkpoints/train_baselines.sh {model_name}`")
+        checkpoint = quick_dense(cache.directory, "lenet5") if args.quick else \
+            checkpoint_paths([model_name], args.checkpoint_dir, LENETS)[model_name]
         dense, _, data_cfg = load_dense(None, checkpoint, None)
-        data = load_dataset(data_cfg)
-        dense_acc = evaluate(dense, data.test)["acc"]
-        settings = {"checkpoint_sha256": st._sha256(checkpoint), "epochs": args.epochs, "lr": args.lr,
+        data = prunekit.load_dataset(data_cfg)
+        dense_acc = prunekit.evaluate(dense, data.test)["acc"]
+        settings = {"checkpoint_sha256": sha256(checkpoint), "epochs": args.epochs, "lr": args.lr,
                     **({"layer_plan": args.layer_plan} if args.layer_plan != "uniform" else {})}
-        dpp_settings = {**settings, "init_scale": args.init_scale, "noise_scale": args.noise_scale,
-                        "anneal_noise": args.anneal_noise, "logit_lr_scale": args.logit_lr_scale}
+        row_settings = {"magnitude": settings, "dpp": {
+            **settings, "init_scale": args.init_scale, "noise_scale": args.noise_scale,
+            "anneal_noise": args.anneal_noise, "logit_lr_scale": args.logit_lr_scale}}
         rows = []
         for q in args.quant:
             for s in args.sparsities:
                 if q != "none" and s not in args.quant_sparsities:
                     continue
-                for method in ("magnitude", "dpp"):
+                for method in ROW_METHODS:
                     rows.append(cache.get_or_run(
                         f"{model_name}__{method}__s{s:g}__{q.replace('=', '')}",
-                        dpp_settings if method == "dpp" else settings, run_row, dense, data,
+                        row_settings[method], run_row, dense, data,
                         method, s, q, args, announce=f"{model_name} {method} {s:.0%} {q}: test acc "
                                                      "{test_acc:.4f} (sparsity {sparsity:.3f})"))
         payload["models"][model_name] = {"dense_test_acc": dense_acc, "rows": rows}
         texts.append(table(model_name, dense_acc, rows))
-        for r in rows:  # how the masks settled: the float DPP row at the goal's sparsity
-            if r["method"] == "dpp" and r["quant"] == "none" and r.get("metrics") and \
+        for r in rows:  # how the masks settled: the float DPP row (the one with mask metrics) at the goal's sparsity
+            if r.get("metrics") and r["quant"] == "none" and \
                     r["sparsity_target"] == max(s for s in args.sparsities if s <= 0.9):
                 name = f"{model_name}_mask_metrics.png"
                 args.out.mkdir(parents=True, exist_ok=True)
@@ -331,12 +347,12 @@ def main(argv: list[str] | None = None) -> int:
                                   f"DPP {model_name}, {r['sparsity_target']:.0%} k-of-n: per-layer masks")
                 texts.append(f"![mask confidence and diversity]({name})\n")
     args.out.mkdir(parents=True, exist_ok=True)
-    filter_jobs = [("lenet5", admm_bench.quick_dense(cache.directory), 1, Augment.NONE)] if args.quick else \
-        [(m, args.checkpoint_dir / FILTER_CHECKPOINTS[m], args.filter_epochs, Augment.CROP_FLIP)
-         for m in args.filter_models]
+    filter_jobs = [("lenet5", quick_dense(cache.directory, "lenet5"), 1, prunekit.Augment.NONE)] if args.quick else \
+        [(m, path, args.filter_epochs, prunekit.Augment.CROP_FLIP)
+         for m, path in checkpoint_paths(args.filter_models, args.checkpoint_dir, FILTER_MODELS).items()]
     for model_name, checkpoint, epochs, augment in filter_jobs:
         key, settings = f"{model_name}__filter__flops{FILTER_FLOPS:g}", {
-            "checkpoint_sha256": st._sha256(checkpoint), "epochs": epochs, "augment": augment.value,
+            "checkpoint_sha256": sha256(checkpoint), "epochs": epochs, "augment": augment.value,
             "init_scale": args.init_scale, "anneal_noise": args.anneal_noise}
         row = cache.get_or_run(key, settings, filter_row, checkpoint, epochs, augment, args.init_scale,
                                args.anneal_noise,
@@ -344,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "(FLOPs {flops_reduction:.2f}x)")
         payload.setdefault("filter", {})[model_name] = row
         texts.append(filter_table(model_name, row, ROOT / "benchmarks/results/eigendamage/eigendamage.json"))
-    atomic_write(args.out / "dpp.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
+    write_json(args.out / "dpp.json", payload)
     md = ["# DPP vs magnitude k-of-n" + (" (quick smoke run)" if args.quick else ""), "",
           "Made by (from the repository root):", "", f"    {command}", "",
           f"{args.epochs} training epoch(s) per row for both methods, SGD lr {args.lr}, cosine, no augmentation; "
@@ -353,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.noise_scale:g}{' annealed with the temperature' if args.anneal_noise else ''}, logit lr "
           f"{args.logit_lr_scale:g} x lr; test accuracy of the best-on-validation epoch.", ""] + \
         [t + "\n" for t in texts]
-    atomic_write(args.out / "dpp.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
+    write_text(args.out / "dpp.md", "\n".join(md))
     print("\n".join(md))
     return 0
 

@@ -2,13 +2,14 @@
 Kron-OBD, Kron-OBS) against the best structural criterion and Torch-Pruning's best importance.
 
 Every row starts from the same committed dense checkpoint and gets the same fine-tuning budget
-(``--finetune-epochs`` epochs in total, prunekit's ``fit``: SGD lr 0.01, cosine, batch 128, crop+flip, seed 0):
+(``--finetune-epochs`` epochs in total, ``prunekit.fit``: SGD lr 0.01, cosine, batch 128, crop+flip, seed 0):
 
-* one-shot: prune to 1/factor of the FLOPs, BatchNorm re-estimated on 512 training images, then all epochs;
+* one-shot: prune to 1/factor of the FLOPs (``prunekit.prune_`` with the method's registered config), BatchNorm
+  re-estimated on 512 training images, then all epochs;
 * iterative (``--rounds`` rounds, prunekit methods only): each round keeps ``factor ** (-1/rounds)`` of the FLOPs
   and fine-tunes ``epochs / rounds`` epochs (EigenDamage re-collects statistics on the cores and merges rotations);
-* Torch-Pruning: its own progressive recipe (``benchmarks/structured.py``), BatchNorm re-estimated the same way,
-  then all epochs.
+* Torch-Pruning: its own progressive recipe (the one ``benchmarks/structured.py`` runs, in ``benchmarks/common.py``),
+  BatchNorm re-estimated the same way, then all epochs.
 
 Curvature statistics: true Fisher on ``--fisher-batches`` batches of 64, ``--damping`` (default prunekit's, chosen
 by ``benchmarks/damping.py``; relative to the factors' mean eigenvalues). The table reports test accuracy
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import statistics
 import sys
@@ -36,49 +36,64 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import (
+    CHECKPOINT_DIR,
+    ROOT,
+    STRUCTURAL,
+    TP_IMPORTANCES,
+    config_fields,
+    dense_pruned_latency,
+    dense_summary,
+    finish_row,
+    fmt_acc,
+    git_commit,
+    model_settings,
+    plot_accuracy_vs_flops,
+    prune_torch_pruning,
+    quiet,
+    row_key,
+    run_setup,
+    structural_config,
+    write_json,
+    write_text,
+)
 from tqdm.auto import tqdm
 
-from prunekit.curvature.kfac import CurvatureConfig
-from prunekit.data import load_dataset
-from prunekit.jobs import load_dense
-from prunekit.methods.channel import PruneConfig, prune_model, recalibrate_batchnorm_
-from prunekit.persistence.checkpoint import atomic_write
-from prunekit.planning.allocation import AllocationConfig, Target
+import prunekit
+from prunekit.recovery.batchnorm import recalibrate_batchnorm_
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eigendamage"
 CURVATURE_METHODS = ("eigendamage", "c-obd", "c-obs", "kron-obd", "kron-obs")
 # The best structural criterion and Torch-Pruning importance of benchmarks/structured.py on ResNet-20 at x4/x8.
 BEST_STRUCTURAL, BEST_TP = "l1", "bn"
 QUICK = {"models": ["resnet20"], "factors": [4.0], "methods": ["eigendamage", "kron-obs"], "schedules": ["one-shot"]}
+SCHEDULES = ("one-shot", "iterative")
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import structured as st  # noqa: E402  (the sibling benchmark: cache, fine-tuning, latency, Torch-Pruning recipe)
+def collects_statistics(method: str) -> bool:
+    """Whether the registered method's config has curvature settings (its rows report statistics time)."""
+    return "curvature" in config_fields(method)
 
 
-def prune_ours(dense, data, method: str, factor: float, schedule: str, rounds: int, s, curvature: dict[str, Any],
-               progress: bool):
-    """Prune a copy with prunekit; iterative rounds fine-tune in between. Returns (net, info, last-round settings)."""
-    torch.manual_seed(s.seed)
-    net = copy.deepcopy(dense).train()
+def prune_ours(dense, data, method: str, factor: float, schedule: str, rounds: int, s,
+               curvature: prunekit.FisherSettings, progress: bool):
+    """Prune a copy with prunekit (``prunekit.prune_``, one call per round, each keeping ``factor ** (-1/k)`` of
+    the FLOPs); iterative rounds fine-tune in between. Returns (net, info, last-round settings)."""
     k = rounds if schedule == "iterative" else 1
     epochs_per_round = s.finetune.epochs // k
     info: dict[str, Any] = {"rounds": k, "seconds_statistics": 0.0, "seconds_finetune_between_rounds": 0.0,
                             "architecture_changes": []}
+    torch.manual_seed(s.seed)
+    net = copy.deepcopy(dense).train()
     for r in range(1, k + 1):
-        config = PruneConfig(method=method, target=Target("flops", factor ** (-1.0 / k)),
-                             allocation=AllocationConfig("global", s.max_per_layer),
-                             score_batches=s.score_batches, bn_recalibration_images=s.bn_recalibration_images,
-                             reconstruction_images=0,  # the criteria alone (and their OBS updates)
-                             seed=s.seed + r - 1, curvature={**curvature, "seed": s.seed + r - 1})
-        result = prune_model(net, data, config, None, progress=False, log=st._quiet)
-        net = result.model
-        info["seconds_statistics"] += result.rounds[-1].seconds_scoring
-        info["architecture_changes"] += result.changes
+        config = structural_config(method, factor ** (-1.0 / k), s, curvature=curvature)
+        context = prunekit.RunContext(seed=s.seed + r - 1, progress=False, log=quiet)
+        record = prunekit.prune_(net, config, data, context)
+        info["seconds_statistics"] += record.rounds[-1]["seconds_scoring"]
+        info["architecture_changes"] += record.changes
         if r < k:
             t0 = time.perf_counter()
-            st.fit(net, data, replace(s.finetune, epochs=epochs_per_round), progress=progress)
+            prunekit.fit(net, data, replace(s.finetune, epochs=epochs_per_round), progress=progress)
             info["seconds_finetune_between_rounds"] += time.perf_counter() - t0
     last = replace(s, finetune=replace(s.finetune, epochs=s.finetune.epochs - epochs_per_round * (k - 1)))
     return net, info, last
@@ -86,14 +101,11 @@ def prune_ours(dense, data, method: str, factor: float, schedule: str, rounds: i
 
 def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str, str]], factors: list[float],
               base, args, cache, bar: tqdm, progress: bool, log) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    dense, _, data_cfg = load_dense(None, checkpoint, None)
-    if base.data.limit is not None:
-        data_cfg = replace(data_cfg, limit=base.data.limit)
-    settings = replace(base, data=data_cfg, checkpoint_sha256=st._sha256(checkpoint))
-    curvature = {"batches": args.fisher_batches, "damping": args.damping}
+    dense, _, settings = model_settings(checkpoint, base)
+    curvature = prunekit.FisherSettings(fisher_batches=args.fisher_batches, damping=args.damping)
     sdict = {**settings.to_dict(), "fisher_batches": args.fisher_batches, "damping": args.damping,
              "rounds": args.rounds}
-    key = lambda tool, method, schedule, f: f"{st.row_key(model_name, tool, method, f)}__{schedule}"  # noqa: E731
+    key = lambda tool, method, schedule, f: f"{row_key(model_name, tool, method, f)}__{schedule}"  # noqa: E731
     dense_row = cache.get(f"{model_name}__dense", sdict)
     found = {(t, m, sc, f): cache.get(key(t, m, sc, f), sdict) for t, m, sc in jobs for f in factors}
     rows = [r for r in found.values() if r is not None]
@@ -102,16 +114,16 @@ def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str, str]
         log(f"{model_name}: {len(found) - len(rows)} row(s) not run yet, left out (--cached-only)")
     if dense_row is not None and (len(rows) == len(found) or args.cached_only) and not args.remeasure_latency:
         return {**dense_row, "settings": sdict}, rows
-    data = load_dataset(data_cfg)
+    data = prunekit.load_dataset(settings.data)
     if dense_row is None:
-        dense_row = st.dense_summary(dense, data, settings)
+        dense_row = dense_summary(dense, data, settings)
         cache.put(f"{model_name}__dense", sdict, dense_row)
     for tool, method, schedule in jobs:
         todo = [] if args.cached_only else [f for f in factors if found[(tool, method, schedule, f)] is None]
         if not todo:
             continue
         if tool == "torch-pruning":
-            trajectory = st.prune_torch_pruning(dense, data, method, todo, settings, progress)
+            trajectory = prune_torch_pruning(dense, data, method, todo, settings, progress)
         for factor in todo:
             bar.set_postfix_str(f"{model_name} {method} {schedule} x{factor:g}")
             t0 = time.perf_counter()
@@ -123,8 +135,8 @@ def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str, str]
                 net, info = trajectory.pop(factor)
                 recalibrate_batchnorm_(net, data, settings.bn_recalibration_images)
                 seconds, last = info["seconds"] + time.perf_counter() - t0, settings
-            row = st.finish_row(model_name, tool, method, factor, dense, net, data, last, dense_row, seconds, info,
-                                progress)
+            row = finish_row(model_name, tool, method, factor, dense, net, data, last, dense_row, seconds, info,
+                             progress)
             if "epoch_seconds" not in dense_row:
                 dense_row["epoch_seconds"] = dense_epoch_seconds(dense, data, settings, progress)
                 cache.put(f"{model_name}__dense", sdict, dense_row)
@@ -146,25 +158,24 @@ def dense_epoch_seconds(dense, data, settings, progress: bool = False) -> float:
     """Seconds of one training epoch of the dense network (what statistics time is compared with)."""
     net = copy.deepcopy(dense).train()
     t0 = time.perf_counter()
-    st.fit(net, data, replace(settings.finetune, epochs=1), progress=progress)
+    prunekit.fit(net, data, replace(settings.finetune, epochs=1), progress=progress)
     return time.perf_counter() - t0
 
 
 def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, Any]], settings, cache, key,
-                      sdict: dict[str, Any], curvature: dict[str, Any], log) -> None:
+                      sdict: dict[str, Any], curvature: prunekit.FisherSettings, log) -> None:
     """Time every row again (on an idle machine): latency, and for one-shot rows the statistics time.
 
     One-shot prunekit rows and Torch-Pruning rows are re-pruned (deterministic); an iterative row's network is
     rebuilt from its recorded architecture changes (latency does not depend on the weights). Parameters and FLOPs
     are checked against the row first. Statistics time is compared with one training epoch of the dense network,
     timed again here."""
-    from prunekit.measurement.metrics import count_flops, count_params
     from prunekit.persistence.architecture import build_base, input_shape_of, replay_changes_
 
-    dense, base, data_cfg = load_dense(None, checkpoint, None)
+    dense, base, _ = model_settings(checkpoint, settings)
     dense.eval()
     shape = input_shape_of(base)
-    data = load_dataset(replace(data_cfg, limit=settings.data.limit))
+    data = prunekit.load_dataset(settings.data)
     epoch_seconds = dense_epoch_seconds(dense, data, settings)
     trajectories: dict[str, Any] = {}
     for r in rows:
@@ -183,15 +194,14 @@ def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, An
         else:
             if r["method"] not in trajectories:
                 factors = sorted(x["factor"] for x in rows if x["tool"] == r["tool"] and x["method"] == r["method"])
-                trajectories[r["method"]] = st.prune_torch_pruning(dense, data, r["method"], factors, settings,
-                                                                   False)
+                trajectories[r["method"]] = prune_torch_pruning(dense, data, r["method"], factors, settings, False)
             net = trajectories[r["method"]][r["factor"]][0]
         net.eval()
-        got = (count_params(net), count_flops(net, (1, *shape)))
+        got = (prunekit.count_params(net), prunekit.count_flops(net, (1, *shape)))
         if got != (r["params"], r["flops"]):
             raise SystemExit(f"eigendamage.py: error: rebuilding {model_name} {r['method']} {r['schedule']} "
                              f"x{r['factor']:g} gave {got} params/FLOPs, the row has {(r['params'], r['flops'])}")
-        lat_dense, lat_pruned = st.paired_latency(dense, net, shape, settings)
+        lat_dense, lat_pruned = dense_pruned_latency(dense, net, shape, settings)
         if "seconds_statistics" in r:
             r["statistics_per_epoch"] = r["seconds_statistics"] / epoch_seconds
         r.update(latency_dense_ms=lat_dense, latency_pruned_ms=lat_pruned, latency_speedup=lat_dense / lat_pruned,
@@ -231,26 +241,26 @@ def results_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model, d in dense.items():
         lines.append(f"| {model} | dense | - | - | {d['params']:,} | 1.00x | {d['flops'] / 1e6:.2f} | 1.00x | "
-                     f"{d['latency_ms']:.2f} | 1.00x | - | - | {st._fmt_acc(d['test_acc'])} |")
+                     f"{d['latency_ms']:.2f} | 1.00x | - | - | {fmt_acc(d['test_acc'])} |")
         for r in (r for r in rows if r["model"] == model):
             name = r["method"] if r["tool"] == "prunekit" else f"Torch-Pruning {r['method']}"
-            stats = f"{r['statistics_per_epoch']:.2f}" if r["method"] in CURVATURE_METHODS else "-"
+            stats = f"{r['statistics_per_epoch']:.2f}" if collects_statistics(r["method"]) else "-"
             lines.append(
                 f"| {model} | {name} | {r['schedule']} | x{r['factor']:g} | {r['params']:,} | "
                 f"{r['params_reduction']:.2f}x | {r['flops'] / 1e6:.2f} | {r['flops_reduction']:.2f}x | "
                 f"{r['latency_pruned_ms']:.2f} | {r['latency_speedup']:.2f}x | {stats} | "
-                f"{st._fmt_acc(r['test_acc_pruned'])} | {st._fmt_acc(r['test_acc'])} |")
+                f"{fmt_acc(r['test_acc_pruned'])} | {fmt_acc(r['test_acc'])} |")
     return "\n".join(lines)
 
 
 def write_outputs(out: Path, command: str, rows, dense, quick: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command, "quick": quick, "git_commit": st._git_commit(), "torch": torch.__version__,
+    payload = {"command": command, "quick": quick, "git_commit": git_commit(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "dense": dense, "rows": rows}
-    atomic_write(out / "eigendamage.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
+    write_json(out / "eigendamage.json", payload)
     plot_rows = [{**r, "tool": "prunekit" if r["schedule"] == "one-shot" else "torch-pruning",
                   "method": r["method"] if r["tool"] == "prunekit" else f"TP {r['method']}"} for r in rows]
-    st.plot_accuracy_vs_flops(plot_rows, dense, out / "eigendamage_accuracy_vs_flops.png")
+    plot_accuracy_vs_flops(plot_rows, dense, out / "eigendamage_accuracy_vs_flops.png")
     s = next(iter(dense.values()))["settings"]
     ft = s["finetune"]
     text = [
@@ -270,7 +280,7 @@ def write_outputs(out: Path, command: str, rows, dense, quick: bool) -> None:
         "", "## Summary", "", summary_table(rows), "", "## All rows", "", results_table(rows, dense), "",
         "![accuracy vs FLOPs](eigendamage_accuracy_vs_flops.png)",
     ]
-    atomic_write(out / "eigendamage.md", lambda tmp: Path(tmp).write_text("\n".join(text).rstrip() + "\n"))
+    write_text(out / "eigendamage.md", "\n".join(text).rstrip() + "\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -280,15 +290,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="*", default=None,
                    help=f"prunekit methods (default: {' '.join(CURVATURE_METHODS)} {BEST_STRUCTURAL})")
     p.add_argument("--tp-methods", nargs="*", default=None, help=f"Torch-Pruning importances (default: {BEST_TP})")
-    p.add_argument("--schedules", nargs="+", choices=["one-shot", "iterative"], default=None)
+    p.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=None)
     p.add_argument("--rounds", type=int, default=2, help="rounds of the iterative schedule")
     p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per row, in total")
     p.add_argument("--fisher-batches", type=int, default=8)
-    p.add_argument("--damping", type=float, default=CurvatureConfig().damping,
+    p.add_argument("--damping", type=float, default=prunekit.FisherSettings().damping,
                    help="Tikhonov damping of the OBS criteria (default: prunekit's, see benchmarks/damping.py)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images (smoke runs)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--checkpoint-dir", type=Path, default=st.CHECKPOINT_DIR)
+    p.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true", help="about a minute: digits, a small resnet20, x4")
     p.add_argument("--remeasure-latency", action="store_true",
@@ -298,17 +308,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     defaults = {"models": ["resnet20", "vgg11"], "factors": [4.0, 8.0],
-                "methods": [*CURVATURE_METHODS, BEST_STRUCTURAL], "schedules": ["one-shot", "iterative"]}
+                "methods": [*CURVATURE_METHODS, BEST_STRUCTURAL], "schedules": list(SCHEDULES)}
     for name, default in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, QUICK[name] if args.quick else default)
     if args.tp_methods is None:
         args.tp_methods = [] if args.quick else [BEST_TP]
-    bad = [m for m in args.methods if m not in (*CURVATURE_METHODS, *st.OUR_METHODS)]
-    bad += [m for m in args.tp_methods if m not in st.TP_IMPORTANCES]
+    bad = [m for m in args.methods if m not in (*CURVATURE_METHODS, *STRUCTURAL)]
+    bad += [m for m in args.tp_methods if m not in TP_IMPORTANCES]
     if bad:
-        p.error(f"unknown methods {bad}; --methods accepts {[*CURVATURE_METHODS, *st.OUR_METHODS]}, --tp-methods "
-                f"accepts {list(st.TP_IMPORTANCES)}")
+        p.error(f"unknown methods {bad}; --methods accepts {[*CURVATURE_METHODS, *STRUCTURAL]}, --tp-methods "
+                f"accepts {list(TP_IMPORTANCES)}")
     if any(not f > 1 for f in args.factors):
         p.error(f"--factors must be > 1, got {args.factors}")
     if args.rounds < 2 or args.finetune_epochs < args.rounds:
@@ -325,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "benchmarks/eigendamage.py", *(sys.argv[1:] if argv is None else argv)])
     progress = not args.no_progress
     log = (lambda msg: tqdm.write(msg)) if progress else print
-    cache, paths, base = st.run_setup(args, log)
+    cache, paths, base = run_setup(args, log)
     jobs = [("prunekit", m, sc) for sc in args.schedules for m in args.methods]
     jobs += [("torch-pruning", m, "one-shot") for m in args.tp_methods]
     bar = tqdm(total=len(args.models) * len(args.factors) * len(jobs), desc="rows", disable=not progress)

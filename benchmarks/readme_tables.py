@@ -9,16 +9,14 @@ checks that they equal what the benchmark scripts make from their JSON, so run t
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import deploy
+import dpp
+import eigendamage
+import structured
 
-import deploy  # noqa: E402
-import dpp  # noqa: E402
-import eigendamage  # noqa: E402
-import structured  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tables() -> dict[str, str]:

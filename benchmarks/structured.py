@@ -3,17 +3,18 @@
 For every model, FLOPs-reduction target (x2, x4, x8) and criterion, both tools prune the same dense checkpoint and
 then get exactly the same treatment, so only the pruning differs:
 
-* BatchNorm statistics re-estimated on 512 training images (``prunekit.methods.channel.recalibrate_batchnorm_``), then
-  validation/test accuracy "right after pruning";
-* fine-tuning with ``prunekit.training.fit`` (SGD lr 0.01, cosine, batch 128, crop+flip, seed 0, ``--finetune-epochs``
+* BatchNorm statistics re-estimated on 512 training images (``prunekit.recovery.batchnorm.recalibrate_batchnorm_``),
+  then validation/test accuracy "right after pruning";
+* fine-tuning with ``prunekit.fit`` (SGD lr 0.01, cosine, batch 128, crop+flip, seed 0, ``--finetune-epochs``
   epochs); the reported test accuracy is that of the best-on-validation epoch;
 * parameters and FLOPs by ``prunekit.measurement.metrics`` (FLOPs = 2 x MACs of convolutions and matrix products);
-* CPU latency at batch 64 by ``prunekit.measurement.metrics.measure_latency``, dense and pruned measured back to
+* CPU latency at batch 64 by ``prunekit.measurement.latency.paired_latency``, dense and pruned measured back to
   back in this process (alternated ``--latency-repeats`` times, medians kept); speedup = dense ms / pruned ms and
   ratio = speedup / FLOPs reduction (1.0 means the FLOPs saving turns fully into wall-clock time).
 
-prunekit (``prunekit.methods.channel.prune_model``): one-shot, global allocation of per-group mean-normalised
-scores, at most 90% of a group removed; the plan meets the FLOPs target exactly (exact cost model, within 2%).
+prunekit (``prunekit.prune_`` with the criterion's registered config, e.g. ``prunekit.L1Config``): one-shot, global
+allocation of per-group mean-normalised scores, at most 90% of a group removed; the plan meets the FLOPs target
+exactly (exact cost model, within 2%).
 
 Torch-Pruning (the installed version, its own pruner ``tp.pruner.BasePruner`` -- ``MetaPruner`` is a deprecated alias
 in 1.6 -- with ``global_pruning=True`` and its own importances ``MagnitudeImportance(p=1)``, ``(p=2)``,
@@ -45,46 +46,51 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import json
 import shlex
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
+from common import (
+    CHECKPOINT_DIR,
+    CONV_MODELS,
+    ROOT,
+    STRUCTURAL,
+    TP_IMPORTANCES,
+    RowCache,
+    Settings,
+    dense_pruned_latency,
+    dense_summary,
+    finish_row,
+    fmt_acc,
+    git_commit,
+    model_settings,
+    plot_accuracy_vs_flops,
+    prune_copy,
+    prune_torch_pruning,
+    row_key,
+    run_setup,
+    structural_config,
+    write_json,
+    write_text,
+)
 from torch import nn
 from tqdm.auto import tqdm
 
+import prunekit
 from prunekit.channels.graph import ChannelGraph, ChannelPlan, SliceKind, find_output_layers
-from prunekit.data import DataConfig, DataSplits, load_dataset
-from prunekit.jobs import load_dense
-from prunekit.measurement.metrics import count_flops, count_params, measure_latency
-from prunekit.methods.channel import PruneConfig, layer_widths, prune_model, recalibrate_batchnorm_, score_batches
-from prunekit.models import ModelConfig, create_model, list_models
-from prunekit.persistence.checkpoint import atomic_write, save_checkpoint
-from prunekit.planning.allocation import AllocationConfig, Target
-from prunekit.training import Augment, TrainConfig, evaluate, fit
+from prunekit.data import DataSplits
+from prunekit.methods.rounds import layer_widths
+from prunekit.recovery.batchnorm import recalibrate_batchnorm_
 
-ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT_DIR = ROOT / "benchmarks" / "checkpoints"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "structured"
-CHECKPOINTS = {"resnet20": "resnet20-fmnist.safetensors", "vgg11": "vgg11-fmnist.safetensors"}
-OUR_METHODS = ("l1", "l2", "bn", "taylor", "random")
-TP_IMPORTANCES: dict[str, Callable[[], Any]] = {
-    "l1": lambda: tp.importance.MagnitudeImportance(p=1),
-    "l2": lambda: tp.importance.MagnitudeImportance(p=2),
-    "bn": lambda: tp.importance.BNScaleImportance(),
-    "taylor": lambda: tp.importance.TaylorImportance(),
-    "random": lambda: tp.importance.RandomImportance(),
-}
+OUR_METHODS = STRUCTURAL
 TOOLS = ("prunekit", "torch-pruning")
 # Every row of structured.json has these fields (tests check them).
 ROW_FIELDS = (
@@ -99,224 +105,13 @@ COVERAGE_STATUSES = ("ok", "fails", "nothing pruned")
 QUICK = {"models": ["resnet20"], "factors": [2.0], "methods": ["l1", "taylor"], "tp_methods": ["l1"]}
 
 
-# ------------------------------------------------------------------------------------------------ settings
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything a row depends on besides (model, tool, method, factor); a cached row is reused only if equal."""
-
-    finetune: TrainConfig
-    data: DataConfig
-    checkpoint_sha256: str
-    bn_recalibration_images: int = 512
-    score_batches: int = 8
-    max_per_layer: float = 0.9
-    tp_iterative_steps: int = 400
-    latency_batch: int = 64
-    latency_repeats: int = 3
-    latency_min_run_time: float = 0.5
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["finetune"], d["data"] = self.finetune.to_dict(), self.data.to_dict()
-        d["torch_pruning"] = tp.__version__
-        d["threads"] = torch.get_num_threads()
-        return d
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-def _quiet(_: str) -> None:
-    pass
-
-
-# ----------------------------------------------------------------------------------------------- the models
-
-
-def checkpoint_paths(models: Iterable[str], checkpoint_dir: Path) -> dict[str, Path]:
-    """The committed dense checkpoint of each model; a clear error when one is missing."""
-    unknown = [m for m in models if m not in CHECKPOINTS]
-    if unknown:
-        raise SystemExit(f"structured.py: error: unknown --models {unknown}; accepted: {sorted(CHECKPOINTS)}")
-    paths = {m: checkpoint_dir / CHECKPOINTS[m] for m in models}
-    missing = [p for p in paths.values() if not p.is_file()]
-    if missing:
-        names = " ".join(m for m, p in paths.items() if p in missing)
-        raise SystemExit(
-            f"structured.py: error: dense checkpoint(s) missing: {', '.join(str(p) for p in missing)}. Train them "
-            f"with `bash benchmarks/checkpoints/train_baselines.sh {names}` (or point --checkpoint-dir at them); "
-            "`--quick` runs without them")
-    return paths
-
-
-def quick_dense(cache: Path, data: DataConfig, log: Callable[[str], None]) -> Path:
-    """A small ResNet-20 (width 0.5) trained for a few epochs on ``data``, saved once under ``cache``."""
-    path = cache / f"quick-dense-resnet20{f'-limit{data.limit}' if data.limit else ''}.safetensors"
-    if path.is_file():
-        return path
-    splits = load_dataset(data)
-    torch.manual_seed(0)
-    config = ModelConfig(name="resnet20", num_classes=splits.num_classes, in_channels=splits.in_channels,
-                         input_size=splits.input_size, width=0.5)
-    net = create_model(config)
-    log("quick: training the dense resnet20 (width 0.5) on digits")
-    fit(net, splits, TrainConfig(epochs=6, lr=0.05, batch_size=64, augment=Augment.CROP, seed=0), progress=False)
-    save_checkpoint(path, net.eval(), {"model": config.to_dict(), "data": data.to_dict()})
-    return path
-
-
-# ------------------------------------------------------------------------------------------------ pruning
-
-
 def prune_prunekit(dense: nn.Module, data: DataSplits, method: str, factor: float, s: Settings
                    ) -> tuple[nn.Module, dict[str, Any]]:
-    """prunekit one-shot to keep 1/factor of the FLOPs; BatchNorm re-estimated inside ``prune_model``."""
-    torch.manual_seed(s.seed)
-    config = PruneConfig(method=method, target=Target("flops", 1.0 / factor),
-                         allocation=AllocationConfig("global", s.max_per_layer), score_batches=s.score_batches,
-                         bn_recalibration_images=s.bn_recalibration_images, seed=s.seed,
-                         reconstruction_images=0)  # criteria compared as Torch-Pruning runs them: no re-fit
-    result = prune_model(copy.deepcopy(dense).train(), data, config, None, progress=False, log=_quiet)
-    r = result.rounds[-1]
-    return result.model, {"predicted_keep": r.predicted_keep, "removed_channels": r.removed_channels}
-
-
-def prune_torch_pruning(dense: nn.Module, data: DataSplits, method: str, factors: Iterable[float], s: Settings,
-                        progress: bool = True) -> dict[float, tuple[nn.Module, dict[str, Any]]]:
-    """Torch-Pruning's own progressive recipe: small global steps until its MAC counter shows each target.
-
-    Returns a pruned copy per factor (BatchNorm not yet re-estimated); one trajectory serves all factors.
-    """
-    t0 = time.perf_counter()
-    torch.manual_seed(s.seed)
-    net = copy.deepcopy(dense).eval()
-    example = data.train[:2][0]
-    modules = dict(net.named_modules())
-    ignored = [modules[n] for n in find_output_layers(net, example)]
-    if method == "taylor":
-        net.zero_grad(set_to_none=True)
-        for x, y in score_batches(data, s.score_batches, s.seed + 1):  # round 1's batches, as prunekit's
-            F.cross_entropy(net(x), y).backward()
-    pruner = tp.pruner.BasePruner(
-        net, example, importance=TP_IMPORTANCES[method](), global_pruning=True, pruning_ratio=1.0,
-        iterative_steps=s.tp_iterative_steps, max_pruning_ratio=s.max_per_layer, ignored_layers=ignored)
-    base_macs = tp.utils.count_ops_and_params(net, example[:1])[0]
-    macs = base_macs
-    out: dict[float, tuple[nn.Module, dict[str, Any]]] = {}
-    bar = tqdm(total=s.tp_iterative_steps, desc=f"torch-pruning {method} steps", leave=False,
-               disable=not progress, dynamic_ncols=True)
-    for factor in sorted(factors):
-        while base_macs / macs < factor and pruner.current_step < pruner.iterative_steps:
-            pruner.step()
-            macs = tp.utils.count_ops_and_params(net, example[:1])[0]
-            bar.update(1)
-            bar.set_postfix(reduction=f"{base_macs / macs:.2f}x")
-        snapshot = copy.deepcopy(net)
-        snapshot.zero_grad(set_to_none=True)
-        out[factor] = (snapshot, {"steps": pruner.current_step, "tp_macs_reduction": base_macs / macs,
-                                  "target_reached": base_macs / macs >= factor,
-                                  "seconds": time.perf_counter() - t0})
-    bar.close()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-
-
-def paired_latency(dense: nn.Module, pruned: nn.Module, shape: tuple[int, ...], s: Settings) -> tuple[float, float]:
-    """Median batch latency (ms) of dense and pruned, measured alternately, back to back, after an untimed round of
-    both (the first pruned row of a process measured up to 2x slow without it)."""
-    for net in (dense, pruned):
-        measure_latency(net, shape, s.latency_batch, min_run_time=s.latency_min_run_time)
-    d, p = [], []
-    for _ in range(s.latency_repeats):
-        d.append(measure_latency(dense, shape, s.latency_batch, min_run_time=s.latency_min_run_time).median_ms)
-        p.append(measure_latency(pruned, shape, s.latency_batch, min_run_time=s.latency_min_run_time).median_ms)
-    return statistics.median(d), statistics.median(p)
-
-
-def finish_row(model_name: str, tool: str, method: str, factor: float, dense: nn.Module, net: nn.Module,
-               data: DataSplits, s: Settings, dense_row: dict[str, Any], seconds_prune: float,
-               tool_info: dict[str, Any], progress: bool) -> dict[str, Any]:
-    """Accuracy after pruning, identical fine-tuning, then size, FLOPs and paired latency."""
-    shape = (data.in_channels, data.input_size, data.input_size)
-    val_pruned, test_pruned = evaluate(net, data.val)["acc"], evaluate(net, data.test)["acc"]
-    t0 = time.perf_counter()
-    torch.manual_seed(s.seed)
-    result = fit(net, data, s.finetune, progress=progress)
-    seconds_finetune = time.perf_counter() - t0
-    net.eval()
-    params, flops = count_params(net), count_flops(net, (1, *shape))
-    lat_dense, lat_pruned = paired_latency(dense, net, shape, s)
-    speedup = lat_dense / lat_pruned
-    reduction = dense_row["flops"] / flops
-    return {
-        "model": model_name, "tool": tool, "method": method, "factor": factor,
-        "params": params, "flops": flops, "dense_params": dense_row["params"], "dense_flops": dense_row["flops"],
-        "flops_reduction": reduction, "params_reduction": dense_row["params"] / params,
-        "latency_dense_ms": lat_dense, "latency_pruned_ms": lat_pruned, "latency_speedup": speedup,
-        "speedup_per_flops_reduction": speedup / reduction, "latency_batch": s.latency_batch,
-        "latency_threads": torch.get_num_threads(),
-        "val_acc_pruned": val_pruned, "test_acc_pruned": test_pruned,
-        "val_acc": result.best_val_acc, "test_acc": evaluate(net, data.test)["acc"], "best_epoch": result.best_epoch,
-        "dense_test_acc": dense_row["test_acc"], "seconds_prune": seconds_prune,
-        "seconds_finetune": seconds_finetune, "tool_info": tool_info, "history": result.history,
-    }
-
-
-def dense_summary(dense: nn.Module, data: DataSplits, s: Settings) -> dict[str, Any]:
-    shape = (data.in_channels, data.input_size, data.input_size)
-    return {"params": count_params(dense), "flops": count_flops(dense, (1, *shape)),
-            "val_acc": evaluate(dense, data.val)["acc"], "test_acc": evaluate(dense, data.test)["acc"],
-            "latency_ms": measure_latency(dense, shape, s.latency_batch, min_run_time=s.latency_min_run_time).median_ms,
-            "latency_batch": s.latency_batch, "latency_threads": torch.get_num_threads(),
-            "widths": layer_widths(dense)}
-
-
-# --------------------------------------------------------------------------------------------------- cache
-
-
-class RowCache:
-    """One JSON file per finished row under ``directory``, stored with the settings that produced it."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-
-    def path(self, key: str) -> Path:
-        return self.directory / f"{key}.json"
-
-    def get(self, key: str, settings: dict[str, Any]) -> dict[str, Any] | None:
-        path = self.path(key)
-        if not path.is_file():
-            return None
-        try:
-            stored = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None
-        return stored["row"] if stored.get("settings") == settings else None
-
-    def put(self, key: str, settings: dict[str, Any], row: dict[str, Any]) -> None:
-        text = json.dumps({"settings": settings, "row": row}, indent=1)
-        atomic_write(self.path(key), lambda tmp: Path(tmp).write_text(text))
-
-    def get_or_run(self, key: str, settings: dict[str, Any], run, *run_args, announce: str = "") -> dict[str, Any]:
-        """The cached row, or ``run(*run_args)``'s, cached at once and announced as ``announce.format(**row)``."""
-        row = self.get(key, settings)
-        if row is None:
-            row = run(*run_args)
-            self.put(key, settings, row)
-            if announce:
-                print(announce.format(**row), flush=True)
-        return row
-
-
-def row_key(model: str, tool: str, method: str, factor: float) -> str:
-    return f"{model}__{tool}__{method}__x{factor:g}"
+    """prunekit one-shot to keep 1/factor of the FLOPs (``prunekit.prune_`` with the criterion's registered
+    config); BatchNorm re-estimated inside."""
+    net, record = prune_copy(dense, structural_config(method, 1.0 / factor, s), data, s.seed)
+    r = record.rounds[-1]
+    return net, {"predicted_keep": r["predicted_keep"], "removed_channels": r["removed_channels"]}
 
 
 # -------------------------------------------------------------------------------------------------- coverage
@@ -489,9 +284,9 @@ def coverage_architectures(log: Callable[[str], None], zoo: Iterable[str] | None
     """Zoo models (``zoo``, default all; small: width 0.25, 3x8x8 inputs) and the test architectures of
     tests/architectures.py (skipped with a note when it cannot be imported)."""
     archs: dict[str, tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = {}
-    for name in list_models() if zoo is None else zoo:
-        config = ModelConfig(name=name, num_classes=10, in_channels=3, input_size=8, width=0.25)
-        archs[name] = ("zoo", lambda c=config: create_model(c), (3, 8, 8))
+    for name in prunekit.list_models() if zoo is None else zoo:
+        config = prunekit.ModelConfig(name=name, num_classes=10, in_channels=3, input_size=8, width=0.25)
+        archs[name] = ("zoo", lambda c=config: prunekit.create_model(c), (3, 8, 8))
     notes = []
     tests_dir = ROOT / "tests"
     if str(tests_dir) not in sys.path:
@@ -541,10 +336,6 @@ def coverage_label(cell: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------- output
 
 
-def _fmt_acc(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
-
-
 def results_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) -> str:
     header = ["model", "tool", "criterion", "target", "params", "MFLOPs", "FLOPs red.",
               "latency b64 ms (dense / pruned)", "speedup", "speedup / FLOPs red.", "test acc after pruning %",
@@ -552,7 +343,7 @@ def results_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model, d in dense.items():
         lines.append(f"| {model} | dense | - | - | {d['params']:,} | {d['flops'] / 1e6:.2f} | 1.00x | "
-                     f"{d['latency_ms']:.2f} | 1.00x | - | - | {_fmt_acc(d['test_acc'])} |")
+                     f"{d['latency_ms']:.2f} | 1.00x | - | - | {fmt_acc(d['test_acc'])} |")
         for r in rows:
             if r["model"] != model:
                 continue
@@ -562,7 +353,7 @@ def results_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) 
                 f"{r['flops'] / 1e6:.2f} | {r['flops_reduction']:.2f}x | "
                 f"{r['latency_dense_ms']:.2f} / {r['latency_pruned_ms']:.2f} | "
                 f"{r['latency_speedup']:.2f}x | {r['speedup_per_flops_reduction']:.2f}{ok} | "
-                f"{_fmt_acc(r['test_acc_pruned'])} | {_fmt_acc(r['test_acc'])} |")
+                f"{fmt_acc(r['test_acc_pruned'])} | {fmt_acc(r['test_acc'])} |")
     return "\n".join(lines)
 
 
@@ -579,8 +370,8 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
         def cell(r, key, fmt):
             return "-" if r is None else fmt(r[key])
 
-        lines.append(f"| {model} | x{factor:g} | {method} | {cell(ours, 'test_acc', _fmt_acc)} | "
-                     f"{cell(theirs, 'test_acc', _fmt_acc)} | "
+        lines.append(f"| {model} | x{factor:g} | {method} | {cell(ours, 'test_acc', fmt_acc)} | "
+                     f"{cell(theirs, 'test_acc', fmt_acc)} | "
                      f"{cell(ours, 'speedup_per_flops_reduction', lambda v: f'{v:.2f}')} | "
                      f"{cell(theirs, 'speedup_per_flops_reduction', lambda v: f'{v:.2f}')} |")
     return "\n".join(lines)
@@ -594,61 +385,15 @@ def coverage_table(coverage: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_flops(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    models = list(dense)
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
-    methods = sorted({r["method"] for r in rows})
-    colors = {m: f"C{i}" for i, m in enumerate(methods)}
-    for ax, model in zip(axes[0], models):
-        for tool, style, marker in (("prunekit", "-", "o"), ("torch-pruning", "--", "s")):
-            for method in methods:
-                pts = sorted((r["flops"] / 1e6, r["test_acc"]) for r in rows
-                             if r["model"] == model and r["tool"] == tool and r["method"] == method)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=marker, color=colors[method],
-                            label=f"{tool} {method}")
-        d = dense[model]
-        ax.scatter([d["flops"] / 1e6], [d["test_acc"]], marker="*", s=160, color="black", label="dense", zorder=5)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.tick_params(axis="x", which="minor", labelsize=7)
-        ax.set_xlabel("MFLOPs (log)")
-        ax.set_ylabel("test accuracy (best-on-validation epoch)")
-        ax.set_title(model)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _git_commit() -> str | None:
-    head = ROOT / ".git" / "HEAD"
-    try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            return (ROOT / ".git" / ref[5:]).read_text().strip()
-        return ref
-    except OSError:
-        return None
-
-
 def write_outputs(out: Path, command: str, rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]],
                   coverage: dict[str, Any], quick: bool) -> None:
     """structured.json, structured.md, structured_accuracy_vs_flops.png and coverage.json under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command, "quick": quick, "git_commit": _git_commit(), "torch": torch.__version__,
+    payload = {"command": command, "quick": quick, "git_commit": git_commit(), "torch": torch.__version__,
                "torch_pruning": tp.__version__, "threads": torch.get_num_threads(), "row_fields": list(ROW_FIELDS),
                "dense": dense, "rows": rows}
-    atomic_write(out / "structured.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
-    atomic_write(out / "coverage.json", lambda tmp: Path(tmp).write_text(json.dumps(coverage, indent=1)))
+    write_json(out / "structured.json", payload)
+    write_json(out / "coverage.json", coverage)
     plot_accuracy_vs_flops(rows, dense, out / "structured_accuracy_vs_flops.png")
     s = next(iter(dense.values()))["settings"]
     ft, data = s["finetune"], s["data"]
@@ -668,16 +413,16 @@ def write_outputs(out: Path, command: str, rows: list[dict[str, Any]], dense: di
         f"torch {torch.__version__}, torch-pruning {tp.__version__}, {s['threads']} CPU thread(s). Data: "
         f"{data['name']}" + (f" (first {data['limit']} training images)" if data["limit"] else "") + ". Both tools get "
         f"the same treatment after pruning: BatchNorm re-estimated on {s['bn_recalibration_images']} training "
-        f"images, then {ft['epochs']} fine-tuning epoch(s) with prunekit's `fit` (SGD lr {ft['lr']}, "
+        f"images, then {ft['epochs']} fine-tuning epoch(s) with `prunekit.fit` (SGD lr {ft['lr']}, "
         f"{ft['schedule']}, batch {ft['batch_size']}, {ft['augment']}, seed {ft['seed']}); *test acc fine-tuned* is "
         "the test accuracy of the best-on-validation epoch, *after pruning* is measured after BatchNorm "
-        f"re-estimation, before any training. prunekit: one-shot `prune_model`, global allocation, at most "
+        f"re-estimation, before any training. prunekit: one-shot `prunekit.prune_`, global allocation, at most "
         f"{s['max_per_layer']:.0%} of a group. Torch-Pruning: `tp.pruner.BasePruner`, `global_pruning=True`, "
         f"`pruning_ratio=1.0` over {s['tp_iterative_steps']} steps (importance re-estimated on the shrinking "
         f"network at each step), stepped until its own MAC counter (`tp.utils.count_ops_and_params`) shows the "
         f"target, `max_pruning_ratio={s['max_per_layer']}`; Taylor gradients from the same {s['score_batches']} "
         f"batches of 64 prunekit's Taylor scores with. FLOPs "
-        f"counted by `prunekit.measurement.metrics.count_flops` for both. Latency: batch {s['latency_batch']}, "
+        f"counted by `prunekit.count_flops` for both. Latency: batch {s['latency_batch']}, "
         "dense and pruned "
         f"measured alternately {s['latency_repeats']} time(s) in the same process (medians); the target for speedup "
         "/ FLOPs reduction is >= 0.8.",
@@ -707,7 +452,7 @@ def write_outputs(out: Path, command: str, rows: list[dict[str, Any]], dense: di
         "",
         *[f"Note: {n}" for n in coverage["notes"]],
     ]
-    atomic_write(out / "structured.md", lambda tmp: Path(tmp).write_text("\n".join(text).rstrip() + "\n"))
+    write_text(out / "structured.md", "\n".join(text).rstrip() + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -716,7 +461,7 @@ def write_outputs(out: Path, command: str, rows: list[dict[str, Any]], dense: di
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="structured.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(CHECKPOINTS)}")
+    p.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(CONV_MODELS)}")
     p.add_argument("--factors", nargs="+", type=float, default=None, help="FLOPs reduction targets (default 2 4 8)")
     p.add_argument("--methods", nargs="*", default=None, help=f"prunekit criteria (default: {' '.join(OUR_METHODS)})")
     p.add_argument("--tp-methods", nargs="*", default=None,
@@ -734,7 +479,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="after the rows are done, measure every row's latency again (on an idle machine)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    for name, default in (("models", list(CHECKPOINTS)), ("factors", [2.0, 4.0, 8.0]),
+    for name, default in (("models", list(CONV_MODELS)), ("factors", [2.0, 4.0, 8.0]),
                           ("methods", list(OUR_METHODS)), ("tp_methods", list(TP_IMPORTANCES))):
         if getattr(args, name) is None:
             setattr(args, name, QUICK[name] if args.quick else default)
@@ -762,10 +507,7 @@ def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str]], fa
               base: Settings, cache: RowCache, bar: tqdm, progress: bool, log: Callable[[str], None]
               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The dense row and every (tool, criterion, factor) row of one model, from the cache where possible."""
-    dense, _, data_cfg = load_dense(None, checkpoint, None)
-    if base.data.limit is not None:
-        data_cfg = replace(data_cfg, limit=base.data.limit)
-    settings = replace(base, data=data_cfg, checkpoint_sha256=_sha256(checkpoint))
+    dense, _, settings = model_settings(checkpoint, base)
     sdict = settings.to_dict()
     dense_row = cache.get(f"{model_name}__dense", sdict)
     found = {(tool, method, f): cache.get(row_key(model_name, tool, method, f), sdict)
@@ -774,7 +516,7 @@ def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str]], fa
     bar.update(len(rows))
     if dense_row is not None and len(rows) == len(found):
         return {**dense_row, "settings": sdict}, rows
-    data = load_dataset(data_cfg)
+    data = prunekit.load_dataset(settings.data)
     if dense_row is None:
         dense_row = dense_summary(dense, data, settings)
         cache.put(f"{model_name}__dense", sdict, dense_row)
@@ -814,12 +556,9 @@ def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, An
     parameter and FLOPs counts are checked against the row before the new latencies replace the old ones (weights
     do not change dense-kernel latency). Rows get ``latency_remeasured: true``.
     """
-    dense, _, data_cfg = load_dense(None, checkpoint, None)
-    if base.data.limit is not None:
-        data_cfg = replace(data_cfg, limit=base.data.limit)
-    settings = replace(base, data=data_cfg, checkpoint_sha256=_sha256(checkpoint))
+    dense, _, settings = model_settings(checkpoint, base)
     sdict = settings.to_dict()
-    data = load_dataset(data_cfg)
+    data = prunekit.load_dataset(settings.data)
     shape = (data.in_channels, data.input_size, data.input_size)
     mine = [r for r in rows if r["model"] == model_name]
     trajectories = {}
@@ -832,12 +571,12 @@ def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, An
                 trajectories[r["method"]] = prune_torch_pruning(dense, data, r["method"], factors, settings, False)
             net = trajectories[r["method"]][r["factor"]][0]
         net.eval()
-        got = (count_params(net), count_flops(net, (1, *shape)))
+        got = (prunekit.count_params(net), prunekit.count_flops(net, (1, *shape)))
         if got != (r["params"], r["flops"]):
             key = row_key(model_name, r["tool"], r["method"], r["factor"])
             raise SystemExit(f"structured.py: error: re-pruning {key} gave {got} params/FLOPs, the cached row has "
                              f"{(r['params'], r['flops'])}; delete its cache file and run it again")
-        lat_dense, lat_pruned = paired_latency(dense.eval(), net, shape, settings)
+        lat_dense, lat_pruned = dense_pruned_latency(dense, net, shape, settings)
         speedup = lat_dense / lat_pruned
         r.update(latency_dense_ms=lat_dense, latency_pruned_ms=lat_pruned, latency_speedup=speedup,
                  speedup_per_flops_reduction=speedup / r["flops_reduction"], latency_threads=torch.get_num_threads(),
@@ -850,23 +589,6 @@ def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, An
         dense_row["latency_ms"] = statistics.median(r["latency_dense_ms"] for r in mine) if mine else \
             dense_row["latency_ms"]
         cache.put(f"{model_name}__dense", sdict, dense_row)
-
-
-def run_setup(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[RowCache, dict[str, Path], Settings]:
-    """Threads, the row cache under ``args.out``, the dense checkpoints (``--quick``: a small digits ResNet-20
-    trained once) and the settings every row shares; used by the other benchmark scripts too."""
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    cache = RowCache(args.out / "cache")
-    if args.quick:
-        paths = {"resnet20": quick_dense(cache.directory, DataConfig(name="digits", limit=args.limit), log)}
-    else:
-        paths = checkpoint_paths(args.models, args.checkpoint_dir)
-    base = Settings(
-        finetune=TrainConfig(epochs=args.finetune_epochs, lr=0.01, batch_size=128, augment=Augment.CROP_FLIP, seed=0),
-        data=DataConfig(name="digits", limit=args.limit), checkpoint_sha256="",
-        latency_repeats=getattr(args, "latency_repeats", 3), latency_min_run_time=0.1 if args.quick else 0.5)
-    return cache, paths, base
 
 
 def main(argv: list[str] | None = None) -> int:

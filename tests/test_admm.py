@@ -28,7 +28,8 @@ def _quiet(*_):
 def test_unstructured_admm_reaches_the_rate_and_zeros_survive_retraining(synthetic):
     model = _lenet300(synthetic, trained=True)
     dense_acc = evaluate(model, synthetic.val)["acc"]
-    config = ADMMConfig(keep=0.1, rho=0.2, admm_epochs=3, retrain_epochs=1)  # 8 steps per epoch: a strong rho
+    # 8 steps per epoch: a strong rho
+    config = ADMMConfig(target="params=0.1", rho=0.2, admm_epochs=3, retrain_epochs=1)
     result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
     assert result.kept_fraction() == pytest.approx(0.1, abs=0.01)
     for name, module in constrained_layers(model, config, synthetic.train[:2][0]).items():
@@ -62,7 +63,7 @@ def test_masked_retraining_keeps_zeros_and_their_momentum_zero(synthetic):
 @pytest.mark.parametrize("quant, top", [("bits=3", 4), ("binary", 1), ("ternary", 1)])
 def test_joint_quantization_puts_every_kept_weight_on_its_levels(synthetic, quant, top):
     model = _lenet300(synthetic)
-    config = ADMMConfig(keep=0.2, quant=quant, admm_epochs=1, retrain_epochs=1, quant_steps=(0.5, 1.0))
+    config = ADMMConfig(target="params=0.2", quant=quant, admm_epochs=1, retrain_epochs=1, quant_steps=(0.5, 1.0))
     result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
     for name, module in constrained_layers(model, config, synthetic.train[:2][0]).items():
         w, q = module.weight.detach(), result.scales[name]
@@ -77,12 +78,12 @@ def test_joint_quantization_puts_every_kept_weight_on_its_levels(synthetic, quan
 def test_structured_patterns_remove_whole_slices(synthetic):
     torch.manual_seed(0)
     model = create_model(ModelConfig("lenet5", in_channels=1, num_classes=4, input_size=12))
-    config = ADMMConfig(pattern="filter", keep=0.5, admm_epochs=1, retrain_epochs=0, include_output=False)
+    config = ADMMConfig(pattern="filter", target="params=0.5", admm_epochs=1, retrain_epochs=0, include_output=False)
     result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
     for name, mask in result.masks.items():
         rows = mask.reshape(mask.shape[0], -1)
         assert ((rows.sum(1) == 0) | (rows.sum(1) == rows.shape[1])).all(), name
-    config = ADMMConfig(pattern="k-of-n", k=1, n=4, admm_epochs=0, retrain_epochs=0)
+    config = ADMMConfig(pattern="k-of-n", target=None, k=1, n=4, admm_epochs=0, retrain_epochs=0)
     model = _lenet300(synthetic)
     result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
     for mask in result.masks.values():
@@ -92,28 +93,28 @@ def test_structured_patterns_remove_whole_slices(synthetic):
 def test_global_allocation_meets_the_overall_rate_and_rates_override(synthetic):
     model = _lenet300(synthetic)
     layers = constrained_layers(model, ADMMConfig(), synthetic.train[:2][0])
-    rates = allocate_rates(layers, ADMMConfig(keep=0.05))
+    rates = allocate_rates(layers, ADMMConfig(target="params=0.05"))
     total = sum(m.weight.numel() for m in layers.values())
     kept = sum(rates[n] * m.weight.numel() for n, m in layers.items())
     assert kept / total == pytest.approx(0.05, rel=0.05)
     assert len(set(round(r, 4) for r in rates.values())) > 1  # layers differ
     first = next(iter(layers))
-    assert allocate_rates(layers, ADMMConfig(keep=0.05, rates={first: 0.5}))[first] == 0.5
-    assert set(allocate_rates(layers, ADMMConfig(keep=0.3, allocation="uniform")).values()) == {0.3}
+    assert allocate_rates(layers, ADMMConfig(target="params=0.05", rates={first: 0.5}))[first] == 0.5
+    assert set(allocate_rates(layers, ADMMConfig(target="params=0.3", allocation="uniform")).values()) == {0.3}
     with pytest.raises(ValueError, match="not constrained"):
         allocate_rates(layers, ADMMConfig(rates={"nope": 0.5}))
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"keep": 1.0}, "keep must be a fraction"),
-    ({"pattern": "k-of-n", "k": 4, "n": 4}, "k < n"),
+    ({"target": "params=1.0"}, "keep fraction must be in"),  # was keep=1.0, "keep must be a fraction"
+    ({"pattern": "k-of-n", "target": None, "k": 4, "n": 4}, "k < n"),
     ({"quant": "bits=0"}, "bits must be an int >= 1"),
     ({"rho": 0}, "rho must be > 0"),
     ({"quant_steps": (0.5, 0.9)}, "end at 1.0"),
     ({"rates": {"fc": 0}}, "keep fraction in"),
     ({"admm_epochs": -1}, "admm_epochs must be an int >= 0"),
-    ({"pattern": "group", "keep": 1.0}, "keep fraction must be in"),
-    ({"pattern": "group", "group_metric": "latency"}, "target metric must be one of"),
+    ({"pattern": "group", "target": "flops=1.0"}, "keep fraction must be in"),
+    ({"pattern": "group", "target": "latency=0.5"}, "target metric must be one of"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -121,7 +122,7 @@ def test_config_validation(kwargs, match):
 
 
 def test_config_round_trips():
-    c = ADMMConfig(pattern="column", keep=0.3, quant="bits=4", rates={"fc": 0.5}, quant_steps=(0.5, 1.0))
+    c = ADMMConfig(pattern="column", target="params=0.3", quant="bits=4", rates={"fc": 0.5}, quant_steps=(0.5, 1.0))
     assert ADMMConfig.from_dict(c.to_dict()) == c
 
 
@@ -135,7 +136,7 @@ def test_storage_report_counts_indices_and_prefers_the_smallest_format(synthetic
     from prunekit.measurement.formats import encode, value_codec
 
     model = _lenet300(synthetic)
-    config = ADMMConfig(keep=0.05, quant="bits=3", admm_epochs=0, retrain_epochs=0, quant_steps=(1.0,))
+    config = ADMMConfig(target="params=0.05", quant="bits=3", admm_epochs=0, retrain_epochs=0, quant_steps=(1.0,))
     result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
     from prunekit.methods.admm import storage_report
 
@@ -157,7 +158,7 @@ def test_channel_pattern_zeros_are_removed_physically_and_exactly(synthetic):
 
     torch.manual_seed(0)
     model = create_model(ModelConfig("vgg11", in_channels=1, num_classes=4, input_size=12, width=0.25))
-    config = ADMMConfig(pattern="channel", keep=0.5, admm_epochs=0, retrain_epochs=0, include_output=False)
+    config = ADMMConfig(pattern="channel", target="params=0.5", admm_epochs=0, retrain_epochs=0, include_output=False)
     admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
     model.eval()
     x = synthetic.test[:8][0]
@@ -216,7 +217,7 @@ def test_group_admm_meets_the_flops_target_and_the_saved_model_replays(synthetic
     model = create_model(config_model)
     flops = count_flops(model, (1, 1, 12, 12))
     params = sum(p.numel() for p in model.parameters())
-    config = ADMMConfig(pattern="group", keep=0.25, admm_epochs=1, retrain_epochs=1, rho=0.05)
+    config = ADMMConfig(pattern="group", target="flops=0.25", admm_epochs=1, retrain_epochs=1, rho=0.05)
     result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
     assert result.change["kind"] == "channels" and result.residuals["prune"]
     got = count_flops(model, (1, 1, 12, 12)) / flops

@@ -18,6 +18,8 @@ SCRIPT = ROOT / "benchmarks" / "structured.py"
 
 
 def _load_script():
+    if str(SCRIPT.parent) not in sys.path:  # the benchmarks import their shared helpers (benchmarks/common.py)
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("structured_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes

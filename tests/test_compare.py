@@ -15,13 +15,13 @@ def variants(tmp_path_factory):
     assert main(["train", "--model", "lenet5", "--data", "synthetic", "--epochs", "2", "--out", str(root / "dense"),
                  "--no-progress", "--device", "cpu"]) == 0
     dense = root / "dense" / "model.safetensors"
-    assert main(["prune", "--checkpoint", str(dense), "--method", "admm", "--target", "params=x10", "--quant",
-                 "bits=4", "--admm-epochs", "1", "--finetune-epochs", "1", "--out", str(root / "admm"),
-                 "--no-progress", "--no-latency"]) == 0
-    assert main(["prune", "--checkpoint", str(dense), "--method", "l1", "--target", "params=0.3",
-                 "--finetune-epochs", "1", "--out", str(root / "l1"), "--no-progress", "--no-latency"]) == 0
+    assert main(["prune", "admm", "--checkpoint", str(dense), "--target", "params=x10", "--quant", "bits=4",
+                 "--admm-epochs", "1", "--retrain-epochs", "1", "--out", str(root / "admm"), "--no-progress",
+                 "--no-latency"]) == 0
+    assert main(["prune", "l1", "--checkpoint", str(dense), "--target", "params=0.3", "--finetune-epochs", "1",
+                 "--out", str(root / "l1"), "--no-progress", "--no-latency"]) == 0
     l1 = root / "l1" / "params-0.3" / "round_1" / "pruned.safetensors"
-    return root, dense, root / "admm" / "admm.safetensors", l1
+    return root, dense, root / "admm" / "params-0.1" / "model.safetensors", l1
 
 
 def test_compare_measures_storage_and_both_kernels_and_gives_a_verdict(variants, capsys):

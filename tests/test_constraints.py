@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from prunekit.planning.constraints import Pattern, QuantConstraint, QuantKind, SparsityConstraint, sparsity_mask
+from prunekit.planning.constraints import QuantConstraint, QuantKind, SparsityConstraint, sparsity_mask
+from prunekit.planning.pattern import Pattern
 
 
 def _brute_units(w: torch.Tensor, groups: list[torch.Tensor], k: int) -> float:

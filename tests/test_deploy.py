@@ -14,7 +14,7 @@ from prunekit.cli import main
 from prunekit.jobs import export_job, width_builder
 from prunekit.measurement.deploy import fold_batchnorm, measure_against_limit, op_profile, uniform_width_model
 from prunekit.measurement.metrics import count_flops
-from prunekit.methods.channel import PruneConfig, prune_model
+from prunekit.methods.registry import RunContext, get_method, prune_
 from prunekit.persistence.architecture import save_compressed
 from test_pruning import small_resnet
 
@@ -84,9 +84,10 @@ def checkpoints(tmp_path_factory, synthetic):
     _trained_stats(dense)
     paths["dense"] = save_compressed(out / "dense.safetensors", dense, base, [], {})
     for method in ("l1", "eigendamage"):
-        result = prune_model(copy.deepcopy(dense).train(), synthetic, PruneConfig(method=method, target="flops=0.4"),
-                             base=base, log=lambda *_: None, progress=False)
-        paths[method] = save_compressed(out / f"{method}.safetensors", result.model, base, result.changes, {})
+        model = copy.deepcopy(dense).train()
+        record = prune_(model, get_method(method).config(target="flops=0.4"), synthetic,
+                        RunContext(base=base, log=lambda *_: None, progress=False))  # prunes model in place
+        paths[method] = save_compressed(out / f"{method}.safetensors", model, base, record.changes, {})
     return paths
 
 

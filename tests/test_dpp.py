@@ -14,13 +14,13 @@ from torch.nn.utils import parametrize
 from prunekit.methods.dpp import (
     DPPConfig,
     KOfNMask,
-    TemperatureSchedule,
     group_layout,
     gumbel_topk_mask,
     mask_confidence,
     mask_diversity,
     topk_mask,
 )
+from prunekit.planning.schedule import TemperatureSchedule
 
 
 @settings(max_examples=40, deadline=None)
@@ -41,20 +41,20 @@ def test_gradients_reach_the_logits_through_the_relaxation():
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("granularity, shape, k, n", [
-    ("weight", (4, 8), 2, 4), ("kernel", (4, 6, 3, 3), 2, None), ("filter", (8, 3, 3, 3), 5, None)])
-def test_parametrized_layer_is_k_of_n_in_training_and_deterministic_in_eval(granularity, shape, k, n):
+@pytest.mark.parametrize("pattern, shape, k, n", [
+    ("k-of-n", (4, 8), 2, 4), ("kernel", (4, 6, 3, 3), 2, None), ("filter", (8, 3, 3, 3), 5, None)])
+def test_parametrized_layer_is_k_of_n_in_training_and_deterministic_in_eval(pattern, shape, k, n):
     torch.manual_seed(0)
     layer = nn.Linear(shape[1], shape[0]) if len(shape) == 2 else nn.Conv2d(shape[1], shape[0], shape[2])
-    config = DPPConfig(granularity=granularity, k=k, n=n)
+    config = DPPConfig(pattern=pattern, k=k, n=n)
     parametrize.register_parametrization(layer, "weight", KOfNMask(layer.weight, config))
     mask_module = layer.parametrizations.weight[0]
     layer.train()
     for _ in range(3):
         m = mask_module.mask().detach()
-        if granularity == "weight":
+        if pattern == "k-of-n":
             assert (m.reshape(-1, n).sum(1) == k).all()
-        elif granularity == "kernel":
+        elif pattern == "kernel":
             assert (m[:, :, 0, 0].sum(1) == k).all()
         else:
             assert m.reshape(shape[0], -1)[:, 0].sum() == k
@@ -82,26 +82,31 @@ def test_metrics_are_zero_and_one_at_their_extremes():
 
 
 def test_temperature_schedule_is_indexed_by_epoch_and_clamped():
-    lin = TemperatureSchedule(start=1.0, end=0.1, epochs=4, mode="linear", floor=0.2)
-    assert [round(lin(e), 6) for e in range(5)] == [1.0, 0.7, 0.4, 0.2, 0.2]
-    exp = TemperatureSchedule(start=1.0, end=0.01, epochs=3, mode="exponential", floor=0.001)
-    assert exp(0) == pytest.approx(1.0) and exp(1) == pytest.approx(0.1) and exp(2) == pytest.approx(0.01)
+    lin = TemperatureSchedule(start=1.0, end=0.1, mode="linear", floor=0.2)
+    assert [round(lin.at(e, 4), 6) for e in range(5)] == [1.0, 0.7, 0.4, 0.2, 0.2]
+    exp = TemperatureSchedule(start=1.0, end=0.01, mode="exponential", floor=0.001)
+    assert exp.at(0, 3) == pytest.approx(1.0) and exp.at(1, 3) == pytest.approx(0.1) and \
+        exp.at(2, 3) == pytest.approx(0.01)
+    config = DPPConfig(epochs=4, temperature=lin)  # the config indexes its schedule over its own epochs
+    assert [config.temperature_at(e) for e in range(5)] == [lin.at(e, 4) for e in range(5)]
 
 
 def test_annealed_noise_follows_the_temperature_and_reaches_the_masks():
     from prunekit.methods.dpp import DPPHooks
 
-    schedule = TemperatureSchedule(start=2.0, end=0.02, epochs=3, mode="exponential")
-    plain, annealed = DPPConfig(k=1, n=4, temperature=schedule, noise_scale=3.0), \
-        DPPConfig(k=1, n=4, temperature=schedule, noise_scale=3.0, anneal_noise=True)
+    schedule = TemperatureSchedule(start=2.0, end=0.02, mode="exponential")
+    plain, annealed = DPPConfig(k=1, n=4, epochs=3, temperature=schedule, noise_scale=3.0), \
+        DPPConfig(k=1, n=4, epochs=3, temperature=schedule, noise_scale=3.0, anneal_noise=True)
     assert [plain.noise_at(e) for e in range(3)] == [3.0, 3.0, 3.0]
     assert [round(annealed.noise_at(e), 6) for e in range(4)] == [3.0, 0.3, 0.03, 0.03]  # clamped like T
     assert DPPConfig.from_dict(annealed.to_dict()) == annealed
     mask = KOfNMask(torch.randn(3, 8), annealed)
     hooks = DPPHooks({"layer": mask}, annealed)
     assert mask.noise_scale == 3.0
-    hooks.after_epoch(nn.Linear(1, 1), 0)
-    assert mask.noise_scale == pytest.approx(0.3) and hooks.metrics[0]["noise_scale"] == pytest.approx(3.0)
+    model = nn.Linear(1, 1)
+    metrics = hooks.epoch_metrics(model, 0)  # epoch 0's row of the training history
+    hooks.before_epoch(model, 1)  # the next epoch's noise
+    assert mask.noise_scale == pytest.approx(0.3) and metrics["noise_scale"] == pytest.approx(3.0)
     # with the noise annealed away, every training draw is the evaluation mask
     mask.noise_scale, mask.temperature = 0.0, 0.02
     mask.train()
@@ -129,10 +134,10 @@ def test_evaluation_mask_is_the_topk_of_the_logits():
 
 @pytest.mark.parametrize("kwargs, shape, match", [
     ({"k": 5, "n": 4}, None, "k must be smaller than n"),
-    ({"granularity": "row"}, None, "granularity must be one of"),
+    ({"pattern": "row"}, None, "pattern must be one of"),  # was granularity="row", "granularity must be one of"
     ({"k": 1, "n": 3}, (4, 8), "must divide the row length 8"),
-    ({"granularity": "kernel", "k": 3}, (4, 3, 3, 3), "k=3 must be smaller than n=3"),
-    ({"granularity": "kernel", "k": 1}, (4, 8), "needs a Conv2d weight"),
+    ({"pattern": "kernel", "k": 3}, (4, 3, 3, 3), "k=3 must be smaller than n=3"),
+    ({"pattern": "kernel", "k": 1}, (4, 8), "needs a Conv2d weight"),
     ({"tiles": 3, "k": 1, "n": None}, (4, 8), "tiles=3 must divide the row length 8"),
     ({"init_scale": -1.0}, None, "init_scale must be a finite number >= 0"),
     ({"noise_scale": float("nan")}, None, "noise_scale must be a finite number >= 0"),
@@ -162,8 +167,8 @@ def test_dpp_training_learns_masks_that_keep_exactly_k_and_logs_metrics(syntheti
 
     torch.manual_seed(0)
     model = create_model(ModelConfig("lenet300", in_channels=1, num_classes=4, input_size=12))
-    config = DPPConfig(k=1, n=4, temperature=TemperatureSchedule(1.0, 0.1, epochs=2))
-    result = dpp_prune_(model, synthetic, config, TrainConfig(epochs=2, lr=0.05, augment="none"), progress=False)
+    config = DPPConfig(k=1, n=4, epochs=2, temperature=TemperatureSchedule(1.0, 0.1))
+    result = dpp_prune_(model, synthetic, config, TrainConfig(lr=0.05, augment="none"), progress=False)
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     for name, mask in result.masks.items():
         weight = model.get_submodule(name).weight
@@ -181,8 +186,8 @@ def test_joint_quantization_leaves_few_levels_per_layer(synthetic, quant, levels
 
     torch.manual_seed(0)
     model = create_model(ModelConfig("lenet300", in_channels=1, num_classes=4, input_size=12))
-    result = dpp_prune_(model, synthetic, DPPConfig(k=2, n=4), TrainConfig(epochs=1, lr=0.05, augment="none"),
-                        quant=quant, progress=False)
+    result = dpp_prune_(model, synthetic, DPPConfig(k=2, n=4, quant=quant, epochs=1),
+                        TrainConfig(lr=0.05, augment="none"), progress=False)
     for name in result.masks:
         w = model.get_submodule(name).weight.detach()
         assert len(w[w != 0].unique()) <= levels
@@ -202,7 +207,7 @@ def test_ste_quantization_passes_gradients():
 
 
 def test_nearest_k_of_n_picks_a_dividing_run_length():
-    from prunekit.methods.dpp import nearest_k_of_n
+    from prunekit.planning.allocation import nearest_k_of_n
 
     assert nearest_k_of_n(800, 1, 20) == (1, 20)  # 20 divides 800
     assert nearest_k_of_n(784, 1, 10) == (1, 8)  # 8 and 14 divide 784; 8 is nearer to 10
@@ -212,7 +217,7 @@ def test_nearest_k_of_n_picks_a_dividing_run_length():
 
 
 def test_k_of_n_for_keep_is_never_denser_than_asked():
-    from prunekit.methods.dpp import k_of_n_for_keep
+    from prunekit.planning.allocation import k_of_n_for_keep
 
     assert k_of_n_for_keep(800, 0.0883) == (2, 25)  # 2/25 = 0.08; 3/32 would be denser than asked
     assert k_of_n_for_keep(800, 0.25) == (1, 4)  # exact; 2/8 and 8/32 tie and the shorter run wins
@@ -225,7 +230,7 @@ def test_k_of_n_for_keep_is_never_denser_than_asked():
 
 
 def test_plan_k_of_n_keeps_small_layers_dense_and_reaches_the_target():
-    from prunekit.methods.dpp import plan_k_of_n
+    from prunekit.planning.allocation import plan_k_of_n
 
     shapes = {"conv1": (20, 1, 5, 5), "conv2": (50, 20, 5, 5), "fc1": (500, 800), "fc2": (10, 500)}  # LeNet-5
     plan = plan_k_of_n(shapes, 0.9)
@@ -265,9 +270,9 @@ def test_filter_dpp_on_coupled_groups_meets_the_target_and_removal_is_exact(synt
 
     ChannelGraph.shrink_ = spy
     try:
-        config = DPPConfig(k=1, n=2, temperature=TemperatureSchedule(1.0, 0.1, 2))
+        config = DPPConfig(k=1, n=2, epochs=2, temperature=TemperatureSchedule(1.0, 0.1))
         result = dpp_filter_prune_(net, synthetic, Target("flops", 0.25), config,
-                                   TrainConfig(epochs=2, lr=0.05, augment="none"), progress=False)
+                                   TrainConfig(lr=0.05, augment="none"), progress=False)
     finally:
         ChannelGraph.shrink_ = original_shrink
     assert 0.23 < count_flops(net, (1, 1, 12, 12)) / flops <= 0.26
@@ -292,5 +297,5 @@ def test_filter_dpp_target_that_removes_nothing_is_an_error(synthetic):
 
     net = nn.Sequential(nn.Flatten(), nn.Linear(144, 4))
     with pytest.raises(ValueError, match="no prunable channel group|removes no channel"):
-        dpp_filter_prune_(net, synthetic, Target("flops", 0.5), DPPConfig(k=1, n=2),
-                          TrainConfig(epochs=1, augment="none"), progress=False)
+        dpp_filter_prune_(net, synthetic, Target("flops", 0.5), DPPConfig(k=1, n=2, epochs=1),
+                          TrainConfig(augment="none"), progress=False)

@@ -10,9 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.curvature.kfac import ConvFactor, CurvatureConfig, FisherType, KroneckerFactors, collect_kfac
+from prunekit.curvature.kfac import (
+    ConvFactor,
+    CurvatureConfig,
+    FisherSettings,
+    FisherType,
+    KroneckerFactors,
+    collect_kfac,
+)
 from prunekit.measurement.metrics import count_flops, count_params
-from prunekit.methods.channel import PruneConfig, prune_model
 from prunekit.methods.eigendamage import (
     BottleneckForm,
     EigenDamageConfig,
@@ -20,9 +26,11 @@ from prunekit.methods.eigendamage import (
     bottleneck_from_factors,
     eigendamage_round_,
 )
+from prunekit.methods.registry import RunContext, prune_
 from prunekit.models import ModelConfig, create_model
 from prunekit.persistence.architecture import load_compressed
 from prunekit.planning.allocation import InfeasibleTargetError, Target
+from prunekit.planning.schedule import RoundSchedule
 
 
 def _random_factors(n_in: int, n_out: int, seed: int = 0) -> KroneckerFactors:
@@ -114,21 +122,23 @@ def test_layers_where_a_bottleneck_would_be_larger_stay_dense(synthetic):
 def test_iterative_rounds_merge_rotations_so_layers_stay_three_deep_and_reload(synthetic, tmp_path):
     model = _tiny_resnet()
     base = ModelConfig("resnet20", in_channels=1, num_classes=4, input_size=12, width=0.5).to_dict()
-    config = PruneConfig(method="eigendamage", target="flops=0.3", iterations=2, curvature={"batches": 2})
+    config = EigenDamageConfig(target="flops=0.3", schedule=RoundSchedule(iterations=2),
+                               curvature=FisherSettings(fisher_batches=2))
     dense = count_flops(model, (1, 1, 12, 12))
-    result = prune_model(model, synthetic, config, out_dir=tmp_path, base=base, progress=False, log=lambda s: None)
-    model = result.model
+    result = prune_(model, config, synthetic, RunContext(folder=tmp_path, base=base, progress=False,
+                                                         log=lambda s: None))  # prunes model in place
+    checkpoint = tmp_path / "round_2" / "pruned.safetensors"  # the last round's saved model
     assert count_flops(model, (1, 1, 12, 12)) / dense == pytest.approx(0.3, rel=0.02)
     bottlenecks = [m for m in model.modules() if isinstance(m, KFEBottleneck)]
     assert bottlenecks and all(not isinstance(c, KFEBottleneck) for b in bottlenecks for c in b.children())
     assert len(result.changes) == 2
-    loaded, _ = load_compressed(result.checkpoint)
+    loaded, _ = load_compressed(checkpoint)
     x = synthetic.test[:8][0]
     torch.testing.assert_close(loaded(x), model.eval()(x))
     code = ("import sys, torch; from prunekit.persistence.architecture import load_compressed; "
             "m, _ = load_compressed(sys.argv[1]); torch.manual_seed(0); x = torch.randn(3, 1, 12, 12); "
             "print(repr(m(x).sum().item()))")
-    out = subprocess.run([sys.executable, "-c", code, str(result.checkpoint)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code, str(checkpoint)], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     torch.manual_seed(0)
@@ -138,17 +148,16 @@ def test_iterative_rounds_merge_rotations_so_layers_stay_three_deep_and_reload(s
 def test_depthwise_form_runs_meets_the_target_and_reloads(synthetic, tmp_path):
     model = _tiny_resnet()
     base = ModelConfig("resnet20", in_channels=1, num_classes=4, input_size=12, width=0.5).to_dict()
-    config = PruneConfig(method="eigendamage", target="flops=0.5", curvature={"batches": 2},
-                         eigendamage={"form": "depthwise"})
+    config = EigenDamageConfig(target="flops=0.5", curvature=FisherSettings(fisher_batches=2), form="depthwise")
     dense = count_flops(model, (1, 1, 12, 12))
-    result = prune_model(model, synthetic, config, out_dir=tmp_path, base=base, progress=False, log=lambda s: None)
+    prune_(model, config, synthetic, RunContext(folder=tmp_path, base=base, progress=False, log=lambda s: None))
     # a layer's first removed direction turns it depthwise at once, so the target is met from below
-    assert 0.4 < count_flops(result.model, (1, 1, 12, 12)) / dense <= 0.5 * 1.02
-    depthwise = [m for m in result.model.modules() if isinstance(m, KFEBottleneck)]
+    assert 0.4 < count_flops(model, (1, 1, 12, 12)) / dense <= 0.5 * 1.02
+    depthwise = [m for m in model.modules() if isinstance(m, KFEBottleneck)]
     assert depthwise and all(m.form is BottleneckForm.DEPTHWISE and m.core.groups == m.rank_in for m in depthwise)
-    loaded, _ = load_compressed(result.checkpoint)
+    loaded, _ = load_compressed(tmp_path / "round_1" / "pruned.safetensors")
     x = synthetic.test[:8][0]
-    torch.testing.assert_close(loaded(x), result.model.eval()(x))
+    torch.testing.assert_close(loaded(x), model.eval()(x))
 
 
 def test_frozen_rotations_are_not_trained(synthetic):
@@ -162,7 +171,7 @@ def test_frozen_rotations_are_not_trained(synthetic):
 
 def test_eigendamage_bad_input_gives_clear_errors(synthetic):
     with pytest.raises(ValueError, match="not channels"):
-        PruneConfig(method="eigendamage", target="channels=0.5")
+        EigenDamageConfig(target="channels=0.5")
     with pytest.raises(ValueError, match="form must be one of"):
         EigenDamageConfig(form="svd")
     model = _tiny_resnet()

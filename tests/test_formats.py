@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from prunekit.measurement.formats import FORMATS, encode, index_bits, value_codec
-from prunekit.planning.constraints import Pattern, QuantConstraint, SparsityConstraint
+from prunekit.planning.constraints import QuantConstraint, SparsityConstraint
+from prunekit.planning.pattern import Pattern
 
 
 def _example() -> torch.Tensor:

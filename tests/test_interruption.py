@@ -10,62 +10,22 @@ and must end with exactly the tensors and history of an uninterrupted run, and n
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import prunekit
+from kills import KILLED, counting_replaces, run_killed
 from prunekit.cli import main
 from prunekit.data import DataConfig
-from prunekit.jobs import prune, train_job
+from prunekit.jobs import train_job
 from prunekit.persistence.checkpoint import CheckpointError
 from prunekit.training import TrainConfig
 
-KILLED = 113
 DATA = DataConfig("synthetic", limit=200)
 TRAIN = TrainConfig(epochs=3, batch_size=64, lr=0.05, augment="crop", seed=3)
-
-
-def _run_killed(job, kill_at: int, after: bool) -> int:
-    """Run ``job()`` in a forked child that dies at its ``kill_at``-th ``os.replace``; returns the exit status."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 0
-        try:
-            real, calls = os.replace, [0]
-
-            def replace(src, dst):
-                calls[0] += 1
-                if calls[0] == kill_at and not after:
-                    os._exit(KILLED)
-                real(src, dst)
-                if calls[0] == kill_at:
-                    os._exit(KILLED)
-
-            os.replace = replace
-            job()
-        except BaseException:  # noqa: BLE001 - any failure in the child is reported by its exit status
-            code = 1
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
-def _count_replaces(job) -> int:
-    real, calls = os.replace, [0]
-
-    def replace(src, dst):
-        calls[0] += 1
-        real(src, dst)
-
-    os.replace = replace
-    try:
-        job()
-    finally:
-        os.replace = real
-    return calls[0]
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -89,14 +49,14 @@ def _train(out: Path, resume: bool = False):
 @pytest.mark.slow
 def test_train_resumes_exactly_after_a_kill_at_every_write(tmp_path):
     reference = tmp_path / "reference"
-    writes = _count_replaces(_train(reference))
+    writes = counting_replaces(_train(reference))[1]
     assert writes >= 3 * 2 + 3  # per epoch: the commit and the last view (+ best); then model, history, plot
     expected, history = _tensors(reference / "model.safetensors"), json.loads((reference / "history.json").read_text())
     assert any(k.endswith("num_batches_tracked") for k in expected)
     for k in range(1, writes + 1):
         for after in (False, True):
             out = tmp_path / f"kill-{k}-{'after' if after else 'before'}"
-            assert _run_killed(_train(out), k, after) == KILLED
+            assert run_killed(_train(out), k, after) == KILLED
             committed = (out / "train_state.pt").is_file()
             _train(out, resume=committed)()  # before the first commit there is nothing to resume: start again
             assert _same(_tensors(out / "model.safetensors"), expected), (k, after)
@@ -105,9 +65,10 @@ def test_train_resumes_exactly_after_a_kill_at_every_write(tmp_path):
 
 
 def _prune(checkpoint: Path, out: Path, resume: bool = False):
-    return lambda: prune(checkpoint=checkpoint, method="l1", target="flops=0.4", iterations=2, finetune_epochs=1,
-                         lr=0.02, batch_size=64, out=out, resume=resume, progress=False, log=lambda *_: None,
-                         measure_latency=False)
+    config = prunekit.L1Config(target="flops=0.4", schedule=prunekit.RoundSchedule(2), finetune_epochs=1)
+    return lambda: prunekit.prune_job(config, checkpoint=checkpoint,
+                                      train=prunekit.TrainConfig(epochs=0, lr=0.02, batch_size=64), out=out,
+                                      resume=resume, progress=False, log=lambda *_: None, measure_latency=False)
 
 
 @pytest.mark.slow
@@ -115,19 +76,19 @@ def test_iterative_prune_resumes_exactly_after_a_kill_at_every_write(tmp_path):
     dense = train_job("lenet300", DATA, TrainConfig(epochs=2, batch_size=64), tmp_path / "dense", progress=False,
                       log=lambda *_: None, measure_latency=False).checkpoint
     reference = tmp_path / "reference"
-    writes = _count_replaces(_prune(dense, reference))
-    final = Path("flops-0.4") / "round_2" / "pruned.safetensors"
+    writes = counting_replaces(_prune(dense, reference))[1]
+    final = Path("flops-0.4") / "model.safetensors"
     expected = _tensors(reference / final)
     report = json.loads((reference / "report.json").read_text())
 
     def rounds(rep):
-        return {k: [{f: v for f, v in r.items() if not f.startswith("seconds")} for r in rs]
-                for k, rs in rep["rounds"].items()}
+        return {k: [{f: v for f, v in r.items() if not f.startswith("seconds")} for r in run["rounds"]]
+                for k, run in rep["runs"].items()}
 
     for k in range(1, writes + 1):
         for after in (False, True):
             out = tmp_path / f"kill-{k}-{'after' if after else 'before'}"
-            assert _run_killed(_prune(dense, out), k, after) == KILLED
+            assert run_killed(_prune(dense, out), k, after) == KILLED
             _prune(dense, out, resume=True)()
             assert _same(_tensors(out / final), expected), (k, after)
             assert rounds(json.loads((out / "report.json").read_text())) == rounds(report), (k, after)
@@ -142,20 +103,30 @@ def test_prune_resume_refuses_another_dense_network_killed_in_round_1(tmp_path):
     other = train_job("lenet300", DATA, TrainConfig(epochs=1, batch_size=64, seed=1), tmp_path / "b", progress=False,
                       log=lambda *_: None, measure_latency=False).checkpoint
     out = tmp_path / "pruned"
-    run = lambda checkpoint, resume=False: prune(  # noqa: E731
-        checkpoint=checkpoint, method="l1", target="flops=0.5", allocation="uniform", finetune_epochs=2,
-        batch_size=64, out=out, resume=resume, progress=False, log=lambda *_: None, measure_latency=False)
-    assert _run_killed(lambda: run(first), 2, after=True) == KILLED  # run.json, then fine-tuning epoch 1
+    config = prunekit.L1Config(target="flops=0.5", allocation=prunekit.AllocationConfig("uniform"), finetune_epochs=2)
+    run = lambda checkpoint, resume=False: prunekit.prune_job(  # noqa: E731
+        config, checkpoint=checkpoint, train=prunekit.TrainConfig(epochs=0, lr=0.01, batch_size=64), out=out,
+        resume=resume, progress=False, log=lambda *_: None, measure_latency=False)
+    # the job names its checkpoint by path (recipe.yaml), so the other network comes in the same file: only the run
+    # record's fingerprint of the dense weights tells them apart
+    dense = tmp_path / "dense.safetensors"
+    dense.write_bytes(first.read_bytes())
+    # recipe.yaml, run.json, then fine-tuning epoch 1
+    assert run_killed(lambda: run(dense), 3, after=True) == KILLED
     assert (out / "flops-0.5" / "round_1" / "finetune" / "train_state.pt").is_file()
     assert not (out / "flops-0.5" / "round_1" / "pruned.safetensors").exists()
+    with pytest.raises(CheckpointError, match="its recipe.yaml describes another job"):
+        run(other, resume=True)  # another checkpoint file: another job
+    dense.write_bytes(other.read_bytes())
     with pytest.raises(CheckpointError, match="it was started from another dense network"):
-        run(other, resume=True)
-    run(first, resume=True)  # the right network continues
+        run(dense, resume=True)
+    dense.write_bytes(first.read_bytes())
+    run(dense, resume=True)  # the right network continues
 
 
 def test_a_kill_leaves_a_temporary_that_the_next_run_removes(tmp_path):
     out = tmp_path / "run"
-    assert _run_killed(_train(out), 1, after=False) == KILLED
+    assert run_killed(_train(out), 1, after=False) == KILLED
     assert len(list(out.glob(".train_state.pt.prunekit-*.tmp.pt"))) == 1
     _train(out)()
     assert not list(out.glob(".*.tmp*"))

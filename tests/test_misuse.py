@@ -14,8 +14,9 @@ from prunekit.cli import _data_for, main
 from prunekit.data import DataConfig
 from prunekit.jobs import train_job
 from prunekit.methods.admm import ADMMConfig, admm_prune_, constrained_layers
-from prunekit.methods.channel import PruneConfig, prune_model
+from prunekit.methods.channel import L1Config
 from prunekit.methods.eigendamage import _find_layers
+from prunekit.methods.registry import RunContext, prune_
 from prunekit.models import create_model
 from prunekit.planning.allocation import AllocationConfig, InfeasibleTargetError, Target
 from prunekit.training import TrainConfig
@@ -30,10 +31,9 @@ def runs(tmp_path_factory):
                       measure_latency=False).checkpoint
     other = train_job("lenet5", data, train, root / "other", progress=False, log=lambda *_: None,
                       measure_latency=False).checkpoint
-    assert main(["prune", "--checkpoint", str(dense), "--target", "flops=0.5", "--out", str(root / "l1"),
+    assert main(["prune", "l1", "--checkpoint", str(dense), "--target", "flops=0.5", "--out", str(root / "l1"),
                  "--no-progress", "--no-latency"]) == 0
-    return {"dense": dense, "other": other, "pruned": root / "l1" / "flops-0.5" / "round_1" / "pruned.safetensors",
-            "root": root}
+    return {"dense": dense, "other": other, "pruned": root / "l1" / "flops-0.5" / "model.safetensors", "root": root}
 
 
 def _resnet(synthetic):
@@ -49,8 +49,8 @@ def test_ignoring_a_container_leaves_every_layer_inside_it_alone(synthetic):
     assert touched and not touched & inside
     widths = {n: m.out_channels for n, m in model.named_modules() if n.startswith("layer1.") and hasattr(m,
                                                                                                        "out_channels")}
-    prune_model(model, synthetic, PruneConfig(method="l1", target="flops=0.6", ignore=("layer1",),
-                                             reconstruction_images=0), log=lambda *_: None)
+    prune_(model, L1Config(target="flops=0.6", ignore=("layer1",), reconstruction_images=0), synthetic,
+           RunContext(log=lambda *_: None))
     modules = dict(model.named_modules())
     assert {n: modules[n].out_channels for n in widths} == widths
     assert not set(constrained_layers(model, ADMMConfig(ignore=("layer1",)), synthetic.train[:2][0])) & inside
@@ -63,7 +63,7 @@ def test_an_unknown_ignore_name_suggests_the_close_ones(synthetic):
 
 
 def test_round_to_wider_than_every_group_is_refused(runs, capsys):
-    assert main(["prune", "--checkpoint", str(runs["dense"]), "--round-to", "100000", "--out",
+    assert main(["prune", "l1", "--checkpoint", str(runs["dense"]), "--round-to", "100000", "--out",
                  str(runs["root"] / "round"), "--no-progress", "--no-latency"]) == 2
     line = one_error_line(capsys, "prune")
     assert "round_to=100000 is at least the width of every prunable group (the widest has 300)" in line
@@ -72,9 +72,9 @@ def test_round_to_wider_than_every_group_is_refused(runs, capsys):
 def test_a_group_no_wider_than_round_to_stays_whole(synthetic):
     torch.manual_seed(0)
     model = create_model("lenet5", num_classes=4, in_channels=1, input_size=12, width=0.25)  # conv1 has 5 channels
-    result = prune_model(model, synthetic, PruneConfig(method="l1", target="flops=0.7", reconstruction_images=0,
-                                                       allocation=AllocationConfig(round_to=8)),
-                         log=lambda *_: None)
+    result = prune_(model, L1Config(target="flops=0.7", reconstruction_images=0,
+                                    allocation=AllocationConfig(round_to=8)), synthetic,
+                    RunContext(log=lambda *_: None))
     assert result.kept_width["conv1"] == (5, 5)  # 5 < 8: no multiple of 8 to keep
     kept = [k for n, (k, d) in result.kept_width.items() if k != d]
     assert kept and all(k % 8 == 0 for k in kept)
@@ -82,15 +82,15 @@ def test_a_group_no_wider_than_round_to_stays_whole(synthetic):
 
 @pytest.mark.parametrize("quant", ["bits=64", "bits=1", "ternary", "bits=x"])
 def test_dpp_refuses_quantizations_it_cannot_train(runs, quant, capsys):
-    assert main(["prune", "--checkpoint", str(runs["dense"]), "--method", "dpp", "--k", "1", "--n", "4",
-                 "--quant", quant, "--finetune-epochs", "1", "--out", str(runs["root"] / "dpp"), "--no-progress",
+    assert main(["prune", "dpp", "--checkpoint", str(runs["dense"]), "--k", "1", "--n", "4",
+                 "--quant", quant, "--epochs", "1", "--out", str(runs["root"] / "dpp"), "--no-progress",
                  "--no-latency"]) == 2
     assert "DPP quantization must be none, binary or bits=N with 2 <= N <= 16" in one_error_line(capsys, "prune")
     assert not (runs["root"] / "dpp").exists()
 
 
 def test_admm_refuses_a_target_below_one_unit_per_layer(runs, capsys):
-    assert main(["prune", "--checkpoint", str(runs["dense"]), "--method", "admm", "--target", "params=1e-9",
+    assert main(["prune", "admm", "--checkpoint", str(runs["dense"]), "--target", "params=1e-9",
                  "--out", str(runs["root"] / "admm"), "--no-progress", "--no-latency"]) == 2
     line = one_error_line(capsys, "prune")
     assert "target params=1e-09 is infeasible for the unstructured pattern" in line and "give params=" in line
@@ -101,8 +101,8 @@ def test_admm_infeasible_filter_target_from_python(synthetic):
     model = create_model("lenet300", num_classes=4, in_channels=1, input_size=12)
     expected = r"every one of the 3 constrained layers keeps at least one unit, which is 0\.00739"
     with pytest.raises(InfeasibleTargetError, match=expected):
-        admm_prune_(model, synthetic, ADMMConfig(pattern="filter", keep=1e-4), TrainConfig(epochs=1), progress=False,
-                    log=lambda *_: None)
+        admm_prune_(model, synthetic, ADMMConfig(pattern="filter", target=Target("params", 1e-4)),
+                    TrainConfig(epochs=1), progress=False, log=lambda *_: None)
 
 
 def test_bench_refuses_a_dense_network_of_another_architecture(runs, capsys):
@@ -136,7 +136,7 @@ def test_compare_refuses_latency_times_that_never_end(runs, seconds, capsys):
 
 
 def test_iterations_are_bounded(runs, capsys):
-    assert main(["prune", "--checkpoint", str(runs["dense"]), "--iterations", "1000000000", "--out",
+    assert main(["prune", "l1", "--checkpoint", str(runs["dense"]), "--iterations", "1000000000", "--out",
                  str(runs["root"] / "it"), "--no-progress", "--no-latency"]) == 2
     assert "iterations must be an int >= 1 and at most 100" in one_error_line(capsys, "prune")
 
@@ -153,7 +153,7 @@ def test_eval_val_fraction_is_validated_and_used(runs, capsys):
 
 
 def test_data_flags_without_a_dataset_to_apply_them_to(capsys):
-    assert main(["prune", "--model", "lenet300", "--limit", "100", "--out", "x", "--no-progress"]) == 2
+    assert main(["prune", "l1", "--model", "lenet300", "--limit", "100", "--out", "x", "--no-progress"]) == 2
     assert "--limit need --data" in one_error_line(capsys, "prune")
 
 

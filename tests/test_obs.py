@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+import prunekit
 from prunekit.channels.graph import ChannelGraph, ChannelPlan
 from prunekit.curvature.kfac import CurvatureConfig, FisherType
 from prunekit.curvature.obs import COBD, COBS, KronOBD, KronOBS
-from prunekit.methods.channel import PruneConfig, prune_model
 
 
 def _mlp() -> nn.Module:
@@ -148,8 +148,8 @@ def test_curvature_methods_prune_a_resnet_to_the_target(method, synthetic):
     torch.manual_seed(0)
     model = create_model(ModelConfig("resnet20", in_channels=1, num_classes=4, input_size=12, width=0.25))
     dense = count_flops(model, (1, 1, 12, 12))
-    config = PruneConfig(method=method, target="flops=0.5", curvature={"batches": 2})
-    prune_model(model, synthetic, config, progress=False, log=lambda s: None)
+    config = prunekit.get_method(method).config(target="flops=0.5", curvature=prunekit.FisherSettings(fisher_batches=2))
+    prunekit.prune_(model, config, synthetic, prunekit.RunContext(progress=False, log=lambda s: None))
     assert count_flops(model, (1, 1, 12, 12)) / dense == pytest.approx(0.5, abs=0.02)
 
 

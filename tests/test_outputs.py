@@ -78,14 +78,21 @@ def test_a_finished_run_is_not_mixed_with_a_new_one(tmp_path, capsys):
 def test_a_killed_prune_run_is_not_restarted_over_its_rounds(checkpoint, tmp_path, capsys):
     out = tmp_path / "pruned"
     (out / "flops-0.5" / "round_1").mkdir(parents=True)  # what a run killed before its report leaves
-    assert main(["prune", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress", "--no-latency"]) == 2
+    assert main(["prune", "l1", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress",
+                 "--no-latency"]) == 2
     line = one_error_line(capsys, "prune")
     assert "already holds a pruning run; pass --resume" in line and "flops-0.5/round_1" in line
+    # and so does the run record written before the first round
+    (out / "flops-0.5" / "round_1").rmdir()
+    (out / "flops-0.5" / "run.json").write_text(json.dumps({"format": "prunekit.run/2"}))
+    assert main(["prune", "l1", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress",
+                 "--no-latency"]) == 2
+    assert "flops-0.5/run.json" in one_error_line(capsys, "prune")
 
 
 @pytest.mark.parametrize("argv", [
     [*TRAIN, "--out", ""],
-    ["prune", "--model", "lenet300", "--data", "synthetic", "--out", " "],
+    ["prune", "l1", "--model", "lenet300", "--data", "synthetic", "--out", " "],
     ["demo", "--out", ""],
     ["bench", "x.safetensors", "--out", ""],
     ["compare", "x.safetensors", "--variant", "a=y.safetensors", "--out", ""],

@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from prunekit.channels.graph import ChannelGraph, ChannelPlan
-from prunekit.methods.channel import PruneConfig, prune_model
+from prunekit.methods.channel import L1Config
+from prunekit.methods.registry import RunContext, prune_
 from prunekit.planning.allocation import Target
 from prunekit.recovery.reconstruction import reconstruct_, refittable_layers
 from prunekit.training import TrainConfig, fit
@@ -98,8 +99,9 @@ def test_pruning_with_refit_shrinks_exactly_and_lands_closer_to_the_unpruned_net
         want = dense.eval()(x)
     errors = {}
     for images in (0, 256):
-        config = PruneConfig(target="flops=0.3", reconstruction_images=images, bn_recalibration_images=0)
-        pruned = prune_model(copy.deepcopy(dense), synthetic, config, base=base, log=lambda *_: None).model
+        config = L1Config(target="flops=0.3", reconstruction_images=images, bn_images=0)
+        pruned = copy.deepcopy(dense)
+        prune_(pruned, config, synthetic, RunContext(base=base, log=lambda *_: None))  # in place
         with torch.no_grad():
             errors[images] = (pruned.eval()(x) - want).pow(2).mean().item()
     assert errors[256] < 0.5 * errors[0]
@@ -126,5 +128,5 @@ def test_bad_input_is_refused():
         reconstruct_(layer, layer, data, count=0)
     with pytest.raises(ValueError, match="damping must be > 0"):
         reconstruct_(layer, layer, data, damping=0.0)
-    with pytest.raises(ValueError, match="reconstruction_images must be >= 0"):
-        PruneConfig(target=Target("flops", 0.5), reconstruction_images=-1)
+    with pytest.raises(ValueError, match="reconstruction_images must be an int >= 0"):
+        L1Config(target=Target("flops", 0.5), reconstruction_images=-1)

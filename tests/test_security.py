@@ -77,8 +77,8 @@ def _loading_commands(path: Path, zoo: Path, out: Path) -> dict[str, list[str]]:
         "compare-dense": ["compare", str(path), "--variant", f"a={zoo}", "--min-run-time", "0.01"],
         "compare-variant": ["compare", str(zoo), "--variant", f"a={path}", "--min-run-time", "0.01"],
         "bench-dense": ["bench", str(zoo), "--dense", str(path), "--no-onnx", "--batch", "1", "--repeats", "1"],
-        "prune": ["prune", "--checkpoint", str(path), "--target", "params=0.5", "--out", str(out / "pruned"),
-                  "--no-progress", "--no-latency"],
+        "prune": ["prune", "l1", "--checkpoint", str(path), "--target", "params=0.5", "--out",
+                  str(out / "pruned"), "--no-progress", "--no-latency"],
     }
 
 
@@ -111,7 +111,7 @@ def test_trusting_the_factory_in_the_command_allows_it(planted, capsys):
 
 def test_prune_model_flag_naming_the_same_factory_is_consent(planted, capsys):
     out = planted["dir"] / "pruned"
-    argv = ["prune", "--model", "plantedfactory:build", "--checkpoint", str(planted["path"]), "--target",
+    argv = ["prune", "l1", "--model", "plantedfactory:build", "--checkpoint", str(planted["path"]), "--target",
             "params=0.5", "--out", str(out), "--no-progress", "--no-latency"]
     assert main(argv) == 0, capsys.readouterr().err
     assert planted["marker"].read_text() == "called"

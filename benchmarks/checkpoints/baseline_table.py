@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunekit.persistence.checkpoint import read_metadata
+from prunekit import read_metadata
 
 
 def rows(folder: Path) -> list[str]:

@@ -1,9 +1,14 @@
-"""prunekit: make trained PyTorch networks smaller and faster while keeping their accuracy."""
+"""prunekit: make trained PyTorch networks smaller and faster while keeping their accuracy.
+
+One verb compresses a model in place with any registered method, chosen by its config's type
+(``prunekit.prune_(model, prunekit.L1Config(target="flops=0.25"), data)``); one job runs it on a checkpoint, measures
+and reports (``prunekit.prune_job``); ``prunekit.list_methods()`` names them all.
+"""
 
 from __future__ import annotations
 
+from prunekit.curvature.kfac import FisherSettings
 from prunekit.data import DataConfig, DataSplits, list_datasets, load_dataset
-from prunekit.jobs import prune
 from prunekit.measurement.metrics import (
     ModelSummary,
     count_flops,
@@ -12,17 +17,41 @@ from prunekit.measurement.metrics import (
     storage_bits,
     summarize,
 )
-from prunekit.methods.channel import PruneConfig, prune_model
+from prunekit.methods.admm import ADMMConfig
+from prunekit.methods.channel import (
+    BNConfig,
+    COBDConfig,
+    COBSConfig,
+    KronOBDConfig,
+    KronOBSConfig,
+    L1Config,
+    L2Config,
+    RandomConfig,
+    TaylorConfig,
+)
+from prunekit.methods.dpp import DPPConfig
+from prunekit.methods.eigendamage import EigenDamageConfig
+from prunekit.methods.registry import PruneRecord, RunContext, get_method, list_methods, method_for, prune_
 from prunekit.models import ModelConfig, create_model, list_models
 from prunekit.persistence.architecture import load_compressed, save_compressed
 from prunekit.persistence.checkpoint import CheckpointError, load_model, read_metadata, save_checkpoint
+from prunekit.persistence.recipe import JobConfig, ModelSource, Recipe
+from prunekit.planning.allocation import Allocation, AllocationConfig, Target, TargetMetric
+from prunekit.planning.constraints import QuantConstraint
+from prunekit.planning.pattern import Pattern
+from prunekit.planning.schedule import RoundSchedule, TemperatureSchedule
+from prunekit.runner import JobResult, prune_job, run_recipe
 from prunekit.training import Augment, FitResult, Schedule, TrainConfig, evaluate, fit
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Augment", "CheckpointError", "DataConfig", "DataSplits", "FitResult", "ModelConfig", "ModelSummary",
-    "Schedule", "TrainConfig", "count_flops", "count_params", "create_model", "evaluate", "fit", "list_datasets",
-    "list_models", "load_compressed", "load_dataset", "load_model", "measure_latency", "PruneConfig", "prune",
-    "prune_model", "read_metadata", "save_checkpoint", "save_compressed", "storage_bits", "summarize",
+    "ADMMConfig", "Allocation", "AllocationConfig", "Augment", "BNConfig", "COBDConfig", "COBSConfig",
+    "CheckpointError", "DPPConfig", "DataConfig", "DataSplits", "EigenDamageConfig", "FisherSettings", "FitResult",
+    "JobConfig", "JobResult", "KronOBDConfig", "KronOBSConfig", "L1Config", "L2Config", "ModelConfig", "ModelSource",
+    "ModelSummary", "Pattern", "PruneRecord", "QuantConstraint", "RandomConfig", "Recipe", "RoundSchedule",
+    "RunContext", "Schedule", "Target", "TargetMetric", "TaylorConfig", "TemperatureSchedule", "TrainConfig",
+    "count_flops", "count_params", "create_model", "evaluate", "fit", "get_method", "list_datasets", "list_methods",
+    "list_models", "load_compressed", "load_dataset", "load_model", "measure_latency", "method_for", "prune_",
+    "prune_job", "read_metadata", "run_recipe", "save_checkpoint", "save_compressed", "storage_bits", "summarize",
 ]

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import types
+import typing
 import warnings
 from pathlib import Path
 
 from prunekit import __version__
+from prunekit.flags import add_config_flags, configs_from_args
 
 
 class CLIError(Exception):
@@ -73,8 +77,74 @@ def _data_for(args, checkpoint: str | None):
     return replace(saved, **given)
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags: ``--iter`` must not silently mean ``--iterations``, nor one method's flag a prefix of
+    another's."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+class _MethodParser(_Parser):
+    """A ``prunekit prune METHOD`` parser: a misuse (a bad value, a missing --out) is one line."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise CLIError(message)
+
+
+def _prune_error(parser: argparse.ArgumentParser, message: str) -> typing.NoReturn:
+    match = re.match(r"argument METHOD: invalid choice: '([^']*)'", message)
+    if match:
+        from prunekit.methods.registry import get_method
+
+        get_method(match.group(1))  # raises the registry's "unknown method ... Did you mean" error
+    raise CLIError(message)
+
+
+def _prune_misuse(args, extras: list[str]) -> str:
+    """The one line for flags ``prunekit prune METHOD`` does not take (another method's, or the old form)."""
+    if "--method" in extras:
+        return "the method is now the first word: prunekit prune METHOD [flags] (e.g. prunekit prune l1 ...), " \
+               "not --method METHOD; see CHANGELOG.md for the old flags"
+    flags = [a.split("=")[0] for a in extras if a.startswith("--")]
+    if args.method is None or not flags:
+        return f"unrecognized arguments: {' '.join(extras)}"
+    owners = _flag_owners().get(flags[0], [])
+    whose = f"it is a flag of {', '.join(owners)}" if owners else "no method has it"
+    return f"{flags[0]} does not apply to {args.method} ({whose}); `prunekit prune {args.method} --help` lists its " \
+           "flags"
+
+
+def _flag_owners() -> dict[str, list[str]]:
+    from prunekit.flags import flags_of
+    from prunekit.methods.registry import get_method, list_methods
+
+    owners: dict[str, list[str]] = {}
+    for name in list_methods():
+        for flag in flags_of(get_method(name).config):
+            owners.setdefault(flag, []).append(name)
+    return owners
+
+
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("job (every method)")
+    g.add_argument("--model", default=None, help="zoo name or package.module:function (default: the checkpoint's)")
+    g.add_argument("--checkpoint", default=None, help="dense weights (.safetensors from prunekit, or a state_dict)")
+    _add_data_args(g, default=None)
+    _add_trust_arg(g)
+    g.add_argument("--out", required=True, help="output folder (recipe, report, one folder per run)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    g.add_argument("--seed", type=int, default=0, help="seed of data order, scoring batches and random choices")
+    g.add_argument("--lr", type=float, default=0.01, help="learning rate of the method's training (fine-tuning, "
+                                                          "ADMM, DPP)")
+    g.add_argument("--batch-size", type=int, default=128, help="batch size of the method's training")
+    g.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunekit", description="Make trained networks smaller and faster.")
+    parser = _Parser(prog="prunekit", description="Make trained networks smaller and faster.")
     parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -99,65 +169,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("prune", help="prune a trained model to a target (channels or eigen-directions), "
-                                     "fine-tune, report")
-    p.add_argument("--model", default=None, help="zoo name or package.module:function (default: the checkpoint's)")
-    p.add_argument("--checkpoint", default=None, help="dense weights (.safetensors from prunekit, or a state_dict)")
-    _add_data_args(p, default=None)
-    _add_trust_arg(p)
-    p.add_argument("--method", default="l1", help="criterion (`prunekit list methods`)")
-    p.add_argument("--target", action="append", default=None,
-                   help="flops=0.25 | params=0.5 | channels=0.7 | flops=x4; repeat for several targets")
-    p.add_argument("--allocation", choices=["global", "uniform"], default="global")
-    p.add_argument("--max-per-layer", type=float, default=0.9, help="largest fraction of a layer to remove")
-    p.add_argument("--round-to", type=int, default=1, help="keep a multiple of this many channels per pruned layer")
-    p.add_argument("--ignore", nargs="*", default=[], help="module names to leave alone (output layer always is)")
-    p.add_argument("--iterations", type=int, default=1, help="rounds of prune + fine-tune (1 = one-shot)")
-    p.add_argument("--finetune-epochs", type=_positive_int, default=0, help="fine-tuning epochs per round")
-    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--bn-images", type=_positive_int, default=512,
-                   help="training images for BatchNorm re-estimation after pruning (0 = off)")
-    p.add_argument("--reconstruct-images", type=_positive_int, default=256,
-                   help="channel methods: training images for the layer-wise least-squares re-fit of the weights "
-                        "against the unpruned network before shrinking (0 = off)")
-    p.add_argument("--fisher", choices=["true", "empirical"], default="true",
-                   help="curvature methods: labels sampled from the model (true) or the data labels (empirical)")
-    p.add_argument("--fisher-batches", type=_positive_int, default=8,
-                   help="curvature methods: training batches of 64 the statistics average over")
-    p.add_argument("--damping", type=float, default=0.1,
-                   help="curvature methods: Tikhonov damping, relative to the factors' mean eigenvalues")
-    p.add_argument("--obs-update", choices=["individual", "joint", "none"], default="individual",
-                   help="c-obs/kron-obs: weight compensation after removal")
-    p.add_argument("--eigen-form", choices=["standard", "depthwise"], default="standard",
-                   help="eigendamage: rebuild layers as 1x1-kxk-1x1 (standard) or with a depthwise core")
-    p.add_argument("--freeze-rotations", action="store_true",
-                   help="eigendamage: do not fine-tune the eigenbasis projections")
-    p.add_argument("--pattern", choices=["unstructured", "filter", "channel", "column", "k-of-n", "group"],
-                   default="unstructured",
-                   help="admm: which weights go together (group: whole coupled channels, removed physically; "
-                        "takes --target flops=...)")
-    p.add_argument("--quant", default="none", help="admm: none | binary | ternary | bits=N (joint quantization)")
-    p.add_argument("--k", type=int, default=None, help="admm k-of-n: weights kept in every run of n")
-    p.add_argument("--n", type=int, default=None, help="admm k-of-n: run length")
-    p.add_argument("--granularity", choices=["weight", "kernel", "filter"], default="weight",
-                   help="dpp: k of n weights per run of a row, kernels per filter, or filters of every coupled "
-                        "channel group (removed physically; with --target)")
-    p.add_argument("--tiles", type=int, default=None, help="dpp weight granularity: k of n within each of G tiles")
-    p.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.05], metavar=("START", "END"),
-                   help="dpp: Gumbel-softmax temperature, annealed per epoch")
-    p.add_argument("--init-scale", type=float, default=1.0,
-                   help="dpp: logits start at this times log(1 + |w| / mean|w|) (magnitude-informed start)")
-    p.add_argument("--anneal-noise", action="store_true", help="dpp: Gumbel noise scale follows the temperature")
-    p.add_argument("--logit-lr-scale", type=float, default=1.0, help="dpp: the logits' lr as a multiple of --lr")
-    p.add_argument("--admm-epochs", type=int, default=4, help="admm: ADMM epochs per phase")
-    p.add_argument("--rho", type=float, default=1e-3, help="admm: initial penalty (grows x1.3 per update)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True,
-                   help="output directory (pruned model, report.md/json, plots)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
-    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("prune", help="compress a trained model with a method (`prunekit list methods`), fine-tune, "
+                                     "measure, report", description="prunekit prune METHOD [flags]: the method's own "
+                       "flags are listed by `prunekit prune METHOD --help`. prunekit prune --config recipe.yaml --out "
+                       "DIR runs a recipe (every run writes its own as DIR/recipe.yaml).")
+    p.add_argument("--config", default=None, metavar="RECIPE", help="run a whole job from a recipe file (YAML)")
+    p.add_argument("--out", dest="recipe_out", default=None, help="with --config: the output folder")
+    p.add_argument("--resume", dest="recipe_resume", action="store_true", help="with --config: continue in --out")
+    p.add_argument("--trust-factory", dest="recipe_trust", action="append", default=[],
+                   metavar="PACKAGE.MODULE:FUNCTION", help="with --config: a model factory the recipe may import")
+    p.add_argument("--no-progress", dest="recipe_no_progress", action="store_true", help="with --config")
+    p.error = types.MethodType(_prune_error, p)  # a prune misuse is one line, an unknown method names the close ones
+    methods = p.add_subparsers(dest="method", metavar="METHOD", parser_class=_MethodParser)
+    from prunekit.methods.registry import get_method, list_methods
+
+    for name in list_methods():
+        spec = get_method(name)
+        m = methods.add_parser(name, help=spec.summary, description=f"{name}: {spec.summary}. Paper: {spec.paper}.")
+        _add_job_args(m)
+        m.set_defaults(config_fields=add_config_flags(m, spec.config))
 
     p = sub.add_parser("compare", help="storage and measured speed of pruned variants (sparse vs structured)")
     p.add_argument("dense", help="the dense prunekit checkpoint")
@@ -169,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_arg(p)
 
     p = sub.add_parser("export", help="export a (pruned) checkpoint for deployment")
-    p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit (dense or pruned)")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit (dense or pruned), or a run "
+                                      "folder of prunekit prune")
     p.add_argument("--onnx", default=None, help="output .onnx path (checked against PyTorch with ONNX Runtime)")
     p.add_argument("--pt2", default=None, help="output torch.export program (.pt2) of the eager inference form")
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm layers instead of folding them")
@@ -179,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency of a pruned checkpoint vs dense and vs the uniformly thinned limit "
                                      "(eager and ONNX Runtime)")
-    p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit, or a run folder of prunekit "
+                                      "prune")
     p.add_argument("--dense", default=None, help="the dense checkpoint (default: the unpruned architecture)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes")
@@ -210,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_list(args) -> None:
     from prunekit.data import DATASETS
-    from prunekit.methods.registry import METHODS
+    from prunekit.flags import flags_of
+    from prunekit.methods.registry import METHODS, get_method, list_methods
+
+    list_methods()  # registers them
     from prunekit.models import MODELS
 
     sections = {"models": MODELS, "datasets": DATASETS, "methods": METHODS}
@@ -220,6 +255,10 @@ def cmd_list(args) -> None:
         print(f"{name}:")
         for entry in registry.list(args.pattern):
             print(f"  {entry:<16} {registry.help(entry)}")
+            if registry is METHODS:
+                spec = get_method(entry)
+                print(f"  {'':<16} paper: {spec.paper}")
+                print(f"  {'':<16} config: {spec.config.__name__}: {' '.join(flags_of(spec.config))}")
 
 
 def cmd_train(args) -> None:
@@ -238,70 +277,67 @@ def cmd_train(args) -> None:
 
 
 def cmd_prune(args) -> None:
-    from prunekit.jobs import prune
     from prunekit.measurement.report import summary_table
+    from prunekit.runner import run_recipe
 
-    out = Path(args.out)
-    data = _data_for(args, args.checkpoint)
-    if args.method == "dpp":
-        from prunekit.jobs import dpp_job
-
-        if args.granularity == "filter":
-            if args.target is None or len(args.target) != 1 or args.k is not None:
-                raise CLIError("--method dpp --granularity filter takes one --target (e.g. flops=x4) and no --k: "
-                               "every coupled group keeps the same fraction of its filters")
-        elif args.target is not None:
-            if len(args.target) != 1 or args.k is not None or args.n is not None:
-                raise CLIError("--method dpp takes either --k/--n or one --target params=FRACTION (k of n planned "
-                               "per layer), not both")
-        elif args.k is None:
-            raise CLIError("--method dpp needs --k (and --n for weight granularity, or --tiles), or --target "
-                           "params=FRACTION")
-        if args.finetune_epochs < 1:
-            raise CLIError("--method dpp trains masks and weights together: give --finetune-epochs >= 1")
-        outcome = dpp_job(args.model, data, checkpoint=args.checkpoint, granularity=args.granularity, k=args.k,
-                          n=args.n, tiles=args.tiles, quant=args.quant, epochs=args.finetune_epochs, lr=args.lr,
-                          batch_size=args.batch_size, temperature=tuple(args.temperature),
-                          mask_options={"init_scale": args.init_scale, "anneal_noise": args.anneal_noise,
-                                        "logit_lr_scale": args.logit_lr_scale},
-                          target=args.target[0] if args.target else None, out=out,
-                          progress=not args.no_progress, measure_latency=not args.no_latency, seed=args.seed,
-                          trusted_factories=args.trust_factory)
-        print()
-        print(summary_table(outcome.rows))
-        print(f"\nreport: {outcome.report}")
-        return
-    if args.method == "admm":
-        from prunekit.jobs import admm_job
-
-        targets = args.target or ["params=0.1"]
-        if len(targets) != 1:
-            raise CLIError("--method admm takes one --target params=FRACTION")
-        outcome = admm_job(args.model, data, checkpoint=args.checkpoint, pattern=args.pattern, target=targets[0],
-                           k=args.k, n=args.n, quant=args.quant, admm_epochs=args.admm_epochs,
-                           retrain_epochs=args.finetune_epochs, rho=args.rho, lr=args.lr,
-                           batch_size=args.batch_size, allocation=args.allocation, ignore=tuple(args.ignore),
-                           out=out, progress=not args.no_progress, measure_latency=not args.no_latency,
-                           seed=args.seed, trusted_factories=args.trust_factory)
-        print()
-        print(summary_table(outcome.rows))
-        print(f"\nreport: {outcome.report}")
-        return
-    outcome = prune(args.model, data, checkpoint=args.checkpoint, method=args.method,
-                    target=args.target or ["flops=0.5"], iterations=args.iterations,
-                    finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
-                    allocation=args.allocation, max_per_layer=args.max_per_layer, round_to=args.round_to,
-                    ignore=tuple(args.ignore),
-                    bn_recalibration_images=args.bn_images, reconstruction_images=args.reconstruct_images,
-                    out=out, resume=args.resume,
-                    progress=not args.no_progress, measure_latency=not args.no_latency, seed=args.seed,
-                    curvature={"fisher": args.fisher, "batches": args.fisher_batches, "damping": args.damping,
-                               "obs_update": args.obs_update, "seed": args.seed},
-                    eigendamage={"form": args.eigen_form, "train_rotations": not args.freeze_rotations},
-                    trusted_factories=args.trust_factory)
+    if args.config is not None:
+        if args.method is not None:
+            raise CLIError("give either a METHOD with its flags or --config RECIPE, not both")
+        recipe = _recipe_from_file(args.config, args.recipe_trust)
+        if not args.recipe_out:
+            raise CLIError("--config needs --out FOLDER")
+        outcome = run_recipe(recipe, out=args.recipe_out, resume=args.recipe_resume,
+                             progress=not args.recipe_no_progress)
+    else:
+        if args.method is None:
+            raise CLIError("give a method (`prunekit list methods`), e.g. prunekit prune l1 --checkpoint CK "
+                           "--target flops=0.5 --out DIR, or --config recipe.yaml")
+        if args.recipe_out or args.recipe_resume or args.recipe_trust or args.recipe_no_progress:
+            raise CLIError(f"put --out, --resume, --trust-factory and --no-progress after the method "
+                           f"(prunekit prune {args.method} ... --out DIR)")
+        outcome = run_recipe(_recipe_from_args(args), out=args.out, resume=args.resume,
+                             progress=not args.no_progress)
     print()
     print(summary_table(outcome.rows))
     print(f"\nreport: {outcome.report}")
+
+
+def _recipe_from_args(args):
+    from prunekit.methods.registry import get_method
+    from prunekit.persistence.recipe import JobConfig, ModelSource, Recipe
+    from prunekit.training import TrainConfig
+
+    spec = get_method(args.method)
+    configs = configs_from_args(spec.config, args.config_fields, args)
+    source = ModelSource(model=args.model, checkpoint=args.checkpoint, data=_data_for(args, args.checkpoint),
+                         trusted_factories=tuple(args.trust_factory))
+    train = TrainConfig(epochs=0, lr=args.lr, batch_size=args.batch_size)
+    return Recipe(spec.name, configs, JobConfig(source, train, args.seed, not args.no_latency))
+
+
+def _recipe_from_file(path: str, trusted: list[str]):
+    from dataclasses import replace
+
+    from prunekit.persistence.recipe import Recipe
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise CLIError(f"cannot read the recipe {path}: {exc.strerror or exc}") from None
+    try:
+        recipe = Recipe.from_yaml(text)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"{path}: {exc}") from None
+    # a recipe's own trusted_factories are data too: only what this command trusts counts
+    source = replace(recipe.job.source, trusted_factories=tuple(trusted))
+    return replace(recipe, job=replace(recipe.job, source=source))
+
+
+def _model_file(path: str) -> Path:
+    """A checkpoint file, or the model of a run folder (``prunekit prune``'s output)."""
+    from prunekit.runner import model_path
+
+    return model_path(path)
 
 
 def cmd_export(args) -> None:
@@ -309,8 +345,8 @@ def cmd_export(args) -> None:
 
     if args.onnx is None and args.pt2 is None:
         raise CLIError("give --onnx PATH and/or --pt2 PATH")
-    for line in export_job(args.checkpoint, onnx=args.onnx, pt2=args.pt2, fold=not args.no_fold, opset=args.opset,
-                           overwrite=args.overwrite, trusted_factories=args.trust_factory):
+    for line in export_job(_model_file(args.checkpoint), onnx=args.onnx, pt2=args.pt2, fold=not args.no_fold,
+                           opset=args.opset, overwrite=args.overwrite, trusted_factories=args.trust_factory):
         print(line)
 
 
@@ -321,8 +357,10 @@ def cmd_bench(args) -> None:
         raise CLIError(f"--threads must be >= 1, got {args.threads}")
     if any(b < 1 for b in args.batch) or args.repeats < 1:
         raise CLIError(f"--batch sizes and --repeats must be >= 1, got {args.batch} and {args.repeats}")
-    result = bench(args.checkpoint, dense_checkpoint=args.dense, threads=args.threads, batches=tuple(args.batch),
-                   repeats=args.repeats, onnx=not args.no_onnx, out=args.out, trusted_factories=args.trust_factory)
+    dense = _model_file(args.dense) if args.dense else None
+    result = bench(_model_file(args.checkpoint), dense_checkpoint=dense, threads=args.threads,
+                   batches=tuple(args.batch), repeats=args.repeats, onnx=not args.no_onnx, out=args.out,
+                   trusted_factories=args.trust_factory)
     print(result["markdown"])
     if args.out:
         print(f"\nwrote {Path(args.out) / 'bench.md'}, bench.json, bench.png")
@@ -333,6 +371,7 @@ def cmd_eval(args) -> None:
     from prunekit.persistence.architecture import load_compressed
     from prunekit.training import evaluate
 
+    args.checkpoint = str(_model_file(args.checkpoint))
     config = _data_for(args, args.checkpoint)
     model, meta = load_compressed(args.checkpoint, args.trust_factory)
     if config is None:
@@ -354,7 +393,8 @@ def cmd_eval(args) -> None:
 def cmd_inspect(args) -> None:
     from prunekit.measurement.inspect import inspect_table
 
-    print(inspect_table(args.target, input_spec=args.input, num_classes=args.classes, width=args.width,
+    target = str(_model_file(args.target)) if Path(args.target).is_dir() else args.target
+    print(inspect_table(target, input_spec=args.input, num_classes=args.classes, width=args.width,
                         trusted_factories=args.trust_factory))
 
 
@@ -374,10 +414,10 @@ def cmd_compare(args) -> None:
             raise CLIError(f"--variant must look like NAME=PATH, got {spec!r}")
         if name in variants or name == "dense":
             raise CLIError(f"--variant name {name!r} is given twice (or is 'dense'); give every variant its own name")
-        variants[name] = path
+        variants[name] = _model_file(path)
     if not variants:
         raise CLIError("give at least one --variant NAME=PATH to compare with the dense model")
-    result = compare_models(args.dense, variants, batch=args.batch, min_run_time=args.min_run_time,
+    result = compare_models(_model_file(args.dense), variants, batch=args.batch, min_run_time=args.min_run_time,
                             trusted_factories=args.trust_factory)
     print()
     print(comparison_markdown(result))
@@ -391,7 +431,17 @@ COMMANDS = {"bench": cmd_bench, "compare": cmd_compare, "list": cmd_list, "train
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extras = parser.parse_known_args(argv)
+    except (CLIError, ValueError) as exc:  # a prunekit prune misuse
+        print(f"prunekit prune: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    if extras:
+        if args.command != "prune":
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        message = _prune_misuse(args, extras)
+        print(f"prunekit prune: error: {message}", file=sys.stderr)
+        return 2
     try:
         with warnings.catch_warnings():
             default_show = warnings.showwarning

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from prunekit.configs import config_from_dict
+from prunekit.configs import Config, config_from_dict
 from prunekit.registry import Registry
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -38,7 +38,7 @@ class DataNotFoundError(FileNotFoundError):
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Config):
     """Which dataset and how to split it.
 
     Args:

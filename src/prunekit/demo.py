@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 from prunekit.data import DataConfig
-from prunekit.jobs import prune, train_job
+from prunekit.jobs import train_job
 from prunekit.measurement.plots import plot_before_after
 from prunekit.measurement.report import summary_table, write_report
+from prunekit.methods.registry import get_method
 from prunekit.persistence.checkpoint import CheckpointError
 from prunekit.persistence.outputs import output_lock
+from prunekit.runner import prune_job
 from prunekit.training import Augment, TrainConfig
 
 DEMO_MODEL, DEMO_WIDTH, DEMO_EPOCHS = "resnet20", 0.5, 15
@@ -47,11 +49,12 @@ def _demo(out: Path, epochs: int | None, progress: bool, log) -> dict:
         raise CheckpointError(f"{exc}; {out} holds a demo run with other settings: delete it or pass another --out"
                               ) from None
     log(f"[2/3] pruning to {DEMO_TARGET} with the {DEMO_METHOD} criterion, fine-tuning {DEMO_FINETUNE_EPOCHS} epochs")
-    outcome = prune(checkpoint=dense.checkpoint, method=DEMO_METHOD, target=DEMO_TARGET,
-                    finetune_epochs=DEMO_FINETUNE_EPOCHS, lr=0.05, out=out / "pruned", progress=progress,
-                    resume=True, log=lambda *_: None)
+    config = get_method(DEMO_METHOD).config(target=DEMO_TARGET, finetune_epochs=DEMO_FINETUNE_EPOCHS)
+    outcome = prune_job(config, checkpoint=dense.checkpoint, train=TrainConfig(epochs=0, lr=0.05, augment=Augment.CROP),
+                        out=out / "pruned", progress=progress, resume=(out / "pruned").is_dir(), log=lambda *_: None)
     log("[3/3] measuring")
-    pruned = outcome.rows[f"pruned {DEMO_TARGET}"]
+    run = next(iter(outcome.runs.values()))
+    pruned = run.compressed
     rows = {"dense": outcome.rows["dense"], "pruned": pruned}
     plot_before_after(rows, out / "summary.png", title="digits, ResNet-20 x0.5: pruned relative to dense")
     write_report(out, f"prunekit demo: ResNet-20 (width 0.5) on digits, pruned to {DEMO_TARGET}", rows,
@@ -64,9 +67,9 @@ def _demo(out: Path, epochs: int | None, progress: bool, log) -> dict:
                         f"latency: median of torch.utils.benchmark runs, {pruned['threads']} threads; on 8x8 images a "
                         "forward pass is mostly per-layer overhead, so FLOPs savings show less in time than on "
                         "larger inputs (see benchmarks/)",
-                        "pruned model: pruned/flops-0.25/round_1/pruned.safetensors (load with "
-                        "prunekit.load_compressed)"],
-                 images=["summary.png", "dense/training.png", "pruned/kept_width_flops-0.25.png"])
+                        f"pruned model: pruned/{run.label}/model.safetensors (load with prunekit.load_compressed); "
+                        "pruned/recipe.yaml re-runs the pruning (prunekit prune --config)"],
+                 images=["summary.png", "dense/training.png", f"pruned/{run.label}/kept_width.png"])
     log("")
     log(summary_table(rows))
     log(f"\nreport: {out / 'report.md'}   ({time.perf_counter() - t0:.0f} s)")

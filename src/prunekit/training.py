@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from prunekit.configs import config_from_dict
+from prunekit.configs import Config, config_from_dict
 from prunekit.data import DataSplits
 from prunekit.distributed import DistContext, GlobalBatchSampler, all_reduce_sum, barrier, current_context
 from prunekit.persistence.checkpoint import CheckpointError, atomic_write, check_state_fits, save_checkpoint
@@ -54,7 +54,7 @@ class TrainingDivergedError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """Optimisation settings.
 
     Args:
@@ -189,14 +189,22 @@ def augment_batch(x: torch.Tensor, mode: Augment, generator: torch.Generator) ->
 class TrainHooks:
     """Extension points of :func:`fit` for methods that train under constraints (ADMM, masked retraining).
 
-    ``penalty`` is added to the loss of every step; ``after_step`` runs after each optimizer step (re-apply masks,
-    update ADMM variables every N steps); ``after_epoch`` after each epoch's training, before validation;
-    ``param_groups`` may split the parameters into optimizer groups, each with an ``lr_scale`` (times the
-    scheduled learning rate) and its own ``weight_decay`` (e.g. mask logits: faster, no decay).
+    ``before_epoch`` runs at the start of every epoch (also the first one after a resume: set per-epoch state such
+    as a temperature here); ``penalty`` is added to the loss of every step; ``after_step`` runs after each optimizer
+    step (re-apply masks, update ADMM variables every N steps); ``after_epoch`` after each epoch's training, before
+    validation; ``epoch_metrics`` returns numbers added to the epoch's history row (committed with it, so a resumed
+    run keeps them); ``param_groups`` may split the parameters into optimizer groups, each with an ``lr_scale``
+    (times the scheduled learning rate) and its own ``weight_decay`` (e.g. mask logits: faster, no decay).
     """
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
         return None
+
+    def before_epoch(self, model: nn.Module, epoch: int) -> None:
+        pass
+
+    def epoch_metrics(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        return {}
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         return None
@@ -266,6 +274,7 @@ def fit(
     total_steps = max(1, config.epochs * steps_per_epoch)
 
     for epoch in range(start_epoch, config.epochs):
+        hooks.before_epoch(model, epoch)
         sampler.set_epoch(epoch)
         gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 1_009 + ctx.rank)
         net.train()
@@ -320,6 +329,7 @@ def fit(
         row = {"epoch": epoch + 1, "lr": lr if steps_per_epoch else config.lr, "train_loss": loss_sum / count,
                "train_acc": correct / count, "val_loss": val["loss"], "val_acc": val["acc"],
                "seconds": time.perf_counter() - t0}
+        row.update({k: v for k, v in hooks.epoch_metrics(model, epoch).items() if k not in row})
         result.history.append(row)
         improved = not (val["acc"] <= result.best_val_acc) or not select_best  # NaN best: the first epoch
         if improved:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit.configs import config_from_dict
+from prunekit.configs import Config, coerce_fields, config_from_dict
 
 
 class FisherType(str, enum.Enum):
@@ -104,6 +104,43 @@ class CurvatureConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CurvatureConfig:
         return config_from_dict(cls, data)
+
+
+class ObsUpdate(str, enum.Enum):
+    """Weight compensation of the OBS criteria after removal."""
+
+    INDIVIDUAL = "individual"  # the sum of the per-channel OBS updates
+    JOINT = "joint"  # the exact update for all removed channels of a layer at once
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class FisherSettings(Config):
+    """The curvature settings a method exposes (the rest of :class:`CurvatureConfig` follows from the method).
+
+    Args:
+        fisher: True Fisher (labels sampled from the model) or empirical Fisher (data labels).
+        fisher_batches: Training batches of 64 the statistics average over.
+        damping: Tikhonov damping, relative to the factors' mean eigenvalues (0.1: Kron-OBS's best on validation
+            in ``benchmarks/damping.py``).
+        damping_mode: Split of the damping between the factors (``pi`` or ``plain``).
+    """
+
+    fisher: FisherType = FisherType.TRUE
+    fisher_batches: int = 8
+    damping: float = 0.1
+    damping_mode: DampingMode = DampingMode.PI
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        self.curvature(0)  # validates
+
+    def curvature(self, seed: int, conv_factor: ConvFactor = ConvFactor.PATCHES,
+                  obs_update: ObsUpdate = ObsUpdate.INDIVIDUAL) -> CurvatureConfig:
+        """The full :class:`CurvatureConfig` with the label-sampling ``seed`` and the method's own choices."""
+        return CurvatureConfig(fisher=self.fisher, batches=self.fisher_batches, conv_factor=conv_factor,
+                               damping=self.damping, damping_mode=self.damping_mode,
+                               obs_update=ObsUpdate(obs_update).value, seed=seed)
 
 
 class CurvatureError(ValueError):

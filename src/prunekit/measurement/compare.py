@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from prunekit.data import DataConfig, load_dataset
+from prunekit.measurement.formats import encoding_storage
 from prunekit.measurement.metrics import check_latency_settings, count_flops, count_params, measure_latency
 from prunekit.measurement.sparse_kernels import break_even_sparsity, to_sparse_kernels
-from prunekit.methods.admm import format_storage
 from prunekit.persistence.architecture import check_pruned_from, input_shape_of, load_compressed
 from prunekit.persistence.checkpoint import CheckpointError, atomic_write
 from prunekit.training import evaluate
@@ -70,18 +70,13 @@ def compare_models(dense_path: str | Path, variants: dict[str, str | Path], *, b
     rows: dict[str, dict[str, Any]] = {}
     for name, (model, vmeta) in models.items():
         model.eval()
-        admm = vmeta.get("admm")
-        code_bits = None
-        if admm and admm.get("quant", "none") != "none":
-            from prunekit.planning.constraints import QuantConstraint
-
-            code_bits = QuantConstraint.parse(admm["quant"]).code_bits
-        layers = list(vmeta.get("scales") or {}) if code_bits else _weight_layers(model)
-        unknown = sorted(set(layers) - set(_weight_layers(model)))
+        encoding = vmeta.get("encoding", {})
+        unknown = sorted(set(encoding.get("masked_layers") or []) | set(encoding.get("scales") or {}))
+        unknown = [n for n in unknown if n not in _weight_layers(model)]
         if unknown:
             raise CheckpointError(f"{variants.get(name, dense_path)}: metadata field 'scales' names {unknown[:3]}, "
                                   "which are not Conv2d/Linear layers of the network")
-        storage = format_storage(model, layers, code_bits, vmeta.get("scales"))
+        storage = encoding_storage(model, encoding)
         sparsity = _sparsity(model)
         row = {"test_acc": evaluate(model, data.test)["acc"], "params": count_params(model),
                "nonzero_params": int(sum(int((p != 0).sum()) for p in model.parameters())),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -22,8 +21,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils import benchmark
 
+from prunekit.measurement.latency import paired_latency, time_ms
 from prunekit.measurement.metrics import count_flops
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -88,12 +87,6 @@ def fold_batchnorm(model: nn.Module) -> tuple[fx.GraphModule, int]:
     return graph_module, folded
 
 
-def _time_ms(fn: Callable[[], Any], threads: int, min_run_time: float) -> float:
-    fn()  # warm-up
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
 def eager_runner(model: nn.Module, input_shape: tuple[int, ...], batch: int, channels_last: bool = False
                  ) -> Callable[[], Any]:
     """A no-grad eval forward on a fixed random batch, optionally with channels-last model and input."""
@@ -136,9 +129,9 @@ def inference_form(model: nn.Module, input_shape: tuple[int, ...], batch: int = 
     """
     threads = threads or torch.get_num_threads()
     folded, count = fold_batchnorm(model)
-    times = {"contiguous": _time_ms(eager_runner(folded, input_shape, batch), threads, min_run_time)}
+    times = {"contiguous": time_ms(eager_runner(folded, input_shape, batch), threads, min_run_time)[0]}
     if len(input_shape) == 3:
-        times["channels_last"] = _time_ms(eager_runner(folded, input_shape, batch, True), threads, min_run_time)
+        times["channels_last"] = time_ms(eager_runner(folded, input_shape, batch, True), threads, min_run_time)[0]
     use_cl = times.get("channels_last", float("inf")) < times["contiguous"]
     if use_cl:
         folded = folded.to(memory_format=torch.channels_last)
@@ -169,19 +162,6 @@ def uniform_width_model(build: Callable[[float], nn.Module], flops: float, input
     candidates = [w for w in (lo, hi) if w > 0]
     best = min(candidates, key=lambda w: abs(count_flops(build(w), shape) - flops))
     return build(best), best
-
-
-def paired_latency(runners: dict[str, Callable[[], Any]], threads: int, repeats: int = 5,
-                   min_run_time: float = 0.2) -> dict[str, float]:
-    """Median latency (ms) of each runner, measured in alternation ``repeats`` times so that load changes on a
-    shared machine hit every runner alike."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            times[name].append(_time_ms(run, threads, min_run_time))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 @contextmanager

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
 
 def index_bits(count: int) -> int:
@@ -236,3 +238,76 @@ def encode(weight: torch.Tensor, fmt: str, codec: ValueCodec, **options) -> Enco
     if fmt not in encoders:
         raise ValueError(f"unknown storage format {fmt!r}; known: {', '.join(FORMATS)}")
     return encoders[fmt](weight, codec, **options)
+
+
+def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = None,
+                   scales: dict[str, float] | None = None,
+                   k_of_n: tuple[int, int] | dict[str, tuple[int, int]] | None = None,
+                   gap_bits: int = 5, dense_bits: int | None = None) -> dict[str, Any]:
+    """Exact storage of ``model`` with the weights of ``layers`` in each format of this module.
+
+    ``k_of_n`` adds the fixed-k format: one ``(k, n)`` for every layer, or one per layer.
+
+    Those weights are stored as float32 values, or as ``code_bits`` codes with one float32 scale per layer
+    (``scales``); every other parameter (biases, norms, other layers) as dense float32. Returns total bits per
+    format, the dense float32 size (``dense_bits``: the unpruned model's, when channels were removed physically;
+    default ``model``'s own) and the compression ratio of each format.
+    """
+    modules = dict(model.named_modules())
+    formats = ["dense", "csr", "relative", "bitmap", "structured"] + (["k-of-n"] if k_of_n else [])
+    constrained = {f"{n}.weight" for n in layers}
+    other_bits = sum(32 * p.numel() for name, p in model.named_parameters() if name not in constrained)
+    totals = dict.fromkeys(formats, other_bits)
+    for name in layers:
+        w = modules[name].weight.detach().cpu()
+        codec = value_codec(w, code_bits, (scales or {}).get(name)) if code_bits else value_codec(w)
+        k, n = (k_of_n[name] if isinstance(k_of_n, dict) else k_of_n) if k_of_n else (None, None)
+        for fmt in formats:
+            options = {"gap_bits": gap_bits} if fmt == "relative" else ({"k": k, "n": n} if fmt == "k-of-n" else {})
+            totals[fmt] += encode(w, fmt, codec, **options).bits
+    dense_bits = dense_bits or sum(32 * p.numel() for p in model.parameters())
+    return {"dense_float32_bits": dense_bits, "bits": totals,
+            "compression": {f: dense_bits / b for f, b in totals.items()},
+            "best": min(totals, key=totals.get), "relative_gap_bits": gap_bits,
+            "values": f"{code_bits}-bit codes" if code_bits else "float32"}
+
+
+def encoding_storage(model: nn.Module, encoding: dict[str, Any], dense_bits: int | None = None,
+                     gap_bits: int = 5) -> dict[str, Any]:
+    """:func:`format_storage` of a model as a method's record describes its weights: ``encoding["masked_layers"]``
+    (the layers whose zeros the formats may skip; default every Conv2d/Linear layer), ``quant`` (e.g. ``bits=4``),
+    ``scales`` (layer -> step) and ``k_of_n`` (layer -> [k, n])."""
+    from prunekit.planning.constraints import QuantConstraint
+
+    layers = list(encoding.get("masked_layers") or []) if encoding.get("masked_layers") is not None else \
+        [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    code_bits = QuantConstraint.parse(encoding.get("quant", "none")).code_bits
+    scales = dict(encoding.get("scales") or {})
+    if code_bits:  # files that did not record a layer's step (DPP in 0.1): find it from the weights
+        modules = dict(model.named_modules())
+        for name in list(layers):
+            if name not in scales:
+                step = infer_scale(modules[name].weight.detach(), code_bits)
+                if step is None:  # not on a grid (a layer the method left alone): dense float32, never too small
+                    layers.remove(name)
+                else:
+                    scales[name] = step
+    k_of_n = {name: tuple(kn) for name, kn in (encoding.get("k_of_n") or {}).items()} or None
+    return format_storage(model, list(layers), code_bits, scales if code_bits else None, k_of_n, gap_bits,
+                          dense_bits)
+
+
+def infer_scale(weight: torch.Tensor, code_bits: int) -> float | None:
+    """The step ``q`` of a quantized weight (every nonzero entry an integer multiple of ``q`` within the
+    ``code_bits`` range), tried as the smallest magnitude divided by 1, 2, ...; ``None`` when no step fits."""
+    nz = weight[weight != 0].double().abs()
+    if not len(nz):
+        return 1.0
+    top = 2 ** (code_bits - 1) if code_bits > 1 else 1
+    smallest = float(nz.min())
+    for divisor in range(1, top + 1):
+        q = smallest / divisor
+        levels = nz / q
+        if (levels - levels.round()).abs().max() <= 1e-4 and levels.round().max() <= top:
+            return q
+    return None

@@ -12,15 +12,14 @@ True
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunekit.data import DataSplits
+from prunekit.measurement.latency import Latency, check_latency_settings, measure_latency  # noqa: F401
 from prunekit.training import evaluate
 
 
@@ -68,61 +67,6 @@ def flops_by_module(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str,
         key = "" if name == root else name.removeprefix(root + ".")
         out[key] = int(sum(by_op.values()))
     return out
-
-
-@dataclass(frozen=True)
-class Latency:
-    """Median forward latency in milliseconds and the settings it was measured under."""
-
-    median_ms: float
-    iqr_ms: float
-    batch_size: int
-    threads: int
-    runs: int
-
-
-def check_latency_settings(min_run_time: float, threads: int | None = None, batches: tuple[int, ...] = (1,),
-                           repeats: int = 1) -> None:
-    """Refuse latency settings that would never finish or mean nothing (NaN or infinite seconds, no batches).
-
-    Raises:
-        ValueError: naming the setting, what it got and what it accepts.
-    """
-    if isinstance(min_run_time, bool) or not isinstance(min_run_time, (int, float)) or \
-            not math.isfinite(min_run_time) or not 0 < min_run_time <= 600:
-        raise ValueError(f"min_run_time (--min-run-time) must be seconds in (0, 600], got {min_run_time!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads (--threads) must be an int >= 1, got {threads!r}")
-    if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
-        raise ValueError(f"batch sizes (--batch) must be ints >= 1, got {list(batches)}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats (--repeats) must be an int >= 1, got {repeats!r}")
-
-
-def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1,
-                    threads: int | None = None, min_run_time: float = 0.5) -> Latency:
-    """Median eval-mode forward time with ``torch.utils.benchmark.Timer.blocked_autorange``.
-
-    Args:
-        input_shape: Shape of one example, without the batch dimension, e.g. ``(1, 28, 28)``.
-        threads: Intra-op threads (default: ``torch.get_num_threads()``), recorded in the result.
-        min_run_time: Seconds of measurement (more gives a steadier median).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    check_latency_settings(min_run_time, threads, (batch_size,))
-    threads = threads or torch.get_num_threads()
-    was_training = model.training
-    model.eval()
-    tensors = [*model.parameters(), *model.buffers()]  # sparse-kernel layers hold their weights as buffers
-    x = torch.randn(batch_size, *input_shape, device=tensors[0].device if tensors else torch.device("cpu"))
-    with torch.no_grad():
-        model(x)  # warm-up (allocations, lazy init)
-        timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
-        m = timer.blocked_autorange(min_run_time=min_run_time)
-    model.train(was_training)
-    return Latency(median_ms=m.median * 1e3, iqr_ms=m.iqr * 1e3, batch_size=batch_size, threads=threads,
-                   runs=len(m.times))
 
 
 def storage_bits(model: nn.Module) -> int:

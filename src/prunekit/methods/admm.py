@@ -17,7 +17,7 @@ retrains only what stays float (biases, normalisation).
 
 from __future__ import annotations
 
-import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,50 +26,59 @@ import torch
 from torch import nn
 
 from prunekit.channels.graph import ChannelGraph, ChannelPlan, SliceKind, find_output_layers, ignored_modules
-from prunekit.configs import config_from_dict
+from prunekit.configs import Config, coerce_fields
 from prunekit.data import DataSplits
-from prunekit.planning.allocation import CostModel, InfeasibleTargetError, Target, TargetMetric, plan_for_target
-from prunekit.planning.constraints import Pattern, QuantConstraint, QuantKind, SparsityConstraint, sparsity_mask
+from prunekit.methods.registry import MethodSpec, PruneRecord, RunContext, register
+from prunekit.planning.allocation import (
+    Allocation,
+    CostModel,
+    InfeasibleTargetError,
+    Target,
+    TargetMetric,
+    plan_for_target,
+)
+from prunekit.planning.allocation import allocate_rates as allocate
+from prunekit.planning.constraints import QuantConstraint, QuantKind, SparsityConstraint, sparsity_mask
+from prunekit.planning.pattern import Pattern, check_pattern
+from prunekit.planning.schedule import Phases
 from prunekit.training import TrainConfig, TrainHooks, fit
 
-
-class RateAllocation(str, enum.Enum):
-    """How per-layer keep fractions follow from the overall one."""
-
-    UNIFORM = "uniform"  # every layer keeps the same fraction
-    GLOBAL = "global"  # one magnitude threshold over all layers' units (entries, or unit norms per element)
+ADMM_PATTERNS = (Pattern.UNSTRUCTURED, Pattern.FILTER, Pattern.CHANNEL, Pattern.COLUMN, Pattern.K_OF_N, Pattern.GROUP)
 
 
 @dataclass(frozen=True)
-class ADMMConfig:
+class ADMMConfig(Config):
     """ADMM pruning (and quantization) settings.
 
     Args:
-        pattern: Sparsity :class:`~prunekit.planning.constraints.Pattern`; ``group`` removes whole coupled channels
-            (:class:`GroupProjection`) physically after ADMM.
-        keep: Fraction of the constrained weights kept overall (``0.02`` = 50x pruning); ignored for k-of-n. For
-            the group pattern, the fraction of the model's ``group_metric`` kept.
-        group_metric: ``"flops"``, ``"params"`` or ``"channels"`` (group pattern only).
-        k, n: k-of-n pattern.
+        pattern: What is kept or removed together: ``unstructured``, ``filter``, ``channel``, ``column``,
+            ``k-of-n``, or ``group`` (whole coupled channels, removed physically after ADMM).
+        target: ``params=F`` keeps ``F`` of the constrained weights (``params=0.02`` or ``params=x50``; default
+            ``params=0.1``); the group pattern also takes ``flops=`` and ``channels=`` (of the whole model). Not used
+            by k-of-n, which keeps ``k / n``.
+        k: k-of-n pattern: weights kept in every run of ``n``.
+        n: k-of-n pattern: run length.
         rates: Per-layer keep fractions that override the allocation (layer name -> fraction).
-        allocation: :class:`RateAllocation` of ``keep`` over layers when ``rates`` does not name a layer.
-        quant: :class:`~prunekit.planning.constraints.QuantConstraint` (``"bits=3"``, ``"binary"``, ``"ternary"``).
-        rho, rho_growth: Initial penalty and its growth per Z/U update.
-        admm_epochs: Epochs of ADMM training (per phase: pruning, then quantization).
+        allocation: How ``target`` is spread over the layers ``rates`` does not name: ``global`` (one magnitude
+            threshold over all layers' units) or ``uniform``.
+        quant: Joint quantization of the kept weights: ``none``, ``binary``, ``ternary`` or ``bits=N``.
+        rho: Initial penalty.
+        rho_growth: Factor of the penalty at every Z/U update.
+        admm_epochs: Epochs of ADMM training per phase (pruning, then quantization).
         retrain_epochs: Epochs of masked retraining after the hard projection.
         update_every: Update Z and U every this many steps (0: at the end of every epoch).
         quant_steps: Fractions quantized at each progressive step (each followed by one retraining epoch).
-        ignore: Layers left unconstrained (besides BatchNorm and biases, which never are).
+        ignore: Modules left unconstrained, containers included (besides BatchNorm and biases, which never are).
         include_output: Constrain the output layer too (ADMM-NN prunes LeNet's classifier).
     """
 
     pattern: Pattern = Pattern.UNSTRUCTURED
-    keep: float = 0.1
+    target: Target | None = None
     k: int | None = None
     n: int | None = None
     rates: dict[str, float] = field(default_factory=dict)
-    allocation: RateAllocation = RateAllocation.GLOBAL
-    quant: QuantConstraint | str = QuantConstraint()
+    allocation: Allocation = Allocation.GLOBAL
+    quant: QuantConstraint = QuantConstraint()
     rho: float = 1e-3
     rho_growth: float = 1.3
     admm_epochs: int = 4
@@ -78,24 +87,30 @@ class ADMMConfig:
     quant_steps: tuple[float, ...] = (0.5, 0.75, 0.9, 1.0)
     ignore: tuple[str, ...] = ()
     include_output: bool = True
-    group_metric: TargetMetric = TargetMetric.FLOPS
 
     def __post_init__(self) -> None:
-        if self.pattern in (Pattern.GROUP, Pattern.GROUP.value):
-            Target(self.group_metric, self.keep)  # checks the metric and 0 < keep < 1
-            object.__setattr__(self, "group_metric", TargetMetric(self.group_metric))
+        coerce_fields(self)
+        object.__setattr__(self, "pattern", check_pattern(self.pattern, ADMM_PATTERNS, "ADMM"))
+        if self.pattern is Pattern.K_OF_N:
+            SparsityConstraint(self.pattern, 0.5, self.k, self.n)  # k and n given, k < n
+            if self.target is not None:
+                raise ValueError("the k-of-n pattern keeps k of every n weights: give k and n, not a target")
         else:
-            SparsityConstraint(self.pattern, self.keep if self.pattern != Pattern.K_OF_N else 0.5, self.k, self.n)
-        object.__setattr__(self, "pattern", Pattern(self.pattern))
-        object.__setattr__(self, "allocation", RateAllocation(self.allocation))
-        if isinstance(self.quant, str):
-            object.__setattr__(self, "quant", QuantConstraint.parse(self.quant))
-        elif isinstance(self.quant, dict):
-            object.__setattr__(self, "quant", QuantConstraint(**self.quant))
+            if self.target is None:
+                object.__setattr__(self, "target", Target(TargetMetric.PARAMS, 0.1))  # the default: 10x
+            if not isinstance(self.target, Target):
+                raise ValueError(f"ADMM needs a target such as params=0.02 or params=x50, got {self.target!r}")
+            if self.pattern is not Pattern.GROUP:
+                if self.target.metric is not TargetMetric.PARAMS:
+                    raise ValueError(f"ADMM targets the fraction of weights kept: give params=0.02 or params=x50 "
+                                     f"(flops=... needs the group pattern), got {self.target}")
+                SparsityConstraint(self.pattern, self.keep, self.k, self.n)
         for name, value in self.rates.items():
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
                 raise ValueError(f"rate for {name} must be a keep fraction in (0, 1], got {value!r}")
-        if not self.rho > 0 or not self.rho_growth >= 1:
+        if not (isinstance(self.rho, (int, float)) and math.isfinite(self.rho) and self.rho > 0) or \
+                not (isinstance(self.rho_growth, (int, float)) and math.isfinite(self.rho_growth)
+                     and self.rho_growth >= 1):
             raise ValueError(f"rho must be > 0 and rho_growth >= 1, got {self.rho!r}, {self.rho_growth!r}")
         for name in ("admm_epochs", "retrain_epochs", "update_every"):
             v = getattr(self, name)
@@ -108,23 +123,19 @@ class ADMMConfig:
         object.__setattr__(self, "ignore", tuple(self.ignore))
         object.__setattr__(self, "rates", dict(self.rates))
 
+    @property
+    def keep(self) -> float:
+        """Fraction kept: the target's, or ``k / n``."""
+        return self.k / self.n if self.pattern is Pattern.K_OF_N else self.target.keep
+
     def constraint(self, keep: float) -> SparsityConstraint:
         return SparsityConstraint(self.pattern, keep if self.pattern is not Pattern.K_OF_N else 0.5, self.k, self.n)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"pattern": self.pattern.value, "keep": self.keep, "k": self.k, "n": self.n, "rates": self.rates,
-                "allocation": self.allocation.value, "quant": str(self.quant), "rho": self.rho,
-                "rho_growth": self.rho_growth, "admm_epochs": self.admm_epochs,
-                "retrain_epochs": self.retrain_epochs, "update_every": self.update_every,
-                "quant_steps": list(self.quant_steps), "ignore": list(self.ignore),
-                "include_output": self.include_output, "group_metric": TargetMetric(self.group_metric).value}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ADMMConfig:
-        data = dict(data)
-        if "quant_steps" in data:
-            data["quant_steps"] = tuple(data["quant_steps"])
-        return config_from_dict(cls, data)
+    def label(self) -> str:
+        """How the report names the run: ``admm unstructured params=0.1 bits=3``."""
+        what = str(self.target) if self.target is not None else f"{self.k}-of-{self.n}"
+        return f"admm {self.pattern.value} {what}" + (f" {self.quant}" if self.quant.kind is not QuantKind.NONE
+                                                       else "")
 
 
 def constrained_layers(model: nn.Module, config: ADMMConfig, example: torch.Tensor) -> dict[str, nn.Module]:
@@ -162,47 +173,12 @@ def check_feasible(layers: dict[str, nn.Module], config: ADMMConfig) -> None:
 
 
 def allocate_rates(layers: dict[str, nn.Module], config: ADMMConfig) -> dict[str, float]:
-    """Per-layer keep fractions: ``config.rates`` first, then uniform or a global magnitude threshold."""
+    """Per-layer keep fractions: ``config.rates`` first, then the allocation of ``config.keep``
+    (:func:`prunekit.planning.allocation.allocate_rates`); k-of-n keeps ``k / n`` everywhere."""
     if config.pattern is Pattern.K_OF_N:
         return {name: config.k / config.n for name in layers}
-    free = {n: m for n, m in layers.items() if n not in config.rates}
-    rates = {n: float(config.rates[n]) for n in layers if n in config.rates}
-    unknown = [n for n in config.rates if n not in layers]
-    if unknown:
-        raise ValueError(f"rates name layers that are not constrained: {unknown}; constrained: {list(layers)}")
-    if not free:
-        return rates
-    if config.allocation is RateAllocation.UNIFORM:
-        return {**rates, **{n: config.keep for n in free}}
-    # global: one threshold over every unit's score, units weighted by the entries they hold
-    scores, sizes = [], []
-    for m in free.values():
-        w = m.weight.detach()
-        mat = w.reshape(w.shape[0], -1)
-        if config.pattern is Pattern.UNSTRUCTURED:
-            s, size = mat.abs().reshape(-1), 1
-        elif config.pattern is Pattern.FILTER:
-            s, size = mat.pow(2).sum(1).div(mat.shape[1]).sqrt(), mat.shape[1]
-        elif config.pattern is Pattern.CHANNEL:
-            per = w.transpose(0, 1).reshape(w.shape[1], -1)
-            s, size = per.pow(2).mean(1).sqrt(), per.shape[1]
-        else:
-            s, size = mat.pow(2).mean(0).sqrt(), mat.shape[0]
-        scores.append(s.double().cpu())
-        sizes.append(torch.full_like(scores[-1], float(size)))
-    all_scores, all_sizes = torch.cat(scores), torch.cat(sizes)
-    order = torch.argsort(all_scores, descending=True)
-    budget = config.keep * float(all_sizes.sum())
-    kept_entries = torch.cumsum(all_sizes[order], 0)
-    n_keep = int((kept_entries <= budget).sum().clamp_min(1))
-    kept = torch.zeros(len(order), dtype=torch.bool)
-    kept[order[:n_keep]] = True
-    start = 0
-    for name, s in zip(free, scores):
-        frac = float(kept[start:start + len(s)].double().mean())
-        rates[name] = max(frac, 1.0 / len(s))
-        start += len(s)
-    return rates
+    return allocate(
+        {n: m.weight for n, m in layers.items()}, config.pattern, config.keep, config.allocation, config.rates)
 
 
 Weights = dict[str, torch.Tensor]
@@ -342,12 +318,15 @@ class GroupProjection:
 
 
 def admm_prune_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig, *,
-                progress: bool = True, log: Callable[[str], None] = print) -> ADMMResult:
+                progress: bool = True, log: Callable[[str], None] = print, phases: Phases | None = None
+                ) -> ADMMResult:
     """ADMM pruning (then, with ``config.quant``, ADMM quantization) of ``model`` in place, with retraining.
 
     ``train`` gives the optimiser settings; its ``epochs`` are replaced by each phase's own. With the group
     pattern the chosen channels are removed physically after ADMM (``result.change`` is the replayable plan).
+    With ``phases`` (a folder) every phase's end state is saved, so a resumed run skips the finished ones.
     """
+    phases = phases or Phases(None)
     example = data.train[:2][0]
     layers = constrained_layers(model, config, example)
     if not layers:
@@ -355,8 +334,9 @@ def admm_prune_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: T
     original_size = sum(m.weight.numel() for m in layers.values())
     dense_bits = 32 * sum(p.numel() for p in model.parameters())
     if config.pattern is Pattern.GROUP:
-        group = GroupProjection(model, layers, example, Target(config.group_metric, config.keep), config.ignore)
+        group = GroupProjection(model, layers, example, config.target, config.ignore)
         project: Projection = group
+        rates: dict[str, float] = {}
     else:
         check_feasible(layers, config)
         rates = allocate_rates(layers, config)
@@ -371,39 +351,55 @@ def admm_prune_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: T
     history: dict[str, list[dict[str, Any]]] = {}
     residuals: dict[str, list[float]] = {"removed_energy": [_removed_energy(layers, project)]}
     if config.admm_epochs:
-        hooks = _ADMMHooks(layers, project, config.rho, config.rho_growth, config.update_every)
-        log(f"ADMM pruning: {config.admm_epochs} epoch(s), rho {config.rho:g} x{config.rho_growth:g} per update")
-        r = fit(model, data, replace(train, epochs=config.admm_epochs), progress=progress, hooks=hooks,
-                select_best=False)
-        history["admm_prune"], residuals["prune"] = r.history, hooks.residuals
-        residuals["removed_energy"].append(_removed_energy(layers, project))
-    change = None
-    weights = {n: m.weight.detach() for n, m in layers.items()}
-    if config.pattern is Pattern.GROUP:
-        plan = group.plan(weights)
-        group.graph.shrink_(plan)  # verified against masking; the graph is spent after this
-        change = plan.to_dict()
-        masks = {n: torch.ones_like(m.weight) for n, m in layers.items()}
-        rates = {n: m.weight.numel() / weights[n].numel() for n, m in layers.items()}
-        log(f"removed {plan.num_removed()} coupled channels physically")
-    else:
+        def admm_phase() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            hooks = _ADMMHooks(layers, project, config.rho, config.rho_growth, config.update_every)
+            log(f"ADMM pruning: {config.admm_epochs} epoch(s), rho {config.rho:g} x{config.rho_growth:g} per update")
+            r = fit(model, data, replace(train, epochs=config.admm_epochs), progress=progress, hooks=hooks,
+                    select_best=False)
+            return {}, {"history": r.history, "residuals": hooks.residuals,
+                        "removed_energy": _removed_energy(layers, project)}
+
+        _, done = phases.run("admm-prune", model, admm_phase)
+        history["admm_prune"], residuals["prune"] = done["history"], done["residuals"]
+        residuals["removed_energy"].append(done["removed_energy"])
+
+    def projection() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        weights = {n: m.weight.detach() for n, m in layers.items()}
+        if config.pattern is Pattern.GROUP:
+            plan = group.plan(weights)
+            group.graph.shrink_(plan)  # verified against masking; the graph is spent after this
+            log(f"removed {plan.num_removed()} coupled channels physically")
+            masks = {n: torch.ones_like(m.weight) for n, m in layers.items()}
+            return masks, {"change": plan.to_dict(),
+                           "rates": {n: m.weight.numel() / weights[n].numel() for n, m in layers.items()}}
         masks = {n: layer_mask(n, w) for n, w in weights.items()}
         _apply_masks_(layers, masks)
-    result = ADMMResult(masks=masks, rates=rates, residuals=residuals, history=history, change=change,
-                        original_size=original_size, dense_bits=dense_bits)
+        return masks, {"change": None, "rates": rates}
+
+    def replay(record: dict[str, Any]) -> None:
+        if record["change"] is not None:
+            ChannelGraph(model, example, ignore=config.ignore, probe=False).shrink_(
+                ChannelPlan.from_dict(record["change"]), verify=False)
+
+    masks, done = phases.run("projection", model, projection, prepare=replay)
+    result = ADMMResult(masks=masks, rates=done["rates"], residuals=residuals, history=history,
+                        change=done["change"], original_size=original_size, dense_bits=dense_bits)
     log(f"hard projection: keeps {result.kept_fraction():.4f} of the constrained weights "
         f"({1 / max(result.kept_fraction(), 1e-12):.1f}x)")
     if config.retrain_epochs:
-        r = fit(model, data, replace(train, epochs=config.retrain_epochs), progress=progress,
-                hooks=MaskedRetrain(layers, masks))
-        history["retrain"] = r.history
+        def retrain() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            r = fit(model, data, replace(train, epochs=config.retrain_epochs), progress=progress,
+                    hooks=MaskedRetrain(layers, masks))
+            return {}, {"history": r.history}
+
+        history["retrain"] = phases.run("retrain", model, retrain)[1]["history"]
     if config.quant.kind is not QuantKind.NONE:
-        _quantize_(model, data, config, train, layers, result, progress, log)
+        _quantize_(model, data, config, train, layers, result, progress, log, phases)
     return result
 
 
 def _quantize_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig,
-               layers: dict[str, nn.Module], result: ADMMResult, progress: bool, log) -> None:
+               layers: dict[str, nn.Module], result: ADMMResult, progress: bool, log, phases: Phases) -> None:
     """ADMM towards the levels on the kept weights, then progressive partial quantization with retraining."""
     quant, masks = config.quant, result.masks
 
@@ -411,32 +407,45 @@ def _quantize_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: Tr
         return quant.project(w, masks[name])[0]
 
     if config.admm_epochs:
-        hooks = _ADMMHooks(layers, per_layer(quant_projection), config.rho, config.rho_growth, config.update_every,
-                           masks)
-        log(f"ADMM quantization ({quant}): {config.admm_epochs} epoch(s)")
-        r = fit(model, data, replace(train, epochs=config.admm_epochs), progress=progress, hooks=hooks,
-                select_best=False)
-        result.history["admm_quant"], result.residuals["quant"] = r.history, hooks.residuals
+        def admm_phase() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            hooks = _ADMMHooks(layers, per_layer(quant_projection), config.rho, config.rho_growth,
+                               config.update_every, masks)
+            log(f"ADMM quantization ({quant}): {config.admm_epochs} epoch(s)")
+            r = fit(model, data, replace(train, epochs=config.admm_epochs), progress=progress, hooks=hooks,
+                    select_best=False)
+            return {}, {"history": r.history, "residuals": hooks.residuals}
+
+        done = phases.run("admm-quant", model, admm_phase)[1]
+        result.history["admm_quant"], result.residuals["quant"] = done["history"], done["residuals"]
     # fix the levels (q per layer) now; progressively quantize the weights closest to their level
-    scales: dict[str, float] = {}
-    for n, m in layers.items():
-        scales[n] = quant.project(m.weight.detach(), masks[n])[1]
+    scales: dict[str, float] = phases.run("quant-levels", model, lambda: ({}, {
+        "scales": {n: quant.project(m.weight.detach(), masks[n])[1] for n, m in layers.items()}}))[1]["scales"]
     fixed = {n: torch.zeros_like(masks[n], dtype=torch.bool) for n in layers}
-    for frac in config.quant_steps:
-        with torch.no_grad():
-            for n, m in layers.items():
-                err = (m.weight - _nearest_level(m.weight, scales[n], quant)).abs()
-                err = torch.where(masks[n].bool(), err, torch.full_like(err, float("inf")))
-                kept = int(masks[n].sum())
-                count = max(int(round(frac * kept)), int(fixed[n].sum()))
-                chosen = torch.topk(-err.reshape(-1), count).indices if count else torch.zeros(0, dtype=torch.long)
-                fixed[n].view(-1)[chosen] = True
-                m.weight.copy_(torch.where(fixed[n], _nearest_level(m.weight, scales[n], quant), m.weight))
-        # after the last step every weight is fixed and one epoch retrains what stays float (biases, norms)
-        if train.epochs:
-            hooks = _FixedWeights(layers, masks, fixed)
-            r = fit(model, data, replace(train, epochs=1), progress=progress, hooks=hooks)
-            result.history.setdefault("progressive_quant", []).extend(r.history)
+    for i, frac in enumerate(config.quant_steps):
+        def step(frac: float = frac, fixed: dict[str, torch.Tensor] = fixed
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            with torch.no_grad():
+                for n, m in layers.items():
+                    err = (m.weight - _nearest_level(m.weight, scales[n], quant)).abs()
+                    err = torch.where(masks[n].bool(), err, torch.full_like(err, float("inf")))
+                    kept = int(masks[n].sum())
+                    count = max(int(round(frac * kept)), int(fixed[n].sum()))
+                    chosen = torch.topk(-err.reshape(-1), count).indices if count else \
+                        torch.zeros(0, dtype=torch.long)
+                    fixed[n].view(-1)[chosen] = True
+                    m.weight.copy_(torch.where(fixed[n], _nearest_level(m.weight, scales[n], quant), m.weight))
+            # after the last step every weight is fixed and one epoch retrains what stays float (biases, norms)
+            steps_history = []
+            if train.epochs:
+                r = fit(model, data, replace(train, epochs=1), progress=progress,
+                        hooks=_FixedWeights(layers, masks, fixed))
+                steps_history = r.history
+            return {n: f for n, f in fixed.items()}, {"history": steps_history}
+
+        tensors, done = phases.run(f"quant-step-{i + 1}", model, step)
+        fixed = {n: tensors[n].bool() for n in layers}
+        if done["history"]:
+            result.history.setdefault("progressive_quant", []).extend(done["history"])
     result.scales = scales
     log(f"quantized to {quant}: every kept weight on its layer's levels")
 
@@ -467,42 +476,10 @@ class _FixedWeights(TrainHooks):
 def storage_report(model: nn.Module, result: ADMMResult, config: ADMMConfig, gap_bits: int = 5) -> dict[str, Any]:
     """Exact storage of ``model`` after ADMM in every applicable format (:func:`format_storage`)."""
     k_of_n = (config.k, config.n) if config.pattern is Pattern.K_OF_N else None
+    from prunekit.measurement.formats import format_storage
+
     return format_storage(model, list(result.masks), config.quant.code_bits, result.scales, k_of_n, gap_bits,
                           result.dense_bits)
-
-
-def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = None,
-                   scales: dict[str, float] | None = None,
-                   k_of_n: tuple[int, int] | dict[str, tuple[int, int]] | None = None,
-                   gap_bits: int = 5, dense_bits: int | None = None) -> dict[str, Any]:
-    """Exact storage of ``model`` with the weights of ``layers`` in each format of :mod:`prunekit.measurement.formats`.
-
-    ``k_of_n`` adds the fixed-k format: one ``(k, n)`` for every layer, or one per layer.
-
-    Those weights are stored as float32 values, or as ``code_bits`` codes with one float32 scale per layer
-    (``scales``); every other parameter (biases, norms, other layers) as dense float32. Returns total bits per
-    format, the dense float32 size (``dense_bits``: the unpruned model's, when channels were removed physically;
-    default ``model``'s own) and the compression ratio of each format.
-    """
-    from prunekit.measurement.formats import encode, value_codec
-
-    modules = dict(model.named_modules())
-    formats = ["dense", "csr", "relative", "bitmap", "structured"] + (["k-of-n"] if k_of_n else [])
-    constrained = {f"{n}.weight" for n in layers}
-    other_bits = sum(32 * p.numel() for name, p in model.named_parameters() if name not in constrained)
-    totals = dict.fromkeys(formats, other_bits)
-    for name in layers:
-        w = modules[name].weight.detach().cpu()
-        codec = value_codec(w, code_bits, (scales or {}).get(name)) if code_bits else value_codec(w)
-        k, n = (k_of_n[name] if isinstance(k_of_n, dict) else k_of_n) if k_of_n else (None, None)
-        for fmt in formats:
-            options = {"gap_bits": gap_bits} if fmt == "relative" else ({"k": k, "n": n} if fmt == "k-of-n" else {})
-            totals[fmt] += encode(w, fmt, codec, **options).bits
-    dense_bits = dense_bits or sum(32 * p.numel() for p in model.parameters())
-    return {"dense_float32_bits": dense_bits, "bits": totals,
-            "compression": {f: dense_bits / b for f, b in totals.items()},
-            "best": min(totals, key=totals.get), "relative_gap_bits": gap_bits,
-            "values": f"{code_bits}-bit codes" if code_bits else "float32"}
 
 
 def _all_zero(size: int, slices: list) -> torch.Tensor:
@@ -545,3 +522,42 @@ def shrink_zero_channels_(model: nn.Module, example: torch.Tensor, ignore: tuple
     if plan:
         graph.shrink_(plan)
     return plan
+
+
+def admm_(model: nn.Module, data: DataSplits, config: ADMMConfig, ctx: RunContext) -> PruneRecord:
+    """ADMM-NN-S on ``model`` in place (the ``apply`` of the ``admm`` method): ADMM, hard projection, masked
+    retraining and, with ``config.quant``, ADMM quantization; the filter and channel patterns then remove their
+    all-zero channels physically where that is exact. Every phase is saved in the context's folder, so a resumed
+    run loses at most the phase it was in."""
+    torch.manual_seed(ctx.seed)
+    train = replace(ctx.train, epochs=1, seed=ctx.seed)
+    result = admm_prune_(model, data, config, train, progress=ctx.progress, log=ctx.log,
+                         phases=Phases(ctx.subfolder("phases"), ctx.log))
+    record = PruneRecord(method="admm")
+    if result.change is not None:  # group pattern: the coupled channels are already gone
+        record.changes = [result.change]
+    elif config.pattern in (Pattern.FILTER, Pattern.CHANNEL):  # structured zeros leave the model where exact
+        plan = shrink_zero_channels_(model.eval(), data.train[:2][0], config.ignore)
+        if plan:
+            record.changes = [plan.to_dict()]
+            ctx.log(f"removed {plan.num_removed()} all-zero channels physically (exact, verified against masking)")
+    model.eval()
+    masked = [n for n, m in result.masks.items() if m.numel() and not bool(m.all())] if result.change is None else []
+    record.encoding = {"quant": str(config.quant), "scales": result.scales,
+                       "masked_layers": list(result.masks) if result.change is None else []}
+    if config.pattern is Pattern.K_OF_N:
+        record.encoding["k_of_n"] = {name: [config.k, config.n] for name in result.masks}
+    record.rounds = [{"phase": phase, **row} for phase, rows in result.history.items() for row in rows]
+    record.results = {"rates": result.rates, "residuals": result.residuals, "kept_fraction": result.kept_fraction(),
+                      "zeroed_layers": masked}
+    record.notes = [
+        f"ADMM {config.admm_epochs} epoch(s) per phase, rho {config.rho:g} x{config.rho_growth:g} per update, then "
+        f"{config.retrain_epochs} masked retraining epoch(s); model chosen on validation",
+        f"kept {result.kept_fraction():.4f} of the constrained weights ({1 / max(result.kept_fraction(), 1e-12):.1f}x)"]
+    return record
+
+
+register(MethodSpec("admm", ADMMConfig, admm_,
+                    "Ma et al. 2019, Non-structured DNN Weight Pruning -- Is It Beneficial in Any Platform?, "
+                    "arXiv 1907.02124 (ADMM-NN-S)",
+                    "ADMM joint pruning (any pattern) and quantization, with masked retraining"))

@@ -1,315 +1,207 @@
-"""Structural pruning jobs: score channel groups, allocate, shrink physically, re-estimate BatchNorm, fine-tune.
+"""Structured channel pruning: score coupled channel groups with a criterion, allocate the target over them, re-fit
+the remaining weights, remove the channels physically, re-estimate BatchNorm and fine-tune, in one or several
+rounds.
 
-One-shot is a single round; iterative runs ``iterations`` rounds of prune + fine-tune with geometrically spaced
-targets (round ``r`` keeps ``keep ** (r / k)`` of the dense metric). Every finished round is saved
-(``round_R/pruned.safetensors``: weights + the architecture changes so far) and ``resume=True`` continues from
-the last finished round, and inside a round from the last finished fine-tuning epoch.
+One registered method per criterion, each with its own config class:
+
+* ``l1`` / ``l2`` -- weight-slice norms (Li et al. 2017, arXiv 1608.08710);
+* ``bn`` -- |BatchNorm scale| (network slimming, Liu et al. 2017, arXiv 1708.06519);
+* ``taylor`` -- first-order Taylor ``(sum w g)^2`` (Molchanov et al. 2019, arXiv 1906.10771);
+* ``random`` -- the control every criterion should beat;
+* ``c-obd``, ``c-obs``, ``kron-obd``, ``kron-obs`` -- the curvature baselines of EigenDamage (Wang et al. 2019,
+  arXiv 1905.05934), with OBS weight compensation before removal for the OBS ones.
+
+Before the shrink every conv and linear layer is re-fitted by least squares so that its output matches the unpruned
+network's (:func:`~prunekit.recovery.reconstruction.reconstruct_`), then the shrink is checked against masking.
+
+>>> import torch, prunekit
+>>> data = prunekit.load_dataset("synthetic")
+>>> _ = torch.manual_seed(0)
+>>> model = prunekit.create_model("lenet5", num_classes=4, in_channels=1, input_size=12)
+>>> dense_flops = prunekit.count_flops(model, (1, 1, 12, 12))
+>>> record = prunekit.prune_(model, prunekit.L1Config(target="flops=0.5"), data,
+...                          prunekit.RunContext(log=lambda *_: None))
+>>> record.method, len(record.changes), 0.48 < record.rounds[-1]["flops"] / dense_flops < 0.52
+('l1', 1, True)
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from prunekit.channels.criteria import CRITERIA, Criterion, score_groups
 from prunekit.channels.graph import ChannelGraph
-from prunekit.configs import config_from_dict
-from prunekit.curvature.kfac import CurvatureConfig
-from prunekit.curvature.obs import CURVATURE_CRITERIA
+from prunekit.configs import Config, coerce_fields
+from prunekit.curvature.kfac import ConvFactor, FisherSettings, ObsUpdate
 from prunekit.data import DataSplits
-from prunekit.measurement.metrics import count_flops, count_params
-from prunekit.methods.eigendamage import EigenDamageConfig, KFEBottleneck, eigendamage_round_, set_rotations_trainable_
-from prunekit.persistence.architecture import load_compressed, save_compressed
-from prunekit.persistence.checkpoint import CheckpointError, atomic_write, read_metadata, state_fingerprint
-from prunekit.planning.allocation import AllocationConfig, CostModel, Target, plan_for_target
+from prunekit.methods.registry import MethodSpec, PruneRecord, RunContext, register
+from prunekit.methods.rounds import RoundStep, kept_widths, layer_widths, run_rounds, score_batches
+from prunekit.planning.allocation import AllocationConfig, CostModel, Target, TargetMetric, plan_for_target
+from prunekit.planning.schedule import RoundSchedule
 from prunekit.recovery.reconstruction import reconstruct_
-from prunekit.training import TrainConfig, evaluate, fit
 
-EIGENDAMAGE = "eigendamage"
-MAX_ITERATIONS = 100  # every round scores, shrinks and fine-tunes; more rounds than this is a typo, not a schedule
+
+def _non_negative(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
-class PruneConfig:
-    """What to prune and how.
+class ChannelConfig(Config):
+    """Channel pruning settings shared by every criterion.
 
     Args:
-        method: Criterion name (``prunekit list methods``).
-        target: :class:`~prunekit.planning.allocation.Target` or its text form (``"flops=0.25"``).
-        allocation: :class:`~prunekit.planning.allocation.AllocationConfig` (uniform/global, per-layer cap).
-        iterations: Rounds of prune + fine-tune (1 = one-shot).
-        ignore: Module names to leave alone (the output layer always is).
-        score_batches: Training batches (of 64) a data-driven criterion sees.
-        bn_recalibration_images: Training images used to re-estimate BatchNorm statistics after each
-            shrink (0 disables it).
-        reconstruction_images: Training images for the layer-wise least-squares re-fit of the channel methods
-            (:func:`prunekit.recovery.reconstruction.reconstruct_`) before each shrink; 0 disables it.
-        seed: Seed of the random criterion and of data order for scoring.
-        curvature: :class:`~prunekit.curvature.kfac.CurvatureConfig` of the curvature criteria (C-OBD, C-OBS,
-            Kron-OBD, Kron-OBS, EigenDamage): Fisher type, batches, damping, OBS update.
-        eigendamage: :class:`~prunekit.methods.eigendamage.EigenDamageConfig` (bottleneck form, trainable rotations).
+        target: Keep this fraction of the FLOPs, parameters or channels (``flops=0.25`` or ``flops=x4``).
+        allocation: How the target is spread over the groups (uniform or global, a per-layer cap, rounding).
+        schedule: Rounds of prune, recover and fine-tune (1 = one-shot).
+        ignore: Modules to leave alone, containers included (the output layer always is).
+        reconstruction_images: Training images for the layer-wise least-squares re-fit before each shrink
+            (0 = off).
+        bn_images: Training images for BatchNorm re-estimation after each shrink (0 = off).
+        finetune_epochs: Fine-tuning epochs after each round (best epoch on validation).
     """
 
-    method: str = "l1"
-    target: Target | str = "flops=0.5"
+    target: Target = Target(TargetMetric.FLOPS, 0.5)
     allocation: AllocationConfig = AllocationConfig()
-    iterations: int = 1
+    schedule: RoundSchedule = RoundSchedule()
     ignore: tuple[str, ...] = ()
-    score_batches: int = 8
-    bn_recalibration_images: int = 512
     reconstruction_images: int = 256
-    seed: int = 0
-    curvature: CurvatureConfig = CurvatureConfig()
-    eigendamage: EigenDamageConfig = EigenDamageConfig()
+    bn_images: int = 512
+    finetune_epochs: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in CRITERIA and self.method != EIGENDAMAGE:
-            CRITERIA.get(self.method)
-        if isinstance(self.curvature, dict):
-            object.__setattr__(self, "curvature", CurvatureConfig.from_dict(self.curvature))
-        if isinstance(self.eigendamage, dict):
-            object.__setattr__(self, "eigendamage", EigenDamageConfig.from_dict(self.eigendamage))
-        if isinstance(self.target, str):
-            object.__setattr__(self, "target", Target.parse(self.target))
-        if self.method == EIGENDAMAGE and self.target.metric.value == "channels":
-            raise ValueError("eigendamage removes eigen-directions, not channels: give a flops= or params= target")
-        if isinstance(self.allocation, dict):
-            object.__setattr__(self, "allocation", AllocationConfig(**self.allocation))
+        coerce_fields(self)
+        if not isinstance(self.target, Target):
+            raise ValueError(f"target must be a Target or text like flops=0.25, got {self.target!r}")
         object.__setattr__(self, "ignore", tuple(self.ignore))
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or \
-                not 1 <= self.iterations <= MAX_ITERATIONS:
-            raise ValueError(f"iterations must be an int >= 1 and at most {MAX_ITERATIONS} (rounds of prune + "
-                             f"fine-tune; iterative pruning uses 3 to 10), got {self.iterations!r}")
-        if self.score_batches < 1:
-            raise ValueError(f"score_batches must be >= 1, got {self.score_batches!r}")
-        if self.bn_recalibration_images < 0:
-            raise ValueError(f"bn_recalibration_images must be >= 0, got {self.bn_recalibration_images!r}")
-        if self.reconstruction_images < 0:
-            raise ValueError(f"reconstruction_images must be >= 0, got {self.reconstruction_images!r}")
+        _non_negative(self, "reconstruction_images", "bn_images", "finetune_epochs")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "target": str(self.target), "allocation": self.allocation.to_dict(),
-                "iterations": self.iterations, "ignore": list(self.ignore), "score_batches": self.score_batches,
-                "bn_recalibration_images": self.bn_recalibration_images,
-                "reconstruction_images": self.reconstruction_images, "seed": self.seed,
-                "curvature": self.curvature.to_dict(), "eigendamage": self.eigendamage.to_dict()}
+    def criterion(self, seed: int) -> Criterion:
+        """The criterion that scores the groups."""
+        return CRITERIA.get(self.method)()
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
-        return config_from_dict(cls, data)
+    def scoring_batches(self) -> int:
+        """Training batches a data-driven criterion sees."""
+        return 0
 
 
-@dataclass
-class RoundResult:
-    round: int
-    target_keep: float
-    predicted_keep: float
-    params: int
-    flops: int
-    removed_channels: int
-    val_acc_pruned: float
-    val_acc_finetuned: float | None
-    seconds_scoring: float
-    seconds_finetune: float
+@dataclass(frozen=True)
+class L1Config(ChannelConfig):
+    """L1-norm channel pruning (Li et al. 2017): ``s_c = sum |w|`` over every weight slice the channel removes."""
 
 
-@dataclass
-class PruneResult:
-    """The pruned model (best fine-tuned weights), its architecture changes and a record of every round."""
-
-    model: nn.Module
-    changes: list[dict[str, Any]]
-    rounds: list[RoundResult] = field(default_factory=list)
-    val_acc_before_finetune: float | None = None
-    test_acc_before_finetune: float | None = None
-    kept_width: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer -> (kept, dense)
-    checkpoint: Path | None = None
+@dataclass(frozen=True)
+class L2Config(ChannelConfig):
+    """L2-norm channel pruning: ``s_c = sqrt(sum w^2)`` over every weight slice the channel removes."""
 
 
-@torch.no_grad()
-def recalibrate_batchnorm_(model: nn.Module, data: DataSplits, images: int = 512, batch_size: int = 64) -> None:
-    """Re-estimate every BatchNorm's running mean/variance on ``images`` training images (image-weighted average
-    of the batch statistics).
-
-    After channels are removed the stored statistics no longer describe the layer inputs; a few hundred images
-    are enough to bring a pruned network back from chance-level accuracy without any training.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms or images <= 0:
-        return
-    was_training = model.training
-    momenta = [m.momentum for m in norms]
-    model.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.train()
-    device = next(model.parameters()).device
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:images]
-    seen = 0
-    for start in range(0, len(order), batch_size):
-        x, _ = data.train[order[start:start + batch_size]]
-        seen += len(x)
-        for m in norms:  # momentum = batch / seen: the running mean is the exact per-image average
-            m.momentum = len(x) / seen
-        model(x.to(device))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.train(was_training)
+@dataclass(frozen=True)
+class BNConfig(ChannelConfig):
+    """Network slimming (Liu et al. 2017): ``s_c = sum |gamma_c|`` over the BatchNorm layers of the group."""
 
 
-def score_batches(data: DataSplits, count: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The ``count`` shuffled training batches of 64 a data-driven criterion scores with (round ``r`` of a
-    pruning job uses ``seed = config.seed + r``), public so that other tools can be given the same batches."""
-    loader = DataLoader(data.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    for i, batch in enumerate(loader):
-        if i >= count:
-            return
-        yield batch
+@dataclass(frozen=True)
+class RandomConfig(ChannelConfig):
+    """Uniform random channel scores: the control every criterion should beat."""
 
 
-def make_criterion(config: PruneConfig) -> Criterion:
-    """The criterion ``config.method`` names; curvature criteria get ``config.curvature``."""
-    factory = CRITERIA.get(config.method)
-    if config.method in CURVATURE_CRITERIA:
-        return factory(config.curvature)
-    return factory()
-
-
-def layer_widths(model: nn.Module) -> dict[str, int]:
-    """Output width of every conv/linear layer."""
-    return {n: (m.out_channels if isinstance(m, (nn.Conv1d, nn.Conv2d)) else m.out_features)
-            for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
-
-
-def prune_model(
-    model: nn.Module,
-    data: DataSplits,
-    config: PruneConfig,
-    finetune: TrainConfig | None = None,
-    out_dir: str | Path | None = None,
-    *,
-    base: dict[str, Any] | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> PruneResult:
-    """Prune ``model`` (a copy is not made: it is shrunk in place) to ``config.target``.
+@dataclass(frozen=True)
+class TaylorConfig(ChannelConfig):
+    """First-order Taylor channel pruning (Molchanov et al. 2019): ``I_c = (sum w g)^2`` averaged over batches.
 
     Args:
-        base: How to rebuild the unpruned network (a ModelConfig dict or ``{"factory": ...}``); needed to save.
-        finetune: Fine-tuning per round (``epochs=0`` or ``None`` skips it).
-
-    Raises:
-        InfeasibleTargetError: the target cannot be met under the per-layer cap.
-        UnsupportedModelError: a layer or op cannot be shrunk (names it and how to exclude it).
+        score_batches: Training batches of 64 the gradients average over.
     """
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None and base is None:
-        raise ValueError("saving a pruned model needs base= (how to rebuild the unpruned network)")
-    input_shape = (data.in_channels, data.input_size, data.input_size)
+
+    score_batches: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.score_batches, bool) or not isinstance(self.score_batches, int) or self.score_batches < 1:
+            raise ValueError(f"score_batches must be >= 1, got {self.score_batches!r}")
+
+    def scoring_batches(self) -> int:
+        return self.score_batches
+
+
+@dataclass(frozen=True)
+class CurvatureChannelConfig(ChannelConfig):
+    """Channel pruning by a curvature criterion (K-FAC factors, Martens & Grosse 2015).
+
+    Args:
+        curvature: Fisher type, batches and damping.
+        conv_factor: A convolution's input factor: full im2col patches or channels only.
+    """
+
+    curvature: FisherSettings = FisherSettings()
+    conv_factor: ConvFactor = ConvFactor.PATCHES
+
+    def curvature_config(self, seed: int):
+        return self.curvature.curvature(seed, self.conv_factor)
+
+    def criterion(self, seed: int) -> Criterion:
+        return CRITERIA.get(self.method)(self.curvature_config(seed))
+
+    def scoring_batches(self) -> int:
+        return self.curvature.fisher_batches
+
+
+@dataclass(frozen=True)
+class COBDConfig(CurvatureChannelConfig):
+    """C-OBD (EigenDamage's baseline): diagonal-Fisher OBD ``1/2 F_ii w_i^2`` summed over the channel."""
+
+
+@dataclass(frozen=True)
+class KronOBDConfig(CurvatureChannelConfig):
+    """Kron-OBD: ``1/2 G_ii w_i^T A w_i`` per removed row of a layer, in Kronecker-factored form."""
+
+
+@dataclass(frozen=True)
+class OBSChannelConfig(CurvatureChannelConfig):
+    """A curvature criterion with Optimal Brain Surgeon weight compensation.
+
+    Args:
+        obs_update: Compensation of the remaining weights: ``individual`` (sum of per-channel updates), ``joint``
+            (one exact update for all removed channels of a layer) or ``none``.
+    """
+
+    obs_update: ObsUpdate = ObsUpdate.INDIVIDUAL
+
+    def curvature_config(self, seed: int):
+        return self.curvature.curvature(seed, self.conv_factor, self.obs_update)
+
+
+@dataclass(frozen=True)
+class COBSConfig(OBSChannelConfig):
+    """C-OBS: single-weight K-FAC OBS ``w_i^2 / (2 [F^-1]_ii)`` summed over the channel, with compensation."""
+
+
+@dataclass(frozen=True)
+class KronOBSConfig(OBSChannelConfig):
+    """Kron-OBS: ``w_i^T A w_i / (2 [G^-1]_ii)`` per removed row, with the OBS correction of the other weights."""
+
+
+def channel_step(model: nn.Module, data: DataSplits, config: ChannelConfig, seed: int, target: Target,
+                 round_: int) -> RoundStep:
+    """Score channel groups, allocate, compensate (OBS), re-fit and shrink ``model`` in place."""
     example = data.train[:2][0]
-    dense_widths = layer_widths(model)
-    dense_flops, dense_params = count_flops(model, (1, *input_shape)), count_params(model)
-    dense_metric = {"flops": dense_flops, "params": dense_params}
-    changes: list[dict[str, Any]] = []
-    result = PruneResult(model=model, changes=changes)
-    dense_sha256 = state_fingerprint(model)
-    start_round = 1
-    if out is not None:
-        _check_or_write_manifest(out, resume, {
-            "dense_sha256": dense_sha256, "prune": config.to_dict(), "data": data.config.to_dict(),
-            "finetune": finetune.to_dict() if finetune is not None and finetune.epochs > 0 else None})
-    if resume and out is not None:
-        trusted = [base["factory"]] if base and "factory" in base else []
-        start_round, model = _resume(out, config, result, log, dense_sha256, trusted)
-        result.model = model
-    k = config.iterations
-    for r in range(start_round, k + 1):
-        round_dir = out / f"round_{r}" if out is not None else None
-        target_keep = config.target.keep ** (r / k)
-        t0 = time.perf_counter()
-        # fraction of the dense metric that earlier rounds already kept; this round's target is relative to it
-        metric = config.target.metric.value
-        if metric == "channels":
-            previous = config.target.keep ** ((r - 1) / k)
-        else:
-            now = count_flops(model, (1, *input_shape)) if metric == "flops" else count_params(model)
-            previous = now / dense_metric[metric]
-        relative = Target(config.target.metric, min(0.999, target_keep / previous))
-        if config.method == EIGENDAMAGE:
-            set_rotations_trainable_(model, config.eigendamage.train_rotations)
-            done = eigendamage_round_(
-                model, score_batches(data, config.curvature.batches, config.seed + r), example, relative,
-                config.curvature, config.allocation.max_per_layer, config.eigendamage, config.ignore,
-                final=r == k, progress=progress)
-            change, predicted, removed = done.change, done.predicted_keep, done.removed_directions
-            what = "eigen-directions"
-        else:
-            change, predicted, removed = _channel_round(model, data, config, example, input_shape, relative, r)
-            what = "channels"
-        changes.append(change)
-        recalibrate_batchnorm_(model, data, config.bn_recalibration_images)
-        seconds_scoring = time.perf_counter() - t0
-        val_pruned = evaluate(model, data.val)["acc"]
-        if r == 1 or result.val_acc_before_finetune is None:  # reported, never used to choose anything
-            result.val_acc_before_finetune = val_pruned
-            result.test_acc_before_finetune = evaluate(model, data.test)["acc"]
-        log(f"round {r}/{k}: removed {removed} {what}, keeps "
-            f"{count_flops(model, (1, *input_shape)) / dense_flops:.3f} of FLOPs and "
-            f"{count_params(model) / dense_params:.3f} of params; val acc before fine-tuning {val_pruned:.4f}")
-        t1 = time.perf_counter()
-        val_ft = None
-        if finetune is not None and finetune.epochs > 0:
-            fit(model, data, finetune, round_dir / "finetune" if round_dir else None, progress=progress,
-                metadata={"model": base, "architecture_changes": changes} if base else None,
-                resume=resume and round_dir is not None and (round_dir / "finetune" / "train_state.pt").is_file())
-            val_ft = evaluate(model, data.val)["acc"]
-            log(f"round {r}/{k}: val acc after fine-tuning {val_ft:.4f}")
-        result.rounds.append(RoundResult(
-            round=r, target_keep=target_keep, predicted_keep=predicted * previous,
-            params=count_params(model), flops=count_flops(model, (1, *input_shape)),
-            removed_channels=removed, val_acc_pruned=val_pruned, val_acc_finetuned=val_ft,
-            seconds_scoring=seconds_scoring, seconds_finetune=time.perf_counter() - t1))
-        if round_dir is not None:
-            result.checkpoint = save_compressed(
-                round_dir / "pruned.safetensors", model, base, changes,
-                {"prune": config.to_dict(), "data": data.config.to_dict(), "round": r, "dense_sha256": dense_sha256,
-                 "rounds": [vars(x) for x in result.rounds],
-                 "val_acc_before_finetune": result.val_acc_before_finetune,
-                 "test_acc_before_finetune": result.test_acc_before_finetune})
-    widths = layer_widths(model)
-    modules = dict(model.named_modules())
-    for n, w in dense_widths.items():
-        if isinstance(modules.get(n), KFEBottleneck):
-            result.kept_width[n] = (modules[n].rank_out, w)  # the bottleneck's inner width
-        elif n in widths:
-            result.kept_width[n] = (widths[n], w)
-    return result
-
-
-def _channel_round(model: nn.Module, data: DataSplits, config: PruneConfig, example: torch.Tensor,
-                   input_shape: tuple[int, ...], relative: Target, r: int) -> tuple[dict[str, Any], float, int]:
-    """Score channel groups, allocate, compensate (OBS) and shrink; returns (change, predicted keep, removed)."""
+    input_shape = (data.in_channels, data.input_size, data.input_size)
     graph = ChannelGraph(model, example, ignore=config.ignore)
     if not graph.groups:
         raise ValueError("no prunable channel groups were found; skipped: "
                          + "; ".join(f"{a}: {b}" for a, b in list(graph.skipped.items())[:3]))
-    criterion = make_criterion(config)
+    criterion = config.criterion(seed)
     if criterion.needs_data:
-        batches = config.curvature.batches if config.method in CURVATURE_CRITERIA else config.score_batches
-        criterion.prepare(model, graph, score_batches(data, batches, config.seed + r))
+        criterion.prepare(model, graph, score_batches(data, config.scoring_batches(), seed + round_))
     scores = score_groups(criterion, graph)
     cost = CostModel(model, graph, input_shape)
-    plan, predicted = plan_for_target(scores, cost, relative, config.allocation)
+    plan, predicted = plan_for_target(scores, cost, target, config.allocation)
     reference = copy.deepcopy(model) if config.reconstruction_images else None
     criterion.update_weights_(graph, plan)  # OBS: compensate the remaining weights before removal
     if reference is not None:
@@ -319,59 +211,44 @@ def _channel_round(model: nn.Module, data: DataSplits, config: PruneConfig, exam
     change = plan.to_dict()
     if config.ignore:
         change["ignore"] = list(config.ignore)
-    return change, predicted, plan.num_removed()
+    return RoundStep(change, predicted, plan.num_removed(), "channels")
 
 
-RUN_FORMAT = "prunekit.prune_run/1"
+def prune_channels_(model: nn.Module, data: DataSplits, config: ChannelConfig, ctx: RunContext) -> PruneRecord:
+    """Channel pruning of ``model`` in place (the ``apply`` of every channel criterion)."""
+    dense_widths = layer_widths(model)
+    record = run_rounds(model, data, config.target, config.schedule,
+                        lambda m, target, r: channel_step(m, data, config, ctx.seed, target, r), ctx,
+                        method=config.method, config=config, bn_images=config.bn_images,
+                        finetune_epochs=config.finetune_epochs)
+    record.kept_width = kept_widths(model, dense_widths)
+    a = config.allocation
+    record.notes.append(f"criterion {config.method}, {a.allocation.value} allocation (max {a.max_per_layer:.0%} "
+                        f"of a group), {config.schedule.iterations} round(s), {config.finetune_epochs} fine-tune "
+                        "epoch(s) per round, model chosen on validation")
+    record.notes.append("accuracy right after pruning: after the least-squares re-fit and BatchNorm re-estimation, "
+                        "before any training")
+    return record
 
 
-def _check_or_write_manifest(out: Path, resume: bool, run: dict[str, Any]) -> None:
-    """``out/run.json`` records what a pruning run is made of (dense network, settings, data, fine-tuning) before
-    its first round; a resume must match it, so no round or fine-tuning epoch of another run is ever continued."""
-    path = out / "run.json"
-    if resume and path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path} is unreadable ({exc}); choose another --out") from None
-        if not isinstance(saved, dict) or saved.get("format") != RUN_FORMAT:
-            raise CheckpointError(f"{path} is not a {RUN_FORMAT} record; choose another --out")
-        differs = [k for k, v in run.items() if saved.get(k) != v]
-        if differs:
-            what = {"dense_sha256": "another dense network (its weights differ)", "prune": "other pruning settings",
-                    "data": "other data settings", "finetune": "other fine-tuning settings"}
-            raise CheckpointError(f"cannot resume {out}: it was started from " + " and ".join(what[k] for k in differs)
-                                  + "; give the original checkpoint and settings, or choose another --out")
-        return
-    if resume and any(out.glob("round_*")):
-        raise CheckpointError(f"cannot resume {out}: it has rounds but no run.json (written by an older prunekit), "
-                              "so it cannot be checked against this dense network; choose another --out")
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"format": RUN_FORMAT, **run}, indent=1)))
+_PAPERS = {
+    "l1": "Li et al. 2017, Pruning Filters for Efficient ConvNets, arXiv 1608.08710",
+    "l2": "Li et al. 2017, arXiv 1608.08710 (L2 variant)",
+    "bn": "Liu et al. 2017, Learning Efficient Convolutional Networks through Network Slimming, arXiv 1708.06519",
+    "taylor": "Molchanov et al. 2019, Importance Estimation for Neural Network Pruning, arXiv 1906.10771",
+    "random": "a control",
+    "c-obd": "Wang et al. 2019, EigenDamage, arXiv 1905.05934 (baseline)",
+    "c-obs": "Wang et al. 2019, EigenDamage, arXiv 1905.05934 (baseline)",
+    "kron-obd": "Wang et al. 2019, EigenDamage, arXiv 1905.05934 (baseline)",
+    "kron-obs": "Wang et al. 2019, EigenDamage, arXiv 1905.05934 (baseline)",
+}
+_CONFIGS: dict[str, type[ChannelConfig]] = {
+    "l1": L1Config, "l2": L2Config, "bn": BNConfig, "taylor": TaylorConfig, "random": RandomConfig,
+    "c-obd": COBDConfig, "c-obs": COBSConfig, "kron-obd": KronOBDConfig, "kron-obs": KronOBSConfig,
+}
 
+import prunekit.curvature.obs  # noqa: E402, F401  (registers the curvature criteria)
 
-def _resume(out: Path, config: PruneConfig, result: PruneResult, log, dense_sha256: str,
-            trusted_factories: list[str]) -> tuple[int, nn.Module]:
-    """Continue after the last saved round, refusing a run made with other settings or from another network."""
-    done = sorted((int(p.parent.name.split("_")[1]), p) for p in out.glob("round_*/pruned.safetensors")
-                  if p.parent.name.split("_")[1].isdigit())
-    if not done:
-        return 1, result.model
-    last_round, path = done[-1]
-    meta = read_metadata(path)
-    if meta.get("prune") != config.to_dict():
-        raise CheckpointError(f"cannot resume {out}: it was pruned with {meta.get('prune')}, not {config.to_dict()}")
-    if meta.get("dense_sha256") != dense_sha256:
-        saved = meta.get("dense_sha256")
-        what = f"weights sha256 {saved[:12]}..." if saved else "a network this version cannot identify"
-        raise CheckpointError(f"cannot resume {out}: its rounds were pruned from another dense network ({what}, "
-                              f"this one is {dense_sha256[:12]}...); give the original checkpoint or a new --out")
-    model, meta = load_compressed(path, trusted_factories)
-    result.changes.extend(meta["architecture_changes"])
-    result.rounds.extend(RoundResult(**r) for r in meta.get("rounds", []))
-    result.val_acc_before_finetune = meta.get("val_acc_before_finetune")
-    result.test_acc_before_finetune = meta.get("test_acc_before_finetune")
-    result.checkpoint = path
-    log(f"resuming after round {last_round} of {config.iterations} from {path}")
-    return last_round + 1, model.train()
-
-
+for _name, _config in _CONFIGS.items():
+    register(MethodSpec(_name, _config, prune_channels_, _PAPERS[_name],
+                        f"channels removed physically, scored by {CRITERIA.help(_name)}"))

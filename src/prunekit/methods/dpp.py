@@ -16,58 +16,21 @@ Metrics (per layer, both in [0, 1], logarithms normalised by ``log n``):
 
 from __future__ import annotations
 
-import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from prunekit.configs import config_from_dict
+from prunekit.configs import Config, coerce_fields
+from prunekit.methods.registry import MethodSpec, PruneRecord, RunContext, register
+from prunekit.planning.allocation import Target, TargetMetric, plan_k_of_n
+from prunekit.planning.constraints import QuantConstraint, QuantKind
+from prunekit.planning.pattern import Pattern, check_pattern
+from prunekit.planning.schedule import TemperatureSchedule
 from prunekit.training import TrainHooks
-
-
-class Granularity(str, enum.Enum):
-    """What one k-of-n group is."""
-
-    WEIGHT = "weight"  # n consecutive input weights of an output neuron (Linear rows, conv rows flattened)
-    KERNEL = "kernel"  # the C_in kernels of an output filter (n = C_in)
-    FILTER = "filter"  # the filters of a layer (n = out_channels)
-
-
-class Schedule(str, enum.Enum):
-    LINEAR = "linear"
-    EXPONENTIAL = "exponential"
-
-
-@dataclass(frozen=True)
-class TemperatureSchedule:
-    """``T(epoch)`` from ``start`` towards ``end`` over ``epochs`` (linear, or exponential decay), never below
-    ``floor``; indexed by epoch, not step, so resuming an epoch gives the same temperature."""
-
-    start: float = 1.0
-    end: float = 0.05
-    epochs: int = 10
-    mode: Schedule = Schedule.EXPONENTIAL
-    floor: float = 0.01
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", Schedule(self.mode))
-        for name in ("start", "end", "floor"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-                raise ValueError(f"temperature {name} must be > 0, got {v!r}")
-        if self.epochs < 1:
-            raise ValueError(f"temperature schedule epochs must be >= 1, got {self.epochs!r}")
-
-    def __call__(self, epoch: int) -> float:
-        frac = min(max(epoch, 0) / max(self.epochs - 1, 1), 1.0)
-        if self.mode is Schedule.LINEAR:
-            t = self.start + (self.end - self.start) * frac
-        else:
-            t = self.start * (self.end / self.start) ** frac
-        return max(t, self.floor)
 
 
 def gumbel_topk_mask(logits: torch.Tensor, k: int, temperature: float, noise_scale: float = 1.0,
@@ -110,75 +73,107 @@ def mask_diversity(logits: torch.Tensor) -> float:
     return float((h_mean - h.mean()) / math.log(logits.shape[-1]))
 
 
+DPP_PATTERNS = (Pattern.K_OF_N, Pattern.KERNEL, Pattern.FILTER, Pattern.GROUP)
+
+
 @dataclass(frozen=True)
-class DPPConfig:
+class DPPConfig(Config):
     """DPP settings.
 
     Args:
-        granularity: :class:`Granularity` of a group.
-        k, n: Keep ``k`` of every ``n`` (for kernel and filter granularity ``n`` is the layer's own size and may be
-            left ``None``).
-        tiles: Weight granularity: split each row into this many tiles, ``k`` of ``n = row / tiles`` in each.
-        temperature: :class:`TemperatureSchedule`.
+        pattern: What one k-of-n group is: ``k-of-n`` (``n`` consecutive weights of a row), ``kernel`` (the
+            ``C_in`` kernels of a filter), ``filter`` (the filters of a layer, zeroed) or ``group`` (the filters of
+            every coupled channel group, removed physically; needs a target).
+        k: Keep ``k`` of every ``n``.
+        n: Run length for the k-of-n pattern (kernel and filter groups use the layer's own size).
+        tiles: k-of-n pattern: split each row into this many tiles, ``k`` of ``n = row / tiles`` in each.
+        target: Instead of ``k``/``n``: ``params=F`` plans one k-of-n per layer keeping about ``F`` of the weights
+            (layers under 2% of them stay dense); with the group pattern, the FLOPs, parameters or channels kept.
+        quant: Train the kept weights quantized too: ``none``, ``binary`` or ``bits=N`` (2 <= N <= 16), by
+            straight-through estimators.
+        epochs: Epochs of joint mask and weight training (best epoch on validation).
+        temperature: Annealing of the Gumbel-softmax temperature over the epochs.
         noise_scale: ``s`` in ``phi + s * Gumbel``.
         anneal_noise: Scale ``s`` with the temperature, ``s * T(epoch) / T(0)``, so the draws settle on
             ``top-k(phi)`` as the relaxation sharpens and the last epochs train the weights under (nearly) the mask
             that evaluation uses.
         entropy_weight: Weight of the mean logit entropy added to the loss (0: off).
-        init_scale: Logits start at ``init_scale * |w|`` normalised per group (magnitude-informed start).
+        init_scale: Logits start at ``init_scale * log(1 + |w| / mean|w|)`` per group (magnitude-informed start).
         logit_lr_scale: The logits' learning rate, as a multiple of the weights' (logits never get weight decay,
             which would only flatten them toward the uniform mask).
+        ignore: Modules to leave alone, containers included.
     """
 
-    granularity: Granularity = Granularity.WEIGHT
-    k: int = 1
-    n: int | None = 4
+    pattern: Pattern = Pattern.K_OF_N
+    k: int | None = None
+    n: int | None = None
     tiles: int | None = None
+    target: Target | None = None
+    quant: QuantConstraint = QuantConstraint()
+    epochs: int = 4
     temperature: TemperatureSchedule = TemperatureSchedule()
     noise_scale: float = 1.0
+    anneal_noise: bool = False
     entropy_weight: float = 0.0
     init_scale: float = 1.0
-    anneal_noise: bool = False
     logit_lr_scale: float = 1.0
+    ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "granularity", Granularity(self.granularity))
-        except ValueError:
-            raise ValueError(f"granularity must be one of {[g.value for g in Granularity]}, "
-                             f"got {self.granularity!r}") from None
-        if isinstance(self.temperature, dict):
-            object.__setattr__(self, "temperature", TemperatureSchedule(**self.temperature))
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+        ste_quantizer(self.quant)  # refuses what DPP cannot train, in DPP's words
+        coerce_fields(self)
+        object.__setattr__(self, "pattern", check_pattern(self.pattern, DPP_PATTERNS, "DPP"))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        if self.target is not None:
+            if self.k is not None or self.n is not None:
+                raise ValueError("DPP takes either k and n or a target (params=FRACTION plans k of n per layer, the "
+                                 f"group pattern's target sets k per group), not both; got k={self.k}, n={self.n}, "
+                                 f"target {self.target}")
+        elif self.k is None:  # neither given: keep 1 of 4 (the k-of-n run) or 1 kernel/filter
+            object.__setattr__(self, "k", 1)
+            if self.n is None and self.pattern is Pattern.K_OF_N and not self.tiles:
+                object.__setattr__(self, "n", 4)
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise ValueError(f"k must be an int >= 1, got {self.k!r}")
-        if self.n is not None and self.k >= self.n:
+        if self.n is not None and self.k is not None and self.k >= self.n:
             raise ValueError(f"k must be smaller than n (keep k of every n), got k={self.k}, n={self.n}")
-        if self.tiles is not None and (self.tiles < 1 or self.granularity is not Granularity.WEIGHT):
-            raise ValueError(f"tiles must be >= 1 and needs weight granularity, got tiles={self.tiles!r}")
+        if self.tiles is not None and (self.tiles < 1 or self.pattern is not Pattern.K_OF_N):
+            raise ValueError(f"tiles must be >= 1 and needs the k-of-n pattern, got tiles={self.tiles!r}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"DPP trains masks and weights together: epochs must be an int >= 1, got {self.epochs!r}")
         for name in ("noise_scale", "entropy_weight", "init_scale"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not (math.isfinite(self.logit_lr_scale) and self.logit_lr_scale > 0):
+        if not (isinstance(self.logit_lr_scale, (int, float)) and math.isfinite(self.logit_lr_scale)
+                and self.logit_lr_scale > 0):
             raise ValueError(f"logit_lr_scale must be > 0 and finite, got {self.logit_lr_scale!r}")
+        if self.pattern is Pattern.GROUP:
+            if self.target is None:
+                raise ValueError("the DPP group pattern needs a target (e.g. flops=x4): every coupled group keeps the "
+                                 "same fraction of its filters, so k follows from the target")
+            if self.quant.kind is not QuantKind.NONE:
+                raise ValueError("the DPP group pattern trains float weights; quantize with the k-of-n, kernel or "
+                                 "filter pattern")
+        elif self.target is not None and (self.pattern is not Pattern.K_OF_N or self.tiles
+                                          or self.target.metric is not TargetMetric.PARAMS):
+            raise ValueError("a DPP target plans k of n per layer for the k-of-n pattern without tiles and must be "
+                             f"params=FRACTION (e.g. params=0.1 keeps a tenth of the weights), got {self.target}")
 
-    def to_dict(self) -> dict[str, Any]:
-        t = self.temperature
-        return {"granularity": self.granularity.value, "k": self.k, "n": self.n, "tiles": self.tiles,
-                "temperature": {"start": t.start, "end": t.end, "epochs": t.epochs, "mode": t.mode.value,
-                                "floor": t.floor},
-                "noise_scale": self.noise_scale, "entropy_weight": self.entropy_weight, "init_scale": self.init_scale,
-                "anneal_noise": self.anneal_noise, "logit_lr_scale": self.logit_lr_scale}
+    def temperature_at(self, epoch: int) -> float:
+        """The temperature of ``epoch`` (0-based)."""
+        return self.temperature.at(epoch, self.epochs)
 
     def noise_at(self, epoch: int) -> float:
         """The Gumbel noise scale of ``epoch`` (0-based)."""
         if not self.anneal_noise:
             return self.noise_scale
-        return self.noise_scale * self.temperature(epoch) / self.temperature(0)
+        return self.noise_scale * self.temperature_at(epoch) / self.temperature_at(0)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DPPConfig:
-        return config_from_dict(cls, data)
+    def label(self) -> str:
+        """How the report names the run: ``dpp k-of-n 1-of-4 bits=8``, ``dpp group flops=0.25``."""
+        what = str(self.target) if self.target is not None else f"{self.k}-of-{self.n if self.n else 'n'}"
+        return f"dpp {self.pattern.value} {what}" + (f" {self.quant}" if self.quant.kind is not QuantKind.NONE else "")
 
 
 def group_layout(weight_shape: torch.Size | tuple[int, ...], config: DPPConfig) -> tuple[int, int]:
@@ -189,13 +184,13 @@ def group_layout(weight_shape: torch.Size | tuple[int, ...], config: DPPConfig) 
     """
     out = weight_shape[0]
     row = math.prod(weight_shape[1:])
-    g = config.granularity
-    if g is Granularity.FILTER:
+    g = config.pattern
+    if g is Pattern.FILTER:
         n = out
         groups = 1
-    elif g is Granularity.KERNEL:
+    elif g is Pattern.KERNEL:
         if len(weight_shape) != 4:
-            raise ValueError(f"kernel granularity needs a Conv2d weight, got shape {tuple(weight_shape)}")
+            raise ValueError(f"the kernel pattern needs a Conv2d weight, got shape {tuple(weight_shape)}")
         n, groups = weight_shape[1], out
     else:
         if config.tiles and row % config.tiles:
@@ -220,25 +215,25 @@ class KOfNMask(nn.Module):
         self.groups, self.n = group_layout(weight.shape, config)
         self.k = config.k
         self.shape = tuple(weight.shape)
-        self.temperature, self.noise_scale = config.temperature(0), config.noise_at(0)
+        self.temperature, self.noise_scale = config.temperature_at(0), config.noise_at(0)
         self.generator = generator
         scores = self._group_view(weight.detach().abs())
         scores = scores / scores.mean(-1, keepdim=True).clamp_min(1e-12)
         self.logits = nn.Parameter(config.init_scale * scores.log1p())
 
     def _group_view(self, w: torch.Tensor) -> torch.Tensor:
-        g = self.config.granularity
-        if g is Granularity.FILTER:
+        g = self.config.pattern
+        if g is Pattern.FILTER:
             return w.reshape(self.shape[0], -1).pow(2).sum(1).sqrt().reshape(1, -1)
-        if g is Granularity.KERNEL:
+        if g is Pattern.KERNEL:
             return w.reshape(self.shape[0], self.shape[1], -1).pow(2).sum(-1).sqrt()
         return w.reshape(self.groups, self.n)
 
     def _expand(self, mask: torch.Tensor) -> torch.Tensor:
-        g = self.config.granularity
-        if g is Granularity.FILTER:
+        g = self.config.pattern
+        if g is Pattern.FILTER:
             return mask.reshape(self.shape[0], *([1] * (len(self.shape) - 1))).expand(self.shape)
-        if g is Granularity.KERNEL:
+        if g is Pattern.KERNEL:
             return mask.reshape(self.shape[0], self.shape[1], 1, 1).expand(self.shape)
         return mask.reshape(self.shape)
 
@@ -281,6 +276,14 @@ class STEQuantize(nn.Module):
             raise ValueError(f"bits must be >= 2 for k-bit STE quantization (use binary for 1 bit), got {bits}")
         self.bits, self.binary = bits, binary
 
+    def scale(self, w: torch.Tensor) -> float:
+        """The step ``q`` this quantizer puts ``w`` on (its stored values are integer multiples of it)."""
+        w = w.detach()
+        if self.binary:
+            nonzero = w != 0
+            return float(w.abs()[nonzero].mean()) if nonzero.any() else 1.0
+        return float(w.abs().max().clamp_min(1e-12) / (2 ** (self.bits - 1) - 1))
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.binary:
             clamped = w.clamp(-1, 1)
@@ -292,18 +295,16 @@ class STEQuantize(nn.Module):
         return (q * torch.clamp(torch.round(w / q), -m, m)).detach() + (w - w.detach())
 
 
-def ste_quantizer(quant: str) -> STEQuantize | None:
+def ste_quantizer(quant: QuantConstraint | str) -> STEQuantize | None:
     """The :class:`STEQuantize` for ``none`` (``None``), ``binary`` or ``bits=N`` (2 <= N <= 16), parsed by
     :meth:`~prunekit.planning.constraints.QuantConstraint.parse` like ADMM's.
 
     Raises:
         ValueError: anything else (ternary, bits=1, bits above 16, malformed text).
     """
-    from prunekit.planning.constraints import QuantConstraint, QuantKind
-
     accepted = "none, binary or bits=N with 2 <= N <= 16"
     try:
-        parsed = QuantConstraint.parse(quant)
+        parsed = quant if isinstance(quant, QuantConstraint) else QuantConstraint.parse(quant)
     except ValueError as exc:
         raise ValueError(f"DPP quantization must be {accepted}, got {quant!r} ({exc})") from None
     if parsed.kind is QuantKind.NONE:
@@ -312,24 +313,23 @@ def ste_quantizer(quant: str) -> STEQuantize | None:
         return STEQuantize(binary=True)
     if parsed.kind is QuantKind.BITS and parsed.bits >= 2:
         return STEQuantize(bits=parsed.bits)
-    raise ValueError(f"DPP quantization must be {accepted}, got {quant!r}")
+    raise ValueError(f"DPP quantization must be {accepted}, got {str(quant)!r}")
 
 
 class DPPHooks(TrainHooks):
     """Sets each epoch's temperature and noise scale, adds the entropy regulariser, records per-layer
-    confidence/diversity.
+    confidence/diversity in the training history (so a resumed run keeps them).
 
     ``masks`` needs ``logits``, settable ``temperature`` and ``noise_scale``, and ``entropy()`` (:class:`KOfNMask`,
     :class:`prunekit.methods.dpp_filters.GroupMask`)."""
 
     def __init__(self, masks: dict[str, KOfNMask], config: DPPConfig) -> None:
         self.masks, self.config = masks, config
-        self.metrics: list[dict[str, Any]] = []
-        self._set(0)
+        self.before_epoch(None, 0)
 
-    def _set(self, epoch: int) -> None:
+    def before_epoch(self, model: nn.Module | None, epoch: int) -> None:
         for m in self.masks.values():
-            m.temperature, m.noise_scale = self.config.temperature(epoch), self.config.noise_at(epoch)
+            m.temperature, m.noise_scale = self.config.temperature_at(epoch), self.config.noise_at(epoch)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         logits = [m.logits for m in self.masks.values()]
@@ -342,12 +342,20 @@ class DPPHooks(TrainHooks):
             return None
         return self.config.entropy_weight * sum(m.entropy() for m in self.masks.values()) / len(self.masks)
 
-    def after_epoch(self, model: nn.Module, epoch: int) -> None:
-        self.metrics.append({"epoch": epoch + 1, "temperature": self.config.temperature(epoch),
-                             "noise_scale": self.config.noise_at(epoch),
-                             **{f"{n}/confidence": mask_confidence(m.logits) for n, m in self.masks.items()},
-                             **{f"{n}/diversity": mask_diversity(m.logits) for n, m in self.masks.items()}})
-        self._set(epoch + 1)
+    def epoch_metrics(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        return {"temperature": self.config.temperature_at(epoch), "noise_scale": self.config.noise_at(epoch),
+                **{f"{n}/confidence": mask_confidence(m.logits) for n, m in self.masks.items()},
+                **{f"{n}/diversity": mask_diversity(m.logits) for n, m in self.masks.items()}}
+
+
+MASK_METRICS = ("epoch", "temperature", "noise_scale")
+
+
+def mask_metrics(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-epoch mask metrics (epoch, temperature, noise scale, per-layer confidence and diversity) that
+    :class:`DPPHooks` added to a training history."""
+    return [{k: v for k, v in row.items() if k in MASK_METRICS or k.endswith(("/confidence", "/diversity"))}
+            for row in history]
 
 
 @dataclass
@@ -357,103 +365,136 @@ class DPPResult:
     masks: dict[str, torch.Tensor]
     metrics: list[dict[str, Any]]
     history: list[dict[str, Any]]
+    scales: dict[str, float] = field(default_factory=dict)  # quantization step per layer (quantized runs)
+
+
+def dpp_layers(model: nn.Module, config: DPPConfig, example: torch.Tensor) -> list[str]:
+    """The Linear/Conv2d layers ``config``'s pattern fits (kernel groups need convolutions with more than k input
+    channels, k-of-n runs need n to divide the rows; with the filter pattern the output layer is left alone),
+    minus ignored ones."""
+    from prunekit.channels.graph import find_output_layers, ignored_modules
+
+    modules = dict(model.named_modules())
+    skip = ignored_modules(model, list(config.ignore))
+    if config.pattern is Pattern.FILTER:
+        skip |= set(find_output_layers(model, example))
+    return [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in skip
+            and getattr(m, "groups", 1) == 1 and _fits(m.weight.shape, config)]
 
 
 def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[str] | None = None,
-               quant: str = "none", progress: bool = True,
-               per_layer: dict[str, DPPConfig] | None = None) -> DPPResult:
-    """Learn k-of-n masks (and, with ``quant``, quantized weights) jointly with the weights, in place.
+               progress: bool = True, per_layer: dict[str, DPPConfig] | None = None, out_dir: Path | None = None,
+               resume: bool = False) -> DPPResult:
+    """Learn k-of-n masks (and, with ``config.quant``, quantized weights) jointly with the weights for
+    ``config.epochs`` epochs, in place.
 
     Args:
-        layers: Linear/Conv2d layers to constrain (default: every layer the granularity fits, e.g. kernel
-            granularity skips Linear layers and a first conv with fewer than k + 1 input channels; for filter
-            granularity the output layer is left alone).
-        quant: ``none``, ``binary`` or ``bits=N`` (N >= 2), trained with straight-through estimators.
+        train: Optimiser settings (its epochs are ``config.epochs``).
+        layers: Linear/Conv2d layers to constrain (default: :func:`dpp_layers`).
         per_layer: Configs for individual layers (e.g. another ``n`` where ``config.n`` does not divide a row);
             the temperature schedule and entropy weight of ``config`` apply to all.
+        out_dir, resume: Commit every epoch there (masks' logits included) and continue a committed run.
 
     Afterwards the weights hold ``weight * mask`` (evaluation mask) as plain parameters: no parametrization stays.
     """
     from torch.nn.utils import parametrize
 
-    from prunekit.channels.graph import find_output_layers
     from prunekit.training import fit
 
     modules = dict(model.named_modules())
     if layers is None:
-        skip = set(find_output_layers(model, data.train[:2][0])) if config.granularity is Granularity.FILTER \
-            else set()
-        layers = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in skip
-                  and getattr(m, "groups", 1) == 1 and _fits(m.weight.shape, config)]
+        layers = dpp_layers(model, config, data.train[:2][0])
     if not layers:
-        raise ValueError(f"DPP found no Linear/Conv2d layer that {config.granularity.value} granularity with "
-                         f"k={config.k}, n={config.n} fits (kernel granularity needs convolutions with more than k "
-                         "input channels; weight granularity needs n to divide the rows)")
+        raise ValueError(f"DPP found no Linear/Conv2d layer that the {config.pattern.value} pattern with "
+                         f"k={config.k}, n={config.n} fits (kernel groups need convolutions with more than k "
+                         "input channels; k-of-n runs need n to divide the rows)")
     masks: dict[str, KOfNMask] = {}
+    quantizers: dict[str, STEQuantize] = {}
     for name in layers:
         module = modules[name]
         mask = KOfNMask(module.weight, (per_layer or {}).get(name, config))
-        quantizer = ste_quantizer(quant)
+        quantizer = ste_quantizer(config.quant)
         if quantizer is not None:
             parametrize.register_parametrization(module, "weight", quantizer)
+            quantizers[name] = quantizer
         parametrize.register_parametrization(module, "weight", mask)
         masks[name] = mask
     hooks = DPPHooks(masks, config)
-    result = fit(model, data, train, progress=progress, hooks=hooks)
+    resume = resume and out_dir is not None and (Path(out_dir) / "train_state.pt").is_file()
+    result = fit(model, data, replace(train, epochs=config.epochs), out_dir, progress=progress, hooks=hooks,
+                 resume=resume)
     model.eval()
-    final = {}
+    final, scales = {}, {}
     for name in layers:
         final[name] = masks[name].mask().detach().clone()
+        if name in quantizers:
+            scales[name] = quantizers[name].scale(modules[name].parametrizations.weight.original)
         parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=True)
-    return DPPResult(final, hooks.metrics, result.history)
+    return DPPResult(final, mask_metrics(result.history), result.history, scales)
 
 
-def nearest_k_of_n(row: int, k: int, n: int) -> tuple[int, int]:
-    """The ``(k', n')`` closest to keeping ``k / n`` for a row of length ``row``: ``n'`` is the divisor of ``row``
-    nearest to ``n`` (the larger one on a tie) and ``k' = max(1, round(k * n' / n))`` (``k' < n'``)."""
-    divisors = [d for d in range(2, row + 1) if row % d == 0]
-    if not divisors:
-        raise ValueError(f"a row of length {row} cannot hold a k-of-n pattern")
-    best = min(divisors, key=lambda d: (abs(d - n), -d))
-    return min(max(1, round(k * best / n)), best - 1), best
+def dpp_(model: nn.Module, data, config: DPPConfig, ctx: RunContext) -> PruneRecord:
+    """DPP on ``model`` in place (the ``apply`` of the ``dpp`` method): masks and weights trained together, then
+    the evaluation masks applied (k-of-n, kernel, filter patterns) or the dropped filters removed physically
+    (group pattern). Training is committed every epoch in the context's folder, so a resumed run loses at most
+    one epoch."""
+    from prunekit.measurement.plots import plot_mask_metrics
+
+    train = replace(ctx.train, seed=ctx.seed)
+    torch.manual_seed(ctx.seed)
+    commit = ctx.subfolder("training")
+    record = PruneRecord(method="dpp")
+    if config.pattern is Pattern.GROUP:
+        from prunekit.methods.dpp_filters import dpp_filter_prune_
+
+        result = dpp_filter_prune_(model, data, config.target, config, train, ignore=config.ignore,
+                                   progress=ctx.progress, out_dir=commit, resume=ctx.resume)
+        change = result.plan.to_dict()
+        if config.ignore:
+            change["ignore"] = list(config.ignore)
+        record.changes = [change]
+        record.notes.append("filters kept per coupled group (k of n): " + ", ".join(
+            f"{r} {k_}/{n_}" for r, (k_, n_) in result.kept.items()) + "; the rest were removed physically")
+        ctx.log(f"removed {result.plan.num_removed()} coupled channels physically")
+        layers = list(result.kept)
+    else:
+        per_layer, layer_names = None, None
+        if config.target is not None:
+            from prunekit.channels.graph import ignored_modules
+
+            skip = ignored_modules(model, list(config.ignore))
+            shapes = {name: m.weight.shape for name, m in model.named_modules()
+                      if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "groups", 1) == 1 and name not in skip}
+            planned = plan_k_of_n(shapes, 1 - config.target.keep)
+            per_layer = {name: replace(config, k=k_, n=n_, target=None) for name, (k_, n_) in planned.items()}
+            layer_names = list(planned)
+            ctx.log("k of n per layer: " + ", ".join(f"{name} {k_}/{n_}" for name, (k_, n_) in planned.items()))
+            record.notes.append("k of n per layer (layers under 2% of the weights stay dense): " + ", ".join(
+                f"{name} {k_}/{n_}" for name, (k_, n_) in planned.items()))
+        base = replace(config, k=per_layer[layer_names[0]].k, n=per_layer[layer_names[0]].n, target=None) \
+            if per_layer else config
+        result = dpp_prune_(model, data, base, train, layers=layer_names, progress=ctx.progress,
+                            per_layer=per_layer, out_dir=commit, resume=ctx.resume)
+        layers = list(result.masks)
+        record.encoding = {"quant": str(config.quant), "masked_layers": layers, "scales": result.scales}
+        if config.pattern is Pattern.K_OF_N and not config.tiles:
+            record.encoding["k_of_n"] = {name: [per_layer[name].k, per_layer[name].n] if per_layer else
+                                         [config.k, config.n] for name in layers}
+    last = result.metrics[-1] if result.metrics else {}
+    record.rounds = result.history
+    record.results = {"metrics": result.metrics}
+    if config.pattern is Pattern.GROUP:
+        record.results["kept"] = {root: list(kn) for root, kn in result.kept.items()}  # group -> (k, n) filters
+    t = config.temperature
+    record.notes.insert(0, f"{config.epochs} epoch(s) of joint mask + weight training, temperature {t.start:g} -> "
+                           f"{t.end:g} ({t.mode.value}, per epoch); model chosen on validation")
+    record.notes.append("final mask confidence / diversity per layer: " + ", ".join(
+        f"{name} {last.get(name + '/confidence', float('nan')):.2f} / {last.get(name + '/diversity', float('nan')):.2f}"
+        for name in layers))
+    record.figures["mask_metrics.png"] = lambda path: plot_mask_metrics(result.metrics, path, title=config.label())
+    return record
 
 
-def k_of_n_for_keep(row: int, keep: float, max_n: int = 32) -> tuple[int, int]:
-    """The largest ``k / n <= keep`` with ``n`` dividing ``row`` and ``n <= max_n`` (hardware run lengths stay
-    short; on a tie the shorter run wins), so the layer is never less sparse than asked; when even ``1 / n`` is
-    above ``keep``, the sparsest ``1 / n`` there is."""
-    if not 0 < keep < 1:
-        raise ValueError(f"keep must be in (0, 1), got {keep!r}")
-    candidates = [(k, n) for n in range(2, min(row, max_n) + 1) if row % n == 0 for k in range(1, n)]
-    if not candidates:
-        raise ValueError(f"a row of length {row} has no divisor in [2, {max_n}] for a k-of-n pattern")
-    below = [kn for kn in candidates if kn[0] / kn[1] <= keep + 1e-12]
-    if not below:
-        return min(candidates, key=lambda kn: (kn[0] / kn[1], kn[1]))
-    return max(below, key=lambda kn: (kn[0] / kn[1], -kn[1]))
-
-
-def plan_k_of_n(weights: dict[str, torch.Size | tuple[int, ...]], sparsity: float, dense_below: float = 0.02,
-                max_n: int = 32) -> dict[str, tuple[int, int]]:
-    """Per-layer ``(k, n)`` reaching about ``sparsity`` of all the weights overall.
-
-    Layers holding less than ``dense_below`` of the weights (a LeNet's first convolution and classifier: about 1%
-    of its weights, where one kept weight in ten costs the most accuracy) stay dense and are left out of the
-    result; the others share the remaining budget at one keep ratio, each with the densest k-of-n at or under it
-    (:func:`k_of_n_for_keep`). Common practice for N:M sparsity, and it applies to any method alike.
-
-    Raises:
-        ValueError: ``sparsity`` is not in (0, 1), or the dense layers alone hold more than the budget.
-    """
-    if not 0 < sparsity < 1:
-        raise ValueError(f"sparsity must be in (0, 1), got {sparsity!r}")
-    sizes = {name: math.prod(shape) for name, shape in weights.items()}
-    total = sum(sizes.values())
-    pruned = {name for name, size in sizes.items() if size >= dense_below * total}
-    dense = total - sum(sizes[name] for name in pruned)
-    budget = (1 - sparsity) * total - dense
-    if not pruned or budget <= 0:
-        raise ValueError(f"the layers kept dense (under {dense_below:.0%} of the weights each) hold {dense} of "
-                         f"{total} weights, more than {1 - sparsity:.1%} allows; lower dense_below")
-    keep = budget / sum(sizes[name] for name in pruned)
-    return {name: k_of_n_for_keep(math.prod(weights[name][1:]), keep, max_n) for name in weights if name in pruned}
+register(MethodSpec("dpp", DPPConfig, dpp_,
+                    "Gonzalez-Carabarin et al. 2021, Dynamic Probabilistic Pruning, arXiv 2105.12686",
+                    "learned exactly-k-of-n masks (weights, kernels, filters) by Gumbel-softmax, optionally quantized"))

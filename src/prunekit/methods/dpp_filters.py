@@ -1,5 +1,5 @@
-"""DPP at filter granularity on coupled channel groups: learned "k of n filters" masks that the structural engine
-then removes physically (Gonzalez-Carabarin et al. 2021, arXiv 2105.12686, filter granularity).
+"""DPP's group pattern: learned "k of n filters" masks on coupled channel groups that the structural engine then
+removes physically (Gonzalez-Carabarin et al. 2021, arXiv 2105.12686, filter granularity).
 
 In a residual network a filter is not a layer's own: the channels of a residual stage are produced by several
 convolutions and BatchNorms whose outputs are added. One learned mask per coupled group (``n`` = the group's
@@ -15,7 +15,8 @@ evaluation uses the top-k of the logits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit.channels.graph import ChannelGraph, ChannelGroup, ChannelPlan, ParamSlice, SliceKind
-from prunekit.methods.dpp import DPPConfig, DPPHooks, gumbel_topk_mask, topk_mask
+from prunekit.methods.dpp import DPPConfig, DPPHooks, gumbel_topk_mask, mask_metrics, topk_mask
 from prunekit.planning.allocation import AllocationConfig, CostModel, Target, plan_for_target
 
 
@@ -36,7 +37,7 @@ class GroupMask(nn.Module):
             raise ValueError(f"group {group.root} has {group.size} channels: k must be in [1, {group.size - 1}], "
                              f"got {k}")
         self.k, self.config = k, config
-        self.temperature, self.noise_scale = config.temperature(0), config.noise_at(0)
+        self.temperature, self.noise_scale = config.temperature_at(0), config.noise_at(0)
         norms = group.reduce(lambda s: s.rows().pow(2).sum(1)).sqrt().float()
         self.logits = nn.Parameter(config.init_scale * (norms / norms.mean().clamp_min(1e-12)).log1p())
         self._draw: torch.Tensor | None = None
@@ -61,13 +62,16 @@ class _SliceMask(nn.Module):
 
     def __init__(self, mask: GroupMask, s: ParamSlice) -> None:
         super().__init__()
-        self.mask, self.dim = mask, s.dim
+        # held outside the module tree: the logits belong to the model's ``_dpp_group_masks`` only, so every
+        # state_dict (a checkpoint of the training) holds them once
+        self._group = [mask]
+        self.dim = s.dim
         self.register_buffer("idxs", s.idxs.clone(), persistent=False)
         self.register_buffer("root_idxs", s.root_idxs.clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         full = torch.ones(x.shape[self.dim], dtype=x.dtype, device=x.device)
-        full = full.index_put((self.idxs,), self.mask.channel_mask()[self.root_idxs].to(x.dtype))
+        full = full.index_put((self.idxs,), self._group[0].channel_mask()[self.root_idxs].to(x.dtype))
         shape = [1] * x.dim()
         shape[self.dim] = -1
         return x * full.reshape(shape)
@@ -111,18 +115,21 @@ class GroupDPPResult:
 
 
 def dpp_filter_prune_(model: nn.Module, data, target: Target, config: DPPConfig, train, *,
-                      ignore: tuple[str, ...] = (), progress: bool = True) -> GroupDPPResult:
-    """Learn which filters of every coupled group to keep (with the weights), then remove the rest physically.
+                      ignore: tuple[str, ...] = (), progress: bool = True, out_dir: Path | None = None,
+                      resume: bool = False) -> GroupDPPResult:
+    """Learn which filters of every coupled group to keep (with the weights) for ``config.epochs`` epochs, then
+    remove the rest physically.
 
     ``config`` supplies the temperature schedule, noise scale, logit initialisation and entropy weight (its ``k``
-    and ``n`` are not used: each group's own follow from ``target``).
+    and ``n`` are not used: each group's own follow from ``target``). With ``out_dir`` every epoch is committed
+    there (the group logits included) and ``resume`` continues a committed run.
     """
     from prunekit.training import fit
 
     example = data.train[:2][0]
     graph = ChannelGraph(model, example, ignore=ignore)
     if not graph.groups:
-        raise ValueError("DPP filter granularity found no prunable channel group in this model")
+        raise ValueError("the DPP group pattern found no prunable channel group in this model")
     keep = group_keep_counts(model, graph, tuple(example.shape[1:]), target)
     masks: dict[str, GroupMask] = {}
     params = dict(model.named_parameters())
@@ -138,12 +145,14 @@ def dpp_filter_prune_(model: nn.Module, data, target: Target, config: DPPConfig,
             parametrize.register_parametrization(modules[module_name], attr, _SliceMask(masks[g.root], s))
             registered.append((modules[module_name], attr))
     if not masks:
-        raise ValueError(f"DPP filter granularity: target {target} removes no channel from any group")
+        raise ValueError(f"the DPP group pattern: target {target} removes no channel from any group")
     holder = nn.ModuleDict({str(i): m for i, m in enumerate(masks.values())})
     model.add_module("_dpp_group_masks", holder)  # so the optimizer trains the logits with the weights
     hooks = _GroupHooks(masks, config)
+    resume = resume and out_dir is not None and (Path(out_dir) / "train_state.pt").is_file()
     try:
-        history = fit(model, data, train, progress=progress, hooks=hooks).history
+        history = fit(model, data, replace(train, epochs=config.epochs), out_dir, progress=progress, hooks=hooks,
+                      resume=resume).history
     finally:
         model.eval()
         for g in masks.values():
@@ -156,4 +165,4 @@ def dpp_filter_prune_(model: nn.Module, data, target: Target, config: DPPConfig,
                         for r, g in masks.items()})
     kept = {r: (masks[r].k, masks[r].logits.numel()) for r in masks}
     ChannelGraph(model, example, ignore=ignore).shrink_(plan)
-    return GroupDPPResult(plan, kept, hooks.metrics, history)
+    return GroupDPPResult(plan, kept, mask_metrics(history), history)

@@ -20,8 +20,6 @@ rotations into the projections, so every layer stays three deep.
 from __future__ import annotations
 
 import enum
-import heapq
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -30,10 +28,12 @@ import torch
 from torch import nn
 
 from prunekit.channels.graph import find_output_layers, ignored_modules
-from prunekit.configs import config_from_dict
-from prunekit.curvature.kfac import ConvFactor, CurvatureConfig, collect_kfac, kfac_support
+from prunekit.configs import Config, coerce_fields
+from prunekit.curvature.kfac import ConvFactor, CurvatureConfig, FisherSettings, collect_kfac, kfac_support
 from prunekit.measurement.metrics import count_flops, count_params
-from prunekit.planning.allocation import InfeasibleTargetError, Target, TargetMetric
+from prunekit.methods.registry import MethodSpec, PruneRecord, register
+from prunekit.planning.allocation import InfeasibleTargetError, RankedLayer, Target, TargetMetric, remove_lowest
+from prunekit.planning.schedule import RoundSchedule
 
 
 class BottleneckForm(str, enum.Enum):
@@ -44,31 +44,44 @@ class BottleneckForm(str, enum.Enum):
 
 
 @dataclass(frozen=True)
-class EigenDamageConfig:
-    """EigenDamage options.
+class EigenDamageConfig(Config):
+    """EigenDamage settings.
 
     Args:
+        target: Keep this fraction of the FLOPs or parameters (``flops=0.25``; directions are not channels).
+        max_per_layer: Largest fraction of a layer's input or output directions removed in one round.
+        schedule: Rounds of prune, recover and fine-tune (1 = one-shot); later rounds decompose the cores again.
+        ignore: Modules to leave alone, containers included (the output layer always is).
+        curvature: Fisher type, batches and damping of the K-FAC statistics (channel input factors).
         form: :class:`BottleneckForm` of the rebuilt layers (the depthwise form is applied in the last round).
         train_rotations: Fine-tune the projections (the eigenbases) with the core; ``False`` freezes them.
+        bn_images: Training images for BatchNorm re-estimation after each round (0 = off).
+        finetune_epochs: Fine-tuning epochs after each round (best epoch on validation).
     """
 
+    target: Target = Target(TargetMetric.FLOPS, 0.5)
+    max_per_layer: float = 0.9
+    schedule: RoundSchedule = RoundSchedule()
+    ignore: tuple[str, ...] = ()
+    curvature: FisherSettings = FisherSettings()
     form: BottleneckForm = BottleneckForm.STANDARD
     train_rotations: bool = True
+    bn_images: int = 512
+    finetune_epochs: int = 0
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "form", BottleneckForm(self.form))
-        except ValueError:
-            raise ValueError(f"form must be one of {[f.value for f in BottleneckForm]}, got {self.form!r}") from None
+        coerce_fields(self)
         if not isinstance(self.train_rotations, bool):
             raise ValueError(f"train_rotations must be true or false, got {self.train_rotations!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"form": self.form.value, "train_rotations": self.train_rotations}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EigenDamageConfig:
-        return config_from_dict(cls, data)
+        if self.target.metric is TargetMetric.CHANNELS:
+            raise ValueError("eigendamage removes eigen-directions, not channels: give a flops= or params= target")
+        if not isinstance(self.max_per_layer, (int, float)) or not 0 < self.max_per_layer < 1:
+            raise ValueError(f"max_per_layer must be in (0, 1), got {self.max_per_layer!r}")
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        for name in ("bn_images", "finetune_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -243,43 +256,26 @@ class EigenPlan:
 
 def _plan(layers: list[_Layer], fixed_cost: float, target_cost: float, metric: TargetMetric, cap: float,
           form: BottleneckForm) -> EigenPlan:
-    """Remove directions in ascending score order (one global threshold) until the model cost meets the target."""
-    ranks = {lay.name: [lay.rotated.shape[1], lay.rotated.shape[0]] for lay in layers}
-    limits = {lay.name: [max(1, math.ceil(n * (1 - cap))) for n in ranks[lay.name]] for lay in layers}
-    by_name = {lay.name: lay for lay in layers}
+    """Remove directions in ascending score order (one global threshold, :func:`remove_lowest`) until the model
+    cost meets the target."""
 
-    removed: dict[str, list[set[int]]] = {lay.name: [set(), set()] for lay in layers}
+    def ranked(layer: _Layer) -> RankedLayer:
+        def cost(ranks: tuple[int, ...]) -> float:
+            """A layer changes only once a direction of it is removed (so the depthwise form, cheaper at any rank,
+            is not applied to layers the threshold never reaches), and only if that makes it smaller."""
+            factored = layer_cost(layer.spec, layer.positions_in, layer.positions_out, (ranks[0], ranks[1]), form,
+                                  metric)
+            return min(_current_cost(layer, metric), factored)
 
-    def cost(layer: _Layer) -> float:
-        """A layer changes only once a direction of it is removed (so the depthwise form, cheaper at any rank,
-        is not applied to layers the threshold never reaches), and only if that makes it smaller."""
-        current = _current_cost(layer, metric)
-        if not (removed[layer.name][0] or removed[layer.name][1]):
-            return current
-        factored = layer_cost(layer.spec, layer.positions_in, layer.positions_out, tuple(ranks[layer.name]), form,
-                              metric)
-        return min(current, factored)
+        # depthwise: output directions are merged into the projection, so removing them saves nothing
+        return RankedLayer(layer.name, (layer.score_in, layer.score_out), cost, _current_cost(layer, metric),
+                           (True, form is not BottleneckForm.DEPTHWISE))
 
-    costs = {lay.name: cost(lay) for lay in layers}
-    total = fixed_cost + sum(costs.values())
-    heap = [(float(lay.score_in[j]), lay.name, 0, j) for lay in layers for j in range(len(lay.score_in))]
-    heap += [(float(lay.score_out[i]), lay.name, 1, i) for lay in layers for i in range(len(lay.score_out))]
-    heapq.heapify(heap)
-    while total > target_cost and heap:
-        _, name, side, idx = heapq.heappop(heap)
-        if ranks[name][side] <= limits[name][side]:
-            continue
-        if form is BottleneckForm.DEPTHWISE and side == 1:
-            continue  # output directions are merged into the projection: removing them saves nothing
-        ranks[name][side] -= 1
-        removed[name][side].add(idx)
-        new = cost(by_name[name])
-        total += new - costs[name]
-        costs[name] = new
-    if total > target_cost * 1.02:
-        raise InfeasibleTargetError(
-            f"EigenDamage cannot reach {metric.value} {target_cost:.4g} (reached {total:.4g}) while keeping at least "
-            f"{1 - cap:.0%} of every layer's directions; lower the target or raise max_per_layer")
+    try:
+        removed, costs, total = remove_lowest([ranked(lay) for lay in layers], fixed_cost, target_cost, cap,
+                                              metric.value, "directions")
+    except InfeasibleTargetError as exc:
+        raise InfeasibleTargetError(f"EigenDamage {exc}") from None
     kept = {}
     for lay in layers:
         if costs[lay.name] < _current_cost(lay, metric):
@@ -440,3 +436,37 @@ def replay_eigenbasis_(model: nn.Module, change: dict[str, Any], example_inputs:
             raise ValueError(f"eigenbasis change gives layer {name!r} ranks {entry['rank_in']}/{entry['rank_out']}, "
                              f"beyond its {spec.in_channels} inputs / {spec.out_channels} outputs")
         _set_module(model, name, KFEBottleneck(spec, int(entry["rank_in"]), int(entry["rank_out"]), entry["form"]))
+
+
+def eigendamage_(model: nn.Module, data, config: EigenDamageConfig, ctx) -> PruneRecord:
+    """EigenDamage on ``model`` in place: every round of ``config.schedule`` collects K-FAC statistics, removes the
+    least important eigen-directions under one global threshold and rebuilds layers as bottlenecks, then
+    re-estimates BatchNorm and fine-tunes (the ``apply`` of the ``eigendamage`` method)."""
+    from prunekit.methods.rounds import RoundStep, kept_widths, layer_widths, run_rounds, score_batches
+
+    example = data.train[:2][0]
+    k = config.schedule.iterations
+
+    def step(m: nn.Module, target: Target, r: int) -> RoundStep:
+        set_rotations_trainable_(m, config.train_rotations)
+        curvature = config.curvature.curvature(ctx.seed)
+        done = eigendamage_round_(m, score_batches(data, curvature.batches, ctx.seed + r), example, target,
+                                  curvature, config.max_per_layer, config, config.ignore, final=r == k,
+                                  progress=ctx.progress)
+        return RoundStep(done.change, done.predicted_keep, done.removed_directions, "eigen-directions")
+
+    dense_widths = layer_widths(model)
+    record = run_rounds(model, data, config.target, config.schedule, step, ctx, method=config.method, config=config,
+                        bn_images=config.bn_images, finetune_epochs=config.finetune_epochs,
+                        before_finetune=lambda m: set_rotations_trainable_(m, config.train_rotations))
+    record.kept_width = kept_widths(model, dense_widths)
+    record.notes.append(f"EigenDamage, {config.form.value} bottlenecks, at most {config.max_per_layer:.0%} of a "
+                        f"layer's directions per round, {k} round(s), {config.finetune_epochs} fine-tune epoch(s) "
+                        "per round, model chosen on validation")
+    return record
+
+
+register(MethodSpec("eigendamage", EigenDamageConfig, eigendamage_,
+                    "Wang et al. 2019, EigenDamage: Structured Pruning in the Kronecker-Factored Eigenbasis, "
+                    "arXiv 1905.05934",
+                    "eigen-directions removed in the Kronecker-factored eigenbasis, layers rebuilt as bottlenecks"))

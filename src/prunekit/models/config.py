@@ -8,14 +8,14 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from prunekit.configs import config_from_dict
+from prunekit.configs import Config, config_from_dict
 from prunekit.registry import Registry
 
 MODELS: Registry[Callable[[ModelConfig], nn.Module]] = Registry("model")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Config):
     """What a zoo factory needs.
 
     Args:

@@ -142,7 +142,8 @@ def load_compressed(path: str | Path, trusted_factories: Collection[str] = ()) -
     meta = read_metadata(path)
     base = meta.get("model")
     if base is None:
-        raise CheckpointError(f"{path}: metadata has no model description; cannot rebuild the network")
+        raise CheckpointError(f"{path}: metadata has no 'model' entry, so no model description; "
+                                  "cannot rebuild the network")
     check_factory_trusted(base, trusted_factories, str(path))
     try:
         model = build_base(base, trusted_factories, str(path))

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-FORMAT = "prunekit.checkpoint/1"
+FORMAT = "prunekit.checkpoint/2"
+# what this version reads: /1 files (prunekit 0.1) describe their weight encoding in method-specific fields, which
+# prunekit.persistence.metadata reads into today's ``encoding``
+READABLE_FORMATS = ("prunekit.checkpoint/1", FORMAT)
 _META_KEY = "prunekit"
 
 
@@ -91,8 +95,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: corrupted metadata ({exc})") from None
     from prunekit.persistence.metadata import validate_metadata
 
-    if isinstance(meta, dict) and meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r}; expected {FORMAT!r}")
+    if isinstance(meta, dict) and meta.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r}; this prunekit reads "
+                              f"{', '.join(map(repr, READABLE_FORMATS))}")
     return validate_metadata(meta, str(path))
 
 
@@ -160,20 +165,12 @@ def load_weights_(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(state)
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the zoo model a checkpoint describes and load its weights. Returns (model in eval mode, metadata)."""
-    from prunekit.models import ModelConfig, create_model
+def load_model(path: str | Path, trusted_factories: Collection[str] = ()) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network a checkpoint describes (dense or compressed) and load its weights: the one loader,
+    :func:`prunekit.persistence.architecture.load_compressed`. Returns (model in eval mode, metadata)."""
+    from prunekit.persistence.architecture import load_compressed
 
-    meta = read_metadata(path)
-    if "model" not in meta:
-        raise CheckpointError(f"{path}: metadata has no 'model' entry; cannot rebuild the network")
-    try:
-        config = ModelConfig.from_dict(meta["model"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: bad model description in metadata ({exc})") from None
-    model = create_model(config)
-    load_weights_(model, path)
-    return model.eval(), meta
+    return load_compressed(path, trusted_factories)
 
 
 def _existing(path: str | Path) -> Path:

@@ -9,6 +9,9 @@ returns a copy in which ``model`` and ``data`` carry every field with its defaul
 - ``architecture_changes``: a list of changes, each ``{"kind": "channels", "removed": {layer: [int, ...]},
   "ignore": [layer, ...]}`` or ``{"kind": "eigenbasis", "layers": {layer: {"spec", "rank_in", "rank_out",
   "form"}}}``.
+- ``method`` (a registry name) and ``config`` (its config as a dict) of a compressed model;
+- ``encoding``: how its weights are stored (``quant``, ``scales``, ``k_of_n``, ``masked_layers``); 0.1 files said
+  this in ``admm`` + ``scales`` or ``dpp`` + ``quant``, read into ``encoding`` here;
 - ``data`` (:class:`~prunekit.data.DataConfig`), ``train``, ``prune``, ``admm``, ``dpp``: objects;
   ``metrics``: names to numbers; ``scales``: layer names to numbers; ``quant``: text; ``epoch``/``round``: counts;
   ``rounds``: a list of objects; ``dense_sha256``: the hex fingerprint of the dense network a model was pruned from.
@@ -216,19 +219,59 @@ def _check_rounds(where: str, value: Any) -> list:
     return rounds
 
 
-def _check_admm(where: str, value: Any) -> dict[str, Any]:
+def _check_quant(where: str, field: str, owner: dict[str, Any]) -> None:
+    """``owner["quant"]``, when present, is a quantization's text (``bits=4``)."""
     from prunekit.planning.constraints import QuantConstraint
 
-    admm = _object(where, "admm", value)
-    if "quant" in admm:
+    if "quant" in owner:
         try:
-            QuantConstraint.parse(_text("admm.quant")(where, admm["quant"]))
+            QuantConstraint.parse(_text(f"{field}.quant")(where, owner["quant"]))
         except ValueError as exc:
-            raise MetadataError(f"{where}: metadata field 'admm.quant' is not a quantization ({exc})") from None
+            raise MetadataError(f"{where}: metadata field '{field}.quant' is not a quantization ({exc})") from None
+
+
+def _check_admm(where: str, value: Any) -> dict[str, Any]:
+    admm = _object(where, "admm", value)
+    _check_quant(where, "admm", admm)
     return admm
 
 
+def _check_encoding(where: str, value: Any) -> dict[str, Any]:
+    encoding = _object(where, "encoding", value)
+    _check_quant(where, "encoding", encoding)
+    if "scales" in encoding:
+        _numbers("encoding.scales", measured=False)(where, encoding["scales"])
+    layers = encoding.get("masked_layers")
+    if layers is not None and not (isinstance(layers, list) and all(isinstance(n, str) for n in layers)):
+        raise _fail(where, "encoding.masked_layers", "a list of layer names", layers)
+    for layer, kn in (encoding.get("k_of_n") or {}).items():
+        if not (isinstance(kn, list) and len(kn) == 2 and all(_is_int(v, 1) for v in kn) and kn[0] < kn[1]):
+            raise _fail(where, f"encoding.k_of_n[{layer}]", "[k, n] with 1 <= k < n", kn)
+    return encoding
+
+
+def _legacy_encoding(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """What 0.1 checkpoints said about their weight encoding (``admm`` + ``scales``, or ``dpp`` + ``quant``), in the
+    ``encoding`` form of today's; ``None`` when they said nothing."""
+    if isinstance(meta.get("admm"), dict):
+        admm = meta["admm"]
+        quant = admm.get("quant", "none")
+        scales = meta.get("scales") or {}
+        encoding: dict[str, Any] = {"quant": quant, "scales": scales}
+        if quant != "none":
+            encoding["masked_layers"] = list(scales)
+        if admm.get("pattern") == "k-of-n" and scales:
+            encoding["k_of_n"] = {layer: [admm["k"], admm["n"]] for layer in scales}
+        return encoding
+    if isinstance(meta.get("dpp"), dict) and isinstance(meta.get("quant"), str):
+        return {"quant": meta["quant"]}
+    return None
+
+
 FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "method": _text("method"),
+    "config": lambda where, v: _object(where, "config", v),
+    "encoding": _check_encoding,
     "model": _check_model,
     "architecture_changes": _check_changes,
     "data": _check_data,
@@ -264,4 +307,8 @@ def validate_metadata(meta: Any, where: str) -> dict[str, Any]:
     for field, check in FIELD_CHECKS.items():
         if field in checked:
             checked[field] = check(where, checked[field])
+    if "encoding" not in checked:
+        legacy = _legacy_encoding(checked)
+        if legacy is not None:
+            checked["encoding"] = _check_encoding(where, legacy)
     return checked

@@ -1,19 +1,35 @@
-"""How much to remove where: targets (keep a fraction of FLOPs, parameters or channels), per-layer uniform or
-global ranking, and a per-layer cap. The cost of a plan is computed exactly from the slices it removes, so the
-search needs no surgery; the result is checked after shrinking.
+"""How much to remove where, for every unit a method removes, under one target: keep a fraction of the FLOPs,
+the parameters or the channels (:class:`Target`), with a uniform per-layer fraction or one global ranking
+(:class:`Allocation`) and a per-layer cap.
+
+* channels (coupled groups, removed physically): :func:`plan_for_target`, costed exactly by :class:`CostModel`
+  from the slices a plan removes, so the search needs no surgery;
+* weights and their structured units (ADMM's entries, filters, channels, columns): :func:`allocate_rates`,
+  one magnitude threshold over all layers' units weighted by the weights they hold;
+* k-of-n runs (N:M sparsity, DPP and ADMM): :func:`plan_k_of_n`, one keep ratio shared by the layers that carry
+  the weights, each with the densest k-of-n at or under it;
+* ranked directions with a non-additive cost (EigenDamage's eigen-directions): :func:`remove_lowest`, a global
+  threshold that updates the cost of the layer it touches after every removal.
+
+Every cost is measured the way :func:`~prunekit.measurement.metrics.count_flops` and
+:func:`~prunekit.measurement.metrics.count_params` measure a model.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from prunekit.channels.graph import ChannelGraph, ChannelPlan
+from prunekit.configs import Config
 from prunekit.measurement.metrics import count_flops, count_params, flops_by_module
+from prunekit.planning.pattern import Pattern
 
 
 class TargetMetric(str, enum.Enum):
@@ -64,12 +80,21 @@ class Target:
     def __str__(self) -> str:
         return f"{self.metric.value}={self.keep:g}"
 
+    def to_text(self) -> str:
+        """The exact text form (``Target.parse(t.to_text()) == t``)."""
+        return f"{self.metric.value}={self.keep!r}"
+
     def to_dict(self) -> dict:
         return {"metric": self.metric.value, "keep": self.keep}
 
+    @property
+    def slug(self) -> str:
+        """A folder name for the target: ``flops-0.25``."""
+        return str(self).replace("=", "-")
+
 
 @dataclass(frozen=True)
-class AllocationConfig:
+class AllocationConfig(Config):
     """Allocation settings.
 
     Args:
@@ -92,16 +117,13 @@ class AllocationConfig:
         except ValueError:
             raise ValueError(f"allocation must be one of {[a.value for a in Allocation]}, "
                              f"got {self.allocation!r}") from None
-        if not 0 < self.max_per_layer < 1:
+        if not isinstance(self.max_per_layer, (int, float)) or not 0 < self.max_per_layer < 1:
             raise ValueError(f"max_per_layer must be in (0, 1), got {self.max_per_layer!r}")
         if not 0 < self.tolerance < 0.5:
             raise ValueError(f"tolerance must be in (0, 0.5), got {self.tolerance!r}")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise ValueError(f"round_to must be a positive int, got {self.round_to!r}")
 
-    def to_dict(self) -> dict:
-        return {"allocation": self.allocation.value, "max_per_layer": self.max_per_layer, "tolerance": self.tolerance,
-                "round_to": self.round_to}
 
 
 class InfeasibleTargetError(ValueError):
@@ -287,3 +309,181 @@ def _refine(plan: ChannelPlan, kept: float, selector: _UnitSelector, caps: dict[
         if abs(kept / target.keep - 1) <= 0.005:
             break
     return selector.plan(removed_units), kept
+
+
+# --------------------------------------------------------------------------------------------------- weights
+
+
+def unit_scores(weight: torch.Tensor, pattern: Pattern) -> tuple[torch.Tensor, int]:
+    """Magnitude score of each unit of ``pattern`` in a weight (entries; rows, input channels or columns by their
+    root-mean-square weight) and the weights one unit holds."""
+    w = weight.detach()
+    mat = w.reshape(w.shape[0], -1)
+    if pattern is Pattern.UNSTRUCTURED:
+        return mat.abs().reshape(-1), 1
+    if pattern is Pattern.FILTER:
+        return mat.pow(2).sum(1).div(mat.shape[1]).sqrt(), mat.shape[1]
+    if pattern is Pattern.CHANNEL:
+        per = w.transpose(0, 1).reshape(w.shape[1], -1)
+        return per.pow(2).mean(1).sqrt(), per.shape[1]
+    if pattern is Pattern.COLUMN:
+        return mat.pow(2).mean(0).sqrt(), mat.shape[0]
+    raise ValueError(f"per-weight allocation covers unstructured, filter, channel and column units, not "
+                     f"{pattern.value}")
+
+
+def allocate_rates(weights: dict[str, torch.Tensor], pattern: Pattern, keep: float,
+                   allocation: Allocation = Allocation.GLOBAL, fixed: dict[str, float] | None = None
+                   ) -> dict[str, float]:
+    """Per-layer keep fractions of ``pattern``'s units that keep ``keep`` of all the weights.
+
+    Layers named in ``fixed`` keep their given fraction. The others get ``keep`` each (uniform) or share one
+    global magnitude threshold over all their units, each unit weighted by the weights it holds (global); every
+    layer keeps at least one unit.
+
+    Raises:
+        ValueError: ``fixed`` names a layer not in ``weights``.
+    """
+    fixed = dict(fixed or {})
+    unknown = [n for n in fixed if n not in weights]
+    if unknown:
+        raise ValueError(f"rates name layers that are not constrained: {unknown}; constrained: {list(weights)}")
+    rates = {n: float(fixed[n]) for n in weights if n in fixed}
+    free = [n for n in weights if n not in fixed]
+    if not free:
+        return rates
+    if allocation is Allocation.UNIFORM:
+        return {**rates, **{n: keep for n in free}}
+    scores, sizes = [], []
+    for name in free:
+        s, size = unit_scores(weights[name], pattern)
+        scores.append(s.double().cpu())
+        sizes.append(torch.full_like(scores[-1], float(size)))
+    all_scores, all_sizes = torch.cat(scores), torch.cat(sizes)
+    order = torch.argsort(all_scores, descending=True)
+    budget = keep * float(all_sizes.sum())
+    kept_entries = torch.cumsum(all_sizes[order], 0)
+    n_keep = int((kept_entries <= budget).sum().clamp_min(1))
+    kept = torch.zeros(len(order), dtype=torch.bool)
+    kept[order[:n_keep]] = True
+    start = 0
+    for name, s in zip(free, scores):
+        frac = float(kept[start:start + len(s)].double().mean())
+        rates[name] = max(frac, 1.0 / len(s))
+        start += len(s)
+    return rates
+
+
+# ---------------------------------------------------------------------------------------------- k-of-n runs
+
+
+def nearest_k_of_n(row: int, k: int, n: int) -> tuple[int, int]:
+    """The ``(k', n')`` closest to keeping ``k / n`` for a row of length ``row``: ``n'`` is the divisor of ``row``
+    nearest to ``n`` (the larger one on a tie) and ``k' = max(1, round(k * n' / n))`` (``k' < n'``)."""
+    divisors = [d for d in range(2, row + 1) if row % d == 0]
+    if not divisors:
+        raise ValueError(f"a row of length {row} cannot hold a k-of-n pattern")
+    best = min(divisors, key=lambda d: (abs(d - n), -d))
+    return min(max(1, round(k * best / n)), best - 1), best
+
+
+def k_of_n_for_keep(row: int, keep: float, max_n: int = 32) -> tuple[int, int]:
+    """The largest ``k / n <= keep`` with ``n`` dividing ``row`` and ``n <= max_n`` (hardware run lengths stay
+    short; on a tie the shorter run wins), so the layer is never less sparse than asked; when even ``1 / n`` is
+    above ``keep``, the sparsest ``1 / n`` there is."""
+    if not 0 < keep < 1:
+        raise ValueError(f"keep must be in (0, 1), got {keep!r}")
+    candidates = [(k, n) for n in range(2, min(row, max_n) + 1) if row % n == 0 for k in range(1, n)]
+    if not candidates:
+        raise ValueError(f"a row of length {row} has no divisor in [2, {max_n}] for a k-of-n pattern")
+    below = [kn for kn in candidates if kn[0] / kn[1] <= keep + 1e-12]
+    if not below:
+        return min(candidates, key=lambda kn: (kn[0] / kn[1], kn[1]))
+    return max(below, key=lambda kn: (kn[0] / kn[1], -kn[1]))
+
+
+def plan_k_of_n(weights: dict[str, torch.Size | tuple[int, ...]], sparsity: float, dense_below: float = 0.02,
+                max_n: int = 32) -> dict[str, tuple[int, int]]:
+    """Per-layer ``(k, n)`` reaching about ``sparsity`` of all the weights overall.
+
+    Layers holding less than ``dense_below`` of the weights (a LeNet's first convolution and classifier: about 1%
+    of its weights, where one kept weight in ten costs the most accuracy) stay dense and are left out of the
+    result; the others share the remaining budget at one keep ratio, each with the densest k-of-n at or under it
+    (:func:`k_of_n_for_keep`). Common practice for N:M sparsity, and it applies to any method alike.
+
+    Raises:
+        ValueError: ``sparsity`` is not in (0, 1), or the dense layers alone hold more than the budget.
+    """
+    if not 0 < sparsity < 1:
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity!r}")
+    sizes = {name: math.prod(shape) for name, shape in weights.items()}
+    total = sum(sizes.values())
+    pruned = {name for name, size in sizes.items() if size >= dense_below * total}
+    dense = total - sum(sizes[name] for name in pruned)
+    budget = (1 - sparsity) * total - dense
+    if not pruned or budget <= 0:
+        raise ValueError(f"the layers kept dense (under {dense_below:.0%} of the weights each) hold {dense} of "
+                         f"{total} weights, more than {1 - sparsity:.1%} allows; lower dense_below")
+    keep = budget / sum(sizes[name] for name in pruned)
+    return {name: k_of_n_for_keep(math.prod(weights[name][1:]), keep, max_n) for name in weights if name in pruned}
+
+
+# ------------------------------------------------------------------------------ ranked directions, any cost
+
+
+@dataclass
+class RankedLayer:
+    """A layer whose units on each side (for a bottleneck: input and output directions) are ranked by score.
+
+    Args:
+        name: Layer name.
+        scores: One score per unit, for each side.
+        cost: The layer's cost given how many units of each side it keeps, once at least one was removed.
+        current: Its cost as it is now (what it costs while nothing of it is removed).
+        removable: Per side, whether removing its units can change the cost at all.
+    """
+
+    name: str
+    scores: tuple[torch.Tensor, ...]
+    cost: Callable[[tuple[int, ...]], float]
+    current: float
+    removable: tuple[bool, ...] = (True, True)
+
+
+def remove_lowest(layers: list[RankedLayer], fixed_cost: float, target_cost: float, max_per_layer: float,
+                  metric: str = "cost", what: str = "units"
+                  ) -> tuple[dict[str, list[set[int]]], dict[str, float], float]:
+    """Remove units in ascending score order over all layers (one global threshold) until the total cost,
+    ``fixed_cost`` plus every layer's, meets ``target_cost``; a side keeps at least ``1 - max_per_layer`` of its
+    units. A layer's cost is re-evaluated after each of its removals, so costs need not be additive.
+
+    Returns:
+        (removed unit indices per layer and side, each layer's cost, the total cost).
+
+    Raises:
+        InfeasibleTargetError: the target is not reached within 2% under the cap.
+    """
+    sizes = {lay.name: [len(s) for s in lay.scores] for lay in layers}
+    kept = {name: list(n) for name, n in sizes.items()}
+    limits = {name: [max(1, math.ceil(n * (1 - max_per_layer))) for n in ns] for name, ns in sizes.items()}
+    by_name = {lay.name: lay for lay in layers}
+    removed: dict[str, list[set[int]]] = {lay.name: [set() for _ in lay.scores] for lay in layers}
+    costs = {lay.name: lay.current for lay in layers}
+    total = fixed_cost + sum(costs.values())
+    heap = [(float(score), lay.name, side, idx) for lay in layers for side, scores in enumerate(lay.scores)
+            for idx, score in enumerate(scores.tolist())]
+    heapq.heapify(heap)
+    while total > target_cost and heap:
+        _, name, side, idx = heapq.heappop(heap)
+        if kept[name][side] <= limits[name][side] or not by_name[name].removable[side]:
+            continue
+        kept[name][side] -= 1
+        removed[name][side].add(idx)
+        new = by_name[name].cost(tuple(kept[name]))
+        total += new - costs[name]
+        costs[name] = new
+    if total > target_cost * 1.02:
+        raise InfeasibleTargetError(
+            f"cannot reach {metric} {target_cost:.4g} (reached {total:.4g}) while keeping at least "
+            f"{1 - max_per_layer:.0%} of every layer's {what}; lower the target or raise max_per_layer")
+    return removed, costs, total

@@ -25,19 +25,10 @@ from typing import Any
 import torch
 
 from prunekit.configs import config_from_dict
+from prunekit.planning.pattern import Pattern, check_pattern
 
-
-class Pattern(str, enum.Enum):
-    """Which slices a sparsity constraint keeps or removes together."""
-
-    UNSTRUCTURED = "unstructured"
-    FILTER = "filter"
-    CHANNEL = "channel"
-    COLUMN = "column"
-    K_OF_N = "k-of-n"
-    # Whole coupled channels across layers (a residual stage's channel, its BN, every conv reading it), chosen by
-    # the channel graph and removed physically after ADMM. It spans layers, so only prunekit.methods.admm projects it.
-    GROUP = "group"
+# the patterns one layer's projection can enforce on its own
+LAYER_PATTERNS = (Pattern.UNSTRUCTURED, Pattern.FILTER, Pattern.CHANNEL, Pattern.COLUMN, Pattern.K_OF_N)
 
 
 @dataclass(frozen=True)
@@ -58,10 +49,8 @@ class SparsityConstraint:
     n: int | None = None
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "pattern", Pattern(self.pattern))
-        except ValueError:
-            raise ValueError(f"pattern must be one of {[p.value for p in Pattern]}, got {self.pattern!r}") from None
+        object.__setattr__(self, "pattern", check_pattern(self.pattern, LAYER_PATTERNS + (Pattern.GROUP,),
+                                                          "a sparsity constraint"))
         if self.pattern is Pattern.K_OF_N:
             for name in ("k", "n"):
                 v = getattr(self, name)
@@ -172,15 +161,20 @@ class QuantConstraint:
         kind, sep, value = str(text).strip().lower().partition("=")
         if kind == "bits":
             try:
-                return cls(QuantKind.BITS, int(value))
+                bits = int(value)
             except ValueError:
                 raise ValueError(f"bits must be an int >= 1, e.g. bits=3; got {text!r}") from None
+            return cls(QuantKind.BITS, bits)
         if sep:
             raise ValueError(f"quantization must be none, binary, ternary or bits=N; got {text!r}")
         return cls(kind)
 
     def __str__(self) -> str:
         return f"bits={self.bits}" if self.kind is QuantKind.BITS else self.kind.value
+
+    def to_text(self) -> str:
+        """The text form (``QuantConstraint.parse(q.to_text()) == q``)."""
+        return str(self)
 
     @property
     def code_bits(self) -> int | None:

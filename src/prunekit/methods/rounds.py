@@ -1,0 +1,163 @@
+"""The round loop that the round-based methods share (the channel criteria and EigenDamage): per round of the
+:class:`~prunekit.planning.schedule.RoundSchedule`, one method step toward the round's target, recovery
+(BatchNorm re-estimation), fine-tuning, and a saved checkpoint.
+
+Every finished round is saved as ``round_R/pruned.safetensors`` (weights plus the architecture changes so far) in
+the context's folder; with ``resume`` the loop replays the last saved round onto the model in place and continues
+after it, and inside a round from the last committed fine-tuning epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from prunekit.data import DataSplits
+from prunekit.measurement.metrics import count_flops, count_params
+from prunekit.methods.registry import PruneRecord, RunContext
+from prunekit.persistence.architecture import replay_changes_, save_compressed
+from prunekit.persistence.checkpoint import CheckpointError, check_state_fits, load_state, read_metadata
+from prunekit.planning.allocation import Target, TargetMetric
+from prunekit.planning.schedule import RoundSchedule
+from prunekit.recovery.batchnorm import recalibrate_batchnorm_
+from prunekit.training import evaluate, fit
+
+
+@dataclass
+class RoundStep:
+    """What one method step did: the replayable change, the fraction of the round's metric it predicts to keep,
+    and how many units it removed (of what)."""
+
+    change: dict[str, Any]
+    predicted_keep: float
+    removed: int
+    what: str
+
+
+Step = Callable[[nn.Module, Target, int], RoundStep]
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every conv/linear layer."""
+    return {n: (m.out_channels if isinstance(m, (nn.Conv1d, nn.Conv2d)) else m.out_features)
+            for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
+
+
+def run_rounds(model: nn.Module, data: DataSplits, target: Target, schedule: RoundSchedule, step: Step,
+               ctx: RunContext, *, method: str, config: Any, bn_images: int, finetune_epochs: int,
+               before_finetune: Callable[[nn.Module], None] = lambda _: None) -> PruneRecord:
+    """Run ``schedule``'s rounds of ``step`` on ``model`` in place, each followed by BatchNorm re-estimation on
+    ``bn_images`` images and ``finetune_epochs`` epochs of fine-tuning (best epoch on validation).
+
+    Raises:
+        CheckpointError: ``ctx.resume`` with a saved round made by other settings.
+    """
+    input_shape = (data.in_channels, data.input_size, data.input_size)
+    dense_flops, dense_params = count_flops(model, (1, *input_shape)), count_params(model)
+    dense_metric = {TargetMetric.FLOPS: dense_flops, TargetMetric.PARAMS: dense_params}
+    record = PruneRecord(method=method)
+    start = 1
+    if ctx.resume and ctx.folder is not None:
+        start = _resume_(model, ctx.folder, record, input_shape, method, config, ctx.log)
+    k = schedule.iterations
+    for r in range(start, k + 1):
+        round_dir = ctx.subfolder(f"round_{r}")
+        t0 = time.perf_counter()
+        # the fraction of the dense metric that earlier rounds already kept; this round's target is relative to it
+        if target.metric is TargetMetric.CHANNELS:
+            kept_now = target.keep ** ((r - 1) / k)
+        else:
+            now = count_flops(model, (1, *input_shape)) if target.metric is TargetMetric.FLOPS else count_params(model)
+            kept_now = now / dense_metric[target.metric]
+        done = step(model, schedule.round_target(r, target, kept_now), r)
+        record.changes.append(done.change)
+        recalibrate_batchnorm_(model, data, bn_images)
+        seconds_pruning = time.perf_counter() - t0
+        val_pruned = evaluate(model, data.val)["acc"]
+        if record.val_acc_before_finetune is None:  # reported, never used to choose anything
+            record.val_acc_before_finetune = val_pruned
+            record.test_acc_before_finetune = evaluate(model, data.test)["acc"]
+        ctx.log(f"round {r}/{k}: removed {done.removed} {done.what}, keeps "
+                f"{count_flops(model, (1, *input_shape)) / dense_flops:.3f} of FLOPs and "
+                f"{count_params(model) / dense_params:.3f} of params; val acc before fine-tuning {val_pruned:.4f}")
+        t1 = time.perf_counter()
+        val_ft = None
+        if finetune_epochs > 0:
+            before_finetune(model)
+            commit = round_dir / "finetune" if round_dir is not None else None
+            resume = ctx.resume and commit is not None and (commit / "train_state.pt").is_file()
+            fit(model, data, replace(ctx.train, epochs=finetune_epochs, seed=ctx.seed), commit,
+                progress=ctx.progress, resume=resume,
+                metadata={"model": ctx.base, "architecture_changes": record.changes} if ctx.base else None)
+            val_ft = evaluate(model, data.val)["acc"]
+            ctx.log(f"round {r}/{k}: val acc after fine-tuning {val_ft:.4f}")
+        record.rounds.append({
+            "round": r, "target_keep": schedule.keep_after(r, target), "predicted_keep": done.predicted_keep * kept_now,
+            "params": count_params(model), "flops": count_flops(model, (1, *input_shape)),
+            "removed_channels": done.removed, "val_acc_pruned": val_pruned, "val_acc_finetuned": val_ft,
+            "seconds_scoring": seconds_pruning, "seconds_finetune": time.perf_counter() - t1})
+        if round_dir is not None:
+            if ctx.base is None:
+                raise ValueError("saving rounds needs RunContext.base (how to rebuild the unpruned network)")
+            save_compressed(round_dir / "pruned.safetensors", model, ctx.base, record.changes,
+                            {"method": method, "config": config.to_dict(), "data": data.config.to_dict(),
+                             "round": r, "rounds": record.rounds,
+                             "val_acc_before_finetune": record.val_acc_before_finetune,
+                             "test_acc_before_finetune": record.test_acc_before_finetune})
+    return record
+
+
+def _resume_(model: nn.Module, folder: Path, record: PruneRecord, input_shape: tuple[int, ...], method: str,
+             config: Any, log: Callable[[str], None]) -> int:
+    """Replay the last saved round onto ``model`` (still dense) and load its weights; returns the next round."""
+    done = sorted((int(p.parent.name.split("_")[1]), p) for p in folder.glob("round_*/pruned.safetensors")
+                  if p.parent.name.split("_")[1].isdigit())
+    if not done:
+        return 1
+    last, path = done[-1]
+    meta = read_metadata(path)
+    if meta.get("method") != method or meta.get("config") != config.to_dict():
+        raise CheckpointError(f"cannot resume {folder}: it was pruned with {meta.get('method')} "
+                              f"{meta.get('config')}, not {method} {config.to_dict()}")
+    replay_changes_(model, meta.get("architecture_changes", []), input_shape)
+    state = load_state(path)
+    check_state_fits(model, state, path)
+    model.load_state_dict(state)
+    record.changes.extend(meta.get("architecture_changes", []))
+    record.rounds.extend(meta.get("rounds", []))
+    record.val_acc_before_finetune = meta.get("val_acc_before_finetune")
+    record.test_acc_before_finetune = meta.get("test_acc_before_finetune")
+    log(f"resuming after round {last} from {path}")
+    return last + 1
+
+
+def kept_widths(model: nn.Module, dense_widths: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Layer -> (kept, dense) output width; for an EigenDamage bottleneck, its inner rank."""
+    widths = layer_widths(model)
+    modules = dict(model.named_modules())
+    out = {}
+    for n, w in dense_widths.items():
+        inner = getattr(modules.get(n), "rank_out", None)
+        if inner is not None:
+            out[n] = (inner, w)
+        elif n in widths:
+            out[n] = (widths[n], w)
+    return out
+
+
+def score_batches(data: DataSplits, count: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``count`` shuffled training batches of 64 a data-driven criterion scores with (round ``r`` of a run
+    uses ``seed + r``, so a resumed run sees the same ones), public so that other tools can be given the same
+    batches."""
+    loader = DataLoader(data.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    for i, batch in enumerate(loader):
+        if i >= count:
+            return
+        yield batch

@@ -1,0 +1,124 @@
+"""Recipes: a whole pruning job as data (YAML or JSON) -- the method, its config for each target, where the dense
+network comes from, and the training settings. Every job writes the recipe it resolved to ``recipe.yaml``;
+``prunekit prune --config recipe.yaml`` runs it again.
+
+A recipe is data like a checkpoint: a model factory it names is imported only when the command trusts it
+(``--trust-factory``, recorded in the recipe's ``source.trusted_factories`` only when the user passed it).
+
+>>> import prunekit
+>>> source = prunekit.ModelSource(model="lenet5", data=prunekit.DataConfig("digits"))
+>>> recipe = prunekit.Recipe("l1", [prunekit.L1Config(target="flops=0.25")], prunekit.JobConfig(source))
+>>> prunekit.Recipe.from_yaml(recipe.to_yaml()) == recipe
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from prunekit.configs import Config, coerce_fields, config_from_dict
+from prunekit.data import DataConfig
+from prunekit.training import TrainConfig
+
+RECIPE_FORMAT = "prunekit.recipe/1"
+
+
+@dataclass(frozen=True)
+class ModelSource(Config):
+    """Where the network to compress comes from.
+
+    Args:
+        model: A zoo name or ``package.module:function`` (a factory given here is trusted: the user named it).
+        checkpoint: Its weights: a prunekit checkpoint (which names model and data itself) or a state_dict file.
+        data: The dataset (default: the one the checkpoint names).
+        trusted_factories: Model factories a checkpoint may import.
+    """
+
+    model: str | None = None
+    checkpoint: str | None = None
+    data: DataConfig | None = None
+    trusted_factories: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        if self.model is None and self.checkpoint is None:
+            raise ValueError("give a model (a zoo name or package.module:function) and/or a checkpoint")
+        object.__setattr__(self, "trusted_factories", tuple(self.trusted_factories))
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", str(self.checkpoint))
+
+
+@dataclass(frozen=True)
+class JobConfig(Config):
+    """Everything a pruning job needs besides the method.
+
+    Args:
+        source: Where the dense network comes from.
+        train: Optimiser settings of every training a method does (learning rate, batch size, ...; the epochs
+            come from the method's config).
+        seed: Seed of data order, scoring batches and random choices.
+        measure_latency: Measure the latency of the dense and the compressed networks.
+    """
+
+    source: ModelSource
+    train: TrainConfig = TrainConfig(epochs=0, lr=0.01)
+    seed: int = 0
+    measure_latency: bool = True
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class Recipe(Config):
+    """A pruning job: ``method`` (a registry name) with one config per target, and the job settings.
+
+    Args:
+        method: Registered method name (``prunekit list methods``).
+        configs: The method's configs, one per run (several targets make an accuracy-vs-cost curve).
+        job: Source, training settings and seed.
+    """
+
+    method: str
+    configs: list[Any] = field(default_factory=list)
+    job: JobConfig | None = None
+
+    def __post_init__(self) -> None:
+        from prunekit.methods.registry import get_method
+
+        spec = get_method(self.method)
+        configs = [c if isinstance(c, spec.config) else spec.config.from_dict(c) for c in self.configs]
+        if not configs:
+            raise ValueError(f"a recipe needs at least one {spec.config.__name__}")
+        object.__setattr__(self, "configs", configs)
+        if isinstance(self.job, dict):
+            object.__setattr__(self, "job", JobConfig.from_dict(self.job))
+        if not isinstance(self.job, JobConfig):
+            raise ValueError("a recipe needs a job (its model source at least)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": RECIPE_FORMAT, "method": self.method, "configs": [c.to_dict() for c in self.configs],
+                "job": self.job.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Recipe:
+        if not isinstance(data, dict):
+            raise ValueError(f"a recipe must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("format", RECIPE_FORMAT)
+        if version != RECIPE_FORMAT:
+            raise ValueError(f"unsupported recipe format {version!r}; expected {RECIPE_FORMAT!r}")
+        return config_from_dict(cls, data)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Recipe:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"the recipe is not valid YAML ({' '.join(str(exc).split())})") from None
+        return cls.from_dict(data)

@@ -1,0 +1,45 @@
+"""Run folders: ``run.json`` ties a folder to what its run is made of (the dense network's fingerprint, the method
+and its settings, the data, the training settings, the seed), written before the first round or phase; a resume
+must match it, so no round, phase or epoch of another run is ever continued."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prunekit.persistence.checkpoint import CheckpointError, atomic_write
+
+RUN_FORMAT = "prunekit.run/2"
+_WHAT = {"dense_sha256": "another dense network (its weights differ)", "method": "another method",
+         "config": "other method settings", "data": "other data settings", "train": "other training settings",
+         "seed": "another seed"}
+
+
+def check_or_write_manifest(folder: Path, resume: bool, run: dict[str, Any]) -> None:
+    """Write ``folder/run.json`` for a fresh run; with ``resume``, check an existing one against ``run``.
+
+    Raises:
+        CheckpointError: the saved run differs (naming what), is unreadable, or a folder with saved work has no
+            record to check against.
+    """
+    path = Path(folder) / "run.json"
+    run = json.loads(json.dumps(run))  # as it reads back (tuples as lists)
+    if resume and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is unreadable ({exc}); choose another --out") from None
+        if not isinstance(saved, dict) or saved.get("format") != RUN_FORMAT:
+            raise CheckpointError(f"{path} is not a {RUN_FORMAT} record (written by an older prunekit?); choose "
+                                  "another --out")
+        differs = [k for k, v in run.items() if saved.get(k) != v]
+        if differs:
+            raise CheckpointError(f"cannot resume {folder}: it was started from "
+                                  + " and ".join(_WHAT.get(k, k) for k in differs)
+                                  + "; give the original checkpoint and settings, or choose another --out")
+        return
+    if resume and any(Path(folder).glob("*")):
+        raise CheckpointError(f"cannot resume {folder}: it holds saved work but no run.json (written by an older "
+                              "prunekit), so it cannot be checked against this dense network; choose another --out")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"format": RUN_FORMAT, **run}, indent=1)))

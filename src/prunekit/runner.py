@@ -1,0 +1,254 @@
+"""The one pruning job every method runs through: load the model source, measure the dense network, apply the
+method (its schedule, recovery and fine-tuning, :func:`~prunekit.methods.registry.prune_`), measure, save and
+report. The CLI's ``prunekit prune``, ``prunekit.prune_job`` and ``--config recipe.yaml`` all land here.
+
+One output layout for every method::
+
+    OUT/recipe.yaml                the resolved job; `prunekit prune --config OUT/recipe.yaml` re-runs it
+    OUT/report.md, report.json     the report (schema prunekit.report/2), plots beside them
+    OUT/RUN/run.json               what the run is made of (dense fingerprint, settings), checked on --resume
+    OUT/RUN/model.safetensors      the compressed network (weights + replayable architecture changes)
+    OUT/RUN/round_R/, phases/, training/   resumable state of round-based, phased and trained methods
+
+``RUN`` is the run's label (``flops-0.25``; one folder per target). ``--resume`` continues every run after its
+last finished round, phase or epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from prunekit.data import DataConfig, DataSplits, load_dataset
+from prunekit.measurement.formats import encoding_storage
+from prunekit.measurement.metrics import summarize
+from prunekit.methods.registry import PruneRecord, RunContext, get_method, method_for, prune_
+from prunekit.persistence.checkpoint import atomic_write, state_fingerprint
+from prunekit.persistence.outputs import locked_output
+from prunekit.persistence.recipe import JobConfig, ModelSource, Recipe
+from prunekit.training import TrainConfig
+
+REPORT_FORMAT = "prunekit.report/2"
+
+
+@dataclass
+class JobRun:
+    """One run of a job (one config, usually one target): the compressed model and what was measured."""
+
+    label: str
+    config: Any
+    record: PruneRecord
+    model: nn.Module
+    compressed: dict[str, Any]
+    storage: dict[str, Any]
+    checkpoint: Path | None = None
+
+
+@dataclass
+class JobResult:
+    """What :func:`prune_job` returns: the dense measurement and every run."""
+
+    dense: dict[str, Any]
+    runs: dict[str, JobRun] = field(default_factory=dict)
+    report: Path | None = None
+    recipe: Recipe | None = None
+
+    @property
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """Summary rows for :func:`~prunekit.measurement.report.summary_table`: ``dense`` and each run's label."""
+        return {"dense": self.dense, **{label: run.compressed for label, run in self.runs.items()}}
+
+
+def run_label(config: Any) -> str:
+    """The folder name of a run: the target's (``flops-0.25``), or what a config without one keeps
+    (``k-of-n-1-of-4``)."""
+    target = getattr(config, "target", None)
+    if target is not None:
+        return target.slug
+    label = getattr(config, "label", None)
+    text = label() if callable(label) else type(config).__name__
+    return text.split(" ", 1)[-1].replace(" ", "-").replace("=", "-")
+
+
+def prune_job(configs: Any | Sequence[Any], *, model: str | None = None, checkpoint: str | Path | None = None,
+              data: str | DataConfig | None = None, train: TrainConfig | None = None, seed: int = 0,
+              measure_latency: bool = True, trusted_factories: Sequence[str] = (), out: str | Path | None = None,
+              resume: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> JobResult:
+    """Prune a dense network with one method config (or one per target), measure and report.
+
+    Args:
+        configs: A method config (``prunekit.L1Config(target="flops=0.25")``) or several of the same method.
+        model, checkpoint, data: The dense network (:class:`~prunekit.persistence.recipe.ModelSource`).
+        train: Optimiser settings of the method's training (default: lr 0.01, the dataset's augmentation).
+        out: Output folder (locked for the run; one that holds a run is refused without ``resume``).
+
+    Returns:
+        The dense row and every run; with ``out``, also the report's path.
+    """
+    configs = list(configs) if isinstance(configs, (list, tuple)) else [configs]
+    if not configs:
+        raise ValueError("give at least one method config, e.g. prunekit.L1Config(target='flops=0.25')")
+    spec = method_for(configs[0])
+    if any(type(c) is not spec.config for c in configs):
+        raise TypeError(f"one job runs one method: every config must be a {spec.config.__name__}")
+    data_cfg = DataConfig(name=data) if isinstance(data, str) else data
+    source = ModelSource(model=model, checkpoint=str(checkpoint) if checkpoint is not None else None, data=data_cfg,
+                         trusted_factories=tuple(trusted_factories))
+    job = JobConfig(source=source, train=train or TrainConfig(epochs=0, lr=0.01), seed=seed,
+                    measure_latency=measure_latency)
+    return run_recipe(Recipe(spec.name, configs, job), out=out, resume=resume, progress=progress, log=log)
+
+
+@locked_output("a pruning run", ("report.json", "recipe.yaml", "*/run.json", "*/round_*", "*/phases", "*/training"))
+def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = False, progress: bool = True,
+               log: Callable[[str], None] = print) -> JobResult:
+    """Run a :class:`~prunekit.persistence.recipe.Recipe` (see the module docstring for the output layout)."""
+    from prunekit.jobs import default_augment, load_dense
+
+    spec = get_method(recipe.method)
+    source, job = recipe.job.source, recipe.job
+    dense, base, data_cfg = load_dense(source.model, source.checkpoint, source.data, source.trusted_factories)
+    splits = load_dataset(data_cfg)
+    train = job.train
+    if train == TrainConfig(epochs=0, lr=0.01):  # the default: the dataset's own augmentation
+        from dataclasses import replace
+
+        train = replace(train, augment=default_augment(data_cfg.name))
+    resolved = Recipe(recipe.method, recipe.configs, JobConfig(
+        ModelSource(source.model, source.checkpoint, data_cfg, source.trusted_factories), train, job.seed,
+        job.measure_latency))
+    outdir = Path(out) if out is not None else None
+    if outdir is not None:
+        _write_recipe(outdir, resolved, resume)
+    log(f"dense: measuring ({splits.describe()})")
+    dense_row = summarize(dense, splits, latency=job.measure_latency).to_dict()
+    dense_bits = 32 * sum(p.numel() for p in dense.parameters())
+    dense_row["storage_bits"] = dense_bits
+    result = JobResult(dense=dense_row, recipe=resolved)
+    dense_sha256 = state_fingerprint(dense)
+    for config in resolved.configs:
+        label = run_label(config)
+        if label in result.runs:
+            raise ValueError(f"two configs of this job share the run name {label!r}; give each its own target")
+        folder = outdir / label if outdir is not None else None
+        log(f"{spec.name} {label}: pruning")
+        net = copy.deepcopy(dense).train()
+        ctx = RunContext(train=train, seed=job.seed, folder=folder, resume=resume, base=base, progress=progress,
+                         log=log)
+        record = prune_(net, config, splits, ctx)
+        net.eval()
+        row = summarize(net, splits, latency=job.measure_latency).to_dict()
+        row["nonzero_params"] = int(sum(int((p != 0).sum()) for p in net.parameters()))
+        row["val_acc_before_finetune"] = record.val_acc_before_finetune
+        row["test_acc_before_finetune"] = record.test_acc_before_finetune
+        storage = encoding_storage(net, record.encoding, dense_bits=dense_bits)
+        row["storage_bits"] = storage["bits"][storage["best"]]
+        run = JobRun(label, config, record, net, row, storage)
+        if folder is not None:
+            run.checkpoint = _save_run(folder, net, base, record, config, spec.name, splits, row, dense_sha256)
+        result.runs[label] = run
+    if outdir is not None:
+        result.report = write_job_report(outdir, result, base, spec, data_cfg)
+    return result
+
+
+def _write_recipe(outdir: Path, recipe: Recipe, resume: bool) -> None:
+    path = outdir / "recipe.yaml"
+    if resume and path.is_file():
+        saved = Recipe.from_yaml(path.read_text())
+        if saved.to_dict() != recipe.to_dict():
+            from prunekit.persistence.checkpoint import CheckpointError
+
+            raise CheckpointError(f"cannot resume {outdir}: its recipe.yaml describes another job; run that recipe "
+                                  f"(prunekit prune --config {path} --out {outdir} --resume) or choose another --out")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(
+        "# prunekit prune --config THIS_FILE --out FOLDER runs this job again\n" + recipe.to_yaml()))
+
+
+def _save_run(folder: Path, net: nn.Module, base: dict[str, Any], record: PruneRecord, config: Any, method: str,
+              splits: DataSplits, row: dict[str, Any], dense_sha256: str) -> Path:
+    from prunekit.measurement.plots import plot_kept_width
+    from prunekit.persistence.architecture import save_compressed
+
+    path = save_compressed(folder / "model.safetensors", net, base, record.changes, {
+        "method": method, "config": config.to_dict(), "data": splits.config.to_dict(), "encoding": record.encoding,
+        "dense_sha256": dense_sha256, "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}})
+    if record.kept_width:
+        what = "bottleneck rank" if any(isinstance(getattr(m, "rank_out", None), int) for m in net.modules()) \
+            else "output channels"
+        plot_kept_width(record.kept_width, folder / "kept_width.png", title=f"{method}, {folder.name}: kept {what}")
+    for name, draw in record.figures.items():
+        draw(folder / name)
+    return path
+
+
+def write_job_report(outdir: Path, result: JobResult, base: dict[str, Any], spec, data: DataConfig) -> Path:
+    """``report.json`` (schema ``prunekit.report/2``: the dense row, and per run its compressed row, storage,
+    rounds, notes and results) and ``report.md`` with the summary table, notes and figures."""
+    from prunekit.measurement.plots import plot_accuracy_vs_flops
+    from prunekit.measurement.report import summary_table
+
+    runs = {}
+    images = []
+    for label, run in result.runs.items():
+        runs[label] = {
+            "config": run.config.to_dict(), "compressed": run.compressed,
+            "storage": {"dense_bits": result.dense["storage_bits"], "compressed_bits": run.compressed["storage_bits"],
+                        "format": run.storage["best"], "bits_by_format": run.storage["bits"],
+                        "compression": run.storage["compression"], "values": run.storage["values"]},
+            "rounds": run.record.rounds, "notes": run.record.notes, "results": run.record.results,
+            "encoding": run.record.encoding, "changes": len(run.record.changes),
+            "kept_width": {k: list(v) for k, v in run.record.kept_width.items()},
+            "model": f"{label}/model.safetensors"}
+        if run.record.kept_width:
+            images.append(f"{label}/kept_width.png")
+        images += [f"{label}/{name}" for name in run.record.figures]
+    if len(result.runs) > 1:
+        plot_accuracy_vs_flops({spec.name: [(r.compressed["flops"] / 1e6, r.compressed["test_acc"])
+                                            for r in result.runs.values()]}, outdir / "accuracy_vs_flops.png",
+                               dense=(result.dense["flops"] / 1e6, result.dense["test_acc"]),
+                               title="test accuracy vs FLOPs")
+        images.insert(0, "accuracy_vs_flops.png")
+    what = base.get("name", base.get("factory"))
+    title = f"prunekit prune {spec.name}: {what} on {data.name}"
+    payload = {"format": REPORT_FORMAT, "title": title, "method": spec.name, "paper": spec.paper,
+               "recipe": result.recipe.to_dict() if result.recipe else None, "dense": result.dense, "runs": runs}
+    atomic_write(outdir / "report.json", lambda tmp: Path(tmp).write_text(
+        json.dumps(payload, indent=2, default=str)))
+    md = [f"# {title}", "", f"Method: {spec.name} ({spec.paper}).", "", summary_table(result.rows, markdown=True), ""]
+    for label, run in result.runs.items():
+        s = runs[label]["storage"]
+        md += [f"## {label}", "",
+               f"- storage: {s['compressed_bits']:,} bits ({s['format']}, values {s['values']}) against "
+               f"{s['dense_bits']:,} dense float32 bits ({s['dense_bits'] / s['compressed_bits']:.1f}x)"]
+        md += [f"- {note}" for note in run.record.notes] + [""]
+    md += [f"![{Path(i).stem}]({i})" for i in images]
+    atomic_write(outdir / "report.md", lambda tmp: Path(tmp).write_text("\n".join(md) + "\n"))
+    return outdir / "report.md"
+
+
+def model_path(path: str | Path) -> Path:
+    """A checkpoint file as given, or the compressed model of a run folder: ``RUN/model.safetensors``, or for a
+    job's output folder, the model of its only run.
+
+    Raises:
+        ValueError: a folder with several runs (the message lists them) or none.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / "model.safetensors").is_file():
+        return path / "model.safetensors"
+    runs = sorted(p.parent.name for p in path.glob("*/model.safetensors"))
+    if len(runs) == 1:
+        return path / runs[0] / "model.safetensors"
+    if runs:
+        raise ValueError(f"{path} holds {len(runs)} runs ({', '.join(runs)}); give one of them, e.g. "
+                         f"{path / runs[0]}")
+    raise ValueError(f"{path} is a folder without a model.safetensors or a finished run")
