@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+import prunekit
 from common import (
     CHECKPOINT_DIR,
     LENETS,
@@ -52,8 +54,6 @@ from common import (
     write_json,
     write_text,
 )
-
-import prunekit
 from prunekit.jobs import load_dense
 from prunekit.measurement.formats import encoding_storage
 

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+import prunekit
 from common import (
     CHECKPOINT_DIR,
     ROOT,
@@ -30,8 +32,6 @@ from common import (
     write_json,
     write_text,
 )
-
-import prunekit
 from prunekit.jobs import load_dense
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "damping"

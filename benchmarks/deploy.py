@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+import prunekit
 from common import (
     CHECKPOINT_DIR,
     CONV_MODELS,
@@ -46,8 +48,6 @@ from common import (
     write_json,
     write_text,
 )
-
-import prunekit
 from prunekit.jobs import load_dense, width_builder
 from prunekit.measurement.deploy import measure_against_limit
 from prunekit.measurement.plots import plot_speedups

@@ -46,6 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+import prunekit
 from common import (
     CHECKPOINT_DIR,
     LENETS,
@@ -58,9 +61,6 @@ from common import (
     write_json,
     write_text,
 )
-from torch import nn
-
-import prunekit
 from prunekit.jobs import load_dense
 from prunekit.measurement.plots import plot_mask_metrics
 from prunekit.methods.dpp import dpp_prune_, ste_quantizer

@@ -36,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
+import prunekit
 from common import (
     CHECKPOINT_DIR,
     ROOT,
@@ -57,9 +60,6 @@ from common import (
     write_json,
     write_text,
 )
-from tqdm.auto import tqdm
-
-import prunekit
 from prunekit.recovery.batchnorm import recalibrate_batchnorm_
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eigendamage"

@@ -57,6 +57,10 @@ from typing import Any
 
 import torch
 import torch_pruning as tp
+from torch import nn
+from tqdm.auto import tqdm
+
+import prunekit
 from common import (
     CHECKPOINT_DIR,
     CONV_MODELS,
@@ -80,10 +84,6 @@ from common import (
     write_json,
     write_text,
 )
-from torch import nn
-from tqdm.auto import tqdm
-
-import prunekit
 from prunekit.channels.graph import ChannelGraph, ChannelPlan, SliceKind, find_output_layers
 from prunekit.data import DataSplits
 from prunekit.methods.rounds import layer_widths

@@ -235,3 +235,21 @@ def test_group_pattern_has_no_per_layer_projection():
 
     with pytest.raises(ValueError, match="spans coupled layers"):
         SparsityConstraint("group", 0.5)
+
+
+def test_group_pattern_with_quantization_is_costed_as_codes(synthetic):
+    """The coupled channels leave physically and the kept weights are on levels: the storage counts their codes
+    (the shrunk layers are the encoding's layers), not float32."""
+    import prunekit
+    from prunekit.measurement.formats import encoding_storage
+
+    torch.manual_seed(0)
+    model = create_model("lenet5", num_classes=4, in_channels=1, input_size=12, width=0.5)
+    record = prunekit.prune_(model, ADMMConfig(pattern="group", target="flops=0.5", quant="bits=4", admm_epochs=1,
+                                               retrain_epochs=1, quant_steps=(1.0,)), synthetic,
+                             prunekit.RunContext(train=TrainConfig(epochs=0, lr=0.01), log=lambda *_: None,
+                                                 progress=False))
+    assert record.changes and record.encoding["masked_layers"]
+    coded = encoding_storage(model, record.encoding)
+    as_float = encoding_storage(model, {**record.encoding, "quant": "none"})
+    assert coded["values"] == "4-bit codes" and coded["bits"]["dense"] < as_float["bits"]["dense"] / 4

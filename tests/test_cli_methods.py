@@ -95,7 +95,7 @@ def test_help_shows_only_the_methods_flags(method, capsys):
     shown = set(re.findall(r"(--[a-z][a-z0-9-]*)", text))
     own = set(flags_of(prunekit.get_method(method).config))
     job = {"--model", "--checkpoint", "--data", "--data-dir", "--val-fraction", "--limit", "--trust-factory", "--out",
-           "--resume", "--seed", "--lr", "--batch-size", "--no-latency", "--no-progress", "--help"}
+           "--resume", "--seed", "--lr", "--batch-size", "--augment", "--no-latency", "--no-progress", "--help"}
     assert own <= shown
     assert shown - own - job == set(), shown - own - job
 

@@ -118,8 +118,14 @@ def test_prune_resume_refuses_another_dense_network_killed_in_round_1(tmp_path):
     with pytest.raises(CheckpointError, match="its recipe.yaml describes another job"):
         run(other, resume=True)  # another checkpoint file: another job
     dense.write_bytes(other.read_bytes())
+    with pytest.raises(CheckpointError, match="its recipe.yaml describes another job"):
+        run(dense, resume=True)  # the recipe records the dense network's fingerprint too
+    # and so does the run record below it, which guards prune_ called on the run folder itself
+    net, meta = prunekit.load_compressed(other)
+    ctx = prunekit.RunContext(train=prunekit.TrainConfig(epochs=0, lr=0.01, batch_size=64), folder=out / "flops-0.5",
+                              resume=True, base=meta["model"], log=lambda *_: None)
     with pytest.raises(CheckpointError, match="it was started from another dense network"):
-        run(dense, resume=True)
+        prunekit.prune_(net.train(), config, prunekit.load_dataset(DATA), ctx)
     dense.write_bytes(first.read_bytes())
     run(dense, resume=True)  # the right network continues
 

@@ -8,6 +8,7 @@ import argparse
 import pytest
 import torch
 
+import prunekit
 from cli_lines import one_error_line
 from prunekit.channels.graph import ChannelGraph, SliceKind
 from prunekit.cli import _data_for, main
@@ -184,3 +185,81 @@ def test_sparse_labels_warn_in_one_line(tmp_path, capsys):
 def test_target_rejects_nan():
     with pytest.raises(ValueError):
         Target.parse("flops=nan")
+
+
+# ------------------------------------------------------------------- settings a method would accept and then ignore
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: ADMMConfig(pattern="unstructured", k=2, n=4), "k and n belong to the k-of-n pattern"),
+    (lambda: ADMMConfig(pattern="group", target="flops=0.5", allocation="uniform"), "does not use them"),
+    (lambda: ADMMConfig(pattern="group", target="flops=0.5", rates={"fc1": 0.5}), "does not use them"),
+    (lambda: ADMMConfig(pattern="k-of-n", k=1, n=4, rates={"fc1": 0.5}), "k of n everywhere"),
+    (lambda: ADMMConfig(quant_steps=(0.5, 1.0)), "give them with quant"),
+    (lambda: ADMMConfig(pattern="unstructured", target="channels=0.5"), "channels=... needs the group pattern"),
+    (lambda: prunekit.DPPConfig(pattern="kernel", k=2, n=3), "n is for k-of-n"),
+    (lambda: prunekit.DPPConfig(target="params=0.25", k=1), "not both"),
+], ids=["admm-kn-unstructured", "admm-group-allocation", "admm-group-rates", "admm-kofn-rates",
+        "admm-steps-no-quant", "admm-channels", "dpp-kernel-n", "dpp-target-and-k"])
+def test_settings_that_would_be_ignored_are_refused(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+@pytest.mark.parametrize("method, flags", [("admm", ["--pattern", "eigen-direction"]),
+                                           ("dpp", ["--pattern", "unstructured"])])
+def test_pattern_choices_are_the_methods_own(method, flags, capsys):
+    assert main(["prune", method, "--model", "lenet5", "--out", "x", *flags]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_admm_and_dpp_take_flops_targets(synthetic):
+    """A FLOPs target weighs each weight by its layer's FLOPs: LeNet-5's convolutions cost most per weight, so a
+    FLOPs budget keeps fewer of their weights than a parameters budget of the same fraction does."""
+    from prunekit.measurement.metrics import count_flops
+
+    def kept_conv_weights(config):
+        torch.manual_seed(0)
+        model = create_model("lenet5", num_classes=4, in_channels=1, input_size=12, width=0.5)
+        dense_flops = count_flops(model, (1, 1, 12, 12))
+        prunekit.prune_(model, config, synthetic, prunekit.RunContext(train=TrainConfig(epochs=0, lr=0.01),
+                                                                      log=lambda *_: None, progress=False))
+        conv = int((model.conv2.weight != 0).sum())
+        return conv, dense_flops
+
+    by_params, _ = kept_conv_weights(ADMMConfig(target="params=0.2", admm_epochs=0, retrain_epochs=0))
+    by_flops, _ = kept_conv_weights(ADMMConfig(target="flops=0.2", admm_epochs=0, retrain_epochs=0))
+    assert by_flops < by_params
+    from prunekit.planning.allocation import plan_k_of_n
+
+    shapes = {"a": (10, 100), "b": (10, 100)}
+    assert plan_k_of_n(shapes, 0.5, costs={"a": 4.0, "b": 4.0}) == plan_k_of_n(shapes, 0.5)  # uniform cost: same
+    cheap_a = plan_k_of_n({"a": (10, 200), "b": (10, 200)}, 0.5, costs={"a": 1.0, "b": 1.0})
+    assert cheap_a == {"a": (1, 2), "b": (1, 2)}
+
+
+def test_the_random_criterion_follows_the_seed(synthetic):
+    def plan(seed):
+        torch.manual_seed(0)
+        model = create_model("lenet300", num_classes=4, in_channels=1, input_size=12)
+        record = prunekit.prune_(model, prunekit.RandomConfig(target="flops=0.5", reconstruction_images=0),
+                                 synthetic, prunekit.RunContext(seed=seed, log=lambda *_: None))
+        return record.changes
+
+    assert plan(0) == plan(0) and plan(0) != plan(1)
+
+
+def test_prune_into_a_folder_with_another_runs_work_is_refused(synthetic, tmp_path):
+    torch.manual_seed(0)
+    base = prunekit.ModelConfig("lenet300", num_classes=4, in_channels=1, input_size=12).to_dict()
+
+    def run(target, resume=False):
+        model = create_model("lenet300", num_classes=4, in_channels=1, input_size=12)
+        ctx = prunekit.RunContext(folder=tmp_path, base=base, resume=resume, log=lambda *_: None)
+        return prunekit.prune_(model, ADMMConfig(target=target, admm_epochs=1, retrain_epochs=0), synthetic, ctx)
+
+    run("params=0.2")
+    with pytest.raises(prunekit.CheckpointError, match="already holds a run"):
+        run("params=0.5")  # its phases would have been reused
+    with pytest.raises(prunekit.CheckpointError, match="other method settings"):
+        run("params=0.5", resume=True)

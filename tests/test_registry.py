@@ -25,15 +25,19 @@ from prunekit.training import TrainConfig
 
 DATA = DataConfig("synthetic", limit=200)
 TRAIN = TrainConfig(epochs=0, lr=0.02, batch_size=64)
+# every one commits at least two rounds, phases or epochs, so a kill halfway leaves finished work to resume
 QUICK = {
     "l1": prunekit.L1Config(target="flops=0.5", finetune_epochs=1, schedule=prunekit.RoundSchedule(2)),
-    "l2": prunekit.L2Config(target="params=0.5"),
+    "l2": prunekit.L2Config(target="params=0.5", finetune_epochs=2),
     "bn": prunekit.BNConfig(target="flops=0.5", finetune_epochs=1),
-    "taylor": prunekit.TaylorConfig(target="flops=0.5", score_batches=2),
-    "random": prunekit.RandomConfig(target="channels=0.6"),
-    "c-obd": prunekit.COBDConfig(target="flops=0.5", curvature=prunekit.FisherSettings(fisher_batches=2)),
-    "c-obs": prunekit.COBSConfig(target="flops=0.5", curvature=prunekit.FisherSettings(fisher_batches=2)),
-    "kron-obd": prunekit.KronOBDConfig(target="flops=0.5", curvature=prunekit.FisherSettings(fisher_batches=2)),
+    "taylor": prunekit.TaylorConfig(target="flops=0.5", score_batches=2, finetune_epochs=2),
+    "random": prunekit.RandomConfig(target="channels=0.6", schedule=prunekit.RoundSchedule(2)),
+    "c-obd": prunekit.COBDConfig(target="flops=0.5", curvature=prunekit.FisherSettings(fisher_batches=2),
+                                 finetune_epochs=2),
+    "c-obs": prunekit.COBSConfig(target="flops=0.5", curvature=prunekit.FisherSettings(fisher_batches=2),
+                                 schedule=prunekit.RoundSchedule(2)),
+    "kron-obd": prunekit.KronOBDConfig(target="flops=0.5", curvature=prunekit.FisherSettings(fisher_batches=2),
+                                       finetune_epochs=2),
     "kron-obs": prunekit.KronOBSConfig(target="flops=0.5", curvature=prunekit.FisherSettings(fisher_batches=2),
                                        finetune_epochs=1),
     "eigendamage": prunekit.EigenDamageConfig(target="flops=0.5", curvature=prunekit.FisherSettings(fisher_batches=2),
@@ -56,9 +60,9 @@ def dense(tmp_path_factory):
                      log=lambda *_: None, measure_latency=False).checkpoint
 
 
-def _job(dense: Path, name: str, out: Path, resume: bool = False) -> prunekit.JobResult:
+def _job(dense: Path, name: str, out: Path, resume: bool = False, log=lambda *_: None) -> prunekit.JobResult:
     return prunekit.prune_job(QUICK[name], checkpoint=dense, train=TRAIN, out=out, resume=resume,
-                              measure_latency=False, progress=False, log=lambda *_: None)
+                              measure_latency=False, progress=False, log=log)
 
 
 def test_every_method_has_a_quick_config():
@@ -104,7 +108,10 @@ def test_a_method_resumes_exactly_after_a_kill(dense, tmp_path, name):
     out = tmp_path / "killed"
     assert run_killed(lambda: _job(dense, name, out), max(3, writes // 2)) == KILLED
     assert not (out / "report.json").exists()  # the kill came before the end
-    _job(dense, name, out, resume=True)
+    lines: list[str] = []
+    _job(dense, name, out, resume=True, log=lines.append)
+    resumed = [line for line in lines if line.startswith(("resuming after", "phase "))]
+    assert resumed, f"{name} did not continue any saved round, phase or epoch: {lines[:8]}"
     got = load_file(str(out / label / "model.safetensors"))
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     again = _job(dense, name, out, resume=True)  # a finished run resumes to itself

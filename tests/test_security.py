@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -301,3 +302,23 @@ def test_compare_refuses_scales_of_layers_the_network_lacks(good_checkpoints, tm
                        lambda m, scales=scales: {**m, "admm": {"quant": "bits=4"}, "scales": scales})
         assert main(["compare", str(dense), "--variant", f"a={bad}", "--min-run-time", "0.01"]) == 2
         assert "metadata field 'scales' names" in one_error_line(capsys, "compare")
+
+
+def test_a_recipe_naming_a_factory_imports_nothing(planted, capsys):
+    """A recipe is data too: its model factory runs only with --trust-factory in the command (the recipe's own
+    trusted_factories list is not trusted)."""
+    recipe = planted["dir"] / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "method": "l1", "configs": [{"target": "params=0.5"}],
+        "job": {"source": {"model": "plantedfactory:build", "data": {"name": "synthetic"},
+                           "trusted_factories": ["plantedfactory:build"]}, "measure_latency": False}}))
+    out = planted["dir"] / "out"
+    assert main(["prune", "--config", str(recipe), "--out", str(out), "--no-progress"]) == 2
+    line = one_error_line(capsys, "prune")
+    assert "the recipe asks to import 'plantedfactory'" in line and "--trust-factory plantedfactory:build" in line
+    assert not planted["marker"].exists() and "plantedfactory" not in sys.modules
+    assert main(["prune", "--config", str(recipe), "--out", str(out), "--no-progress", "--trust-factory",
+                 "plantedfactory:build"]) == 0
+    assert planted["marker"].read_text() == "called"
+    written = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert written["job"]["source"]["trusted_factories"] == []  # trust is never written into a recipe

@@ -7,7 +7,7 @@ and reports (``prunekit.prune_job``); ``prunekit.list_methods()`` names them all
 
 from __future__ import annotations
 
-from prunekit.curvature.kfac import FisherSettings
+from prunekit.curvature.kfac import ConvFactor, DampingMode, FisherSettings, FisherType, ObsUpdate
 from prunekit.data import DataConfig, DataSplits, list_datasets, load_dataset
 from prunekit.measurement.metrics import (
     ModelSummary,
@@ -30,28 +30,30 @@ from prunekit.methods.channel import (
     TaylorConfig,
 )
 from prunekit.methods.dpp import DPPConfig
-from prunekit.methods.eigendamage import EigenDamageConfig
+from prunekit.methods.eigendamage import BottleneckForm, EigenDamageConfig
 from prunekit.methods.registry import PruneRecord, RunContext, get_method, list_methods, method_for, prune_
 from prunekit.models import ModelConfig, create_model, list_models
 from prunekit.persistence.architecture import load_compressed, save_compressed
 from prunekit.persistence.checkpoint import CheckpointError, load_model, read_metadata, save_checkpoint
 from prunekit.persistence.recipe import JobConfig, ModelSource, Recipe
-from prunekit.planning.allocation import Allocation, AllocationConfig, Target, TargetMetric
-from prunekit.planning.constraints import QuantConstraint
+from prunekit.planning.allocation import Allocation, AllocationConfig, InfeasibleTargetError, Target, TargetMetric
+from prunekit.planning.constraints import QuantConstraint, QuantKind
 from prunekit.planning.pattern import Pattern
-from prunekit.planning.schedule import RoundSchedule, TemperatureSchedule
+from prunekit.planning.schedule import Annealing, RoundSchedule, TemperatureSchedule
 from prunekit.runner import JobResult, prune_job, run_recipe
 from prunekit.training import Augment, FitResult, Schedule, TrainConfig, evaluate, fit
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "ADMMConfig", "Allocation", "AllocationConfig", "Augment", "BNConfig", "COBDConfig", "COBSConfig",
-    "CheckpointError", "DPPConfig", "DataConfig", "DataSplits", "EigenDamageConfig", "FisherSettings", "FitResult",
-    "JobConfig", "JobResult", "KronOBDConfig", "KronOBSConfig", "L1Config", "L2Config", "ModelConfig", "ModelSource",
-    "ModelSummary", "Pattern", "PruneRecord", "QuantConstraint", "RandomConfig", "Recipe", "RoundSchedule",
-    "RunContext", "Schedule", "Target", "TargetMetric", "TaylorConfig", "TemperatureSchedule", "TrainConfig",
-    "count_flops", "count_params", "create_model", "evaluate", "fit", "get_method", "list_datasets", "list_methods",
-    "list_models", "load_compressed", "load_dataset", "load_model", "measure_latency", "method_for", "prune_",
-    "prune_job", "read_metadata", "run_recipe", "save_checkpoint", "save_compressed", "storage_bits", "summarize",
+    "ADMMConfig", "Allocation", "AllocationConfig", "Annealing", "Augment", "BNConfig", "BottleneckForm",
+    "CheckpointError", "COBDConfig", "COBSConfig", "ConvFactor", "count_flops", "count_params", "create_model",
+    "DampingMode", "DataConfig", "DataSplits", "DPPConfig", "EigenDamageConfig", "evaluate", "FisherSettings",
+    "FisherType", "fit", "FitResult", "get_method", "InfeasibleTargetError", "JobConfig", "JobResult",
+    "KronOBDConfig", "KronOBSConfig", "L1Config", "L2Config", "list_datasets", "list_methods", "list_models",
+    "load_compressed", "load_dataset", "load_model", "measure_latency", "method_for", "ModelConfig",
+    "ModelSource", "ModelSummary", "ObsUpdate", "Pattern", "prune_", "prune_job", "PruneRecord",
+    "QuantConstraint", "QuantKind", "RandomConfig", "read_metadata", "Recipe", "RoundSchedule", "run_recipe",
+    "RunContext", "save_checkpoint", "save_compressed", "Schedule", "storage_bits", "summarize", "Target",
+    "TargetMetric", "TaylorConfig", "TemperatureSchedule", "TrainConfig",
 ]

@@ -104,6 +104,8 @@ def _prune_error(parser: argparse.ArgumentParser, message: str) -> typing.NoRetu
 
 def _prune_misuse(args, extras: list[str]) -> str:
     """The one line for flags ``prunekit prune METHOD`` does not take (another method's, or the old form)."""
+    if "--config" in extras:
+        return "--config replaces the method and its flags: prunekit prune --config recipe.yaml --out DIR"
     if "--method" in extras:
         return "the method is now the first word: prunekit prune METHOD [flags] (e.g. prunekit prune l1 ...), " \
                "not --method METHOD; see CHANGELOG.md for the old flags"
@@ -139,6 +141,8 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=0.01, help="learning rate of the method's training (fine-tuning, "
                                                           "ADMM, DPP)")
     g.add_argument("--batch-size", type=int, default=128, help="batch size of the method's training")
+    g.add_argument("--augment", choices=["auto", "none", "crop", "crop-flip"], default="auto",
+                   help="augmentation of the method's training (auto: crop for digits, crop and flip for images)")
     g.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -296,22 +300,27 @@ def cmd_prune(args) -> None:
             raise CLIError(f"put --out, --resume, --trust-factory and --no-progress after the method "
                            f"(prunekit prune {args.method} ... --out DIR)")
         outcome = run_recipe(_recipe_from_args(args), out=args.out, resume=args.resume,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, model_named_here=True)
     print()
     print(summary_table(outcome.rows))
     print(f"\nreport: {outcome.report}")
 
 
 def _recipe_from_args(args):
+    from prunekit.jobs import default_augment
     from prunekit.methods.registry import get_method
     from prunekit.persistence.recipe import JobConfig, ModelSource, Recipe
     from prunekit.training import TrainConfig
 
     spec = get_method(args.method)
     configs = configs_from_args(spec.config, args.config_fields, args)
-    source = ModelSource(model=args.model, checkpoint=args.checkpoint, data=_data_for(args, args.checkpoint),
+    data = _data_for(args, args.checkpoint)
+    if args.augment == "auto" and data is None:
+        raise CLIError("--augment auto follows the dataset, which the checkpoint does not name; pass --data")
+    augment = default_augment(data.name) if args.augment == "auto" else args.augment
+    source = ModelSource(model=args.model, checkpoint=args.checkpoint, data=data,
                          trusted_factories=tuple(args.trust_factory))
-    train = TrainConfig(epochs=0, lr=args.lr, batch_size=args.batch_size)
+    train = TrainConfig(epochs=0, lr=args.lr, batch_size=args.batch_size, augment=augment)
     return Recipe(spec.name, configs, JobConfig(source, train, args.seed, not args.no_latency))
 
 

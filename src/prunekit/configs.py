@@ -145,6 +145,7 @@ class FieldInfo:
     default: Any
     help: str
     flag_name: str | None = None
+    choices: tuple[Any, ...] | None = None
 
     @property
     def flag(self) -> str:
@@ -195,7 +196,8 @@ def leaf_fields(cls: type, prefix: tuple[str, ...] = ()) -> list[FieldInfo]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        out.append(FieldInfo((*prefix, f.name), annotation, default, helps.get(f.name, ""), f.metadata.get("flag")))
+        out.append(FieldInfo((*prefix, f.name), annotation, default, helps.get(f.name, ""), f.metadata.get("flag"),
+                             f.metadata.get("choices")))
     return out
 
 

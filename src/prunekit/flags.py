@@ -77,7 +77,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type) -> list[Fiel
         if not (isinstance(kind, type) and issubclass(kind, enum.Enum)):
             kwargs["metavar"] = info.path[-1].upper()
         if isinstance(kind, type) and issubclass(kind, enum.Enum):
-            kwargs["choices"] = [m.value for m in kind]
+            kwargs["choices"] = [m.value for m in (info.choices or kind)]
         elif info.path[-1] == "target":
             kwargs.update(action="append", metavar="METRIC=KEEP")
             kwargs["help"] += "; repeat for one run per target"

@@ -90,20 +90,22 @@ def _train(model: str, data: DataConfig, train: TrainConfig, out_dir: str | Path
 
 
 def load_dense(model: str | None, checkpoint: str | Path | None, data: DataConfig | None,
-               trusted_factories: Collection[str] = ()) -> tuple[nn.Module, dict[str, Any], DataConfig]:
+               trusted_factories: Collection[str] = (), model_named_here: bool = True
+               ) -> tuple[nn.Module, dict[str, Any], DataConfig]:
     """The network to compress and how to rebuild it.
 
-    ``model`` is a zoo name or ``package.module:function`` (a factory given here is trusted: the user asked for
-    it); ``checkpoint`` a prunekit checkpoint (its metadata names model and data) or, for a user factory, a
-    safetensors / ``torch.save`` state_dict. A checkpoint naming any factory not in ``trusted_factories`` (or
-    ``model``) is refused before anything is imported.
+    ``model`` is a zoo name or ``package.module:function`` (a factory given here is trusted when
+    ``model_named_here``: the user typed it in this command, not a recipe file); ``checkpoint`` a prunekit
+    checkpoint (its metadata names model and data) or, for a user factory, a safetensors / ``torch.save``
+    state_dict. A factory not trusted that way nor in ``trusted_factories`` is refused before anything is
+    imported.
     """
-    from prunekit.persistence.architecture import build_base, load_compressed, load_factory
+    from prunekit.persistence.architecture import build_base, check_factory_trusted, load_compressed, load_factory
     from prunekit.persistence.checkpoint import CheckpointError, check_state_fits, load_weights_, read_metadata_if_any
 
     if model is None and checkpoint is None:
         raise ValueError("give --model (a zoo name or package.module:function) and/or --checkpoint")
-    trusted = {*trusted_factories, *([model] if model is not None and ":" in model else [])}
+    trusted = {*trusted_factories, *([model] if model_named_here and model is not None and ":" in model else [])}
     meta = read_metadata_if_any(checkpoint) if checkpoint is not None else {}
     if meta:
         saved = meta.get("model")
@@ -125,8 +127,9 @@ def load_dense(model: str | None, checkpoint: str | Path | None, data: DataConfi
         raise ValueError(f"{checkpoint} carries no prunekit metadata; also pass --model")
     splits = load_dataset(data)
     if ":" in model:
-        load_factory(model)
         base = {"factory": model, "input_shape": [splits.in_channels, splits.input_size, splits.input_size]}
+        check_factory_trusted(base, trusted, "the recipe")
+        load_factory(model)
     else:
         base = ModelConfig(name=model, num_classes=splits.num_classes, in_channels=splits.in_channels,
                            input_size=splits.input_size).to_dict()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from prunekit.data import DataConfig, DataSplits, load_dataset
@@ -85,7 +86,8 @@ def prune_job(configs: Any | Sequence[Any], *, model: str | None = None, checkpo
     Args:
         configs: A method config (``prunekit.L1Config(target="flops=0.25")``) or several of the same method.
         model, checkpoint, data: The dense network (:class:`~prunekit.persistence.recipe.ModelSource`).
-        train: Optimiser settings of the method's training (default: lr 0.01, the dataset's augmentation).
+        train: Optimiser settings of the method's training (default: lr 0.01, batch 128, the dataset's
+            augmentation).
         out: Output folder (locked for the run; one that holds a run is refused without ``resume``).
 
     Returns:
@@ -100,29 +102,40 @@ def prune_job(configs: Any | Sequence[Any], *, model: str | None = None, checkpo
     data_cfg = DataConfig(name=data) if isinstance(data, str) else data
     source = ModelSource(model=model, checkpoint=str(checkpoint) if checkpoint is not None else None, data=data_cfg,
                          trusted_factories=tuple(trusted_factories))
-    job = JobConfig(source=source, train=train or TrainConfig(epochs=0, lr=0.01), seed=seed,
-                    measure_latency=measure_latency)
-    return run_recipe(Recipe(spec.name, configs, job), out=out, resume=resume, progress=progress, log=log)
+    job = JobConfig(source=source, train=train, seed=seed, measure_latency=measure_latency)
+    return run_recipe(Recipe(spec.name, configs, job), out=out, resume=resume, progress=progress, log=log,
+                      model_named_here=True)
 
 
 @locked_output("a pruning run", ("report.json", "recipe.yaml", "*/run.json", "*/round_*", "*/phases", "*/training"))
 def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = False, progress: bool = True,
-               log: Callable[[str], None] = print) -> JobResult:
-    """Run a :class:`~prunekit.persistence.recipe.Recipe` (see the module docstring for the output layout)."""
+               log: Callable[[str], None] = print, model_named_here: bool = False) -> JobResult:
+    """Run a :class:`~prunekit.persistence.recipe.Recipe` (see the module docstring for the output layout).
+
+    A recipe is data: a model factory its source names is imported only if ``recipe.job.source.trusted_factories``
+    holds it, which a recipe read from a file gets from the command (``--trust-factory``), never from the file;
+    ``model_named_here`` says the caller typed the model itself (``prune_job``, ``prunekit prune METHOD --model``).
+    """
     from prunekit.jobs import default_augment, load_dense
 
     spec = get_method(recipe.method)
     source, job = recipe.job.source, recipe.job
-    dense, base, data_cfg = load_dense(source.model, source.checkpoint, source.data, source.trusted_factories)
+    torch.manual_seed(job.seed)  # a network built from a zoo name without a checkpoint starts from this seed
+    dense, base, data_cfg = load_dense(source.model, source.checkpoint, source.data, source.trusted_factories,
+                                       model_named_here)
     splits = load_dataset(data_cfg)
-    train = job.train
-    if train == TrainConfig(epochs=0, lr=0.01):  # the default: the dataset's own augmentation
-        from dataclasses import replace
+    train = job.train or TrainConfig(epochs=0, lr=0.01, augment=default_augment(data_cfg.name))
+    dense_sha256 = state_fingerprint(dense)
+    if source.dense_sha256 is not None and source.dense_sha256 != dense_sha256:
+        from prunekit.persistence.checkpoint import CheckpointError
 
-        train = replace(train, augment=default_augment(data_cfg.name))
+        raise CheckpointError(f"the recipe was written for another dense network (weights sha256 "
+                              f"{source.dense_sha256[:12]}..., {source.checkpoint or source.model} has "
+                              f"{dense_sha256[:12]}...); give the recipe's network, or drop dense_sha256 from the "
+                              "recipe to prune this one")
+    checkpoint = str(Path(source.checkpoint).resolve()) if source.checkpoint is not None else None
     resolved = Recipe(recipe.method, recipe.configs, JobConfig(
-        ModelSource(source.model, source.checkpoint, data_cfg, source.trusted_factories), train, job.seed,
-        job.measure_latency))
+        ModelSource(source.model, checkpoint, data_cfg, (), dense_sha256), train, job.seed, job.measure_latency))
     outdir = Path(out) if out is not None else None
     if outdir is not None:
         _write_recipe(outdir, resolved, resume)
@@ -131,11 +144,11 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = 
     dense_bits = 32 * sum(p.numel() for p in dense.parameters())
     dense_row["storage_bits"] = dense_bits
     result = JobResult(dense=dense_row, recipe=resolved)
-    dense_sha256 = state_fingerprint(dense)
     for config in resolved.configs:
         label = run_label(config)
         if label in result.runs:
-            raise ValueError(f"two configs of this job share the run name {label!r}; give each its own target")
+            raise ValueError(f"two configs of this job would both write the run folder {label!r} (same target, or "
+                             "no target); run them as separate jobs with their own --out")
         folder = outdir / label if outdir is not None else None
         log(f"{spec.name} {label}: pruning")
         net = copy.deepcopy(dense).train()

@@ -36,6 +36,7 @@ from prunekit.planning.allocation import (
     Target,
     TargetMetric,
     plan_for_target,
+    weight_costs,
 )
 from prunekit.planning.allocation import allocate_rates as allocate
 from prunekit.planning.constraints import QuantConstraint, QuantKind, SparsityConstraint, sparsity_mask
@@ -43,7 +44,8 @@ from prunekit.planning.pattern import Pattern, check_pattern
 from prunekit.planning.schedule import Phases
 from prunekit.training import TrainConfig, TrainHooks, fit
 
-ADMM_PATTERNS = (Pattern.UNSTRUCTURED, Pattern.FILTER, Pattern.CHANNEL, Pattern.COLUMN, Pattern.K_OF_N, Pattern.GROUP)
+ADMM_PATTERNS = (Pattern.UNSTRUCTURED, Pattern.FILTER, Pattern.CHANNEL, Pattern.COLUMN, Pattern.K_OF_N,
+                 Pattern.GROUP)
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,9 @@ class ADMMConfig(Config):
         pattern: What is kept or removed together: ``unstructured``, ``filter``, ``channel``, ``column``,
             ``k-of-n``, or ``group`` (whole coupled channels, removed physically after ADMM).
         target: ``params=F`` keeps ``F`` of the constrained weights (``params=0.02`` or ``params=x50``; default
-            ``params=0.1``); the group pattern also takes ``flops=`` and ``channels=`` (of the whole model). Not used
-            by k-of-n, which keeps ``k / n``.
+            ``params=0.1``), ``flops=F`` a fraction of their FLOPs (the allocation weighs each weight by its
+            layer's FLOPs); the group pattern keeps ``flops=``, ``params=`` or ``channels=`` of the whole model.
+            Not used by k-of-n, which keeps ``k / n``.
         k: k-of-n pattern: weights kept in every run of ``n``.
         n: k-of-n pattern: run length.
         rates: Per-layer keep fractions that override the allocation (layer name -> fraction).
@@ -72,7 +75,7 @@ class ADMMConfig(Config):
         include_output: Constrain the output layer too (ADMM-NN prunes LeNet's classifier).
     """
 
-    pattern: Pattern = Pattern.UNSTRUCTURED
+    pattern: Pattern = field(default=Pattern.UNSTRUCTURED, metadata={"choices": ADMM_PATTERNS})
     target: Target | None = None
     k: int | None = None
     n: int | None = None
@@ -95,15 +98,23 @@ class ADMMConfig(Config):
             SparsityConstraint(self.pattern, 0.5, self.k, self.n)  # k and n given, k < n
             if self.target is not None:
                 raise ValueError("the k-of-n pattern keeps k of every n weights: give k and n, not a target")
-        else:
+        elif self.k is not None or self.n is not None:
+            raise ValueError(f"k and n belong to the k-of-n pattern; the {self.pattern.value} pattern keeps a "
+                             "fraction set by the target")
+        if self.pattern in (Pattern.K_OF_N, Pattern.GROUP) and (self.rates or self.allocation is not
+                                                                   Allocation.GLOBAL):
+            raise ValueError(f"rates and allocation spread a target over layers; the {self.pattern.value} pattern "
+                             "does not use them" + (" (k of n everywhere)" if self.pattern is Pattern.K_OF_N
+                                                    else " (its channel groups are ranked globally)"))
+        if self.pattern is not Pattern.K_OF_N:
             if self.target is None:
                 object.__setattr__(self, "target", Target(TargetMetric.PARAMS, 0.1))  # the default: 10x
             if not isinstance(self.target, Target):
                 raise ValueError(f"ADMM needs a target such as params=0.02 or params=x50, got {self.target!r}")
             if self.pattern is not Pattern.GROUP:
-                if self.target.metric is not TargetMetric.PARAMS:
-                    raise ValueError(f"ADMM targets the fraction of weights kept: give params=0.02 or params=x50 "
-                                     f"(flops=... needs the group pattern), got {self.target}")
+                if self.target.metric is TargetMetric.CHANNELS:
+                    raise ValueError(f"the {self.pattern.value} pattern keeps weights: give params=0.02, params=x50 "
+                                     f"or flops=x4 (channels=... needs the group pattern), got {self.target}")
                 SparsityConstraint(self.pattern, self.keep, self.k, self.n)
         for name, value in self.rates.items():
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
@@ -119,6 +130,8 @@ class ADMMConfig(Config):
         steps = tuple(float(s) for s in self.quant_steps)
         if not steps or any(not 0 < s <= 1 for s in steps) or list(steps) != sorted(steps) or steps[-1] != 1.0:
             raise ValueError(f"quant_steps must rise in (0, 1] and end at 1.0, got {self.quant_steps!r}")
+        if self.quant.kind is QuantKind.NONE and steps != ADMMConfig.quant_steps:
+            raise ValueError("quant_steps schedule the progressive quantization; give them with quant")
         object.__setattr__(self, "quant_steps", steps)
         object.__setattr__(self, "ignore", tuple(self.ignore))
         object.__setattr__(self, "rates", dict(self.rates))
@@ -155,30 +168,35 @@ def unit_entries(weight: torch.Tensor, pattern: Pattern) -> int:
             Pattern.CHANNEL: weight[:, :1].numel()}.get(pattern, 1)
 
 
-def check_feasible(layers: dict[str, nn.Module], config: ADMMConfig) -> None:
+def check_feasible(layers: dict[str, nn.Module], config: ADMMConfig, costs: dict[str, float] | None = None) -> None:
     """Refuse a keep fraction below one unit per constrained layer: a layer with nothing left cuts the network.
+    ``costs``: each layer's cost per weight (FLOPs targets), default 1 (parameters).
 
     Raises:
         InfeasibleTargetError: naming the smallest fraction that can be kept.
     """
     if config.pattern in (Pattern.K_OF_N, Pattern.GROUP) or len(config.rates) == len(layers):
         return
-    total = sum(m.weight.numel() for m in layers.values())
-    smallest = sum(unit_entries(m.weight, config.pattern) for m in layers.values()) / total
+    cost = {n: costs[n] if costs else 1.0 for n in layers}
+    total = sum(m.weight.numel() * cost[n] for n, m in layers.items())
+    smallest = sum(unit_entries(m.weight, config.pattern) * cost[n] for n, m in layers.items()) / total
     if config.keep < smallest:
+        metric = config.target.metric.value
+        what = "weights" if metric == "params" else "weights' FLOPs"
         raise InfeasibleTargetError(
-            f"target params={config.keep:g} is infeasible for the {config.pattern.value} pattern: every one of the "
-            f"{len(layers)} constrained layers keeps at least one unit, which is {smallest:.3g} of their weights; "
-            f"give params={smallest:.3g} or more (or ignore some layers)")
+            f"target {metric}={config.keep:g} is infeasible for the {config.pattern.value} pattern: every one of the "
+            f"{len(layers)} constrained layers keeps at least one unit, which is {smallest:.3g} of their {what}; "
+            f"give {metric}={smallest:.3g} or more (or ignore some layers)")
 
 
-def allocate_rates(layers: dict[str, nn.Module], config: ADMMConfig) -> dict[str, float]:
+def allocate_rates(layers: dict[str, nn.Module], config: ADMMConfig, costs: dict[str, float] | None = None
+                   ) -> dict[str, float]:
     """Per-layer keep fractions: ``config.rates`` first, then the allocation of ``config.keep``
-    (:func:`prunekit.planning.allocation.allocate_rates`); k-of-n keeps ``k / n`` everywhere."""
+    (:func:`prunekit.planning.allocation.allocate_rates`, in FLOPs with ``costs``); k-of-n keeps ``k / n``."""
     if config.pattern is Pattern.K_OF_N:
         return {name: config.k / config.n for name in layers}
-    return allocate(
-        {n: m.weight for n, m in layers.items()}, config.pattern, config.keep, config.allocation, config.rates)
+    return allocate({n: m.weight for n, m in layers.items()}, config.pattern, config.keep, config.allocation,
+                    config.rates, costs)
 
 
 Weights = dict[str, torch.Tensor]
@@ -338,8 +356,10 @@ def admm_prune_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: T
         project: Projection = group
         rates: dict[str, float] = {}
     else:
-        check_feasible(layers, config)
-        rates = allocate_rates(layers, config)
+        flops = config.target is not None and config.target.metric is TargetMetric.FLOPS
+        costs = weight_costs(model, layers, tuple(example.shape[1:])) if flops else None
+        check_feasible(layers, config, costs)
+        rates = allocate_rates(layers, config, costs)
         # a layer whose allocated rate keeps everything is left dense
         constraints = {n: config.constraint(rates[n]) for n in layers if rates[n] < 1}
 
@@ -533,7 +553,7 @@ def admm_(model: nn.Module, data: DataSplits, config: ADMMConfig, ctx: RunContex
     train = replace(ctx.train, epochs=1, seed=ctx.seed)
     result = admm_prune_(model, data, config, train, progress=ctx.progress, log=ctx.log,
                          phases=Phases(ctx.subfolder("phases"), ctx.log))
-    record = PruneRecord(method="admm")
+    record = PruneRecord(method=config.method)
     if result.change is not None:  # group pattern: the coupled channels are already gone
         record.changes = [result.change]
     elif config.pattern in (Pattern.FILTER, Pattern.CHANNEL):  # structured zeros leave the model where exact
@@ -543,8 +563,8 @@ def admm_(model: nn.Module, data: DataSplits, config: ADMMConfig, ctx: RunContex
             ctx.log(f"removed {plan.num_removed()} all-zero channels physically (exact, verified against masking)")
     model.eval()
     masked = [n for n, m in result.masks.items() if m.numel() and not bool(m.all())] if result.change is None else []
-    record.encoding = {"quant": str(config.quant), "scales": result.scales,
-                       "masked_layers": list(result.masks) if result.change is None else []}
+    # the constrained layers, shrunk or masked: their zeros (if any) and their codes are part of the format
+    record.encoding = {"quant": str(config.quant), "scales": result.scales, "masked_layers": list(result.masks)}
     if config.pattern is Pattern.K_OF_N:
         record.encoding["k_of_n"] = {name: [config.k, config.n] for name in result.masks}
     record.rounds = [{"phase": phase, **row} for phase, rows in result.history.items() for row in rows]

@@ -108,7 +108,10 @@ class BNConfig(ChannelConfig):
 
 @dataclass(frozen=True)
 class RandomConfig(ChannelConfig):
-    """Uniform random channel scores: the control every criterion should beat."""
+    """Uniform random channel scores (seeded by the run's seed): the control every criterion should beat."""
+
+    def criterion(self, seed: int) -> Criterion:
+        return CRITERIA.get(self.method)(seed)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ Metrics (per layer, both in [0, 1], logarithms normalised by ``log n``):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from torch import nn
 
 from prunekit.configs import Config, coerce_fields
 from prunekit.methods.registry import MethodSpec, PruneRecord, RunContext, register
-from prunekit.planning.allocation import Target, TargetMetric, plan_k_of_n
+from prunekit.planning.allocation import Target, TargetMetric, plan_k_of_n, weight_costs
 from prunekit.planning.constraints import QuantConstraint, QuantKind
 from prunekit.planning.pattern import Pattern, check_pattern
 from prunekit.planning.schedule import TemperatureSchedule
@@ -87,8 +88,9 @@ class DPPConfig(Config):
         k: Keep ``k`` of every ``n``.
         n: Run length for the k-of-n pattern (kernel and filter groups use the layer's own size).
         tiles: k-of-n pattern: split each row into this many tiles, ``k`` of ``n = row / tiles`` in each.
-        target: Instead of ``k``/``n``: ``params=F`` plans one k-of-n per layer keeping about ``F`` of the weights
-            (layers under 2% of them stay dense); with the group pattern, the FLOPs, parameters or channels kept.
+        target: Instead of ``k``/``n``: ``params=F`` (or ``flops=F``) plans one k-of-n per layer keeping about ``F``
+            of the weights (of their FLOPs); layers under 2% of the weights stay dense. With the group pattern, the
+            FLOPs, parameters or channels kept.
         quant: Train the kept weights quantized too: ``none``, ``binary`` or ``bits=N`` (2 <= N <= 16), by
             straight-through estimators.
         epochs: Epochs of joint mask and weight training (best epoch on validation).
@@ -104,7 +106,7 @@ class DPPConfig(Config):
         ignore: Modules to leave alone, containers included.
     """
 
-    pattern: Pattern = Pattern.K_OF_N
+    pattern: Pattern = field(default=Pattern.K_OF_N, metadata={"choices": DPP_PATTERNS})
     k: int | None = None
     n: int | None = None
     tiles: int | None = None
@@ -135,6 +137,9 @@ class DPPConfig(Config):
                 object.__setattr__(self, "n", 4)
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        if self.n is not None and self.pattern in (Pattern.KERNEL, Pattern.FILTER):
+            raise ValueError(f"the {self.pattern.value} pattern takes k of a layer's own "
+                             f"{'input kernels' if self.pattern is Pattern.KERNEL else 'filters'}; n is for k-of-n")
         if self.n is not None and self.k is not None and self.k >= self.n:
             raise ValueError(f"k must be smaller than n (keep k of every n), got k={self.k}, n={self.n}")
         if self.tiles is not None and (self.tiles < 1 or self.pattern is not Pattern.K_OF_N):
@@ -156,9 +161,10 @@ class DPPConfig(Config):
                 raise ValueError("the DPP group pattern trains float weights; quantize with the k-of-n, kernel or "
                                  "filter pattern")
         elif self.target is not None and (self.pattern is not Pattern.K_OF_N or self.tiles
-                                          or self.target.metric is not TargetMetric.PARAMS):
+                                          or self.target.metric is TargetMetric.CHANNELS):
             raise ValueError("a DPP target plans k of n per layer for the k-of-n pattern without tiles and must be "
-                             f"params=FRACTION (e.g. params=0.1 keeps a tenth of the weights), got {self.target}")
+                             "params=FRACTION or flops=FRACTION (e.g. params=0.1 keeps a tenth of the weights), got "
+                             f"{self.target}")
 
     def temperature_at(self, epoch: int) -> float:
         """The temperature of ``epoch`` (0-based)."""
@@ -384,7 +390,7 @@ def dpp_layers(model: nn.Module, config: DPPConfig, example: torch.Tensor) -> li
 
 def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[str] | None = None,
                progress: bool = True, per_layer: dict[str, DPPConfig] | None = None, out_dir: Path | None = None,
-               resume: bool = False) -> DPPResult:
+               resume: bool = False, log: Callable[[str], None] | None = None) -> DPPResult:
     """Learn k-of-n masks (and, with ``config.quant``, quantized weights) jointly with the weights for
     ``config.epochs`` epochs, in place.
 
@@ -422,7 +428,7 @@ def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[st
     hooks = DPPHooks(masks, config)
     resume = resume and out_dir is not None and (Path(out_dir) / "train_state.pt").is_file()
     result = fit(model, data, replace(train, epochs=config.epochs), out_dir, progress=progress, hooks=hooks,
-                 resume=resume)
+                 resume=resume, log=log)
     model.eval()
     final, scales = {}, {}
     for name in layers:
@@ -443,12 +449,12 @@ def dpp_(model: nn.Module, data, config: DPPConfig, ctx: RunContext) -> PruneRec
     train = replace(ctx.train, seed=ctx.seed)
     torch.manual_seed(ctx.seed)
     commit = ctx.subfolder("training")
-    record = PruneRecord(method="dpp")
+    record = PruneRecord(method=config.method)
     if config.pattern is Pattern.GROUP:
         from prunekit.methods.dpp_filters import dpp_filter_prune_
 
         result = dpp_filter_prune_(model, data, config.target, config, train, ignore=config.ignore,
-                                   progress=ctx.progress, out_dir=commit, resume=ctx.resume)
+                                   progress=ctx.progress, out_dir=commit, resume=ctx.resume, log=ctx.log)
         change = result.plan.to_dict()
         if config.ignore:
             change["ignore"] = list(config.ignore)
@@ -465,7 +471,9 @@ def dpp_(model: nn.Module, data, config: DPPConfig, ctx: RunContext) -> PruneRec
             skip = ignored_modules(model, list(config.ignore))
             shapes = {name: m.weight.shape for name, m in model.named_modules()
                       if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "groups", 1) == 1 and name not in skip}
-            planned = plan_k_of_n(shapes, 1 - config.target.keep)
+            costs = weight_costs(model, shapes, tuple(data.train[:1][0].shape[1:])) \
+                if config.target.metric is TargetMetric.FLOPS else None
+            planned = plan_k_of_n(shapes, 1 - config.target.keep, costs=costs)
             per_layer = {name: replace(config, k=k_, n=n_, target=None) for name, (k_, n_) in planned.items()}
             layer_names = list(planned)
             ctx.log("k of n per layer: " + ", ".join(f"{name} {k_}/{n_}" for name, (k_, n_) in planned.items()))
@@ -474,7 +482,7 @@ def dpp_(model: nn.Module, data, config: DPPConfig, ctx: RunContext) -> PruneRec
         base = replace(config, k=per_layer[layer_names[0]].k, n=per_layer[layer_names[0]].n, target=None) \
             if per_layer else config
         result = dpp_prune_(model, data, base, train, layers=layer_names, progress=ctx.progress,
-                            per_layer=per_layer, out_dir=commit, resume=ctx.resume)
+                            per_layer=per_layer, out_dir=commit, resume=ctx.resume, log=ctx.log)
         layers = list(result.masks)
         record.encoding = {"quant": str(config.quant), "masked_layers": layers, "scales": result.scales}
         if config.pattern is Pattern.K_OF_N and not config.tiles:

@@ -116,7 +116,7 @@ class GroupDPPResult:
 
 def dpp_filter_prune_(model: nn.Module, data, target: Target, config: DPPConfig, train, *,
                       ignore: tuple[str, ...] = (), progress: bool = True, out_dir: Path | None = None,
-                      resume: bool = False) -> GroupDPPResult:
+                      resume: bool = False, log=None) -> GroupDPPResult:
     """Learn which filters of every coupled group to keep (with the weights) for ``config.epochs`` epochs, then
     remove the rest physically.
 
@@ -152,7 +152,7 @@ def dpp_filter_prune_(model: nn.Module, data, target: Target, config: DPPConfig,
     resume = resume and out_dir is not None and (Path(out_dir) / "train_state.pt").is_file()
     try:
         history = fit(model, data, replace(train, epochs=config.epochs), out_dir, progress=progress, hooks=hooks,
-                      resume=resume).history
+                      resume=resume, log=log).history
     finally:
         model.eval()
         for g in masks.values():

@@ -59,6 +59,9 @@ def run_rounds(model: nn.Module, data: DataSplits, target: Target, schedule: Rou
     Raises:
         CheckpointError: ``ctx.resume`` with a saved round made by other settings.
     """
+    if ctx.folder is not None and ctx.base is None:
+        raise ValueError("saving rounds needs RunContext.base (how to rebuild the unpruned network, e.g. "
+                         "ModelConfig(...).to_dict()); give it or leave RunContext.folder unset")
     input_shape = (data.in_channels, data.input_size, data.input_size)
     dense_flops, dense_params = count_flops(model, (1, *input_shape)), count_params(model)
     dense_metric = {TargetMetric.FLOPS: dense_flops, TargetMetric.PARAMS: dense_params}
@@ -94,7 +97,7 @@ def run_rounds(model: nn.Module, data: DataSplits, target: Target, schedule: Rou
             commit = round_dir / "finetune" if round_dir is not None else None
             resume = ctx.resume and commit is not None and (commit / "train_state.pt").is_file()
             fit(model, data, replace(ctx.train, epochs=finetune_epochs, seed=ctx.seed), commit,
-                progress=ctx.progress, resume=resume,
+                progress=ctx.progress, resume=resume, log=ctx.log,
                 metadata={"model": ctx.base, "architecture_changes": record.changes} if ctx.base else None)
             val_ft = evaluate(model, data.val)["acc"]
             ctx.log(f"round {r}/{k}: val acc after fine-tuning {val_ft:.4f}")
@@ -104,8 +107,6 @@ def run_rounds(model: nn.Module, data: DataSplits, target: Target, schedule: Rou
             "removed_channels": done.removed, "val_acc_pruned": val_pruned, "val_acc_finetuned": val_ft,
             "seconds_scoring": seconds_pruning, "seconds_finetune": time.perf_counter() - t1})
         if round_dir is not None:
-            if ctx.base is None:
-                raise ValueError("saving rounds needs RunContext.base (how to rebuild the unpruned network)")
             save_compressed(round_dir / "pruned.safetensors", model, ctx.base, record.changes,
                             {"method": method, "config": config.to_dict(), "data": data.config.to_dict(),
                              "round": r, "rounds": record.rounds,

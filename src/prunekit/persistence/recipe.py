@@ -34,13 +34,17 @@ class ModelSource(Config):
         model: A zoo name or ``package.module:function`` (a factory given here is trusted: the user named it).
         checkpoint: Its weights: a prunekit checkpoint (which names model and data itself) or a state_dict file.
         data: The dataset (default: the one the checkpoint names).
-        trusted_factories: Model factories a checkpoint may import.
+        trusted_factories: Model factories a checkpoint may import (given by the command; a recipe file's own list
+            is never trusted and never written).
+        dense_sha256: The fingerprint of the dense network's weights; a recipe that records it runs only on that
+            network (every written recipe does).
     """
 
     model: str | None = None
     checkpoint: str | None = None
     data: DataConfig | None = None
     trusted_factories: tuple[str, ...] = ()
+    dense_sha256: str | None = None
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -57,14 +61,15 @@ class JobConfig(Config):
 
     Args:
         source: Where the dense network comes from.
-        train: Optimiser settings of every training a method does (learning rate, batch size, ...; the epochs
-            come from the method's config).
+        train: Optimiser settings of every training a method does (learning rate, batch size, augmentation, ...;
+            the epochs come from the method's config). ``None``: lr 0.01, batch 128 and the dataset's own
+            augmentation (crop for digits, crop and flip for images).
         seed: Seed of data order, scoring batches and random choices.
         measure_latency: Measure the latency of the dense and the compressed networks.
     """
 
     source: ModelSource
-    train: TrainConfig = TrainConfig(epochs=0, lr=0.01)
+    train: TrainConfig | None = None
     seed: int = 0
     measure_latency: bool = True
 

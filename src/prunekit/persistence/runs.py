@@ -25,6 +25,8 @@ def check_or_write_manifest(folder: Path, resume: bool, run: dict[str, Any]) -> 
     """
     path = Path(folder) / "run.json"
     run = json.loads(json.dumps(run))  # as it reads back (tuples as lists)
+    if path.is_file() and not resume:
+        raise CheckpointError(f"{folder} already holds a run ({path}); resume it or choose another folder")
     if resume and path.is_file():
         try:
             saved = json.loads(path.read_text())
@@ -39,7 +41,11 @@ def check_or_write_manifest(folder: Path, resume: bool, run: dict[str, Any]) -> 
                                   + " and ".join(_WHAT.get(k, k) for k in differs)
                                   + "; give the original checkpoint and settings, or choose another --out")
         return
-    if resume and any(Path(folder).glob("*")):
-        raise CheckpointError(f"cannot resume {folder}: it holds saved work but no run.json (written by an older "
-                              "prunekit), so it cannot be checked against this dense network; choose another --out")
+    if Path(folder).is_dir() and any(Path(folder).iterdir()):
+        if resume:
+            raise CheckpointError(f"cannot resume {folder}: it holds saved work but no run.json (written by an "
+                                  "older prunekit), so it cannot be checked against this dense network; choose "
+                                  "another --out")
+        raise CheckpointError(f"{folder} already holds saved work (another run's rounds, phases or epochs); resume "
+                              "it or choose another folder")
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"format": RUN_FORMAT, **run}, indent=1)))

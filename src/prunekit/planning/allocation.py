@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -333,13 +333,14 @@ def unit_scores(weight: torch.Tensor, pattern: Pattern) -> tuple[torch.Tensor, i
 
 
 def allocate_rates(weights: dict[str, torch.Tensor], pattern: Pattern, keep: float,
-                   allocation: Allocation = Allocation.GLOBAL, fixed: dict[str, float] | None = None
-                   ) -> dict[str, float]:
-    """Per-layer keep fractions of ``pattern``'s units that keep ``keep`` of all the weights.
+                   allocation: Allocation = Allocation.GLOBAL, fixed: dict[str, float] | None = None,
+                   costs: dict[str, float] | None = None) -> dict[str, float]:
+    """Per-layer keep fractions of ``pattern``'s units that keep ``keep`` of all the weights' cost.
 
     Layers named in ``fixed`` keep their given fraction. The others get ``keep`` each (uniform) or share one
-    global magnitude threshold over all their units, each unit weighted by the weights it holds (global); every
-    layer keeps at least one unit.
+    global magnitude threshold over all their units, each unit weighted by its cost (global): the weights it holds
+    times its layer's cost per weight in ``costs`` (default 1: a parameters target; FLOPs per weight for a FLOPs
+    target, :func:`weight_costs`). Every layer keeps at least one unit.
 
     Raises:
         ValueError: ``fixed`` names a layer not in ``weights``.
@@ -358,7 +359,7 @@ def allocate_rates(weights: dict[str, torch.Tensor], pattern: Pattern, keep: flo
     for name in free:
         s, size = unit_scores(weights[name], pattern)
         scores.append(s.double().cpu())
-        sizes.append(torch.full_like(scores[-1], float(size)))
+        sizes.append(torch.full_like(scores[-1], float(size) * (costs[name] if costs else 1.0)))
     all_scores, all_sizes = torch.cat(scores), torch.cat(sizes)
     order = torch.argsort(all_scores, descending=True)
     budget = keep * float(all_sizes.sum())
@@ -402,9 +403,18 @@ def k_of_n_for_keep(row: int, keep: float, max_n: int = 32) -> tuple[int, int]:
     return max(below, key=lambda kn: (kn[0] / kn[1], -kn[1]))
 
 
+def weight_costs(model: nn.Module, layers: Iterable[str], input_shape: tuple[int, ...]) -> dict[str, float]:
+    """FLOPs per weight of each layer (its FLOPs over its weight's entries, :func:`count_flops`' counting), so
+    that a budget over weights can be spent in FLOPs."""
+    per_module = flops_by_module(model, (1, *input_shape))
+    modules = dict(model.named_modules())
+    return {name: per_module.get(name, 0) / modules[name].weight.numel() for name in layers}
+
+
 def plan_k_of_n(weights: dict[str, torch.Size | tuple[int, ...]], sparsity: float, dense_below: float = 0.02,
-                max_n: int = 32) -> dict[str, tuple[int, int]]:
-    """Per-layer ``(k, n)`` reaching about ``sparsity`` of all the weights overall.
+                max_n: int = 32, costs: dict[str, float] | None = None) -> dict[str, tuple[int, int]]:
+    """Per-layer ``(k, n)`` reaching about ``sparsity`` of all the weights overall (of their FLOPs, with ``costs``
+    the FLOPs per weight of each layer, :func:`weight_costs`).
 
     Layers holding less than ``dense_below`` of the weights (a LeNet's first convolution and classifier: about 1%
     of its weights, where one kept weight in ten costs the most accuracy) stay dense and are left out of the
@@ -419,12 +429,15 @@ def plan_k_of_n(weights: dict[str, torch.Size | tuple[int, ...]], sparsity: floa
     sizes = {name: math.prod(shape) for name, shape in weights.items()}
     total = sum(sizes.values())
     pruned = {name for name, size in sizes.items() if size >= dense_below * total}
-    dense = total - sum(sizes[name] for name in pruned)
-    budget = (1 - sparsity) * total - dense
+    cost = {name: sizes[name] * (costs[name] if costs else 1) for name in sizes}
+    dense = sum(cost.values()) - sum(cost[name] for name in pruned)
+    budget = (1 - sparsity) * sum(cost.values()) - dense
     if not pruned or budget <= 0:
-        raise ValueError(f"the layers kept dense (under {dense_below:.0%} of the weights each) hold {dense} of "
-                         f"{total} weights, more than {1 - sparsity:.1%} allows; lower dense_below")
-    keep = budget / sum(sizes[name] for name in pruned)
+        what = "FLOPs" if costs else "weights"
+        raise ValueError(f"the layers kept dense (under {dense_below:.0%} of the weights each) hold {dense:.0f} of "
+                         f"{sum(cost.values()):.0f} {what}, more than {1 - sparsity:.1%} allows; keep more (a larger "
+                         "target)")
+    keep = budget / sum(cost[name] for name in pruned)
     return {name: k_of_n_for_keep(math.prod(weights[name][1:]), keep, max_n) for name in weights if name in pruned}
 
 
