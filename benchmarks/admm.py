@@ -156,7 +156,7 @@ def run_verdict(model_name: str, checkpoint: Path, cache, args, quick: bool) -> 
     result = compare_models(checkpoint, {k: args.out / r["path"] for k, r in rows.items()},
                             min_run_time=0.05 if quick else 0.5, log=lambda *_: None)
     result["variants"] = rows
-    write_comparison(result, args.out / f"verdict-{model_name}")
+    write_comparison(result, args.out / f"verdict-{model_name}", overwrite=True)  # the benchmark owns its folder
     return result
 
 

@@ -153,3 +153,51 @@ def test_no_method_name_comparison_outside_the_registry():
             if _COMPARISON.search(line):
                 offenders.append(f"{path.relative_to(SRC.parents[1])}:{number}: {line.strip()}")
     assert offenders == []
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("method: l1\nconfigs: [{}]\njob: {source: {model: lenet5, data: synthetic}}\n",
+     "ModelSource.data must be a mapping of DataConfig fields or null, got 'synthetic'"),
+    ("method: l1\nconfigs: [{allocation: uniform}]\njob: {source: {model: lenet5}}\n",
+     "L1Config.allocation must be a mapping of AllocationConfig fields, got 'uniform'"),
+    ("method: l1\nconfigs: [{schedule: 3}]\njob: {source: {model: lenet5}}\n",
+     "L1Config.schedule must be a mapping of RoundSchedule fields, got 3"),
+    ("method: admm\nconfigs: [{rates: [fc1, 0.5]}]\njob: {source: {model: lenet5}}\n",
+     "ADMMConfig.rates must be a mapping of name: value"),
+    ("method: l1\nconfigs: [{allocation: {max_per_layer: '0.9'}}]\njob: {source: {model: lenet5}}\n",
+     "AllocationConfig.max_per_layer must be a number, got '0.9'"),
+    ("method: admm\nconfigs: [{include_output: 'false'}]\njob: {source: {model: lenet5}}\n",
+     "ADMMConfig.include_output must be true or false, got 'false'"),
+    ("method: l1\nconfigs: [{}]\njob: {source: {model: lenet5}, measure_latency: 'no'}\n",
+     "JobConfig.measure_latency must be true or false"),
+    ("method: l1\nconfigs: [{ignore: conv1}]\njob: {source: {model: lenet5}}\n", "L1Config.ignore must be a list"),
+    ("method: l1\nconfigs: {target: flops=0.5}\njob: {source: {model: lenet5}}\n", "configs must be a list"),
+    ("method: l1\nconfigs: [{}]\njob: {source: null}\n", "JobConfig.source must be a mapping"),
+    ("method: l1\nconfigs: [{}]\njob: {source: {model: lenet5, data: {name: synthetic, limit: 200}, "
+     "limit: 300}}\n", "unknown ModelSource fields ['limit']"),
+    ("method: l1\nconfigs: [{}]\njob: {source: {model: lenet5, model: resnet20}}\n", "the key 'model' is given twice"),
+    ("method: l1\nconfigs: [{}]\njob: {source: {model: lenet5}, train: {epochs: 5}}\n",
+     "job.train.epochs must be 0"),
+    ("method: l1\nconfigs: [{target: flops=0.5}, {target: flops=x2}]\njob: {source: {model: lenet5}}\n",
+     "two runs of this job would both write the run folder 'flops-0.5'"),
+])
+def test_a_recipe_of_the_wrong_shape_is_one_line(tmp_path, capsys, recipe, message):
+    (tmp_path / "r.yaml").write_text(recipe)
+    assert main(["prune", "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_recipe_that_is_not_text_is_one_line(tmp_path, capsys):
+    (tmp_path / "r.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    assert main(["prune", "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert f"the recipe {tmp_path / 'r.yaml'} is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_duplicate_targets_are_refused_before_any_work(tmp_path, capsys):
+    argv = ["prune", "l1", "--model", "lenet5", "--data", "synthetic", "--target", "flops=0.5", "--target",
+            "flops=x2", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "would both write the run folder 'flops-0.5'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -4,6 +4,7 @@ what it says."""
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -263,3 +264,81 @@ def test_prune_into_a_folder_with_another_runs_work_is_refused(synthetic, tmp_pa
         run("params=0.5")  # its phases would have been reused
     with pytest.raises(prunekit.CheckpointError, match="other method settings"):
         run("params=0.5", resume=True)
+
+
+def test_a_failed_fresh_job_leaves_its_folder_usable(runs, capsys):
+    """The kernel pattern fits no layer of a LeNet-300 (it has no convolution), which only the method finds out;
+    the job that failed leaves nothing behind, so the corrected command may use the same --out."""
+    out = runs["root"] / "dpp-fail"
+    assert main(["prune", "dpp", "--checkpoint", str(runs["dense"]), "--pattern", "kernel", "--epochs", "1",
+                 "--out", str(out), "--no-progress", "--no-latency"]) == 2
+    assert "DPP found no Linear/Conv2d layer" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+    assert main(["prune", "dpp", "--checkpoint", str(runs["dense"]), "--epochs", "1", "--out", str(out),
+                 "--no-progress", "--no-latency"]) == 0
+
+
+def test_resume_with_nothing_to_resume_is_refused(runs, capsys):
+    assert main(["prune", "l1", "--checkpoint", str(runs["dense"]), "--out", str(runs["root"] / "empty"),
+                 "--resume", "--no-progress", "--no-latency"]) == 2
+    assert "nothing to resume in" in capsys.readouterr().err
+
+
+def test_prune_never_writes_into_a_training_run(runs, capsys):
+    out = runs["dense"].parent
+    assert main(["prune", "l1", "--checkpoint", str(runs["dense"]), "--out", str(out), "--no-progress",
+                 "--no-latency"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a pruning run" in err and "(found model.safetensors)" in err
+
+
+def test_export_takes_only_its_formats(runs, tmp_path, capsys):
+    run = runs["pruned"]
+    assert main(["export", str(run), "--onnx", str(tmp_path / "m.json")]) == 2
+    assert "must end in .onnx" in capsys.readouterr().err
+    assert main(["export", str(run), "--onnx", str(tmp_path / "m.onnx"), "--opset", "3"]) == 2
+    assert "--opset must be 18 to 23" in capsys.readouterr().err
+    assert main(["export", str(run), "--pt2", str(tmp_path / "m.onnx")]) == 2
+    assert "must end in .pt2" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_refuses_impossible_threads_and_other_networks(runs, tmp_path, capsys):
+    assert main(["bench", str(runs["pruned"]), "--threads", "100000", "--no-onnx"]) == 2
+    assert "--threads must be 1 to" in capsys.readouterr().err
+    # a dense network of the same architecture, but not the one this run was pruned from
+    other = train_job("lenet300", DataConfig("synthetic", limit=200), TrainConfig(epochs=1, batch_size=64, seed=9),
+                      tmp_path / "other", progress=False, log=lambda *_: None, measure_latency=False).checkpoint
+    assert main(["bench", str(runs["pruned"]), "--dense", str(other), "--no-onnx", "--batch", "1"]) == 2
+    assert "was pruned from another network of the same architecture" in capsys.readouterr().err
+
+
+def test_bench_and_compare_keep_existing_reports_without_overwrite(runs, tmp_path, capsys):
+    (tmp_path / "bench.md").write_text("mine")
+    assert main(["bench", str(runs["pruned"]), "--no-onnx", "--batch", "1", "--repeats", "1", "--out",
+                 str(tmp_path)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "bench.md").read_text() == "mine"
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: prunekit.DPPConfig(tiles=5, n=5), "give tiles or n, not both"),
+    (lambda: prunekit.DPPConfig(k=3), "give n (or tiles) with k=3"),
+    (lambda: prunekit.DPPConfig(temperature={"start": 1.0, "end": 0.05, "floor": 5.0}), "lower --temperature-floor"),
+    (lambda: ADMMConfig(quant="bits=4", quant_steps=(0.5, 0.5, 1.0)), "quant_steps must rise"),
+    (lambda: prunekit.FisherSettings(damping=0), "damping must be a finite number > 0"),
+    (lambda: ADMMConfig(rho=1e300), "rho must be > 0 and at most 1e4"),
+], ids=["dpp-tiles-n", "dpp-k-without-n", "dpp-floor", "admm-steps-flat", "damping-zero", "admm-rho-huge"])
+def test_settings_that_cannot_work_are_refused(build, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()
+
+
+def test_sixteen_bit_codes_are_on_their_grid():
+    """float32 multiples k * q drift from integer k as k grows: 16-bit codes reach 32768."""
+    from prunekit.measurement.formats import infer_scale, value_codec
+
+    q = 0.00123
+    w = (torch.tensor([1, -7, 32767, 20000, -12345], dtype=torch.float64) * q).float()
+    assert value_codec(w, 16, q).bits == 16
+    assert infer_scale(w, 16) == pytest.approx(q, rel=1e-6)

@@ -135,7 +135,7 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", default=None, help="dense weights (.safetensors from prunekit, or a state_dict)")
     _add_data_args(g, default=None)
     _add_trust_arg(g)
-    g.add_argument("--out", required=True, help="output folder (recipe, report, one folder per run)")
+    g.add_argument("--out", default=None, help="output folder (recipe, report, one folder per run); required")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, scoring batches and random choices")
     g.add_argument("--lr", type=float, default=0.01, help="learning rate of the method's training (fine-tuning, "
@@ -200,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=64, help="batch size of the latency measurements")
     p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per latency measurement")
     p.add_argument("--out", default=None, help="write compare.md and compare.json here")
+    p.add_argument("--overwrite", action="store_true", help="replace compare.* files already in --out")
     _add_trust_arg(p)
 
     p = sub.add_parser("export", help="export a (pruned) checkpoint for deployment")
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="alternated measurements per network (median kept)")
     p.add_argument("--no-onnx", action="store_true", help="eager PyTorch only")
     p.add_argument("--out", default=None, help="write bench.md, bench.json and bench.png here")
+    p.add_argument("--overwrite", action="store_true", help="replace bench.* files already in --out")
     _add_trust_arg(p)
 
     p = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset split")
@@ -232,9 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="per-layer table of a checkpoint or zoo model")
     p.add_argument("target", help="a .safetensors checkpoint, or a zoo model name")
-    p.add_argument("--input", default="3x32x32", help="CxHxW input for a zoo model name (default 3x32x32)")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--input", default=None, help="CxHxW input for a zoo model name (default 3x32x32)")
+    p.add_argument("--classes", type=int, default=None, help="classes of a zoo model name (default 10)")
+    p.add_argument("--width", type=float, default=None, help="width multiplier of a zoo model name (default 1)")
     _add_trust_arg(p)
 
     p = sub.add_parser("demo", help="the main job on the embedded digits data: train, compress, compare")
@@ -299,6 +301,8 @@ def cmd_prune(args) -> None:
         if args.recipe_out or args.recipe_resume or args.recipe_trust or args.recipe_no_progress:
             raise CLIError(f"put --out, --resume, --trust-factory and --no-progress after the method "
                            f"(prunekit prune {args.method} ... --out DIR)")
+        if args.out is None:
+            raise CLIError(f"--out is required: prunekit prune {args.method} ... --out DIR")
         outcome = run_recipe(_recipe_from_args(args), out=args.out, resume=args.resume,
                              progress=not args.no_progress, model_named_here=True)
     print()
@@ -314,6 +318,8 @@ def _recipe_from_args(args):
 
     spec = get_method(args.method)
     configs = configs_from_args(spec.config, args.config_fields, args)
+    if args.checkpoint is not None and Path(args.checkpoint).is_dir():
+        args.checkpoint = str(_model_file(args.checkpoint))  # a run folder: its compressed model
     data = _data_for(args, args.checkpoint)
     if args.augment == "auto" and data is None:
         raise CLIError("--augment auto follows the dataset, which the checkpoint does not name; pass --data")
@@ -333,6 +339,9 @@ def _recipe_from_file(path: str, trusted: list[str]):
         text = Path(path).read_text()
     except OSError as exc:
         raise CLIError(f"cannot read the recipe {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"the recipe {path} is not UTF-8 text; a recipe is YAML (prunekit writes one as "
+                       "OUT/recipe.yaml)") from None
     try:
         recipe = Recipe.from_yaml(text)
     except (TypeError, ValueError) as exc:
@@ -362,14 +371,15 @@ def cmd_export(args) -> None:
 def cmd_bench(args) -> None:
     from prunekit.jobs import bench
 
-    if args.threads is not None and args.threads < 1:
-        raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and not 1 <= args.threads <= cores:
+        raise CLIError(f"--threads must be 1 to {cores} (this machine's cores), got {args.threads}")
     if any(b < 1 for b in args.batch) or args.repeats < 1:
         raise CLIError(f"--batch sizes and --repeats must be >= 1, got {args.batch} and {args.repeats}")
     dense = _model_file(args.dense) if args.dense else None
     result = bench(_model_file(args.checkpoint), dense_checkpoint=dense, threads=args.threads,
                    batches=tuple(args.batch), repeats=args.repeats, onnx=not args.no_onnx, out=args.out,
-                   trusted_factories=args.trust_factory)
+                   trusted_factories=args.trust_factory, overwrite=args.overwrite)
     print(result["markdown"])
     if args.out:
         print(f"\nwrote {Path(args.out) / 'bench.md'}, bench.json, bench.png")
@@ -403,8 +413,13 @@ def cmd_inspect(args) -> None:
     from prunekit.measurement.inspect import inspect_table
 
     target = str(_model_file(args.target)) if Path(args.target).is_dir() else args.target
-    print(inspect_table(target, input_spec=args.input, num_classes=args.classes, width=args.width,
-                        trusted_factories=args.trust_factory))
+    is_file = target.endswith(".safetensors") or Path(target).is_file()
+    given = [flag for flag, value in (("--input", args.input), ("--classes", args.classes), ("--width", args.width))
+             if value is not None]
+    if is_file and given:
+        raise CLIError(f"{', '.join(given)} describe a zoo model name; a checkpoint brings its own shape")
+    print(inspect_table(target, input_spec=args.input or "3x32x32", num_classes=args.classes or 10,
+                        width=args.width or 1.0, trusted_factories=args.trust_factory))
 
 
 def cmd_demo(args) -> None:
@@ -431,7 +446,7 @@ def cmd_compare(args) -> None:
     print()
     print(comparison_markdown(result))
     if args.out:
-        print(f"\nreport: {write_comparison(result, args.out)}")
+        print(f"\nreport: {write_comparison(result, args.out, args.overwrite)}")
 
 
 COMMANDS = {"bench": cmd_bench, "compare": cmd_compare, "list": cmd_list, "train": cmd_train, "prune": cmd_prune,

@@ -63,34 +63,88 @@ def _options(annotation: Any) -> tuple[list[Any], bool]:
     return [annotation], annotation is type(None)
 
 
+_KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def _describe(kind: Any) -> str:
+    origin = typing.get_origin(kind)
+    if kind in _KIND_NAMES:
+        return _KIND_NAMES[kind]
+    if origin is tuple:
+        return "a list"
+    if origin is dict:
+        return "a mapping of name: value"
+    if isinstance(kind, type) and hasattr(kind, "parse"):
+        return f"text such as {getattr(kind, 'EXAMPLE', 'flops=0.5')}"
+    if isinstance(kind, type) and hasattr(kind, "from_dict"):
+        return f"a mapping of {kind.__name__} fields"
+    return getattr(kind, "__name__", str(kind))
+
+
 def _convert(value: Any, annotation: Any, where: str) -> Any:
+    """``value`` as the annotated type, or a ValueError naming the field, what it got and what it takes."""
     members, optional = _options(annotation)
     if value is None:
-        return None
+        if optional or annotation is Any:
+            return None
+        raise ValueError(f"{where} must be {' or '.join(_describe(k) for k in members)}, got nothing (null)")
     for kind in members:
         origin = typing.get_origin(kind)
+        if kind is Any:
+            return value
         if isinstance(kind, type) and issubclass(kind, enum.Enum):
             if isinstance(value, kind):
                 return value
             try:
                 return kind(value)
             except ValueError:
-                accepted = ", ".join(repr(m.value) for m in kind)
-                raise ValueError(f"{where} must be one of {accepted}, got {value!r}") from None
+                raise ValueError(f"{where} must be one of {[m.value for m in kind]}, got {value!r}") from None
         if isinstance(kind, type) and hasattr(kind, "parse"):
+            if isinstance(value, kind):
+                return value
             if isinstance(value, str):
                 return kind.parse(value)
             if isinstance(value, dict):  # the older {"metric": ..., "keep": ...} form
                 return kind(**value)
-        if isinstance(kind, type) and hasattr(kind, "from_dict") and isinstance(value, dict):
-            return kind.from_dict(value)
-        if origin is tuple and isinstance(value, (list, tuple)):
-            args = typing.get_args(kind)
-            inner = args[0] if args else Any
-            return tuple(_convert(v, inner, where) if inner is not Any else v for v in value)
-        if origin is dict and isinstance(value, dict):
-            return dict(value)
-    return value
+            continue
+        if isinstance(kind, type) and hasattr(kind, "from_dict"):
+            if isinstance(value, kind):
+                return value
+            if isinstance(value, dict):
+                return kind.from_dict(value)
+            continue
+        if origin is tuple:
+            if isinstance(value, (list, tuple)):
+                args = typing.get_args(kind)
+                inner = args[0] if args else Any
+                return tuple(_convert(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+            continue
+        if origin is dict:
+            if isinstance(value, dict):
+                args = typing.get_args(kind)
+                inner = args[1] if len(args) == 2 else Any
+                return {k: _convert(v, inner, f"{where}[{k}]") for k, v in value.items()}
+            continue
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            continue
+        if kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            continue
+        if kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return value
+            continue
+        if kind is str:
+            if isinstance(value, str):
+                return value
+            continue
+        return value  # a type this helper does not check
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    raise ValueError(f"{where} must be {' or '.join(_describe(k) for k in members)}"
+                     f"{' or null' if optional else ''}, got {shown[:60]}")
 
 
 def coerce_fields(config: Any) -> None:
@@ -183,7 +237,9 @@ def docstring_args(cls: type) -> dict[str, str]:
 def leaf_fields(cls: type, prefix: tuple[str, ...] = ()) -> list[FieldInfo]:
     """Every settable leaf of ``cls``, nested configs flattened (their fields keep their own names)."""
     hints = typing.get_type_hints(cls)
-    helps = docstring_args(cls)
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass documents its own fields; its bases document theirs
+        helps.update(docstring_args(klass))
     out: list[FieldInfo] = []
     for f in fields(cls):
         if not f.init:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import re
 import typing
 from typing import Any
 
@@ -33,6 +34,12 @@ def _number(kind: type, flag: str):
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _plain(text: str) -> str:
+    """Docstring markup made terminal text: ``:class:`X``` and ````x```` become ``X`` and ``x``."""
+    text = re.sub(r":[a-z]+:`~?(?:[\w.]+\.)?([\w]+)`", r"\1", text)
+    return text.replace("``", "").replace("%", "%%")
 
 
 def _name_value(text: str) -> tuple[str, float]:
@@ -61,11 +68,11 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type) -> list[Fiel
         default = getattr(info.default, "value", info.default)
         text = info.help + (f" (default: {default})" if default not in (None, (), {}) else "")
         dest = _PREFIX + info.dest
-        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS,
-                                  "help": text.replace("``", "").replace("%", "%%")}
+        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": _plain(text)}
         if kind is bool:
             if info.default is True:
                 flag = "--no-" + info.flag[2:]
+                kwargs["help"] = _plain(f"Turn off: {info.help}")
                 group.add_argument(flag, action="store_false", **kwargs)
                 seen[flag] = seen.pop(info.flag)
                 info_flag = flag
@@ -110,6 +117,10 @@ def configs_from_args(config: type, infos: list[FieldInfo], args: argparse.Names
             targets = value
             continue
         if typing.get_origin(_kind(info)[0]) is dict:
+            names = [name for name, _ in value]
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                raise ValueError(f"{info.flag} names {twice[0]} twice; give each layer once")
             value = dict(value)
         values[info.path] = value
     if targets is None:

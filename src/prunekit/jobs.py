@@ -163,7 +163,8 @@ def width_builder(base: dict[str, Any]):
 
 def bench(checkpoint: str | Path, *, dense_checkpoint: str | Path | None = None, threads: int | None = None,
           batches: tuple[int, ...] = (1, 64), repeats: int = 5, min_run_time: float = 0.2, onnx: bool = True,
-          out: str | Path | None = None, log=print, trusted_factories: Collection[str] = ()) -> dict[str, Any]:
+          out: str | Path | None = None, log=print, trusted_factories: Collection[str] = (),
+          overwrite: bool = False) -> dict[str, Any]:
     """``prunekit bench``: latency of a pruned checkpoint against its dense network and the uniformly thinned
     limit of the same FLOPs, eager and ONNX Runtime, per batch; writes bench.md, bench.json, bench.png to ``out``.
 
@@ -176,12 +177,14 @@ def bench(checkpoint: str | Path, *, dense_checkpoint: str | Path | None = None,
 
     check_latency_settings(min_run_time, threads, batches, repeats)
     if out is not None:
-        output_dir(out)
+        folder = output_dir(out)
+        check_output_files({f"--out ({name})": folder / name for name in ("bench.md", "bench.json", "bench.png")},
+                           overwrite=overwrite)
     pruned, meta = load_compressed(checkpoint, trusted_factories)
     base = meta["model"]
     if dense_checkpoint is not None:
         dense, dense_meta = load_compressed(dense_checkpoint, trusted_factories)
-        check_pruned_from(dense_meta, meta, str(dense_checkpoint), str(checkpoint))
+        check_pruned_from(dense_meta, meta, str(dense_checkpoint), str(checkpoint), dense)
     else:
         dense = build_base(base, trusted_factories, str(checkpoint))
     shape = input_shape_of(base)
@@ -209,6 +212,9 @@ def _write_bench(out: Path, checkpoint: str | Path, result: dict[str, Any], text
     plot_speedups(result["rows"], out / "bench.png", title=f"{Path(checkpoint).name}: speedup over dense")
 
 
+MIN_OPSET, MAX_OPSET = 18, 23  # the opsets torch's dynamo ONNX exporter writes (it falls back to 18 below)
+
+
 def export_job(checkpoint: str | Path, *, onnx: str | Path | None = None, pt2: str | Path | None = None,
                fold: bool = True, opset: int = 18, atol: float = 1e-4, overwrite: bool = False,
                trusted_factories: Collection[str] = ()) -> list[str]:
@@ -227,6 +233,12 @@ def export_job(checkpoint: str | Path, *, onnx: str | Path | None = None, pt2: s
     if onnx is None and pt2 is None:
         raise ValueError("give --onnx PATH and/or --pt2 PATH")
     check_output_files({"--onnx": onnx, "--pt2": pt2}, [checkpoint], overwrite=overwrite)
+    for flag, path, suffix in (("--onnx", onnx, ".onnx"), ("--pt2", pt2, ".pt2")):
+        if path is not None and Path(path).suffix != suffix:
+            raise ValueError(f"{flag} {path} must end in {suffix} (ONNX Runtime and torch.export read the format from "
+                             "the name)")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"--opset must be {MIN_OPSET} to {MAX_OPSET} (torch's ONNX exporter), got {opset!r}")
     model, meta = load_compressed(checkpoint, trusted_factories)
     shape = input_shape_of(meta["model"])
     x = torch.randn(4, *shape)

@@ -107,7 +107,12 @@ def prune_job(configs: Any | Sequence[Any], *, model: str | None = None, checkpo
                       model_named_here=True)
 
 
-@locked_output("a pruning run", ("report.json", "recipe.yaml", "*/run.json", "*/round_*", "*/phases", "*/training"))
+# what a job writes at the top of --out, and a training run's files: a fresh job never writes over or beside them
+JOB_OUTPUTS = ("report.json", "report.md", "recipe.yaml", "accuracy_vs_flops.png", "*/run.json", "*/round_*",
+               "*/phases", "*/training", "model.safetensors", "train_state.pt")
+
+
+@locked_output("a pruning run", JOB_OUTPUTS)
 def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = False, progress: bool = True,
                log: Callable[[str], None] = print, model_named_here: bool = False) -> JobResult:
     """Run a :class:`~prunekit.persistence.recipe.Recipe` (see the module docstring for the output layout).
@@ -138,7 +143,58 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = 
         ModelSource(source.model, checkpoint, data_cfg, (), dense_sha256), train, job.seed, job.measure_latency))
     outdir = Path(out) if out is not None else None
     if outdir is not None:
-        _write_recipe(outdir, resolved, resume)
+        # everything that can refuse the job is checked before it writes anything
+        from prunekit.persistence.runs import check_or_write_manifest
+
+        if resume and not (outdir / "recipe.yaml").is_file():
+            from prunekit.persistence.checkpoint import CheckpointError
+
+            raise CheckpointError(f"nothing to resume in {outdir}: it holds no recipe.yaml (the first file a job "
+                                  "writes); start without --resume")
+        _check_recipe(outdir, resolved, resume)
+        for config in resolved.configs:
+            check_or_write_manifest(outdir / run_label(config), resume, _manifest(dense_sha256, spec.name, config,
+                                                                                  data_cfg, train, job.seed),
+                                    write=False)
+        atomic_write(outdir / "recipe.yaml", lambda tmp: Path(tmp).write_text(
+            "# prunekit prune --config THIS_FILE --out FOLDER runs this job again\n" + resolved.to_yaml()))
+    try:
+        return _run(spec, resolved, dense, base, splits, train, outdir, resume, progress, log)
+    except BaseException:
+        if outdir is not None and not resume:
+            _remove_unstarted(outdir, resolved)
+        raise
+
+
+def _manifest(dense_sha256: str, method: str, config: Any, data: DataConfig, train: TrainConfig, seed: int
+              ) -> dict[str, Any]:
+    """What ``run.json`` records (see :func:`~prunekit.methods.registry.prune_`)."""
+    return {"dense_sha256": dense_sha256, "method": method, "config": config.to_dict(), "data": data.to_dict(),
+            "train": train.to_dict(), "seed": seed}
+
+
+def _remove_unstarted(outdir: Path, recipe: Recipe) -> None:
+    """After a fresh job failed: remove the run folders that hold nothing but their run record, and the recipe
+    when no run kept anything, so the corrected command can use the same --out."""
+    kept = False
+    for config in recipe.configs:
+        folder = outdir / run_label(config)
+        if not folder.is_dir():
+            continue
+        if {p.name for p in folder.iterdir()} <= {"run.json"}:
+            (folder / "run.json").unlink(missing_ok=True)
+            folder.rmdir()
+        else:
+            kept = True
+    if not kept and not (outdir / "report.json").exists():
+        (outdir / "recipe.yaml").unlink(missing_ok=True)
+
+
+def _run(spec, resolved: Recipe, dense: nn.Module, base: dict[str, Any], splits: DataSplits, train: TrainConfig,
+         outdir: Path | None, resume: bool, progress: bool, log: Callable[[str], None]) -> JobResult:
+    job = resolved.job
+    dense_sha256 = resolved.job.source.dense_sha256
+    data_cfg = splits.config
     log(f"dense: measuring ({splits.describe()})")
     dense_row = summarize(dense, splits, latency=job.measure_latency).to_dict()
     dense_bits = 32 * sum(p.numel() for p in dense.parameters())
@@ -146,9 +202,6 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = 
     result = JobResult(dense=dense_row, recipe=resolved)
     for config in resolved.configs:
         label = run_label(config)
-        if label in result.runs:
-            raise ValueError(f"two configs of this job would both write the run folder {label!r} (same target, or "
-                             "no target); run them as separate jobs with their own --out")
         folder = outdir / label if outdir is not None else None
         log(f"{spec.name} {label}: pruning")
         net = copy.deepcopy(dense).train()
@@ -171,17 +224,31 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = 
     return result
 
 
-def _write_recipe(outdir: Path, recipe: Recipe, resume: bool) -> None:
+def _check_recipe(outdir: Path, recipe: Recipe, resume: bool) -> None:
+    """On resume, the folder's recipe must be this job's."""
     path = outdir / "recipe.yaml"
     if resume and path.is_file():
         saved = Recipe.from_yaml(path.read_text())
         if saved.to_dict() != recipe.to_dict():
             from prunekit.persistence.checkpoint import CheckpointError
 
-            raise CheckpointError(f"cannot resume {outdir}: its recipe.yaml describes another job; run that recipe "
-                                  f"(prunekit prune --config {path} --out {outdir} --resume) or choose another --out")
-    atomic_write(path, lambda tmp: Path(tmp).write_text(
-        "# prunekit prune --config THIS_FILE --out FOLDER runs this job again\n" + recipe.to_yaml()))
+            field, was, now = _first_difference(saved.to_dict(), recipe.to_dict())
+            raise CheckpointError(f"cannot resume {outdir}: its recipe.yaml describes another job ({field}: {was!r} "
+                                  f"there, {now!r} now); run that recipe (prunekit prune --config {path} --out "
+                                  f"{outdir} --resume) or choose another --out")
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any]:
+    """The dotted path of the first place two plain structures differ, and the two values there."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{path}[{i}]")
+    return path or "(the whole recipe)", a, b
 
 
 def _save_run(folder: Path, net: nn.Module, base: dict[str, Any], record: PruneRecord, config: Any, method: str,

@@ -265,7 +265,8 @@ def ignored_modules(model: nn.Module, names: Sequence[str]) -> set[str]:
     modules = dict(model.named_modules())
     unknown = [n for n in names if not isinstance(n, str) or n not in modules or not n]
     if unknown:
-        close = sorted({c for n in unknown if isinstance(n, str) for c in difflib.get_close_matches(n, modules, 3)})
+        close = sorted({c for n in unknown if isinstance(n, str) and n
+                        for c in difflib.get_close_matches(n, modules, 3) if c})
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"ignore names {unknown} are not modules of the model; known: "
                          f"{', '.join(n for n in modules if n)[:400]}.{hint}")

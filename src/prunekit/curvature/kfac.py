@@ -133,6 +133,9 @@ class FisherSettings(Config):
 
     def __post_init__(self) -> None:
         coerce_fields(self)
+        if not (math.isfinite(self.damping) and self.damping > 0):
+            raise ValueError(f"damping must be a finite number > 0 (the factors are inverted; 0.1 is the default, "
+                             f"1e-3 a light touch), got {self.damping!r}")
         self.curvature(0)  # validates
 
     def curvature(self, seed: int, conv_factor: ConvFactor = ConvFactor.PATCHES,

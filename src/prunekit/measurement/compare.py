@@ -65,7 +65,7 @@ def compare_models(dense_path: str | Path, variants: dict[str, str | Path], *, b
     models: dict[str, tuple[nn.Module, dict[str, Any]]] = {"dense": (dense, meta)}
     for name, path in variants.items():
         model, vmeta = load_compressed(path, trusted_factories)
-        check_pruned_from(meta, vmeta, str(dense_path), f"variant {name} ({path})")
+        check_pruned_from(meta, vmeta, str(dense_path), f"variant {name} ({path})", dense)
         models[name] = (model, vmeta)
     rows: dict[str, dict[str, Any]] = {}
     for name, (model, vmeta) in models.items():
@@ -134,13 +134,17 @@ def comparison_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_comparison(result: dict[str, Any], out: str | Path) -> Path:
+def write_comparison(result: dict[str, Any], out: str | Path, overwrite: bool = False) -> Path:
     import json
 
     from prunekit.measurement.plots import plot_comparison
     from prunekit.persistence.outputs import output_lock
 
     with output_lock(out) as outdir:
+        from prunekit.persistence.outputs import check_output_files
+
+        check_output_files({f"--out ({name})": outdir / name for name in ("compare.md", "compare.json", "compare.png")},
+                           overwrite=overwrite)
         atomic_write(outdir / "compare.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
         plot_comparison(result, outdir / "compare.png", "dense vs pruned variants on this machine")
         atomic_write(outdir / "compare.md", lambda tmp: Path(tmp).write_text(

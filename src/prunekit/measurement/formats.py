@@ -56,6 +56,12 @@ class ValueCodec:
         return stored.double() * self.scale if self.scale is not None else stored.double()
 
 
+def _grid_tolerance(levels: torch.Tensor) -> torch.Tensor:
+    """How far float32-stored multiples ``k * q`` may sit from integer ``k``: rounding grows with ``k`` (a 16-bit
+    code reaches 32768)."""
+    return 1e-4 + 4e-7 * levels.abs()
+
+
 def value_codec(weight: torch.Tensor, code_bits: int | None = None, scale: float | None = None,
                 float_bits: int = 32) -> ValueCodec:
     """The codec for ``weight``: codes of ``code_bits`` with ``scale`` (quantized weights), else floats.
@@ -71,7 +77,7 @@ def value_codec(weight: torch.Tensor, code_bits: int | None = None, scale: float
         raise ValueError(f"quantized values need a positive scale, got {scale!r}")
     nz = weight[weight != 0].double()
     levels = nz / scale
-    if len(nz) and (levels - levels.round()).abs().max() > 1e-4:
+    if len(nz) and ((levels - levels.round()).abs() > _grid_tolerance(levels)).any():
         raise ValueError("the weights are not multiples of the given scale; quantize them first "
                          "(prunekit.planning.constraints.QuantConstraint.project)")
     top = 2 ** (code_bits - 1) if code_bits > 1 else 1
@@ -308,6 +314,6 @@ def infer_scale(weight: torch.Tensor, code_bits: int) -> float | None:
     for divisor in range(1, top + 1):
         q = smallest / divisor
         levels = nz / q
-        if (levels - levels.round()).abs().max() <= 1e-4 and levels.round().max() <= top:
+        if not ((levels - levels.round()).abs() > _grid_tolerance(levels)).any() and levels.round().max() <= top:
             return q
     return None

@@ -119,16 +119,17 @@ class ADMMConfig(Config):
         for name, value in self.rates.items():
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
                 raise ValueError(f"rate for {name} must be a keep fraction in (0, 1], got {value!r}")
-        if not (isinstance(self.rho, (int, float)) and math.isfinite(self.rho) and self.rho > 0) or \
-                not (isinstance(self.rho_growth, (int, float)) and math.isfinite(self.rho_growth)
-                     and self.rho_growth >= 1):
-            raise ValueError(f"rho must be > 0 and rho_growth >= 1, got {self.rho!r}, {self.rho_growth!r}")
+        if not (math.isfinite(self.rho) and 0 < self.rho <= 1e4) or \
+                not (math.isfinite(self.rho_growth) and 1 <= self.rho_growth <= 100):
+            raise ValueError(f"rho must be > 0 and at most 1e4, and rho_growth >= 1 and at most 100; got "
+                             f"{self.rho!r}, {self.rho_growth!r}")
         for name in ("admm_epochs", "retrain_epochs", "update_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         steps = tuple(float(s) for s in self.quant_steps)
-        if not steps or any(not 0 < s <= 1 for s in steps) or list(steps) != sorted(steps) or steps[-1] != 1.0:
+        if not steps or any(not 0 < s <= 1 for s in steps) or any(a >= b for a, b in zip(steps, steps[1:])) \
+                or steps[-1] != 1.0:
             raise ValueError(f"quant_steps must rise in (0, 1] and end at 1.0, got {self.quant_steps!r}")
         if self.quant.kind is QuantKind.NONE and steps != ADMMConfig.quant_steps:
             raise ValueError("quant_steps schedule the progressive quantization; give them with quant")

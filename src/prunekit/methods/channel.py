@@ -197,8 +197,10 @@ def channel_step(model: nn.Module, data: DataSplits, config: ChannelConfig, seed
     input_shape = (data.in_channels, data.input_size, data.input_size)
     graph = ChannelGraph(model, example, ignore=config.ignore)
     if not graph.groups:
-        raise ValueError("no prunable channel groups were found; skipped: "
-                         + "; ".join(f"{a}: {b}" for a, b in list(graph.skipped.items())[:3]))
+        skipped = "; ".join(f"{a}: {b}" for a, b in list(graph.skipped.items())[:3])
+        raise ValueError("no prunable channel groups were found: "
+                         + (f"skipped {skipped}" if skipped else f"every layer is ignored ({', '.join(graph.ignore)})")
+                         + "; ignore fewer layers")
     criterion = config.criterion(seed)
     if criterion.needs_data:
         criterion.prepare(model, graph, score_batches(data, config.scoring_batches(), seed + round_))

@@ -144,15 +144,24 @@ class DPPConfig(Config):
             raise ValueError(f"k must be smaller than n (keep k of every n), got k={self.k}, n={self.n}")
         if self.tiles is not None and (self.tiles < 1 or self.pattern is not Pattern.K_OF_N):
             raise ValueError(f"tiles must be >= 1 and needs the k-of-n pattern, got tiles={self.tiles!r}")
+        if self.tiles is not None and self.n is not None:
+            raise ValueError("tiles sets n (n = row / tiles in every layer); give tiles or n, not both")
+        if self.pattern is Pattern.K_OF_N and self.target is None and self.n is None and self.tiles is None:
+            raise ValueError(f"the k-of-n pattern keeps k of every n weights: give n (or tiles) with k={self.k}, or "
+                             "a params= target")
+        if self.temperature.floor >= self.temperature.start:
+            raise ValueError(f"the temperature floor {self.temperature.floor:g} is not below the starting temperature "
+                             f"{self.temperature.start:g}, so the schedule would never apply; lower "
+                             "--temperature-floor")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"DPP trains masks and weights together: epochs must be an int >= 1, got {self.epochs!r}")
         for name in ("noise_scale", "entropy_weight", "init_scale"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not (isinstance(self.logit_lr_scale, (int, float)) and math.isfinite(self.logit_lr_scale)
-                and self.logit_lr_scale > 0):
-            raise ValueError(f"logit_lr_scale must be > 0 and finite, got {self.logit_lr_scale!r}")
+            if not (math.isfinite(value) and 0 <= value <= 1e4):
+                raise ValueError(f"{name} must be a finite number >= 0 and at most 1e4, got {value!r}")
+        if not (math.isfinite(self.logit_lr_scale) and 0 < self.logit_lr_scale <= 1e6):
+            raise ValueError(f"logit_lr_scale must be > 0 and finite, at most 1e6 (the tuned LeNet value is 5000), "
+                             f"got {self.logit_lr_scale!r}")
         if self.pattern is Pattern.GROUP:
             if self.target is None:
                 raise ValueError("the DPP group pattern needs a target (e.g. flops=x4): every coupled group keeps the "

@@ -165,12 +165,15 @@ def describe_base(spec: dict[str, Any]) -> str:
             f"{'x'.join(map(str, input_shape_of(spec)))})")
 
 
-def check_pruned_from(dense: dict[str, Any], pruned: dict[str, Any], dense_source: str, pruned_source: str) -> None:
+def check_pruned_from(dense: dict[str, Any], pruned: dict[str, Any], dense_source: str, pruned_source: str,
+                      dense_model: nn.Module | None = None) -> None:
     """Refuse to compare networks unless ``pruned`` really is ``dense`` after more architecture changes: the same
-    base spec, and the dense network's changes a prefix of the pruned one's.
+    base spec, the dense network's changes a prefix of the pruned one's, and, when the pruned file records the
+    fingerprint of the network it was pruned from, ``dense_model``'s weights that very network.
 
     Args:
         dense, pruned: Validated checkpoint metadata (:func:`~prunekit.persistence.checkpoint.read_metadata`).
+        dense_model: The loaded dense network, to check against the recorded fingerprint.
 
     Raises:
         ValueError: naming both files and what each was built from.
@@ -184,3 +187,11 @@ def check_pruned_from(dense: dict[str, Any], pruned: dict[str, Any], dense_sourc
         raise ValueError(f"{pruned_source} is not pruned from {dense_source}: both start from "
                          f"{describe_base(dense['model'])}, but {dense_source}'s own architecture changes are not the "
                          f"first of {pruned_source}'s")
+    recorded = pruned.get("dense_sha256")
+    if recorded and dense_model is not None and not before:
+        from prunekit.persistence.checkpoint import state_fingerprint
+
+        if state_fingerprint(dense_model) != recorded:
+            raise ValueError(f"{pruned_source} was pruned from another network of the same architecture than "
+                             f"{dense_source} (its weights differ from the recorded fingerprint); compare it with "
+                             "the checkpoint it was pruned from")

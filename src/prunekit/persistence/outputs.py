@@ -141,6 +141,8 @@ def check_output_files(outputs: dict[str, str | Path | None], inputs: Iterable[s
         seen[key] = flag
         if path.exists() and not overwrite:
             raise ValueError(f"{flag} {path} already exists; pass --overwrite to replace it or choose another path")
+        if path.exists() and path.name in ("run.json", "recipe.yaml", "train_state.pt"):
+            raise ValueError(f"{flag} {path} is a run's own record; prunekit never replaces it, choose another path")
     return given
 
 

@@ -75,8 +75,11 @@ class JobConfig(Config):
 
     def __post_init__(self) -> None:
         coerce_fields(self)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if self.train is not None and self.train.epochs != 0:
+            raise ValueError(f"job.train.epochs must be 0 (got {self.train.epochs}): the epochs of a method's training "
+                             "are its config's (finetune_epochs, retrain_epochs, admm_epochs, epochs)")
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,9 @@ class Recipe(Config):
         from prunekit.methods.registry import get_method
 
         spec = get_method(self.method)
+        if not isinstance(self.configs, (list, tuple)):
+            raise ValueError(f"a recipe's configs must be a list of {spec.config.__name__} mappings, one per run; got "
+                             f"{type(self.configs).__name__}")
         configs = [c if isinstance(c, spec.config) else spec.config.from_dict(c) for c in self.configs]
         if not configs:
             raise ValueError(f"a recipe needs at least one {spec.config.__name__}")
@@ -104,7 +110,14 @@ class Recipe(Config):
         if isinstance(self.job, dict):
             object.__setattr__(self, "job", JobConfig.from_dict(self.job))
         if not isinstance(self.job, JobConfig):
-            raise ValueError("a recipe needs a job (its model source at least)")
+            raise ValueError("a recipe needs a job mapping (its source: model, checkpoint, data at least)")
+        from prunekit.runner import run_label
+
+        labels = [run_label(c) for c in configs]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"two runs of this job would both write the run folder {twice[0]!r} (the same target, or "
+                             "none); give each run its own target, or run them as separate jobs")
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": RECIPE_FORMAT, "method": self.method, "configs": [c.to_dict() for c in self.configs],
@@ -123,7 +136,21 @@ class Recipe(Config):
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             raise ValueError(f"the recipe is not valid YAML ({' '.join(str(exc).split())})") from None
         return cls.from_dict(data)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)

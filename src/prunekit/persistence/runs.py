@@ -16,8 +16,9 @@ _WHAT = {"dense_sha256": "another dense network (its weights differ)", "method":
          "seed": "another seed"}
 
 
-def check_or_write_manifest(folder: Path, resume: bool, run: dict[str, Any]) -> None:
+def check_or_write_manifest(folder: Path, resume: bool, run: dict[str, Any], write: bool = True) -> None:
     """Write ``folder/run.json`` for a fresh run; with ``resume``, check an existing one against ``run``.
+    ``write=False`` only checks (a job checks every run before it writes anything).
 
     Raises:
         CheckpointError: the saved run differs (naming what), is unreadable, or a folder with saved work has no
@@ -48,4 +49,5 @@ def check_or_write_manifest(folder: Path, resume: bool, run: dict[str, Any]) -> 
                                   "another --out")
         raise CheckpointError(f"{folder} already holds saved work (another run's rounds, phases or epochs); resume "
                               "it or choose another folder")
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"format": RUN_FORMAT, **run}, indent=1)))
+    if write:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"format": RUN_FORMAT, **run}, indent=1)))

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from prunekit.channels.graph import ChannelGraph, ChannelPlan
-from prunekit.configs import Config
+from prunekit.configs import Config, coerce_fields
 from prunekit.measurement.metrics import count_flops, count_params, flops_by_module
 from prunekit.planning.pattern import Pattern
 
@@ -112,6 +112,7 @@ class AllocationConfig(Config):
     round_to: int = 1
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
         try:
             object.__setattr__(self, "allocation", Allocation(self.allocation))
         except ValueError:
@@ -498,5 +499,6 @@ def remove_lowest(layers: list[RankedLayer], fixed_cost: float, target_cost: flo
     if total > target_cost * 1.02:
         raise InfeasibleTargetError(
             f"cannot reach {metric} {target_cost:.4g} (reached {total:.4g}) while keeping at least "
-            f"{1 - max_per_layer:.0%} of every layer's {what}; lower the target or raise max_per_layer")
+            f"{1 - max_per_layer:.0%} of every layer's {what}; keep more (a larger target fraction, e.g. flops=0.3 "
+            "instead of 0.1) or raise max_per_layer")
     return removed, costs, total

@@ -40,6 +40,7 @@ class RoundSchedule(Config):
     MAX_ITERATIONS = 100  # every round scores, shrinks and fine-tunes; more rounds than this is a typo
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or \
                 not 1 <= self.iterations <= self.MAX_ITERATIONS:
             raise ValueError(f"iterations must be an int >= 1 and at most {self.MAX_ITERATIONS} (rounds of prune + "
