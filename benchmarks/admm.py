@@ -1,15 +1,24 @@
-"""ADMM-NN-S on the dense Fashion-MNIST LeNets: how far non-structured pruning goes within 1 point of accuracy, and
-what joint quantization does to the storage once indices and scales are counted.
+"""ADMM-NN-S on the dense Fashion-MNIST LeNets: how far progressive non-structured pruning goes within 1 point of
+accuracy, against iterative magnitude pruning (IMP) at the same epochs, and what joint quantization does to the
+storage once indices and scales are counted.
 
-For LeNet-5 and LeNet-300-100 (committed checkpoints), every row starts from the dense weights:
+For LeNet-5 and LeNet-300-100 (committed checkpoints), both rows start from the dense weights and prune
+progressively through the stages ``--rates`` (default 10x -> 20x -> 50x -> 100x), keeping every earlier stage's zeros
+(``prunekit.prune_`` with ``prunekit.ADMMConfig(stages=...)``):
 
-* ``admm``: unstructured ADMM pruning (``prunekit.prune_`` with ``prunekit.ADMMConfig``, ``--admm-epochs``)
-  keeping 1/rate of the weights (global magnitude allocation over all layers, the classifier included), then masked
-  retraining (``--retrain-epochs``);
-* ``imp``: iterative magnitude pruning with the same number of epochs (``--imp-steps`` steps, each a global
-  magnitude prune to the next rate followed by masked retraining);
-* at the highest ADMM rate within ``--max-loss`` points of the dense test accuracy: the same ADMM run followed by
-  joint quantization to 3 bits and to binary weights.
+* ``admm``: every stage is ``--admm-epochs`` of ADMM (Z/U every ``--update-every`` steps, rho rising from ``--rho``
+  to ``--rho-max``), the hard projection and ``--retrain-epochs`` of masked retraining;
+* ``imp``: the same stages with no ADMM epochs: magnitude pruning to the stage's rate and masked retraining for
+  the same ``admm + retrain`` epochs, so both rows spend the same epochs at every rate.
+
+Both use the same per-layer allocation (``--allocation``, default ``sensitivity``: each layer's validation loss when
+it alone is pruned decides its share). Every stage's model is read back from the run's phases
+(``prunekit.planning.schedule.Phases.saved``) and measured; the accuracy is the test accuracy of the stage's
+best-on-validation retraining epoch.
+
+Joint quantization (``--quant``, default 3 bits): from the ADMM stage with the highest rate whose validation accuracy
+is within ``--max-loss`` points of the dense network's, ``--quant-epochs`` of ADMM towards the levels, then
+progressive partial quantization (one retraining epoch per step).
 
 Then the structured vs non-structured verdict (``--verdict``, on by default) for LeNet-5 (10x fewer weights) and
 ResNet-20 (4x fewer FLOPs): group ADMM (whole coupled channels, removed physically) at that target, unstructured
@@ -20,13 +29,13 @@ the curvature benchmark's rows get).
 
 Storage: exact bits of the best format (``prunekit.measurement.formats``: dense, CSR, relative indexing with 5-bit gaps,
 bitmap), weights + indices + scales, every other parameter as float32; compression = dense float32 bits / that.
-Accuracy: test accuracy of the best-on-validation retraining epoch.
 
-    python benchmarks/admm.py                        # LeNet-5 and LeNet-300-100, rates 10 20 50 100
-    python benchmarks/admm.py --quick --out /tmp/q   # about a minute: digits, small LeNet-5, one rate
+    python benchmarks/admm.py --verdict                        # LeNet-5 and LeNet-300-100, 10 -> 20 -> 50 -> 100x
+    python benchmarks/admm.py --quick --out /tmp/q             # about a minute: digits, small LeNet-5, 2 stages
     python benchmarks/admm.py --models --verdict lenet5 resnet20   # only the verdict (run it on an idle machine)
 
-Every finished row is cached in ``<out>/cache``; an interrupted run resumes.
+Every finished row is cached in ``<out>/cache`` and every finished phase of a row in ``<out>/runs``; an interrupted
+run resumes.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from common import (
 )
 from prunekit.jobs import load_dense
 from prunekit.measurement.formats import encoding_storage
+from prunekit.planning.schedule import Phases
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "admm"
 VERDICT_MODELS = ("lenet5", "resnet20")
@@ -64,50 +74,83 @@ VERDICT_TARGETS = {"lenet5": ("params", 0.1), "resnet20": ("flops", 0.25)}
 VERDICT_TRAIN = {"resnet20": (0.01, prunekit.Augment.CROP_FLIP)}
 
 
-def admm_configs(rate: float, quant: str, args) -> list[prunekit.ADMMConfig]:
-    """ADMM keeping 1/rate of the weights, masked retraining and, with ``quant``, joint quantization."""
-    return [prunekit.ADMMConfig(target=prunekit.Target("params", 1 / rate), quant=quant, rho=args.rho,
-                                admm_epochs=args.admm_epochs, retrain_epochs=args.retrain_epochs)]
+def staged_config(kind: str, args) -> prunekit.ADMMConfig:
+    """The row's config: ADMM, or IMP (no ADMM epochs, the same epochs of masked retraining), through the stages."""
+    admm = kind == "admm"
+    return prunekit.ADMMConfig(
+        target=prunekit.Target("params", 1 / args.rates[-1]), stages={"rates": tuple(args.rates[:-1])},
+        allocation=args.allocation, rho=args.rho, rho_max=args.rho_max, update_every=args.update_every,
+        admm_epochs=args.admm_epochs if admm else 0,
+        retrain_epochs=args.retrain_epochs + (0 if admm else args.admm_epochs))
 
 
-def imp_configs(rate: float, quant: str, args) -> list[prunekit.ADMMConfig]:
-    """Iterative magnitude pruning with the same epochs in total: ``--imp-steps`` ADMM runs without ADMM epochs,
-    each a global magnitude prune to the next rate followed by masked retraining (``quant`` is not used)."""
-    total = args.admm_epochs + args.retrain_epochs
-    steps = min(args.imp_steps, total)
-    return [prunekit.ADMMConfig(target=prunekit.Target("params", rate ** (-i / steps)), admm_epochs=0,
-                                retrain_epochs=total // steps + (1 if i <= total % steps else 0))
-            for i in range(1, steps + 1)]
+def context(args, folder: Path | None) -> prunekit.RunContext:
+    return prunekit.RunContext(train=prunekit.TrainConfig(epochs=1, lr=args.lr, batch_size=128,
+                                                          augment=prunekit.Augment.NONE, seed=0),
+                               seed=0, progress=False, log=quiet, folder=folder,
+                               resume=folder is not None and (folder / "run.json").is_file())
 
 
-ROW_KINDS = {"admm": admm_configs, "imp": imp_configs}
+def measure(net, data, record, dense_bits: int) -> dict[str, Any]:
+    net.eval()
+    storage = encoding_storage(net, record.encoding, dense_bits)
+    return {"val_acc": prunekit.evaluate(net, data.val)["acc"], "test_acc": prunekit.evaluate(net, data.test)["acc"],
+            "storage_bits": storage["bits"], "best_format": storage["best"],
+            "compression": storage["compression"][storage["best"]]}
 
 
-def run_row(dense, data, kind: str, rate: float, quant: str, args) -> dict[str, Any]:
-    """The ``kind`` row's configs run one after the other (``prunekit.prune_``) on a copy of ``dense``."""
+def run_staged(dense, data, kind: str, args, folder: Path) -> dict[str, Any]:
+    """One row: the stages on a copy of ``dense``; every stage's model measured from the run's saved phases."""
     torch.manual_seed(0)
     net = copy.deepcopy(dense).train()
-    context = prunekit.RunContext(train=prunekit.TrainConfig(epochs=1, lr=args.lr, batch_size=128,
-                                                             augment=prunekit.Augment.NONE, seed=0),
-                                  seed=0, progress=False, log=quiet)
-    for config in ROW_KINDS[kind](rate, quant, args):
-        record = prunekit.prune_(net, config, data, context)
-    net.eval()
-    storage = encoding_storage(net, record.encoding, 32 * sum(p.numel() for p in dense.parameters()))
-    return {"kind": kind, "rate": rate, "quant": quant, "kept_fraction": record.results["kept_fraction"],
-            "val_acc": prunekit.evaluate(net, data.val)["acc"], "test_acc": prunekit.evaluate(net, data.test)["acc"],
-            "storage_bits": storage["bits"], "best_format": storage["best"],
-            "compression": storage["compression"][storage["best"]], "dense_bits": storage["dense_float32_bits"],
-            "rates": record.results["rates"]}
+    config = staged_config(kind, args)
+    record = prunekit.prune_(net, config, data, context(args, folder))
+    dense_bits = 32 * sum(p.numel() for p in dense.parameters())
+    phases = Phases(folder / "phases")
+    stages = []
+    epochs = 0
+    for i, summary in enumerate(record.results["stages"]):
+        epochs += config.admm_epochs + config.retrain_epochs
+        net.load_state_dict(phases.saved(f"stage-{i + 1}-retrain")["model"])
+        stages.append({"rate": 1 / summary["keep_target"], "kept_fraction": summary["kept_fraction"],
+                       "epochs": epochs, "removed_energy": summary["removed_energy"],
+                       "converged": summary["converged"], **measure(net, data, record, dense_bits)})
+    return {"kind": kind, "config": config.to_dict(), "stages": stages,
+            "residuals": record.results["residuals"]}
 
 
-def cached_row(cache, settings: dict[str, Any], model_name: str, dense, data, kind: str, rate: float, quant: str,
-               args) -> dict[str, Any]:
-    """One row from the cache, or run and cache it."""
-    return cache.get_or_run(
-        f"{model_name}__{kind}__x{rate:g}__{quant.replace('=', '')}", settings, run_row, dense, data, kind, rate,
-        quant, args, announce=f"{model_name} {kind} x{rate:g} {quant}: test acc {{test_acc:.4f}}, storage "
-                              "{compression:.1f}x ({best_format})")
+def run_quant(dense, data, stage_state: dict[str, torch.Tensor], kept: float, quant: str, args) -> dict[str, Any]:
+    """ADMM quantization of a pruned stage's model (its zeros kept by the same projection)."""
+    torch.manual_seed(0)
+    net = copy.deepcopy(dense).train()
+    net.load_state_dict(stage_state)
+    config = prunekit.ADMMConfig(target=prunekit.Target("params", kept), quant=quant, rho=args.rho,
+                                 rho_max=args.rho_max, update_every=args.update_every,
+                                 admm_epochs=args.quant_epochs, retrain_epochs=0)
+    record = prunekit.prune_(net, config, data, context(args, None))
+    row = measure(net, data, record, 32 * sum(p.numel() for p in dense.parameters()))
+    return {"kind": "admm", "quant": quant, "kept_fraction": record.results["kept_fraction"], **row}
+
+
+def table(model: str, dense_acc: float, admm: dict[str, Any], imp: dict[str, Any],
+          quant_rows: list[dict[str, Any]]) -> str:
+    lines = [f"**{model}** (dense test accuracy {100 * dense_acc:.2f}%)", "",
+             "| rate | epochs | ADMM test acc % | IMP test acc % | ADMM - IMP pt | ADMM loss pt | ADMM residual energy "
+             "| storage (format) |", "|---|---|---|---|---|---|---|---|"]
+    for a, m in zip(admm["stages"], imp["stages"]):
+        lines.append(f"| {a['rate']:g}x | {a['epochs']} | {100 * a['test_acc']:.2f} | {100 * m['test_acc']:.2f} | "
+                     f"{100 * (a['test_acc'] - m['test_acc']):+.2f} | {100 * (dense_acc - a['test_acc']):+.2f} | "
+                     f"{a['removed_energy']:.4f} | {a['compression']:.1f}x ({a['best_format']}) |")
+    for q in quant_rows:
+        lines.append(f"| {q['rate']:g}x + {q['quant']} | +{q['extra_epochs']} | {100 * q['test_acc']:.2f} | - | - | "
+                     f"{100 * (dense_acc - q['test_acc']):+.2f} | - | {q['compression']:.1f}x ({q['best_format']}) |")
+    return "\n".join(lines)
+
+
+def readme_table(payload: dict[str, Any]) -> str:
+    """The README's table: ADMM and IMP per stage, and the quantized rows, for every model."""
+    return "\n\n".join(table(name, m["dense_test_acc"], m["admm"], m["imp"], m["quant"])
+                        for name, m in payload["models"].items())
 
 
 def verdict_variant(dense, base, data, config: prunekit.ADMMConfig, train: prunekit.TrainConfig, metric: str,
@@ -135,7 +178,8 @@ def run_verdict(model_name: str, checkpoint: Path, cache, args, quick: bool) -> 
     train = prunekit.TrainConfig(epochs=1, lr=lr, batch_size=128, augment=augment, seed=0)
     metric, keep = VERDICT_TARGETS[model_name]
     settings = {"checkpoint_sha256": sha256(checkpoint), "epochs": args.verdict_epochs, "rho": args.rho,
-                "train": train.to_dict(), "target": [metric, keep]}
+                "rho_max": args.rho_max, "update_every": args.update_every, "train": train.to_dict(),
+                "target": [metric, keep]}
     rows: dict[str, dict[str, Any]] = {}
     # the group variant keeps whole coupled channels; the unstructured one then keeps as many weights
     variants = (("group", lambda: (prunekit.Target(metric, keep), metric)),
@@ -146,8 +190,9 @@ def run_verdict(model_name: str, checkpoint: Path, cache, args, quick: bool) -> 
         row = cache.get(key, settings)
         if row is None or not path.is_file():
             target, what = target_of()
-            config = prunekit.ADMMConfig(pattern=pattern, target=target, rho=args.rho,
-                                         admm_epochs=args.verdict_epochs, retrain_epochs=args.verdict_epochs)
+            config = prunekit.ADMMConfig(pattern=pattern, target=target, rho=args.rho, rho_max=args.rho_max,
+                                         update_every=args.update_every, admm_epochs=args.verdict_epochs,
+                                         retrain_epochs=args.verdict_epochs)
             row = verdict_variant(dense, base, data, config, train, what, args, path)
             cache.put(key, settings, row)
             print(f"{model_name} verdict {pattern}: test acc {row['test_acc']:.4f}, keeps {row['kept_fraction']:.4f} "
@@ -181,47 +226,77 @@ def verdict_markdown(model_name: str, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def table(model: str, dense_acc: float, rows: list[dict[str, Any]]) -> str:
-    lines = [f"**{model}** (dense test accuracy {100 * dense_acc:.2f}%)", "",
-             "| method | pruning rate | quantization | kept | test acc % | loss pt | best format | storage KiB | "
-             "storage compression |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        bits = r["storage_bits"][r["best_format"]]
-        lines.append(f"| {r['kind']} | {r['rate']:g}x | {r['quant']} | {r['kept_fraction']:.4f} | "
-                     f"{100 * r['test_acc']:.2f} | {100 * (dense_acc - r['test_acc']):+.2f} | {r['best_format']} | "
-                     f"{bits / 8 / 1024:.1f} | {r['compression']:.1f}x |")
-    return "\n".join(lines)
+def model_rows(model_name: str, checkpoint: Path, cache: RowCache, args) -> dict[str, Any]:
+    """The ADMM and IMP rows and the quantized rows of one model (each cached; the staged rows resume by phase)."""
+    dense, _, data_cfg = load_dense(None, checkpoint, None)
+    data = prunekit.load_dataset(data_cfg)
+    dense_val, dense_test = (prunekit.evaluate(dense, split)["acc"] for split in (data.val, data.test))
+    settings = {"checkpoint_sha256": sha256(checkpoint), "lr": args.lr,
+                **{kind: staged_config(kind, args).to_dict() for kind in ("admm", "imp")}}
+    rows = {}
+    for kind in ("admm", "imp"):
+        key = f"{model_name}__{kind}__staged"
+        rows[kind] = cache.get_or_run(key, settings, run_staged, dense, data, kind, args, args.out / "runs" / key,
+                                      announce=f"{model_name} {kind} stages done")
+    # the highest ADMM stage within the loss on validation (none within: the first)
+    within = [i for i, st in enumerate(rows["admm"]["stages"]) if 100 * (dense_val - st["val_acc"]) <= args.max_loss]
+    best = max(within, default=0)
+    stage = rows["admm"]["stages"][best]
+    quant_rows = []
+    for quant in args.quant:
+        def quantized(quant: str = quant) -> dict[str, Any]:
+            phases = Phases(args.out / "runs" / f"{model_name}__admm__staged" / "phases")
+            saved = phases.saved(f"stage-{best + 1}-retrain")
+            if saved is None:
+                raise SystemExit(f"admm.py: the phases of {model_name}'s ADMM row are gone; delete "
+                                 f"{cache.path(f'{model_name}__admm__staged')} to run it again")
+            row = run_quant(dense, data, saved["model"], stage["kept_fraction"], quant, args)
+            return {**row, "rate": stage["rate"], "extra_epochs": 2 * args.quant_epochs + 4}
+
+        quant_rows.append(cache.get_or_run(
+            f"{model_name}__admm__x{stage['rate']:g}__{quant.replace('=', '')}", {**settings, "quant_epochs":
+                                                                                   args.quant_epochs}, quantized,
+            announce=f"{model_name} ADMM x{stage['rate']:g} {quant}: test acc {{test_acc:.4f}}, storage "
+                     "{compression:.1f}x ({best_format})"))
+    return {"dense_test_acc": dense_test, "dense_val_acc": dense_val, "highest_rate_within_loss":
+            stage["rate"] if within else None, "admm": rows["admm"], "imp": rows["imp"], "quant": quant_rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="admm.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=None, choices=sorted(LENETS),
                    help="models of the pruning-rate rows (default: both LeNets; none: skip)")
-    p.add_argument("--rates", nargs="+", type=float, default=None, help="pruning rates (default 10 20 50 100)")
-    p.add_argument("--admm-epochs", type=int, default=4)
-    p.add_argument("--retrain-epochs", type=int, default=4)
-    p.add_argument("--imp-steps", type=int, default=4)
+    p.add_argument("--rates", nargs="+", type=float, default=None,
+                   help="rising pruning rates of the stages, the last the target (default 10 20 50 100)")
+    p.add_argument("--admm-epochs", type=int, default=4, help="ADMM epochs per stage (IMP: retraining instead)")
+    p.add_argument("--retrain-epochs", type=int, default=4, help="masked retraining epochs per stage")
+    p.add_argument("--allocation", default="sensitivity", choices=["global", "uniform", "sensitivity"])
     p.add_argument("--rho", type=float, default=1e-2)
+    p.add_argument("--rho-max", type=float, default=100.0)
+    p.add_argument("--update-every", type=int, default=50)
+    p.add_argument("--quant", nargs="*", default=["bits=3"], help="joint quantizations of the best stage")
+    p.add_argument("--quant-epochs", type=int, default=2, help="ADMM epochs of the quantized rows")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--verdict", nargs="*", default=None, choices=sorted(VERDICT_MODELS),
                    help="models of the structured vs non-structured verdict (default: lenet5 resnet20; none: skip)")
     p.add_argument("--verdict-epochs", type=int, default=1, help="ADMM and retraining epochs of each verdict variant")
-    p.add_argument("--max-loss", type=float, default=1.0, help="accuracy points allowed for the highest rate")
+    p.add_argument("--max-loss", type=float, default=1.0,
+                   help="validation accuracy points allowed for the stage that is quantized")
     p.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.models = ["lenet5"] if args.models is None else args.models
-        args.rates = args.rates or [10.0]
-        args.admm_epochs, args.retrain_epochs, args.imp_steps = 1, 1, 2
+        args.rates = args.rates or [5.0, 10.0]
+        args.admm_epochs, args.retrain_epochs, args.quant_epochs, args.update_every = 1, 1, 1, 5
         args.verdict = ["lenet5"] if args.verdict is None else args.verdict
         torch.set_num_threads(1)
     args.verdict = sorted(VERDICT_MODELS) if args.verdict is None else args.verdict
     args.models = list(LENETS) if args.models is None else args.models
     args.rates = args.rates or [10.0, 20.0, 50.0, 100.0]
-    if any(not r > 1 for r in args.rates):
-        p.error(f"--rates must be > 1 (10 keeps a tenth of the weights), got {args.rates}")
+    if any(not r > 1 for r in args.rates) or any(a >= b for a, b in zip(args.rates, args.rates[1:])):
+        p.error(f"--rates must rise and be > 1 (10 keeps a tenth of the weights), got {args.rates}")
     command = shlex.join(["python", "benchmarks/admm.py", *(sys.argv[1:] if argv is None else argv)])
     cache = RowCache(args.out / "cache")
 
@@ -231,31 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         return checkpoint_paths([model_name], args.checkpoint_dir, accepted)[model_name]
 
     payload: dict[str, Any] = {"command": command, "models": {}}
-    texts = []
     for model_name in args.models:
-        checkpoint = checkpoint_of(model_name, LENETS)
-        dense, _, data_cfg = load_dense(None, checkpoint, None)
-        data = prunekit.load_dataset(data_cfg)
-        dense_acc = prunekit.evaluate(dense, data.test)["acc"]
-        settings = {"checkpoint_sha256": sha256(checkpoint), "admm_epochs": args.admm_epochs,
-                    "retrain_epochs": args.retrain_epochs, "imp_steps": args.imp_steps, "rho": args.rho,
-                    "lr": args.lr}
-        rows, ok = [], []
-        for rate in args.rates:
-            admm, imp = (cached_row(cache, settings, model_name, dense, data, kind, rate, "none", args)
-                         for kind in ROW_KINDS)
-            rows += [admm, imp]
-            if 100 * (dense_acc - admm["test_acc"]) <= args.max_loss:
-                ok.append(rate)
-        best_rate = max(ok, default=min(args.rates))  # none within: quantize the lowest
-        for quant in ("bits=3", "binary"):
-            rows.append(cached_row(cache, settings, model_name, dense, data, "admm", best_rate, quant, args))
-        payload["models"][model_name] = {"dense_test_acc": dense_acc, "highest_rate_within_loss": best_rate,
-                                         "rows": rows}
-        texts.append(table(model_name, dense_acc, rows))
-        texts.append(f"Highest ADMM pruning rate within {args.max_loss:g} point(s): {best_rate:g}x." if ok else
-                     f"No ADMM pruning rate stays within {args.max_loss:g} point(s); quantized at the lowest, "
-                     f"{best_rate:g}x.")
+        payload["models"][model_name] = model_rows(model_name, checkpoint_of(model_name, LENETS), cache, args)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.verdict:
         verdicts = {}
@@ -264,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                                                args.quick)
         vmd = ["# Structured vs non-structured pruning on this CPU" + (" (quick smoke run)" if args.quick else ""),
                "", "Made by (from the repository root):", "", f"    {command}", "",
-               f"Each variant: {args.verdict_epochs} ADMM epoch(s) (rho {args.rho:g}) + {args.verdict_epochs} "
-               f"retraining epoch(s) from the dense checkpoint; latency at batch 64, "
-               f"{torch.get_num_threads()} thread(s), medians.", ""]
+               f"Each variant: {args.verdict_epochs} ADMM epoch(s) (rho {args.rho:g} -> {args.rho_max:g}, Z/U every "
+               f"{args.update_every} steps) + {args.verdict_epochs} retraining epoch(s) from the dense checkpoint; "
+               f"latency at batch 64, {torch.get_num_threads()} thread(s), medians.", ""]
         vmd += [verdict_markdown(m, r) for m, r in verdicts.items()]
         write_text(args.out / "verdict.md", "\n".join(vmd))
         print("\n".join(vmd))
@@ -275,9 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out / "admm.json", payload)
     md = ["# ADMM-NN-S on the LeNets" + (" (quick smoke run)" if args.quick else ""), "",
           "Made by (from the repository root):", "", f"    {command}", "",
-          f"ADMM {args.admm_epochs} epoch(s) (rho {args.rho:g}, x1.3 per epoch) + {args.retrain_epochs} masked "
-          f"retraining epoch(s), SGD lr {args.lr}; IMP: {args.imp_steps} prune-retrain steps, the same epochs.", ""]
-    md += [t + "\n" for t in texts]
+          f"Stages {' -> '.join(f'{r:g}x' for r in args.rates)}, {args.allocation} allocation, SGD lr {args.lr}. ADMM: "
+          f"{args.admm_epochs} ADMM epoch(s) per stage (Z/U every {args.update_every} steps, rho {args.rho:g} -> "
+          f"{args.rho_max:g}) + {args.retrain_epochs} masked retraining epoch(s); IMP: magnitude pruning + "
+          f"{args.admm_epochs + args.retrain_epochs} retraining epochs per stage. Epochs are cumulative; residual "
+          "energy: what the hard projection removed after ADMM (converged under 0.01). Quantized rows: the highest "
+          f"ADMM stage within {args.max_loss:g} validation point(s), {args.quant_epochs} ADMM epochs towards the "
+          "levels and progressive quantization.", "", readme_table(payload), ""]
     write_text(args.out / "admm.md", "\n".join(md))
     print("\n".join(md))
     return 0

@@ -61,6 +61,7 @@ from common import (
     write_json,
     write_text,
 )
+from prunekit.configs import plain
 from prunekit.jobs import load_dense
 from prunekit.measurement.plots import plot_mask_metrics
 from prunekit.methods.dpp import dpp_prune_, ste_quantizer
@@ -80,15 +81,27 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
+def tuned_recipe(args) -> dict[str, Any]:
+    """The DPP settings the LeNet-5 pilots chose (``results/dpp/pilot-*``)."""
+    return {"temperature": TEMPERATURE, "init_scale": args.init_scale, "noise_scale": args.noise_scale,
+            "anneal_noise": args.anneal_noise, "logit_lr_scale": args.logit_lr_scale,
+            "logit_optimizer": args.logit_optimizer, "entropy_weight": args.entropy_weight}
+
+
+def authors_recipe(args) -> dict[str, Any]:
+    """The authors' recipe (Gonzalez-Carabarin et al. 2021, arXiv 2105.12686): linear temperature 5 -> 0.5, random
+    normal logits trained by their own Adam (at the weights' scheduled lr), the entropy regulariser."""
+    return {"temperature": AUTHORS_TEMPERATURE, "logit_init": "normal", "init_scale": 1.0,
+            "logit_optimizer": "adam", "logit_lr_scale": 1.0, "entropy_weight": args.authors_entropy}
+
+
 def dpp_k_of_n_(net: nn.Module, data, per_layer: dict[str, tuple[int, int]], quant: str,
-                train: prunekit.TrainConfig, args) -> dict[str, Any]:
+                train: prunekit.TrainConfig, args, recipe=tuned_recipe) -> dict[str, Any]:
     """DPP masks and weights trained together with the layer plan's k of n per layer (``dpp_prune_``: the plan
     and the quantization of the layers left dense are the benchmark's, not a config's); the layers left dense are
     quantized too."""
     k, n = next(iter(per_layer.values()))
-    config = prunekit.DPPConfig(k=k, n=n, quant=quant, epochs=args.epochs, temperature=TEMPERATURE,
-                                init_scale=args.init_scale, noise_scale=args.noise_scale,
-                                anneal_noise=args.anneal_noise, logit_lr_scale=args.logit_lr_scale)
+    config = prunekit.DPPConfig(k=k, n=n, quant=quant, epochs=args.epochs, **recipe(args))
     configs = {name: replace(config, k=kk, n=nn_) for name, (kk, nn_) in per_layer.items()}
     dense_layers = [m for name, m in _layers(net).items() if name not in per_layer]
     quantize_(dense_layers, quant)  # dpp_prune_ quantizes the layers it masks
@@ -132,7 +145,13 @@ def magnitude_k_of_n_(net: nn.Module, data, per_layer: dict[str, tuple[int, int]
     return {}
 
 
-ROW_METHODS = {"magnitude": magnitude_k_of_n_, "dpp": dpp_k_of_n_}  # the baseline first
+def dpp_authors_k_of_n_(net: nn.Module, data, per_layer: dict[str, tuple[int, int]], quant: str,
+                        train: prunekit.TrainConfig, args) -> dict[str, Any]:
+    return dpp_k_of_n_(net, data, per_layer, quant, train, args, authors_recipe)
+
+
+ROW_METHODS = {"magnitude": magnitude_k_of_n_, "dpp": dpp_k_of_n_, "dpp-authors": dpp_authors_k_of_n_}
+AUTHORS_TEMPERATURE = prunekit.TemperatureSchedule(5.0, 0.5, "linear")
 
 
 def run_row(dense, data, method: str, sparsity: float, quant: str, args) -> dict[str, Any]:
@@ -181,11 +200,10 @@ FILTER_MODELS = ("resnet20",)
 FILTER_FLOPS = 0.25
 
 
-def filter_row(checkpoint: Path, epochs: int, augment: prunekit.Augment, init_scale: float = 1.0,
-               anneal_noise: bool = False) -> dict[str, Any]:
-    """DPP's group pattern (``prunekit.prune_`` with ``prunekit.DPPConfig(pattern="group")``): filters of coupled
-    groups from the dense checkpoint, the dropped ones removed physically. The logits learn at the weights' lr: a
-    filter mask's gradient already sums over a whole channel."""
+def filter_row(checkpoint: Path, epochs: int, augment: prunekit.Augment, recipe: dict[str, Any]) -> dict[str, Any]:
+    """DPP's group pattern (``prunekit.prune_`` with ``prunekit.DPPConfig(pattern="group", **recipe)``): filters of
+    coupled groups from the dense checkpoint, the dropped ones removed physically. The tuned recipe's logits learn
+    at the weights' lr: a filter mask's gradient already sums over a whole channel."""
     from prunekit.channels.graph import ChannelGraph
     from prunekit.persistence.architecture import input_shape_of
 
@@ -193,7 +211,7 @@ def filter_row(checkpoint: Path, epochs: int, augment: prunekit.Augment, init_sc
     data = prunekit.load_dataset(data_cfg)
     shape = (1, *input_shape_of(base))
     config = prunekit.DPPConfig(pattern="group", target=prunekit.Target("flops", FILTER_FLOPS), epochs=epochs,
-                                temperature=TEMPERATURE, init_scale=init_scale, anneal_noise=anneal_noise)
+                                **recipe)
     train = prunekit.TrainConfig(epochs=epochs, lr=0.01, batch_size=128, augment=augment, seed=0)
     net, record = prune_copy(dense, config, data, train=train)
     net.eval()
@@ -209,12 +227,17 @@ def filter_row(checkpoint: Path, epochs: int, augment: prunekit.Augment, init_sc
             "metrics": metrics, "final_confidence": {k: v for k, v in last.items() if k.endswith("/confidence")}}
 
 
-def filter_table(model: str, row: dict[str, Any], reference: Path) -> str:
+FILTER_RECIPES = {"tuned": "DPP filter (coupled groups)", "authors": "DPP filter, the authors' recipe"}
+
+
+def filter_table(model: str, rows: dict[str, dict[str, Any]], reference: Path) -> str:
+    """``rows``: recipe name -> that recipe's filter row."""
+    row = next(iter(rows.values()))
     lines = [f"**{model}, filter granularity at 1/{1 / FILTER_FLOPS:g} of the FLOPs** (dense test accuracy "
              f"{100 * row['dense_test_acc']:.2f}%)", "",
-             "| method | FLOPs red. | params red. | test acc % | source |", "|---|---|---|---|---|",
-             f"| DPP filter (coupled groups) | {row['flops_reduction']:.2f}x | {row['params_reduction']:.2f}x | "
-             f"{100 * row['test_acc']:.2f} | this run |"]
+             "| method | FLOPs red. | params red. | test acc % | source |", "|---|---|---|---|---|"]
+    lines += [f"| {FILTER_RECIPES[name]} | {r['flops_reduction']:.2f}x | {r['params_reduction']:.2f}x | "
+              f"{100 * r['test_acc']:.2f} | this run |" for name, r in rows.items()]
     if reference.is_file():  # the curvature benchmark's one-shot rows: same checkpoint, same two epochs
         for r in json.loads(reference.read_text()).get("rows", []):
             if r.get("model") == model and r.get("schedule") == "one-shot" and \
@@ -226,43 +249,51 @@ def filter_table(model: str, row: dict[str, Any], reference: Path) -> str:
 
 
 def _pairs(rows: list[dict[str, Any]]):
-    """``(sparsity target, quant, magnitude row or None, DPP row)`` in run order."""
+    """``(sparsity target, quant, magnitude row, DPP row, authors'-recipe DPP row)`` in run order (``None`` where
+    a row was not run)."""
     by: dict[str, dict[tuple[float, str], dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(r["method"], {})[(r["sparsity_target"], r["quant"])] = r
     for (s, q), r in by.get("dpp", {}).items():
-        yield s, q, by.get("magnitude", {}).get((s, q)), r
+        yield s, q, by.get("magnitude", {}).get((s, q)), r, by.get("dpp-authors", {}).get((s, q))
 
 
-def _cells(mag: dict[str, Any] | None, dpp: dict[str, Any]) -> str:
-    mag_acc = "-" if mag is None else f"{100 * mag['test_acc']:.2f}"
-    diff = "-" if mag is None else f"{100 * (dpp['test_acc'] - mag['test_acc']):+.2f}"
-    return f"{mag_acc} | {100 * dpp['test_acc']:.2f} | {diff} | {dpp['sparsity']:.3f}"
+def _cells(mag: dict[str, Any] | None, dpp: dict[str, Any], authors: dict[str, Any] | None) -> str:
+    def acc(r):
+        return "-" if r is None else f"{100 * r['test_acc']:.2f}"
+
+    def diff(r):
+        return "-" if mag is None or r is None else f"{100 * (r['test_acc'] - mag['test_acc']):+.2f}"
+
+    return f"{acc(mag)} | {acc(dpp)} | {diff(dpp)} | {acc(authors)} | {diff(authors)} | {dpp['sparsity']:.3f}"
+
+
+HEAD = ("magnitude k-of-n % | DPP tuned % | tuned - magnitude pt | DPP authors' recipe % | authors - magnitude pt | "
+        "sparsity reached")
 
 
 def table(model: str, dense_acc: float, rows: list[dict[str, Any]]) -> str:
     lines = [f"**{model}** (dense test accuracy {100 * dense_acc:.2f}%)", "",
-             "| sparsity target | weights | magnitude k-of-n test acc % | DPP test acc % | DPP - magnitude pt | "
-             "sparsity reached |", "|---|---|---|---|---|---|"]
-    lines += [f"| {s:.0%} | {q} | {_cells(mag, r)} |" for s, q, mag, r in _pairs(rows)]
+             f"| sparsity target | weights | {HEAD} |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {s:.0%} | {q} | {_cells(mag, r, a)} |" for s, q, mag, r, a in _pairs(rows)]
     return "\n".join(lines)
 
 
 def readme_table(payload: dict[str, Any]) -> str:
     """Both LeNets in one table, with each row's k of n per layer (the README's DPP table)."""
-    lines = ["| model (dense %) | sparsity target | weights | k of n per layer | magnitude k-of-n % | DPP % | "
-             "DPP - magnitude pt | sparsity reached |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| model (dense %) | sparsity target | weights | k of n per layer | {HEAD} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for model, entry in payload["models"].items():
-        for s, q, mag, r in _pairs(entry["rows"]):
+        for s, q, mag, r, a in _pairs(entry["rows"]):
             plan = ", ".join(f"{name} {k}/{n}" for name, (k, n) in r["k_of_n"].items())
             lines.append(f"| {model} ({100 * entry['dense_test_acc']:.2f}) | {s:.0%} | {q} | {plan} | "
-                         f"{_cells(mag, r)} |")
+                         f"{_cells(mag, r, a)} |")
     return "\n".join(lines)
 
 
 def readme_filter_table(payload: dict[str, Any]) -> str:
-    return "\n\n".join(filter_table(model, row, ROOT / "benchmarks/results/eigendamage/eigendamage.json")
-                        for model, row in payload.get("filter", {}).items())
+    return "\n\n".join(filter_table(model, rows, ROOT / "benchmarks/results/eigendamage/eigendamage.json")
+                        for model, rows in payload.get("filter", {}).items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,6 +318,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="DPP noise scale follows the temperature down (DPPConfig.anneal_noise; default on)")
     p.add_argument("--logit-lr-scale", type=float, default=LOGIT_LR_SCALE,
                    help=f"DPP logits' learning rate as a multiple of --lr (default {LOGIT_LR_SCALE:g})")
+    p.add_argument("--logit-optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="how the tuned recipe's logits learn (default sgd, at --logit-lr-scale x lr)")
+    p.add_argument("--entropy-weight", type=float, default=0.0, help="the tuned recipe's entropy regulariser")
+    p.add_argument("--authors-sparsities", nargs="*", type=float, default=[0.9],
+                   help="sparsities that also get the authors'-recipe DPP rows (default 0.9)")
+    p.add_argument("--authors-entropy", type=float, default=0.01,
+                   help="entropy regulariser weight of the authors' recipe (default 0.01)")
+    p.add_argument("--filter-recipes", nargs="+", default=["tuned", "authors"], choices=sorted(FILTER_RECIPES))
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -295,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.models, args.sparsities = args.models or ["lenet5"], args.sparsities or [0.75]
         args.quant, args.epochs = args.quant or ["none"], 1
-        args.quant_sparsities = [0.75]
+        args.quant_sparsities = args.authors_sparsities = [0.75]
         torch.set_num_threads(1)
     args.filter_models = ["resnet20"] if args.filter_models is None else args.filter_models
     args.models = args.models or ["lenet5", "lenet300"]
@@ -324,22 +363,29 @@ def main(argv: list[str] | None = None) -> int:
                     **({"layer_plan": args.layer_plan} if args.layer_plan != "uniform" else {})}
         row_settings = {"magnitude": settings, "dpp": {
             **settings, "init_scale": args.init_scale, "noise_scale": args.noise_scale,
-            "anneal_noise": args.anneal_noise, "logit_lr_scale": args.logit_lr_scale}}
+            "anneal_noise": args.anneal_noise, "logit_lr_scale": args.logit_lr_scale,
+            **({"logit_optimizer": args.logit_optimizer} if args.logit_optimizer != "sgd" else {}),
+            **({"entropy_weight": args.entropy_weight} if args.entropy_weight else {})},
+            "dpp-authors": {**settings, "recipe": plain(authors_recipe(args))}}
         rows = []
         for q in args.quant:
             for s in args.sparsities:
                 if q != "none" and s not in args.quant_sparsities:
                     continue
                 for method in ROW_METHODS:
+                    if method == "dpp-authors" and s not in args.authors_sparsities:
+                        continue
+                    # quantized DPP rows since the quantizer acts on the masked weights (issue 16)
+                    fixed = {"quantizer": "after-mask"} if q != "none" and method != "magnitude" else {}
                     rows.append(cache.get_or_run(
                         f"{model_name}__{method}__s{s:g}__{q.replace('=', '')}",
-                        row_settings[method], run_row, dense, data,
+                        {**row_settings[method], **fixed}, run_row, dense, data,
                         method, s, q, args, announce=f"{model_name} {method} {s:.0%} {q}: test acc "
                                                      "{test_acc:.4f} (sparsity {sparsity:.3f})"))
         payload["models"][model_name] = {"dense_test_acc": dense_acc, "rows": rows}
         texts.append(table(model_name, dense_acc, rows))
         for r in rows:  # how the masks settled: the float DPP row (the one with mask metrics) at the goal's sparsity
-            if r.get("metrics") and r["quant"] == "none" and \
+            if r["method"] == "dpp" and r["quant"] == "none" and \
                     r["sparsity_target"] == max(s for s in args.sparsities if s <= 0.9):
                 name = f"{model_name}_mask_metrics.png"
                 args.out.mkdir(parents=True, exist_ok=True)
@@ -351,15 +397,20 @@ def main(argv: list[str] | None = None) -> int:
         [(m, path, args.filter_epochs, prunekit.Augment.CROP_FLIP)
          for m, path in checkpoint_paths(args.filter_models, args.checkpoint_dir, FILTER_MODELS).items()]
     for model_name, checkpoint, epochs, augment in filter_jobs:
-        key, settings = f"{model_name}__filter__flops{FILTER_FLOPS:g}", {
-            "checkpoint_sha256": sha256(checkpoint), "epochs": epochs, "augment": augment.value,
-            "init_scale": args.init_scale, "anneal_noise": args.anneal_noise}
-        row = cache.get_or_run(key, settings, filter_row, checkpoint, epochs, augment, args.init_scale,
-                               args.anneal_noise,
-                               announce=f"{model_name} DPP filter: test acc {{test_acc:.4f}} "
-                                        "(FLOPs {flops_reduction:.2f}x)")
-        payload.setdefault("filter", {})[model_name] = row
-        texts.append(filter_table(model_name, row, ROOT / "benchmarks/results/eigendamage/eigendamage.json"))
+        base = {"checkpoint_sha256": sha256(checkpoint), "epochs": epochs, "augment": augment.value}
+        recipes = {"tuned": ({"temperature": TEMPERATURE, "init_scale": args.init_scale,
+                              "anneal_noise": args.anneal_noise},
+                             {"init_scale": args.init_scale, "anneal_noise": args.anneal_noise}),
+                   "authors": (authors_recipe(args), {"recipe": plain(authors_recipe(args))})}
+        rows = {}
+        for name in args.filter_recipes:
+            recipe, settings = recipes[name]
+            key = f"{model_name}__filter__flops{FILTER_FLOPS:g}" + ("" if name == "tuned" else f"__{name}")
+            rows[name] = cache.get_or_run(key, {**base, **settings}, filter_row, checkpoint, epochs, augment, recipe,
+                                          announce=f"{model_name} DPP filter ({name}): test acc {{test_acc:.4f}} "
+                                                   "(FLOPs {flops_reduction:.2f}x)")
+        payload.setdefault("filter", {})[model_name] = rows
+        texts.append(filter_table(model_name, rows, ROOT / "benchmarks/results/eigendamage/eigendamage.json"))
     write_json(args.out / "dpp.json", payload)
     md = ["# DPP vs magnitude k-of-n" + (" (quick smoke run)" if args.quick else ""), "",
           "Made by (from the repository root):", "", f"    {command}", "",
@@ -367,7 +418,10 @@ def main(argv: list[str] | None = None) -> int:
           f"layer plan {args.layer_plan} (k of n per layer in `dpp.json`); "
           f"DPP logits start at {args.init_scale:g} x log(1 + |w| / mean|w|), Gumbel noise scale "
           f"{args.noise_scale:g}{' annealed with the temperature' if args.anneal_noise else ''}, logit lr "
-          f"{args.logit_lr_scale:g} x lr; test accuracy of the best-on-validation epoch.", ""] + \
+          f"{args.logit_lr_scale:g} x lr. The authors' recipe: temperature 5 -> 0.5 linear, logits from N(0, 1) "
+          f"trained by their own Adam at the weights' scheduled lr, entropy weight {args.authors_entropy:g}. Both "
+          "start from the dense weights (from scratch was not run: the budget went to the rows above). Quantized "
+          "DPP rows quantize the masked weights. Test accuracy of the best-on-validation epoch.", ""] + \
         [t + "\n" for t in texts]
     write_text(args.out / "dpp.md", "\n".join(md))
     print("\n".join(md))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import admm
 import deploy
 import dpp
 import eigendamage
@@ -29,6 +30,7 @@ def tables() -> dict[str, str]:
         "deploy": deploy.readme_table(json.loads((results / "deploy" / "deploy.json").read_text())["rows"]),
         "dpp": dpp.readme_table(json.loads((results / "dpp" / "dpp.json").read_text())),
         "dpp-filter": dpp.readme_filter_table(json.loads((results / "dpp" / "dpp.json").read_text())),
+        "admm": admm.readme_table(json.loads((results / "admm" / "admm.json").read_text())),
     }
 
 

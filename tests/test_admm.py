@@ -29,15 +29,66 @@ def test_unstructured_admm_reaches_the_rate_and_zeros_survive_retraining(synthet
     model = _lenet300(synthetic, trained=True)
     dense_acc = evaluate(model, synthetic.val)["acc"]
     # 8 steps per epoch: a strong rho
-    config = ADMMConfig(target="params=0.1", rho=0.2, admm_epochs=3, retrain_epochs=1)
+    config = ADMMConfig(target="params=0.1", admm_epochs=3, retrain_epochs=1)
     result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
     assert result.kept_fraction() == pytest.approx(0.1, abs=0.01)
     for name, module in constrained_layers(model, config, synthetic.train[:2][0]).items():
         assert torch.equal(module.weight * (1 - result.masks[name]), torch.zeros_like(module.weight))
-    assert len(result.residuals["prune"]) == 3  # one Z/U update per epoch
-    before, after = result.residuals["removed_energy"]
+    # 8 steps per epoch, fewer than update_every: one Z/U update per epoch
+    assert len(result.residuals["stage-1"]["prune"]) == 3
+    before, after = result.residuals["stage-1"]["removed_energy"]
     assert after < 0.5 * before  # ADMM moved the weights towards the constraint set
     assert evaluate(model, synthetic.val)["acc"] >= dense_acc - 0.1
+
+
+def test_frequent_updates_and_a_rising_rho_converge_where_one_update_an_epoch_does_not(synthetic):
+    """The issue's measurement in small: Z/U every few steps with rho rising to rho_max leaves the hard projection
+    nothing to remove; the old schedule (one update an epoch, small rho) leaves a large residual."""
+    removed = {}
+    for every, rho_max in ((0, 0.003), (2, 100.0)):
+        model = _lenet300(synthetic, trained=True)
+        config = ADMMConfig(target="params=0.05", rho=1e-3, rho_max=rho_max, update_every=every, admm_epochs=3,
+                            retrain_epochs=0)
+        result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
+        assert len(result.residuals["stage-1"]["prune"]) == (3 if every == 0 else 12)
+        removed[every] = result.stages[0]["removed_energy"]
+        assert result.stages[0]["converged"] is (removed[every] <= 0.01)
+    assert removed[2] < 0.01 < removed[0]
+
+
+def test_stages_keep_earlier_zeros_and_reach_the_target(synthetic, tmp_path):
+    from prunekit.planning.schedule import Phases
+
+    model = _lenet300(synthetic, trained=True)
+    config = ADMMConfig(target="params=x10", stages={"rates": (2, 4)}, admm_epochs=1, retrain_epochs=1,
+                        update_every=4)
+    result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet, phases=Phases(tmp_path))
+    assert [round(s["keep_target"], 4) for s in result.stages] == [0.5, 0.25, 0.1]
+    assert result.kept_fraction() == pytest.approx(0.1, abs=0.01) and result.selected == 2
+    masks = [torch.load(tmp_path / f"stage-{i}-projection.pt", weights_only=True)["tensors"] for i in (1, 2, 3)]
+    for earlier, later in zip(masks, masks[1:]):
+        for name in earlier:
+            assert not (later[name].bool() & ~earlier[name].bool()).any(), name  # zeros stay zero
+    assert set(result.residuals) == {"stage-1", "stage-2", "stage-3"}
+    # a resumed run loads every stage and ends with the same weights
+    again = _lenet300(synthetic, trained=True)
+    resumed = admm_prune_(again, synthetic, config, TRAIN, progress=False, log=_quiet, phases=Phases(tmp_path))
+    assert resumed.selected == 2 and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                          again.state_dict().values()))
+
+
+def test_a_stage_beyond_the_tolerance_stops_the_run_and_the_stage_before_is_kept(synthetic, tmp_path):
+    from prunekit.planning.schedule import Phases
+
+    model = _lenet300(synthetic, trained=True)
+    config = ADMMConfig(target="params=0.0005", stages={"rates": (2,), "tolerance": 10.0}, admm_epochs=0,
+                        retrain_epochs=1)
+    result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet, phases=Phases(tmp_path))
+    assert [s["within_tolerance"] for s in result.stages] == [True, False]
+    assert result.selected == 0 and result.kept_fraction() == pytest.approx(0.5, abs=0.01)
+    stage_one = torch.load(tmp_path / "stage-1-retrain.pt", weights_only=True)["model"]
+    assert all(torch.equal(stage_one[k], v) for k, v in model.state_dict().items())
+    assert evaluate(model, synthetic.val)["acc"] == result.stages[0]["val_acc"]
 
 
 def test_masked_retraining_keeps_zeros_and_their_momentum_zero(synthetic):
@@ -105,6 +156,32 @@ def test_global_allocation_meets_the_overall_rate_and_rates_override(synthetic):
         allocate_rates(layers, ADMMConfig(rates={"nope": 0.5}))
 
 
+def test_sensitivity_allocation_spares_the_layer_whose_loss_rises(synthetic):
+    from prunekit.planning.allocation import InfeasibleTargetError, sensitivity_rates
+    from prunekit.planning.pattern import Pattern
+
+    weights = {"big": torch.randn(100, 100), "small": torch.randn(10, 100)}
+
+    def loss_with(name: str, keep: float) -> float:  # "big" hurts as soon as it is pruned hard
+        return (1 - keep) * (100.0 if name == "big" else 1.0)
+
+    rates = sensitivity_rates(weights, Pattern.UNSTRUCTURED, 0.5, loss_with)
+    kept = sum(rates[n] * w.numel() for n, w in weights.items()) / sum(w.numel() for w in weights.values())
+    assert kept == pytest.approx(0.5)
+    assert rates["small"] < rates["big"] < 1
+    assert sensitivity_rates(weights, Pattern.UNSTRUCTURED, 0.5, loss_with, fixed={"big": 0.5})["big"] == 0.5
+    with pytest.raises(InfeasibleTargetError, match="less than one filter unit"):
+        sensitivity_rates(weights, Pattern.FILTER, 0.001, loss_with)
+
+
+def test_admm_with_the_sensitivity_allocation_meets_the_rate(synthetic):
+    model = _lenet300(synthetic, trained=True)
+    config = ADMMConfig(target="params=0.05", allocation="sensitivity", admm_epochs=0, retrain_epochs=0)
+    result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
+    assert result.kept_fraction() == pytest.approx(0.05, abs=0.005)
+    assert min(result.rates.values()) >= 0.001  # no layer starved to nothing
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"target": "params=1.0"}, "keep fraction must be in"),  # was keep=1.0, "keep must be a fraction"
     ({"pattern": "k-of-n", "target": None, "k": 4, "n": 4}, "k < n"),
@@ -115,6 +192,13 @@ def test_global_allocation_meets_the_overall_rate_and_rates_override(synthetic):
     ({"admm_epochs": -1}, "admm_epochs must be an int >= 0"),
     ({"pattern": "group", "target": "flops=1.0"}, "keep fraction must be in"),
     ({"pattern": "group", "target": "latency=0.5"}, "target metric must be one of"),
+    ({"rho": 0.1, "rho_max": 0.01}, "rho_max between rho and 1e4"),
+    ({"target": "params=x10", "stages": {"rates": (5, 20)}}, "below the target's x10"),
+    ({"target": "params=x10", "stages": {"rates": (5, 2)}}, "stage rates must rise"),
+    ({"stages": {"rates": (1,)}}, "each be > 1"),
+    ({"stages": {"tolerance": -1}}, "between 0 and 100"),
+    ({"pattern": "k-of-n", "target": None, "k": 1, "n": 4, "stages": {"rates": (2,)}}, "runs in one stage"),
+    ({"allocation": "sideways"}, "allocation"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -124,6 +208,8 @@ def test_config_validation(kwargs, match):
 def test_config_round_trips():
     c = ADMMConfig(pattern="column", target="params=0.3", quant="bits=4", rates={"fc": 0.5}, quant_steps=(0.5, 1.0))
     assert ADMMConfig.from_dict(c.to_dict()) == c
+    c = ADMMConfig(target="params=x100", stages={"rates": (10, 30), "tolerance": 1.0}, allocation="sensitivity")
+    assert ADMMConfig.from_yaml(c.to_yaml()) == c
 
 
 def test_fit_without_selection_keeps_the_last_epoch(synthetic):
@@ -219,7 +305,7 @@ def test_group_admm_meets_the_flops_target_and_the_saved_model_replays(synthetic
     params = sum(p.numel() for p in model.parameters())
     config = ADMMConfig(pattern="group", target="flops=0.25", admm_epochs=1, retrain_epochs=1, rho=0.05)
     result = admm_prune_(model, synthetic, config, TRAIN, progress=False, log=_quiet)
-    assert result.change["kind"] == "channels" and result.residuals["prune"]
+    assert result.change["kind"] == "channels" and result.residuals["stage-1"]["prune"]
     got = count_flops(model, (1, 1, 12, 12)) / flops
     assert 0.23 < got <= 0.26
     assert result.kept_fraction() < 0.5 and result.dense_bits == 32 * params
@@ -253,3 +339,23 @@ def test_group_pattern_with_quantization_is_costed_as_codes(synthetic):
     coded = encoding_storage(model, record.encoding)
     as_float = encoding_storage(model, {**record.encoding, "quant": "none"})
     assert coded["values"] == "4-bit codes" and coded["bits"]["dense"] < as_float["bits"]["dense"] / 4
+
+
+@pytest.mark.parametrize("rho_max, converged", [(1e-3, False), (100.0, True)])
+def test_the_report_says_whether_admm_converged_and_draws_the_residuals(synthetic, tmp_path, rho_max, converged):
+    import prunekit
+
+    model = _lenet300(synthetic, trained=True)
+    config = ADMMConfig(target="params=0.05", rho=1e-3, rho_max=rho_max, update_every=2, admm_epochs=3,
+                        retrain_epochs=0)
+    record = prunekit.prune_(model, config, synthetic, prunekit.RunContext(train=TRAIN, progress=False, log=_quiet))
+    assert record.results["converged"] is converged
+    (stage,) = record.results["stages"]
+    per_update = record.results["residuals"]["stage-1"]["removed_energy_per_update"]
+    assert len(per_update) == 12 and per_update[-1] == pytest.approx(stage["removed_energy"], rel=0.5, abs=1e-6)
+    unconverged = [n for n in record.notes if n.startswith("ADMM ended unconverged")]
+    assert bool(unconverged) is not converged
+    if unconverged:
+        assert f"removed {100 * stage['removed_energy']:.1f}% of the weights' energy" in unconverged[0]
+    path = record.figures["admm_residuals.png"](tmp_path / "admm_residuals.png")
+    assert path.stat().st_size > 1000

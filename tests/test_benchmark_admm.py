@@ -23,14 +23,20 @@ def test_quick_run_writes_rows_and_resumes(tmp_path):
     first = _run("--quick", "--out", str(out))
     assert first.returncode == 0, first.stderr[-2000:]
     payload = json.loads((out / "admm.json").read_text())["models"]["lenet5"]
-    kinds = [(r["kind"], r["quant"]) for r in payload["rows"]]
-    assert kinds == [("admm", "none"), ("imp", "none"), ("admm", "bits=3"), ("admm", "binary")]
-    for r in payload["rows"]:
-        assert r["kept_fraction"] == pytest.approx(0.1, abs=0.01)
-        assert r["storage_bits"][r["best_format"]] == min(r["storage_bits"].values())
-    quantized = {r["quant"]: r["compression"] for r in payload["rows"] if r["kind"] == "admm"}
-    assert quantized["binary"] > quantized["bits=3"] > quantized["none"]  # fewer bits per kept weight
-    assert "| admm | 10x | bits=3 |" in (out / "admm.md").read_text()
+    admm, imp = payload["admm"], payload["imp"]
+    # the same stages and the same epochs at every rate for both rows
+    assert [s["rate"] for s in admm["stages"]] == [s["rate"] for s in imp["stages"]] == [5.0, 10.0]
+    assert [s["epochs"] for s in admm["stages"]] == [s["epochs"] for s in imp["stages"]] == [2, 4]
+    for stage in admm["stages"] + imp["stages"]:
+        assert stage["kept_fraction"] == pytest.approx(1 / stage["rate"], abs=0.01)
+        assert stage["storage_bits"][stage["best_format"]] == min(stage["storage_bits"].values())
+    assert all(s["converged"] is not None for s in admm["stages"]) and all(s["converged"] is None
+                                                                          for s in imp["stages"])
+    assert set(admm["residuals"]) == {"stage-1", "stage-2"}
+    (quant,) = payload["quant"]
+    assert quant["quant"] == "bits=3" and quant["compression"] > admm["stages"][-1]["compression"]
+    md = (out / "admm.md").read_text()
+    assert "| 10x | 4 |" in md and "| 10x + bits=3 |" in md
     verdict = json.loads((out / "verdict-lenet5" / "compare.json").read_text())
     assert set(verdict["rows"]) == {"dense", "group", "unstructured"}
     group, unstructured = verdict["rows"]["group"], verdict["rows"]["unstructured"]
@@ -43,6 +49,7 @@ def test_quick_run_writes_rows_and_resumes(tmp_path):
     assert second.returncode == 0 and ": test acc" not in second.stdout  # all rows cached
 
 
-def test_bad_rate_is_a_clear_error(tmp_path):
-    proc = _run("--rates", "0.5", "--out", str(tmp_path))
-    assert proc.returncode == 2 and "--rates must be > 1" in proc.stderr
+@pytest.mark.parametrize("rates", [["0.5"], ["20", "10"]])
+def test_bad_rates_are_a_clear_error(tmp_path, rates):
+    proc = _run("--rates", *rates, "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--rates must rise and be > 1" in proc.stderr

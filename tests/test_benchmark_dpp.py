@@ -15,17 +15,18 @@ def test_quick_run_compares_both_methods_at_the_same_sparsity(tmp_path):
     first = run_script("benchmarks/dpp.py", "--quick", "--out", str(out))
     assert first.returncode == 0, first.stderr[-2000:]
     rows = json.loads((out / "dpp.json").read_text())["models"]["lenet5"]["rows"]
-    assert [r["method"] for r in rows] == ["magnitude", "dpp"]
-    assert rows[0]["k_of_n"] == rows[1]["k_of_n"]  # the same pattern for both
+    assert [r["method"] for r in rows] == ["magnitude", "dpp", "dpp-authors"]
+    assert rows[0]["k_of_n"] == rows[1]["k_of_n"] == rows[2]["k_of_n"]  # the same pattern for all
     assert rows[0]["sparsity"] == pytest.approx(rows[1]["sparsity"], abs=0.01)
     assert 0.7 < rows[1]["sparsity"] < 0.8
     assert "| 75% | none |" in (out / "dpp.md").read_text()
     assert rows[1]["metrics"] and "![mask confidence and diversity](lenet5_mask_metrics.png)" in \
         (out / "dpp.md").read_text()
     assert (out / "lenet5_mask_metrics.png").read_bytes()[:4] == b"\x89PNG"
-    filters = json.loads((out / "dpp.json").read_text())["filter"]["lenet5"]
+    filters = json.loads((out / "dpp.json").read_text())["filter"]["lenet5"]["tuned"]
     assert 3.5 < filters["flops_reduction"] < 4.5 and filters["params_reduction"] > 1  # shrunk physically
     assert "| DPP filter (coupled groups) |" in (out / "dpp.md").read_text()
+    assert "| DPP filter, the authors' recipe |" in (out / "dpp.md").read_text()
     second = run_script("benchmarks/dpp.py", "--quick", "--out", str(out))
     assert second.returncode == 0 and "test acc" not in second.stdout.split("# DPP")[0]  # rows from the cache
 

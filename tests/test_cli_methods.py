@@ -40,7 +40,7 @@ def _example_value(info) -> list[str]:
     if origin is dict:
         return ["fc1=0.5"]
     if default is None:
-        return ["2" if kind is int else "x"]
+        return ["2" if kind in (int, float) else "x"]
     return [str(getattr(default, "to_text", lambda: default)())]
 
 

@@ -193,6 +193,27 @@ def test_joint_quantization_leaves_few_levels_per_layer(synthetic, quant, levels
         assert len(w[w != 0].unique()) <= levels
 
 
+def test_binary_level_is_the_mean_of_the_kept_weights_as_for_a_fixed_mask():
+    """The issue's case: a 200x50 layer at 1-of-10. DPP's binary level must equal the level that masked
+    retraining with the same mask gets (mean |w| over the kept weights), not the mean over all latent weights."""
+    from prunekit.methods.dpp import KOfNMask, constrain_, ste_quantizer
+    from prunekit.planning.constraints import QuantConstraint
+
+    torch.manual_seed(0)
+    layer = nn.Linear(50, 200, bias=False)
+    weight = layer.weight.detach().clone()
+    mask = KOfNMask(weight, DPPConfig(k=1, n=10, quant="binary"))
+    constrain_(layer, mask, QuantConstraint.parse("binary"))
+    layer.eval()  # the evaluation mask: top-k of the logits
+    kept = mask.mask().detach()
+    assert (kept.reshape(-1, 10).sum(1) == 1).all()
+    dpp_level = layer.weight.detach().abs()[kept.bool()].unique()
+    magnitude_level = ste_quantizer("binary")(weight * kept).detach().abs()[kept.bool()].unique()
+    assert len(dpp_level) == 1 and torch.allclose(dpp_level, magnitude_level)
+    assert dpp_level.item() == pytest.approx(float(weight.abs()[kept.bool()].mean()))
+    assert (layer.weight.detach()[~kept.bool()] == 0).all()
+
+
 def test_ste_quantization_passes_gradients():
     from prunekit.methods.dpp import STEQuantize
 

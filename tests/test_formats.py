@@ -76,3 +76,39 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="positive scale"):
         value_codec(w, code_bits=2)
     assert index_bits(1) == 1 and index_bits(8) == 3 and index_bits(9) == 4
+
+
+@pytest.mark.parametrize("density", [0.002, 0.05, 0.5, 1.0])
+def test_relative_bits_counts_what_the_encoder_stores(density):
+    from prunekit.measurement.formats import relative_bits
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 300, generator=g) * (torch.rand(40, 300, generator=g) < density)
+    for gap_bits in (2, 5, 9):
+        assert relative_bits(w, value_codec(w), gap_bits) == encode(w, "relative", value_codec(w),
+                                                                     gap_bits=gap_bits).bits
+
+
+def test_per_layer_storage_takes_each_layers_smallest_format():
+    """A dense small layer and a very sparse large one: one format for both pays indices on the dense layer or a
+    bitmap on the sparse one; per layer, each is stored its own way (plus the bits recording the choice)."""
+    from torch import nn
+
+    from prunekit.measurement.formats import PER_LAYER_GAP_BITS, format_storage, relative_bits
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 2000, bias=False))
+    with torch.no_grad():
+        model[1].weight.mul_(torch.rand(2000, 8) < 0.01)
+    report = format_storage(model, ["0", "1"])
+    w0, w1 = model[0].weight, model[1].weight
+    formats = ["dense", "csr", "relative", "bitmap", "structured"]
+
+    def smallest(w):
+        return min([encode(w, f, value_codec(w), **({"gap_bits": 5} if f == "relative" else {})).bits
+                    for f in formats] + [relative_bits(w, value_codec(w), b) for b in PER_LAYER_GAP_BITS])
+
+    choice = index_bits(len(formats)) + index_bits(len(PER_LAYER_GAP_BITS))
+    assert report["bits"]["per-layer"] == smallest(w0) + smallest(w1) + 2 * choice
+    assert report["best"] == "per-layer" and report["bits"]["per-layer"] < min(
+        v for k, v in report["bits"].items() if k != "per-layer")

@@ -42,9 +42,11 @@ QUICK = {
                                        finetune_epochs=1),
     "eigendamage": prunekit.EigenDamageConfig(target="flops=0.5", curvature=prunekit.FisherSettings(fisher_batches=2),
                                               schedule=prunekit.RoundSchedule(2), finetune_epochs=1),
-    "admm": prunekit.ADMMConfig(target="params=0.2", quant="bits=4", admm_epochs=1, retrain_epochs=1,
-                                quant_steps=(0.5, 1.0)),
-    "dpp": prunekit.DPPConfig(k=1, n=4, quant="bits=8", epochs=2),
+    "admm": prunekit.ADMMConfig(target="params=0.2", stages={"rates": (2,)}, quant="bits=4", admm_epochs=1,
+                                retrain_epochs=1, quant_steps=(0.5, 1.0)),
+    # the authors' recipe: the logits' own Adam (its moments go through every commit), a normal start
+    "dpp": prunekit.DPPConfig(k=1, n=4, quant="bits=8", epochs=2, logit_init="normal", logit_optimizer="adam",
+                              temperature=prunekit.TemperatureSchedule(5.0, 0.5, "linear"), entropy_weight=0.01),
 }
 REPORT_KEYS = {"format", "title", "method", "paper", "recipe", "dense", "runs"}
 RUN_KEYS = {"config", "compressed", "storage", "rounds", "notes", "results", "encoding", "changes", "kept_width",

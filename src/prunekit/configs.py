@@ -148,12 +148,23 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
 
 
 def coerce_fields(config: Any) -> None:
-    """Convert every field of a frozen dataclass in place from its plain form to its annotated type."""
+    """Convert every field of a frozen dataclass in place from its plain form to its annotated type (and to the
+    field's ``choices`` metadata, where it names a narrower closed set)."""
     hints = typing.get_type_hints(type(config))
     for f in fields(config):
         if f.name in hints:
             value = getattr(config, f.name)
-            converted = _convert(value, hints[f.name], f"{type(config).__name__}.{f.name}")
+            where = f"{type(config).__name__}.{f.name}"
+            choices = f.metadata.get("choices")
+            try:
+                converted = _convert(value, hints[f.name], where)
+            except ValueError:
+                if not choices:
+                    raise
+                converted = None
+            if choices and converted not in choices:  # a closed set narrower than the annotation's
+                raise ValueError(f"{where} must be one of {[getattr(c, 'value', c) for c in choices]}, got "
+                                 f"{getattr(value, 'value', value)!r}")
             if converted is not value:
                 object.__setattr__(config, f.name, converted)
 

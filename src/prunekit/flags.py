@@ -92,7 +92,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type) -> list[Fiel
             kwargs["type"] = _number(kind, info.flag)
         elif origin is tuple:
             inner = (typing.get_args(kind) or (str,))[0]
-            kwargs.update(nargs="*" if inner is str else "+",
+            kwargs.update(nargs="*" if inner is str or info.default == () else "+",
                           type=_number(inner, info.flag) if inner in (int, float) else str)
         elif origin is dict:
             kwargs.update(nargs="+", type=_name_value, metavar="NAME=FRACTION")

@@ -194,8 +194,16 @@ class TrainHooks:
     step (re-apply masks, update ADMM variables every N steps); ``after_epoch`` after each epoch's training, before
     validation; ``epoch_metrics`` returns numbers added to the epoch's history row (committed with it, so a resumed
     run keeps them); ``param_groups`` may split the parameters into optimizer groups, each with an ``lr_scale``
-    (times the scheduled learning rate) and its own ``weight_decay`` (e.g. mask logits: faster, no decay).
+    (times the scheduled learning rate) and its own ``weight_decay`` (e.g. mask logits: faster, no decay);
+    ``state_dict``/``load_state_dict`` carry the hooks' own training state (a second optimizer's moments) through
+    every epoch's commit, so a resumed run continues it exactly.
     """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
         return None
@@ -261,7 +269,7 @@ def fit(
     if resume:
         if out is None:
             raise ValueError("resume=True needs out_dir, where the interrupted run saved its state")
-        start_epoch, best_state = _restore(out, model, optimizer, config, result)
+        start_epoch, best_state = _restore(out, model, optimizer, config, result, hooks)
         if ctx.is_main:
             _write_views(out, model, best_state, metadata, config, result)
         log(f"resuming after epoch {start_epoch} of {config.epochs} from {out}")
@@ -339,7 +347,7 @@ def fit(
             f"val loss {val['loss']:.4f} acc {val['acc']:.4f}  ({row['seconds']:.1f}s)"
             + ("  *best" if improved else ""))
         if out is not None and ctx.is_main:
-            _commit_epoch(out, model, best_state, optimizer, config, result)
+            _commit_epoch(out, model, best_state, optimizer, config, result, hooks)
             _write_views(out, model, best_state, metadata, config, result)
         barrier(ctx)
 
@@ -356,7 +364,8 @@ HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
 
 
 def _commit_epoch(out: Path, model: nn.Module, best_state: dict[str, torch.Tensor] | None,
-                  optimizer: torch.optim.Optimizer, config: TrainConfig, result: FitResult) -> None:
+                  optimizer: torch.optim.Optimizer, config: TrainConfig, result: FitResult,
+                  hooks: TrainHooks) -> None:
     """Write everything a resume needs in one file, atomically: this write is the epoch's commit."""
     state = {
         "format": STATE_FORMAT,
@@ -367,6 +376,7 @@ def _commit_epoch(out: Path, model: nn.Module, best_state: dict[str, torch.Tenso
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "best_model": {k: v.cpu() for k, v in (best_state or {}).items()},
         "optimizer": optimizer.state_dict(),
+        "hooks": hooks.state_dict(),
         "rng": torch.get_rng_state(),
     }
     atomic_write(out / "train_state.pt", lambda tmp: torch.save(state, tmp))
@@ -400,7 +410,7 @@ class _StateHolder(nn.Module):
 
 
 def _restore(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
-             result: FitResult) -> tuple[int, dict[str, torch.Tensor] | None]:
+             result: FitResult, hooks: TrainHooks) -> tuple[int, dict[str, torch.Tensor] | None]:
     """Load the last commit into ``model``, ``optimizer``, ``result`` and the RNG; returns (epochs done, best)."""
     state_path = out / "train_state.pt"
     if not state_path.is_file():
@@ -422,6 +432,7 @@ def _restore(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, conf
         check_state_fits(model, state["best_model"], f"{state_path} (best_model)")
     try:
         optimizer.load_state_dict(state["optimizer"])
+        hooks.load_state_dict(state.get("hooks", {}))
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{state_path}: the optimizer state does not fit this model and optimizer "
                               f"({exc.__class__.__name__}: {exc}); {_fresh_start(state_path)}") from None
@@ -476,6 +487,8 @@ def _check_state(state: Any, path: Path, config: TrainConfig) -> None:
     if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or \
             not isinstance(optimizer.get("param_groups"), list):
         raise bad("optimizer", "an optimizer state_dict (state, param_groups)")
+    if not isinstance(state.get("hooks", {}), dict):
+        raise bad("hooks", "an object (the training hooks' state)")
     rng = state.get("rng")
     if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
         raise bad("rng", "a torch RNG state (uint8 tensor)")

@@ -18,6 +18,11 @@ counted) and decodes back to exactly the same dense tensor:
 
 Values are float32/float16, or, for quantized weights, integer codes of ``code_bits`` bits with one float32 scale
 per tensor (:func:`value_codec`).
+
+A model's storage (:func:`format_storage`) is counted in each format for all its layers, and ``per-layer``: each
+layer in its own smallest format, relative indexing at the gap width that suits the layer (2 to 12 bits), plus the
+bits that record each layer's choice (as Deep Compression stores convolutions and fully connected layers with
+different gap widths).
 """
 
 from __future__ import annotations
@@ -246,6 +251,18 @@ def encode(weight: torch.Tensor, fmt: str, codec: ValueCodec, **options) -> Enco
     return encoders[fmt](weight, codec, **options)
 
 
+PER_LAYER_GAP_BITS = tuple(range(2, 13))  # relative-indexing gap widths the per-layer format may choose
+
+
+def relative_bits(weight: torch.Tensor, codec: ValueCodec, gap_bits: int) -> int:
+    """What :func:`encode_relative` stores, counted without encoding: a gap ``d`` takes ``ceil(d / (2^b - 1))``
+    entries (the last one the nonzero, the others padding)."""
+    positions = weight.detach().reshape(-1).nonzero().reshape(-1)
+    gaps = torch.diff(positions, prepend=positions.new_tensor([-1]))
+    entries = int(torch.div(gaps + 2 ** gap_bits - 2, 2 ** gap_bits - 1, rounding_mode="floor").sum())
+    return entries * (codec.bits + gap_bits) + codec.overhead_bits
+
+
 def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = None,
                    scales: dict[str, float] | None = None,
                    k_of_n: tuple[int, int] | dict[str, tuple[int, int]] | None = None,
@@ -256,21 +273,26 @@ def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = 
 
     Those weights are stored as float32 values, or as ``code_bits`` codes with one float32 scale per layer
     (``scales``); every other parameter (biases, norms, other layers) as dense float32. Returns total bits per
-    format, the dense float32 size (``dense_bits``: the unpruned model's, when channels were removed physically;
+    format (``per-layer``: every layer in its own smallest format), the dense float32 size (``dense_bits``: the unpruned model's, when channels were removed physically;
     default ``model``'s own) and the compression ratio of each format.
     """
     modules = dict(model.named_modules())
     formats = ["dense", "csr", "relative", "bitmap", "structured"] + (["k-of-n"] if k_of_n else [])
     constrained = {f"{n}.weight" for n in layers}
     other_bits = sum(32 * p.numel() for name, p in model.named_parameters() if name not in constrained)
-    totals = dict.fromkeys(formats, other_bits)
+    totals = dict.fromkeys([*formats, "per-layer"], other_bits)
+    choice_bits = index_bits(len(formats)) + index_bits(len(PER_LAYER_GAP_BITS))  # per layer: format, gap width
     for name in layers:
         w = modules[name].weight.detach().cpu()
         codec = value_codec(w, code_bits, (scales or {}).get(name)) if code_bits else value_codec(w)
         k, n = (k_of_n[name] if isinstance(k_of_n, dict) else k_of_n) if k_of_n else (None, None)
+        layer = {}
         for fmt in formats:
             options = {"gap_bits": gap_bits} if fmt == "relative" else ({"k": k, "n": n} if fmt == "k-of-n" else {})
-            totals[fmt] += encode(w, fmt, codec, **options).bits
+            layer[fmt] = encode(w, fmt, codec, **options).bits
+            totals[fmt] += layer[fmt]
+        smallest = min(*layer.values(), *(relative_bits(w, codec, g) for g in PER_LAYER_GAP_BITS))
+        totals["per-layer"] += smallest + choice_bits
     dense_bits = dense_bits or sum(32 * p.numel() for p in model.parameters())
     return {"dense_float32_bits": dense_bits, "bits": totals,
             "compression": {f: dense_bits / b for f, b in totals.items()},

@@ -104,6 +104,31 @@ def plot_mask_metrics(metrics: Sequence[dict], path: str | Path, title: str = ""
     return _save(fig, path)
 
 
+def plot_admm_residuals(residuals: dict, path: str | Path, title: str = "", converged: float = 0.01) -> Path:
+    """ADMM's convergence, phase after phase (``residuals``: phase -> ``{"removed_energy_per_update": [...],
+    "removed_energy": [...]}``): the energy a hard projection would remove at every Z/U update, and what the
+    projection removed after each phase, against the ``converged`` line."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    start, names, removed = 0, [], []
+    for name, phase in residuals.items():
+        values = [max(v, 1e-12) for v in phase.get("removed_energy_per_update", [])]
+        if values:
+            ax1.plot(range(start + 1, start + len(values) + 1), values, marker=".", label=name)
+            start += len(values)
+        names.append(name)
+        removed.append(max(phase["removed_energy"][-1], 1e-12))
+    ax1.axhline(converged, color="k", linestyle="--", linewidth=1)
+    ax1.set_yscale("log"), ax1.set_xlabel("Z/U update"), ax1.set_ylabel("||W - Pi(W)||^2 / ||W||^2")
+    if start:
+        ax1.legend(fontsize=7)
+    ax2.bar(names, removed, color=["tab:green" if r <= converged else "tab:red" for r in removed])
+    ax2.axhline(converged, color="k", linestyle="--", linewidth=1, label=f"converged ({100 * converged:g}%)")
+    ax2.set_yscale("log"), ax2.set_ylabel("energy removed by the projection"), ax2.legend(fontsize=7)
+    ax2.tick_params(axis="x", labelsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def plot_comparison(result: dict, path: str | Path, title: str = "") -> Path:
     """``prunekit compare`` at a glance: test accuracy, storage and latency (dense vs sparse kernels) per variant,
     and the measured sparse-vs-dense kernel time against sparsity with its break-even point."""

@@ -3,14 +3,18 @@ arXiv 1804.03294).
 
 Minimise ``loss(W)`` subject to ``W_l in S_l`` for every constrained layer through the augmented Lagrangian:
 
-* W-step: ordinary training of ``loss(W) + sum_l rho_l / 2 ||W_l - Z_l + U_l||^2``;
+* W-step: training of ``loss(W) + sum_l rho / 2 ||W_l - Z_l + U_l||^2`` (the penalty by its exact proximal step);
 * Z-step: ``Z_l = Pi_{S_l}(W_l + U_l)`` (:mod:`prunekit.planning.constraints`);
 * U-step: ``U_l += W_l - Z_l``;
 
-with Z and U updated every epoch (or every ``update_every`` steps) and ``rho`` multiplied by ``rho_growth`` at each
-update. Then ``W = Pi_S(W)`` and masked retraining (gradients of removed weights and their momentum zeroed after
-every step, so zeros stay zero). With quantization: after pruning and retraining, a second ADMM phase drives the
-kept weights to their levels, then progressive partial quantization fixes a growing fraction of them on the
+with Z and U updated every ``update_every`` steps and ``rho`` rising geometrically to ``rho_max`` over the phase's
+updates, so that by the end W sits on the constraint set (the energy the hard projection then removes,
+``||W - Pi(W)||^2 / ||W||^2``, is recorded; above 1% the phase is reported as unconverged). Then ``W = Pi_S(W)`` and
+masked retraining (removed weights and their momentum zeroed after every step, so zeros stay zero). High rates are
+reached progressively (:class:`~prunekit.planning.schedule.StageSchedule`, as ADMM-NN-S's 10x -> 30x -> 60x ->
+100x): every stage is ADMM, projection and retraining from the last stage's weights, its zeros kept, stopped at the
+last stage within a validation tolerance. With quantization: after pruning and retraining, a second ADMM phase
+drives the kept weights to their levels, then progressive partial quantization fixes a growing fraction of them on the
 levels (smallest quantization error first) while the rest retrain, until all are quantized; a last epoch
 retrains only what stays float (biases, normalisation).
 """
@@ -36,14 +40,16 @@ from prunekit.planning.allocation import (
     Target,
     TargetMetric,
     plan_for_target,
+    sensitivity_rates,
     weight_costs,
 )
 from prunekit.planning.allocation import allocate_rates as allocate
 from prunekit.planning.constraints import QuantConstraint, QuantKind, SparsityConstraint, sparsity_mask
 from prunekit.planning.pattern import Pattern, check_pattern
-from prunekit.planning.schedule import Phases
-from prunekit.training import TrainConfig, TrainHooks, fit
+from prunekit.planning.schedule import Phases, StageSchedule
+from prunekit.training import Schedule, TrainConfig, TrainHooks, evaluate, fit
 
+ADMM_ALLOCATIONS = (Allocation.GLOBAL, Allocation.UNIFORM, Allocation.SENSITIVITY)
 ADMM_PATTERNS = (Pattern.UNSTRUCTURED, Pattern.FILTER, Pattern.CHANNEL, Pattern.COLUMN, Pattern.K_OF_N,
                  Pattern.GROUP)
 
@@ -62,14 +68,20 @@ class ADMMConfig(Config):
         k: k-of-n pattern: weights kept in every run of ``n``.
         n: k-of-n pattern: run length.
         rates: Per-layer keep fractions that override the allocation (layer name -> fraction).
-        allocation: How ``target`` is spread over the layers ``rates`` does not name: ``global`` (one magnitude
-            threshold over all layers' units) or ``uniform``.
         quant: Joint quantization of the kept weights: ``none``, ``binary``, ``ternary`` or ``bits=N``.
-        rho: Initial penalty.
-        rho_growth: Factor of the penalty at every Z/U update.
-        admm_epochs: Epochs of ADMM training per phase (pruning, then quantization).
-        retrain_epochs: Epochs of masked retraining after the hard projection.
-        update_every: Update Z and U every this many steps (0: at the end of every epoch).
+        allocation: How ``target`` is spread over the layers ``rates`` does not name: ``global`` (one magnitude
+            threshold over all layers' units), ``uniform``, or ``sensitivity`` (each layer's validation loss when it
+            alone is pruned decides, :func:`prunekit.planning.allocation.sensitivity_rates`; no layer starves).
+        rho: Penalty at the first Z/U update.
+        rho_max: Penalty at the last Z/U update of an ADMM phase; ``rho`` rises geometrically to it, so that W is
+            pulled onto the constraint set by the end (a phase that still leaves over 1% of the weights' energy to
+            the hard projection is reported as unconverged).
+        admm_epochs: Epochs of ADMM training per stage (and for the quantization phase).
+        retrain_epochs: Epochs of masked retraining after each hard projection.
+        update_every: Update Z and U every this many steps, and at least once an epoch (0: once an epoch).
+        stages: Progressive pruning (:class:`~prunekit.planning.schedule.StageSchedule`): the rates of the stages
+            before the target's (``--stages 10 30 60`` with ``params=x100``) and the validation tolerance that stops
+            them.
         quant_steps: Fractions quantized at each progressive step (each followed by one retraining epoch).
         ignore: Modules left unconstrained, containers included (besides BatchNorm and biases, which never are).
         include_output: Constrain the output layer too (ADMM-NN prunes LeNet's classifier).
@@ -80,13 +92,14 @@ class ADMMConfig(Config):
     k: int | None = None
     n: int | None = None
     rates: dict[str, float] = field(default_factory=dict)
-    allocation: Allocation = Allocation.GLOBAL
+    allocation: Allocation = field(default=Allocation.GLOBAL, metadata={"choices": ADMM_ALLOCATIONS})
     quant: QuantConstraint = QuantConstraint()
-    rho: float = 1e-3
-    rho_growth: float = 1.3
+    rho: float = 1e-2
+    rho_max: float = 100.0
     admm_epochs: int = 4
     retrain_epochs: int = 4
-    update_every: int = 0
+    update_every: int = 50
+    stages: StageSchedule = StageSchedule()
     quant_steps: tuple[float, ...] = (0.5, 0.75, 0.9, 1.0)
     ignore: tuple[str, ...] = ()
     include_output: bool = True
@@ -120,9 +133,14 @@ class ADMMConfig(Config):
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
                 raise ValueError(f"rate for {name} must be a keep fraction in (0, 1], got {value!r}")
         if not (math.isfinite(self.rho) and 0 < self.rho <= 1e4) or \
-                not (math.isfinite(self.rho_growth) and 1 <= self.rho_growth <= 100):
-            raise ValueError(f"rho must be > 0 and at most 1e4, and rho_growth >= 1 and at most 100; got "
-                             f"{self.rho!r}, {self.rho_growth!r}")
+                not (math.isfinite(self.rho_max) and self.rho <= self.rho_max <= 1e4):
+            raise ValueError(f"rho must be > 0 and at most 1e4, and rho_max between rho and 1e4; got rho "
+                             f"{self.rho!r}, rho_max {self.rho_max!r}")
+        if self.stages.rates or self.stages.tolerance is not None:
+            if self.pattern in (Pattern.K_OF_N, Pattern.GROUP):
+                raise ValueError(f"stages prune progressively to a weight target; the {self.pattern.value} pattern "
+                                 "runs in one stage")
+            self.stages.keeps(self.target)  # every stage below the target's rate
         for name in ("admm_epochs", "retrain_epochs", "update_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -210,30 +228,42 @@ def per_layer(project: Callable[[str, torch.Tensor], torch.Tensor]) -> Projectio
     return lambda weights: {n: project(n, w) for n, w in weights.items()}
 
 
+RESIDUAL_CONVERGED = 0.01  # ADMM has converged when the hard projection would remove under 1% of the energy
+
+
 @torch.no_grad()
 def _removed_energy(layers: dict[str, nn.Module], project: Projection) -> float:
-    """``||W - Pi(W)|| / ||W||`` over all constrained layers: what a hard projection now would remove."""
+    """``||W - Pi(W)||^2 / ||W||^2`` over all constrained layers: the energy a hard projection now would remove
+    (ADMM's purpose is to drive it to zero, so that the projection loses nothing)."""
     weights = {n: m.weight.detach() for n, m in layers.items()}
     projected = project(weights)
     num = sum(float((w - projected[n]).pow(2).sum()) for n, w in weights.items())
     den = sum(float(w.pow(2).sum()) for w in weights.values())
-    return (num / max(den, 1e-30)) ** 0.5
+    return num / max(den, 1e-30)
 
 
 class _ADMMHooks(TrainHooks):
-    """The penalty ``rho/2 ||W - Z + U||^2`` and the Z/U updates."""
+    """ADMM's W-step as proximal gradient descent on ``loss(W) + rho/2 ||W - Z + U||^2``, and the Z/U updates.
 
-    def __init__(self, layers: dict[str, nn.Module], project: Projection, rho: float, growth: float,
-                 update_every: int, masks: dict[str, torch.Tensor] | None = None) -> None:
-        self.layers, self.project, self.rho, self.growth = layers, project, rho, growth
-        self.update_every = update_every
-        self.masks = masks
+    After every optimizer step on the loss, ``W <- (W + eta rho (Z - U)) / (1 + eta rho)`` (``eta``: the step's
+    learning rate), the exact proximal step of the penalty: stable for any ``rho``, where an explicit gradient of
+    the penalty diverges once ``eta rho`` passes about 2. Z and U are updated every ``update_every`` steps and at
+    least once an epoch, ``rho`` rising geometrically from ``rho`` to ``rho_max`` over the phase's updates (the
+    scaled dual ``U = lambda / rho`` rescaled with it, Boyd et al. 2011, section 3.4.1).
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], project: Projection, config: ADMMConfig, steps_per_epoch: int,
+                 masks: dict[str, torch.Tensor] | None = None) -> None:
+        self.layers, self.project, self.masks = layers, project, masks
+        self.update_every, self.rho, self.rho_max = config.update_every, config.rho, config.rho_max
+        per_epoch = max(1, steps_per_epoch // self.update_every) if self.update_every else 1
+        updates = config.admm_epochs * per_epoch
+        self.growth = (config.rho_max / config.rho) ** (1 / (updates - 1)) if updates > 1 else 1.0
         self.Z = project({n: m.weight.detach().clone() for n, m in layers.items()})
         self.U = {n: torch.zeros_like(m.weight) for n, m in layers.items()}
-        self.residuals: list[float] = []
-
-    def penalty(self, model: nn.Module) -> torch.Tensor:
-        return sum(0.5 * self.rho * (m.weight - self.Z[n] + self.U[n]).pow(2).sum() for n, m in self.layers.items())
+        self.residuals: list[float] = []  # ||W - Z|| / ||W|| after every update
+        self.energies: list[float] = []  # ||W - Pi(W)||^2 / ||W||^2 after every update
+        self.updated_this_epoch = False
 
     @torch.no_grad()
     def update(self) -> None:
@@ -244,18 +274,29 @@ class _ADMMHooks(TrainHooks):
             num += float((m.weight - self.Z[n]).pow(2).sum())
             den += float(m.weight.pow(2).sum())
         self.residuals.append((num / max(den, 1e-30)) ** 0.5)
-        self.rho *= self.growth
+        self.energies.append(_removed_energy(self.layers, self.project))
+        rho = min(self.rho * self.growth, self.rho_max)
+        for u in self.U.values():  # U is the scaled dual lambda / rho: keep lambda as rho changes
+            u.mul_(self.rho / rho)
+        self.rho = rho
+        self.updated_this_epoch = True
 
+    def before_epoch(self, model: nn.Module, epoch: int) -> None:
+        self.updated_this_epoch = False
+
+    @torch.no_grad()
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        pull = optimizer.param_groups[0]["lr"] * self.rho
+        for n, m in self.layers.items():
+            m.weight.add_(self.Z[n] - self.U[n], alpha=pull).div_(1 + pull)
         if self.masks is not None:
             _apply_masks_(self.layers, self.masks, optimizer)
         if self.update_every and (step + 1) % self.update_every == 0:
             self.update()
 
     def after_epoch(self, model: nn.Module, epoch: int) -> None:
-        if not self.update_every:
+        if not self.updated_this_epoch:
             self.update()
-
 
 @torch.no_grad()
 def _apply_masks_(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor],
@@ -282,24 +323,33 @@ class MaskedRetrain(TrainHooks):
 class ADMMResult:
     """Masks and quantization scales of the constrained layers, and what happened in every phase.
 
-    ``residuals["prune"]``: the primal residual ``||W - Z|| / ||W||`` after every Z/U update;
-    ``residuals["removed_energy"]``: ``||W - Pi(W)|| / ||W||`` before and after ADMM (ADMM's purpose is to drive
-    it down, so that the hard projection loses little).
+    ``residuals``: per stage (``stage-1``, ...), ``prune`` holds the primal residual ``||W - Z|| / ||W||`` and
+    ``removed_energy_per_update`` the energy ``||W - Pi(W)||^2 / ||W||^2`` that a hard projection would remove,
+    after every Z/U update, and ``removed_energy`` that energy before and after ADMM; ``quant`` the quantization
+    phase's. ``stages``: one summary per
+    stage run (keep, kept fraction, validation accuracy, removed energy, converged); ``selected`` the index of
+    the stage whose model was kept.
     """
 
     masks: dict[str, torch.Tensor]
     rates: dict[str, float]
     scales: dict[str, float] = field(default_factory=dict)
-    residuals: dict[str, list[float]] = field(default_factory=dict)
+    residuals: dict[str, Any] = field(default_factory=dict)
     history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     change: dict[str, Any] | None = None
     original_size: int | None = None
     dense_bits: int | None = None  # float32 bits of every parameter before pruning (the compression reference)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    selected: int = 0
 
     def kept_fraction(self) -> float:
         """Kept constrained weights over those before pruning (physically removed ones count as removed)."""
         total = self.original_size or sum(m.numel() for m in self.masks.values())
         return sum(float(m.sum()) for m in self.masks.values()) / max(total, 1)
+
+    def unconverged(self) -> list[dict[str, Any]]:
+        """The stages whose ADMM phase ended with the hard projection removing more than 1% of the energy."""
+        return [s for s in self.stages if s.get("converged") is False]
 
 
 class GroupProjection:
@@ -336,91 +386,206 @@ class GroupProjection:
         return {n: w * masks[n] for n, w in weights.items()}
 
 
+Stage = tuple[dict[str, torch.Tensor], dict[str, Any]]  # a phase's tensors and JSON record
+
+
 def admm_prune_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig, *,
                 progress: bool = True, log: Callable[[str], None] = print, phases: Phases | None = None
                 ) -> ADMMResult:
     """ADMM pruning (then, with ``config.quant``, ADMM quantization) of ``model`` in place, with retraining.
 
-    ``train`` gives the optimiser settings; its ``epochs`` are replaced by each phase's own. With the group
-    pattern the chosen channels are removed physically after ADMM (``result.change`` is the replayable plan).
-    With ``phases`` (a folder) every phase's end state is saved, so a resumed run skips the finished ones.
+    Every stage of ``config.stages`` (one without stages) is ADMM, the hard projection and masked retraining, the
+    zeros of earlier stages kept; with a stage tolerance the run stops after the first stage beyond it on
+    validation and keeps the stage before. ``train`` gives the optimiser settings; its ``epochs`` are replaced by
+    each phase's own. With the group pattern the chosen channels are removed physically after ADMM
+    (``result.change`` is the replayable plan). With ``phases`` (a folder) every phase's end state is saved, so a
+    resumed run skips the finished ones.
     """
     phases = phases or Phases(None)
     example = data.train[:2][0]
     layers = constrained_layers(model, config, example)
     if not layers:
         raise ValueError("ADMM found no Conv/Linear layer to constrain (all ignored?)")
-    original_size = sum(m.weight.numel() for m in layers.values())
-    dense_bits = 32 * sum(p.numel() for p in model.parameters())
+    result = ADMMResult(masks={}, rates={}, original_size=sum(m.weight.numel() for m in layers.values()),
+                        dense_bits=32 * sum(p.numel() for p in model.parameters()))
+    steps = math.ceil(len(data.train) / train.batch_size)
     if config.pattern is Pattern.GROUP:
-        group = GroupProjection(model, layers, example, config.target, config.ignore)
-        project: Projection = group
-        rates: dict[str, float] = {}
+        _group_stage(model, data, config, train, layers, example, result, steps, progress, log, phases)
     else:
-        flops = config.target is not None and config.target.metric is TargetMetric.FLOPS
-        costs = weight_costs(model, layers, tuple(example.shape[1:])) if flops else None
-        check_feasible(layers, config, costs)
-        rates = allocate_rates(layers, config, costs)
-        # a layer whose allocated rate keeps everything is left dense
-        constraints = {n: config.constraint(rates[n]) for n in layers if rates[n] < 1}
+        _weight_stages(model, data, config, train, layers, example, result, steps, progress, log, phases)
+    if config.quant.kind is not QuantKind.NONE:
+        _quantize_(model, data, config, train, layers, result, progress, log, phases, steps)
+    return result
 
-        def layer_mask(name: str, w: torch.Tensor) -> torch.Tensor:
-            return sparsity_mask(w, constraints[name]) if name in constraints else torch.ones_like(w)
 
-        project = per_layer(lambda name, w: w * layer_mask(name, w))
+def admm_training(train: TrainConfig, config: ADMMConfig) -> TrainConfig:
+    """An ADMM phase trains at a constant learning rate: the W-step must keep pulling W to ``Z - U`` as rho rises,
+    which a rate decayed to zero at the end of the phase would stop."""
+    return replace(train, epochs=config.admm_epochs, schedule=Schedule.STEP, milestones=())
 
-    history: dict[str, list[dict[str, Any]]] = {}
-    residuals: dict[str, list[float]] = {"removed_energy": [_removed_energy(layers, project)]}
+
+def _run_stage(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig,
+               layers: dict[str, nn.Module], project: Projection, hard: Callable[[], Stage],
+               prefix: str, result: ADMMResult, steps: int, progress: bool, log, phases: Phases,
+               earlier: dict[str, torch.Tensor] | None = None,
+               replay: Callable[[dict[str, Any]], None] = lambda record: None) -> Stage:
+    """One stage: ADMM towards ``project`` (zeros of ``earlier`` masks kept), the hard projection ``hard()``
+    (returns the masks and a record), masked retraining. Records the residuals under ``prefix``."""
+    residuals: dict[str, Any] = {"removed_energy": [_removed_energy(layers, project)]}
     if config.admm_epochs:
-        def admm_phase() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-            hooks = _ADMMHooks(layers, project, config.rho, config.rho_growth, config.update_every)
-            log(f"ADMM pruning: {config.admm_epochs} epoch(s), rho {config.rho:g} x{config.rho_growth:g} per update")
-            r = fit(model, data, replace(train, epochs=config.admm_epochs), progress=progress, hooks=hooks,
-                    select_best=False)
-            return {}, {"history": r.history, "residuals": hooks.residuals,
+        def admm_phase() -> Stage:
+            hooks = _ADMMHooks(layers, project, config, steps, earlier)
+            log(f"ADMM pruning: {config.admm_epochs} epoch(s), Z/U every {config.update_every or steps} steps, "
+                f"rho {config.rho:g} -> {config.rho_max:g}")
+            r = fit(model, data, admm_training(train, config), progress=progress, hooks=hooks, select_best=False)
+            return {}, {"history": r.history, "residuals": hooks.residuals, "energies": hooks.energies,
                         "removed_energy": _removed_energy(layers, project)}
 
-        _, done = phases.run("admm-prune", model, admm_phase)
-        history["admm_prune"], residuals["prune"] = done["history"], done["residuals"]
+        done = phases.run(f"{prefix}admm-prune", model, admm_phase)[1]
+        result.history[f"{prefix}admm_prune"], residuals["prune"] = done["history"], done["residuals"]
+        residuals["removed_energy_per_update"] = done.get("energies", [])
         residuals["removed_energy"].append(done["removed_energy"])
-
-    def projection() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        weights = {n: m.weight.detach() for n, m in layers.items()}
-        if config.pattern is Pattern.GROUP:
-            plan = group.plan(weights)
-            group.graph.shrink_(plan)  # verified against masking; the graph is spent after this
-            log(f"removed {plan.num_removed()} coupled channels physically")
-            masks = {n: torch.ones_like(m.weight) for n, m in layers.items()}
-            return masks, {"change": plan.to_dict(),
-                           "rates": {n: m.weight.numel() / weights[n].numel() for n, m in layers.items()}}
-        masks = {n: layer_mask(n, w) for n, w in weights.items()}
-        _apply_masks_(layers, masks)
-        return masks, {"change": None, "rates": rates}
-
-    def replay(record: dict[str, Any]) -> None:
-        if record["change"] is not None:
-            ChannelGraph(model, example, ignore=config.ignore, probe=False).shrink_(
-                ChannelPlan.from_dict(record["change"]), verify=False)
-
-    masks, done = phases.run("projection", model, projection, prepare=replay)
-    result = ADMMResult(masks=masks, rates=done["rates"], residuals=residuals, history=history,
-                        change=done["change"], original_size=original_size, dense_bits=dense_bits)
+        log(f"ADMM left {done['removed_energy']:.4f} of the weights' energy for the hard projection to remove")
+    masks, record = phases.run(f"{prefix}projection", model, hard, prepare=replay)
+    result.masks, result.rates, result.change = masks, record["rates"], record["change"]
     log(f"hard projection: keeps {result.kept_fraction():.4f} of the constrained weights "
         f"({1 / max(result.kept_fraction(), 1e-12):.1f}x)")
     if config.retrain_epochs:
-        def retrain() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        def retrain() -> Stage:
             r = fit(model, data, replace(train, epochs=config.retrain_epochs), progress=progress,
                     hooks=MaskedRetrain(layers, masks))
             return {}, {"history": r.history}
 
-        history["retrain"] = phases.run("retrain", model, retrain)[1]["history"]
-    if config.quant.kind is not QuantKind.NONE:
-        _quantize_(model, data, config, train, layers, result, progress, log, phases)
-    return result
+        result.history[f"{prefix}retrain"] = phases.run(f"{prefix}retrain", model, retrain)[1]["history"]
+    result.residuals[prefix.rstrip("-") or "stage-1"] = residuals
+    after = residuals["removed_energy"][-1]
+    result.stages.append({"keep_target": None, "kept_fraction": result.kept_fraction(),
+                          "removed_energy": after,
+                          "converged": after <= RESIDUAL_CONVERGED if config.admm_epochs else None})
+    return masks, record
+
+
+def _group_stage(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig,
+                 layers: dict[str, nn.Module], example: torch.Tensor, result: ADMMResult, steps: int, progress: bool,
+                 log, phases: Phases) -> None:
+    """The group pattern: ADMM towards whole coupled channels, which the projection removes physically."""
+    group = GroupProjection(model, layers, example, config.target, config.ignore)
+
+    def hard() -> Stage:
+        weights = {n: m.weight.detach() for n, m in layers.items()}
+        plan = group.plan(weights)
+        group.graph.shrink_(plan)  # verified against masking; the graph is spent after this
+        log(f"removed {plan.num_removed()} coupled channels physically")
+        return ({n: torch.ones_like(m.weight) for n, m in layers.items()},
+                {"change": plan.to_dict(), "rates": {n: m.weight.numel() / weights[n].numel()
+                                                     for n, m in layers.items()}})
+
+    def replay(record: dict[str, Any]) -> None:
+        ChannelGraph(model, example, ignore=config.ignore, probe=False).shrink_(
+            ChannelPlan.from_dict(record["change"]), verify=False)
+
+    _run_stage(model, data, config, train, layers, group, hard, "", result, steps, progress, log, phases,
+               replay=replay)
+    result.stages[-1]["keep_target"] = config.target.keep
+
+
+def _weight_stages(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig,
+                   layers: dict[str, nn.Module], example: torch.Tensor, result: ADMMResult, steps: int,
+                   progress: bool, log, phases: Phases) -> None:
+    """The weight patterns, stage by stage; each stage's model is kept until a later one passes the tolerance."""
+    flops = config.target is not None and config.target.metric is TargetMetric.FLOPS
+    costs = weight_costs(model, layers, tuple(example.shape[1:])) if flops else None
+    check_feasible(layers, config, costs)
+    keeps = config.stages.keeps(config.target) if config.target is not None else [config.keep]
+    dense_val = evaluate(model, data.val)["acc"] if config.stages.tolerance is not None else None
+    earlier: dict[str, torch.Tensor] | None = None
+    best: tuple[dict[str, torch.Tensor], ADMMResult] | None = None
+    for i, keep in enumerate(keeps):
+        prefix = f"stage-{i + 1}-" if len(keeps) > 1 else ""
+        if len(keeps) > 1:
+            log(f"stage {i + 1}/{len(keeps)}: keep {keep:.4g} of the weights (x{1 / keep:g})")
+        rates = stage_rates(model, data, layers, config, keep, costs, earlier)
+        # a layer whose allocated rate keeps everything is left dense
+        constraints = {n: config.constraint(rates[n]) for n in layers if rates[n] < 1}
+
+        def layer_mask(name: str, w: torch.Tensor, constraints=constraints, earlier=earlier) -> torch.Tensor:
+            mask = sparsity_mask(w, constraints[name]) if name in constraints else torch.ones_like(w)
+            return mask if earlier is None else mask * earlier[name]
+
+        def hard(rates=rates, layer_mask=layer_mask) -> Stage:
+            masks = {n: layer_mask(n, m.weight.detach()) for n, m in layers.items()}
+            _apply_masks_(layers, masks)
+            return masks, {"change": None, "rates": rates}
+
+        project = per_layer(lambda name, w, layer_mask=layer_mask: w * layer_mask(name, w))
+        earlier = _run_stage(model, data, config, train, layers, project, hard, prefix, result, steps, progress, log,
+                             phases, earlier)[0]
+        summary = result.stages[-1]
+        summary.update(keep_target=keep, val_acc=evaluate(model, data.val)["acc"])
+        if dense_val is not None and not config.stages.within(summary["val_acc"], dense_val):
+            summary["within_tolerance"] = False
+            log(f"stage {i + 1} lost {100 * (dense_val - summary['val_acc']):.2f} validation points, beyond the "
+                f"tolerance of {config.stages.tolerance:g}")
+            if best is not None:
+                model.load_state_dict(best[0])
+                result.masks, result.rates, result.selected = best[1].masks, best[1].rates, best[1].selected
+                log(f"kept stage {result.selected + 1} (x{1 / keeps[result.selected]:g})")
+            break
+        summary["within_tolerance"] = None if dense_val is None else True
+        result.selected = i
+        if i + 1 < len(keeps) and dense_val is not None:
+            best = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                    replace(result, masks=dict(result.masks), rates=dict(result.rates)))
+
+
+def stage_rates(model: nn.Module, data: DataSplits, layers: dict[str, nn.Module], config: ADMMConfig, keep: float,
+                costs: dict[str, float] | None, earlier: dict[str, torch.Tensor] | None) -> dict[str, float]:
+    """Per-layer keep fractions of one stage keeping ``keep`` of the weights (of their FLOPs with ``costs``):
+    ``config.rates`` (explicit, reached geometrically over the stages: ``rate ** (log keep / log target)``) for the
+    layers it names, the allocation for the others; k-of-n keeps ``k / n``."""
+    if config.pattern is Pattern.K_OF_N:
+        return {name: config.k / config.n for name in layers}
+    final = config.keep
+    fixed = {n: r ** (math.log(keep) / math.log(final)) for n, r in config.rates.items()}
+    weights = {n: m.weight.detach() for n, m in layers.items()}
+    if config.allocation is not Allocation.SENSITIVITY:
+        return allocate(weights, config.pattern, keep, config.allocation, fixed, costs)
+    probe = data.val[:SENSITIVITY_EXAMPLES]
+
+    @torch.no_grad()
+    def loss_with(name: str, fraction: float) -> float:
+        w = layers[name].weight
+        saved = w.detach().clone()
+        if fraction < 1:
+            w.mul_(sparsity_mask(w, config.constraint(fraction)))
+        try:
+            return _loss(model, probe)
+        finally:
+            w.copy_(saved)
+
+    rates = sensitivity_rates(weights, config.pattern, keep, loss_with, fixed, costs)
+    if earlier is not None:  # never keep more than an earlier stage did
+        rates = {n: min(r, float(earlier[n].mean())) if n not in fixed else r for n, r in rates.items()}
+    return rates
+
+
+SENSITIVITY_EXAMPLES = 2048  # validation examples the sensitivity allocation evaluates each probe on
+
+
+@torch.no_grad()
+def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    was = model.training
+    model.eval()
+    try:
+        x, y = batch
+        return float(torch.nn.functional.cross_entropy(model(x), y))
+    finally:
+        model.train(was)
 
 
 def _quantize_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig,
-               layers: dict[str, nn.Module], result: ADMMResult, progress: bool, log, phases: Phases) -> None:
+               layers: dict[str, nn.Module], result: ADMMResult, progress: bool, log, phases: Phases,
+               steps: int) -> None:
     """ADMM towards the levels on the kept weights, then progressive partial quantization with retraining."""
     quant, masks = config.quant, result.masks
 
@@ -429,15 +594,16 @@ def _quantize_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: Tr
 
     if config.admm_epochs:
         def admm_phase() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-            hooks = _ADMMHooks(layers, per_layer(quant_projection), config.rho, config.rho_growth,
-                               config.update_every, masks)
+            hooks = _ADMMHooks(layers, per_layer(quant_projection), config, steps, masks)
             log(f"ADMM quantization ({quant}): {config.admm_epochs} epoch(s)")
-            r = fit(model, data, replace(train, epochs=config.admm_epochs), progress=progress, hooks=hooks,
-                    select_best=False)
-            return {}, {"history": r.history, "residuals": hooks.residuals}
+            r = fit(model, data, admm_training(train, config), progress=progress, hooks=hooks, select_best=False)
+            return {}, {"history": r.history, "residuals": hooks.residuals, "energies": hooks.energies,
+                        "removed_energy": _removed_energy(layers, per_layer(quant_projection))}
 
         done = phases.run("admm-quant", model, admm_phase)[1]
-        result.history["admm_quant"], result.residuals["quant"] = done["history"], done["residuals"]
+        result.history["admm_quant"] = done["history"]
+        result.residuals["quant"] = {"prune": done["residuals"], "removed_energy_per_update": done.get("energies", []),
+                                     "removed_energy": [done["removed_energy"]]}
     # fix the levels (q per layer) now; progressively quantize the weights closest to their level
     scales: dict[str, float] = phases.run("quant-levels", model, lambda: ({}, {
         "scales": {n: quant.project(m.weight.detach(), masks[n])[1] for n, m in layers.items()}}))[1]["scales"]
@@ -570,11 +736,29 @@ def admm_(model: nn.Module, data: DataSplits, config: ADMMConfig, ctx: RunContex
         record.encoding["k_of_n"] = {name: [config.k, config.n] for name in result.masks}
     record.rounds = [{"phase": phase, **row} for phase, rows in result.history.items() for row in rows]
     record.results = {"rates": result.rates, "residuals": result.residuals, "kept_fraction": result.kept_fraction(),
-                      "zeroed_layers": masked}
+                      "zeroed_layers": masked, "stages": result.stages, "selected_stage": result.selected + 1,
+                      "converged": not result.unconverged() if config.admm_epochs else None}
     record.notes = [
-        f"ADMM {config.admm_epochs} epoch(s) per phase, rho {config.rho:g} x{config.rho_growth:g} per update, then "
-        f"{config.retrain_epochs} masked retraining epoch(s); model chosen on validation",
+        f"ADMM {config.admm_epochs} epoch(s) per stage, Z/U every {config.update_every or 'epoch'} step(s), rho "
+        f"{config.rho:g} -> {config.rho_max:g}, then {config.retrain_epochs} masked retraining epoch(s); model "
+        "chosen on validation",
         f"kept {result.kept_fraction():.4f} of the constrained weights ({1 / max(result.kept_fraction(), 1e-12):.1f}x)"]
+    if len(result.stages) > 1 or config.stages.tolerance is not None:
+        record.notes.append("stages: " + ", ".join(
+            f"x{1 / s['keep_target']:g} val acc {s['val_acc']:.4f}" + (" (beyond tolerance)" if s.get(
+                "within_tolerance") is False else "") for s in result.stages)
+            + f"; kept stage {result.selected + 1}" + (" (no stage stayed within the tolerance)" if all(
+                s.get("within_tolerance") is False for s in result.stages) else ""))
+    for s in result.unconverged():
+        record.notes.append(
+            f"ADMM ended unconverged at x{1 / s['keep_target']:g}: the hard projection removed "
+            f"{100 * s['removed_energy']:.1f}% of the weights' energy (converged is under "
+            f"{100 * RESIDUAL_CONVERGED:g}%); give more admm_epochs, a larger rho_max or a smaller update_every")
+    if config.admm_epochs:
+        from prunekit.measurement.plots import plot_admm_residuals
+
+        record.figures["admm_residuals.png"] = lambda path: plot_admm_residuals(result.residuals, path,
+                                                                                title=config.label())
     return record
 
 

@@ -16,6 +16,7 @@ Metrics (per layer, both in [0, 1], logarithms normalised by ``log n``):
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -77,6 +78,21 @@ def mask_diversity(logits: torch.Tensor) -> float:
 DPP_PATTERNS = (Pattern.K_OF_N, Pattern.KERNEL, Pattern.FILTER, Pattern.GROUP)
 
 
+class LogitInit(str, enum.Enum):
+    """Where the mask logits start: from the weights' magnitudes, or random normal (the authors' code)."""
+
+    MAGNITUDE = "magnitude"
+    NORMAL = "normal"
+
+
+class LogitOptimizer(str, enum.Enum):
+    """How the logits learn: in the weights' SGD at ``logit_lr_scale`` times their rate, or by their own Adam (the
+    authors' code) at ``logit_lr_scale`` times the scheduled rate."""
+
+    SGD = "sgd"
+    ADAM = "adam"
+
+
 @dataclass(frozen=True)
 class DPPConfig(Config):
     """DPP settings.
@@ -100,9 +116,12 @@ class DPPConfig(Config):
             ``top-k(phi)`` as the relaxation sharpens and the last epochs train the weights under (nearly) the mask
             that evaluation uses.
         entropy_weight: Weight of the mean logit entropy added to the loss (0: off).
-        init_scale: Logits start at ``init_scale * log(1 + |w| / mean|w|)`` per group (magnitude-informed start).
-        logit_lr_scale: The logits' learning rate, as a multiple of the weights' (logits never get weight decay,
-            which would only flatten them toward the uniform mask).
+        logit_init: ``magnitude``: logits start at ``init_scale * log(1 + |w| / mean|w|)`` per group (a
+            magnitude-informed start); ``normal``: at ``init_scale * N(0, 1)`` (the authors' start).
+        init_scale: Scale of the logits' start (see ``logit_init``).
+        logit_optimizer: ``sgd`` (with the weights) or ``adam`` (the logits' own Adam, as the authors train them).
+        logit_lr_scale: The logits' learning rate, as a multiple of the weights' scheduled rate (logits never get
+            weight decay, which would only flatten them toward the uniform mask).
         ignore: Modules to leave alone, containers included.
     """
 
@@ -117,7 +136,9 @@ class DPPConfig(Config):
     noise_scale: float = 1.0
     anneal_noise: bool = False
     entropy_weight: float = 0.0
+    logit_init: LogitInit = LogitInit.MAGNITUDE
     init_scale: float = 1.0
+    logit_optimizer: LogitOptimizer = LogitOptimizer.SGD
     logit_lr_scale: float = 1.0
     ignore: tuple[str, ...] = ()
 
@@ -221,6 +242,15 @@ def group_layout(weight_shape: torch.Size | tuple[int, ...], config: DPPConfig) 
     return groups, n
 
 
+def initial_logits(scores: torch.Tensor, config: DPPConfig, generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
+    """The logits' start from each unit's magnitude ``scores`` (groups along the last dimension):
+    ``init_scale * log(1 + s / mean s)``, or ``init_scale * N(0, 1)`` with ``logit_init=normal``."""
+    if config.logit_init is LogitInit.NORMAL:
+        return config.init_scale * torch.randn(scores.shape, generator=generator)
+    return config.init_scale * (scores / scores.mean(-1, keepdim=True).clamp_min(1e-12)).log1p()
+
+
 class KOfNMask(nn.Module):
     """A ``torch.nn.utils.parametrize`` parametrization: ``weight * mask`` with a learned k-of-n mask."""
 
@@ -232,9 +262,7 @@ class KOfNMask(nn.Module):
         self.shape = tuple(weight.shape)
         self.temperature, self.noise_scale = config.temperature_at(0), config.noise_at(0)
         self.generator = generator
-        scores = self._group_view(weight.detach().abs())
-        scores = scores / scores.mean(-1, keepdim=True).clamp_min(1e-12)
-        self.logits = nn.Parameter(config.init_scale * scores.log1p())
+        self.logits = nn.Parameter(initial_logits(self._group_view(weight.detach().abs()), config, generator))
 
     def _group_view(self, w: torch.Tensor) -> torch.Tensor:
         g = self.config.pattern
@@ -331,6 +359,19 @@ def ste_quantizer(quant: QuantConstraint | str) -> STEQuantize | None:
     raise ValueError(f"DPP quantization must be {accepted}, got {str(quant)!r}")
 
 
+def constrain_(module: nn.Module, mask: nn.Module, quant: QuantConstraint) -> STEQuantize | None:
+    """Parametrize ``module.weight`` as ``Q(weight * mask)``: the mask first, then the quantizer, so the levels are
+    those of the kept weights (the authors' order; a quantizer before the mask would average the removed weights
+    into the binary level). Returns the quantizer (``None`` without quantization)."""
+    from torch.nn.utils import parametrize
+
+    parametrize.register_parametrization(module, "weight", mask)
+    quantizer = ste_quantizer(quant)
+    if quantizer is not None:
+        parametrize.register_parametrization(module, "weight", quantizer)
+    return quantizer
+
+
 class DPPHooks(TrainHooks):
     """Sets each epoch's temperature and noise scale, adds the entropy regulariser, records per-layer
     confidence/diversity in the training history (so a resumed run keeps them).
@@ -340,7 +381,25 @@ class DPPHooks(TrainHooks):
 
     def __init__(self, masks: dict[str, KOfNMask], config: DPPConfig) -> None:
         self.masks, self.config = masks, config
+        self.adam = torch.optim.Adam([m.logits for m in masks.values()], lr=config.logit_lr_scale) \
+            if config.logit_optimizer is LogitOptimizer.ADAM else None
         self.before_epoch(None, 0)
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        if self.adam is not None:  # the logits' own Adam, at logit_lr_scale x the weights' scheduled rate
+            for group in self.adam.param_groups:
+                group["lr"] = optimizer.param_groups[0]["lr"] * self.config.logit_lr_scale
+            self.adam.step()
+            self.adam.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adam": self.adam.state_dict()} if self.adam is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.adam is not None:
+            if "adam" not in state:
+                raise ValueError("the saved training has no Adam state for the logits (started with SGD logits?)")
+            self.adam.load_state_dict(state["adam"])
 
     def before_epoch(self, model: nn.Module | None, epoch: int) -> None:
         for m in self.masks.values():
@@ -350,6 +409,8 @@ class DPPHooks(TrainHooks):
         logits = [m.logits for m in self.masks.values()]
         ids = {id(p) for p in logits}
         rest = [p for p in model.parameters() if id(p) not in ids]
+        if self.adam is not None:  # the logits learn by their own optimizer only
+            return [{"params": rest}]
         return [{"params": rest}, {"params": logits, "lr_scale": self.config.logit_lr_scale, "weight_decay": 0.0}]
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
@@ -427,13 +488,10 @@ def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[st
     quantizers: dict[str, STEQuantize] = {}
     for name in layers:
         module = modules[name]
-        mask = KOfNMask(module.weight, (per_layer or {}).get(name, config))
-        quantizer = ste_quantizer(config.quant)
+        masks[name] = KOfNMask(module.weight, (per_layer or {}).get(name, config))
+        quantizer = constrain_(module, masks[name], config.quant)
         if quantizer is not None:
-            parametrize.register_parametrization(module, "weight", quantizer)
             quantizers[name] = quantizer
-        parametrize.register_parametrization(module, "weight", mask)
-        masks[name] = mask
     hooks = DPPHooks(masks, config)
     resume = resume and out_dir is not None and (Path(out_dir) / "train_state.pt").is_file()
     result = fit(model, data, replace(train, epochs=config.epochs), out_dir, progress=progress, hooks=hooks,
@@ -443,7 +501,8 @@ def dpp_prune_(model: nn.Module, data, config: DPPConfig, train, layers: list[st
     for name in layers:
         final[name] = masks[name].mask().detach().clone()
         if name in quantizers:
-            scales[name] = quantizers[name].scale(modules[name].parametrizations.weight.original)
+            latent = modules[name].parametrizations.weight.original
+            scales[name] = quantizers[name].scale(latent * final[name])
         parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=True)
     return DPPResult(final, mask_metrics(result.history), result.history, scales)
 
@@ -504,7 +563,9 @@ def dpp_(model: nn.Module, data, config: DPPConfig, ctx: RunContext) -> PruneRec
         record.results["kept"] = {root: list(kn) for root, kn in result.kept.items()}  # group -> (k, n) filters
     t = config.temperature
     record.notes.insert(0, f"{config.epochs} epoch(s) of joint mask + weight training, temperature {t.start:g} -> "
-                           f"{t.end:g} ({t.mode.value}, per epoch); model chosen on validation")
+                           f"{t.end:g} ({t.mode.value}, per epoch), logits from {config.logit_init.value} "
+                           f"x{config.init_scale:g} trained by {config.logit_optimizer.value} at "
+                           f"{config.logit_lr_scale:g} x lr; model chosen on validation")
     record.notes.append("final mask confidence / diversity per layer: " + ", ".join(
         f"{name} {last.get(name + '/confidence', float('nan')):.2f} / {last.get(name + '/diversity', float('nan')):.2f}"
         for name in layers))

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit.channels.graph import ChannelGraph, ChannelGroup, ChannelPlan, ParamSlice, SliceKind
-from prunekit.methods.dpp import DPPConfig, DPPHooks, gumbel_topk_mask, mask_metrics, topk_mask
+from prunekit.methods.dpp import DPPConfig, DPPHooks, gumbel_topk_mask, initial_logits, mask_metrics, topk_mask
 from prunekit.planning.allocation import AllocationConfig, CostModel, Target, plan_for_target
 
 
@@ -39,7 +39,7 @@ class GroupMask(nn.Module):
         self.k, self.config = k, config
         self.temperature, self.noise_scale = config.temperature_at(0), config.noise_at(0)
         norms = group.reduce(lambda s: s.rows().pow(2).sum(1)).sqrt().float()
-        self.logits = nn.Parameter(config.init_scale * (norms / norms.mean().clamp_min(1e-12)).log1p())
+        self.logits = nn.Parameter(initial_logits(norms, config))
         self._draw: torch.Tensor | None = None
 
     def entropy(self) -> torch.Tensor:

@@ -5,7 +5,8 @@ the parameters or the channels (:class:`Target`), with a uniform per-layer fract
 * channels (coupled groups, removed physically): :func:`plan_for_target`, costed exactly by :class:`CostModel`
   from the slices a plan removes, so the search needs no surgery;
 * weights and their structured units (ADMM's entries, filters, channels, columns): :func:`allocate_rates`,
-  one magnitude threshold over all layers' units weighted by the weights they hold;
+  one magnitude threshold over all layers' units weighted by the weights they hold, or :func:`sensitivity_rates`,
+  per-layer fractions from each layer's own validation loss when it alone is pruned;
 * k-of-n runs (N:M sparsity, DPP and ADMM): :func:`plan_k_of_n`, one keep ratio shared by the layers that carry
   the weights, each with the densest k-of-n at or under it;
 * ranked directions with a non-additive cost (EigenDamage's eigen-directions): :func:`remove_lowest`, a global
@@ -21,7 +22,7 @@ import enum
 import heapq
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -41,10 +42,15 @@ class TargetMetric(str, enum.Enum):
 
 
 class Allocation(str, enum.Enum):
-    """Per-layer uniform fraction, or one global ranking of (per-layer normalised) scores."""
+    """Per-layer uniform fraction, one global ranking of (per-layer normalised) scores, or per-layer fractions
+    from each layer's own validation sensitivity (:func:`sensitivity_rates`; weight patterns)."""
 
     UNIFORM = "uniform"
     GLOBAL = "global"
+    SENSITIVITY = "sensitivity"
+
+
+CHANNEL_ALLOCATIONS = (Allocation.UNIFORM, Allocation.GLOBAL)
 
 
 @dataclass(frozen=True)
@@ -106,18 +112,13 @@ class AllocationConfig(Config):
             channels or fewer stays whole; a value at least as wide as every group is refused.
     """
 
-    allocation: Allocation = Allocation.GLOBAL
+    allocation: Allocation = field(default=Allocation.GLOBAL, metadata={"choices": CHANNEL_ALLOCATIONS})
     max_per_layer: float = 0.9
     tolerance: float = 0.02
     round_to: int = 1
 
     def __post_init__(self) -> None:
         coerce_fields(self)
-        try:
-            object.__setattr__(self, "allocation", Allocation(self.allocation))
-        except ValueError:
-            raise ValueError(f"allocation must be one of {[a.value for a in Allocation]}, "
-                             f"got {self.allocation!r}") from None
         if not isinstance(self.max_per_layer, (int, float)) or not 0 < self.max_per_layer < 1:
             raise ValueError(f"max_per_layer must be in (0, 1), got {self.max_per_layer!r}")
         if not 0 < self.tolerance < 0.5:
@@ -373,6 +374,60 @@ def allocate_rates(weights: dict[str, torch.Tensor], pattern: Pattern, keep: flo
         frac = float(kept[start:start + len(s)].double().mean())
         rates[name] = max(frac, 1.0 / len(s))
         start += len(s)
+    return rates
+
+
+SENSITIVITY_GRID = (0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001)
+
+
+def sensitivity_rates(weights: dict[str, torch.Tensor], pattern: Pattern, keep: float,
+                      loss_with: Callable[[str, float], float], fixed: dict[str, float] | None = None,
+                      costs: dict[str, float] | None = None, grid: tuple[float, ...] = SENSITIVITY_GRID
+                      ) -> dict[str, float]:
+    """Per-layer keep fractions that keep ``keep`` of all the weights' cost where the validation loss suffers least.
+
+    Sensitivity analysis (Han et al. 2015, arXiv 1506.02626): ``loss_with(layer, f)`` is the validation loss with
+    that layer alone pruned to keep ``f`` of its units. Every free layer starts dense and steps down ``grid``;
+    each step goes to the layer whose next step costs the least loss per unit of cost removed,
+    ``(L_l(f') - L_l(f)) / ((f - f') c_l)``, until the budget is met (the last step is cut short so the total is
+    exact). Unlike one global magnitude threshold, a large layer whose every weight matters is not starved. Every
+    layer keeps at least one unit; layers in ``fixed`` keep their fraction.
+
+    Raises:
+        InfeasibleTargetError: the budget is below one unit per layer.
+        ValueError: ``fixed`` names a layer not in ``weights``.
+    """
+    rates = allocate_rates(weights, pattern, keep, Allocation.UNIFORM, fixed, costs)  # checks ``fixed``
+    free = [n for n in weights if n not in (fixed or {})]
+    if not free:
+        return rates
+    rates.update({n: 1.0 for n in free})
+    size = {n: weights[n].numel() * (costs[n] if costs else 1.0) for n in weights}
+    budget = keep * sum(size.values()) - sum(rates[n] * size[n] for n in weights if n not in free)
+    floor = {n: unit_scores(weights[n], pattern)[1] / weights[n].numel() for n in free}
+    if budget < sum(floor[n] * size[n] for n in free) - 1e-9:
+        raise InfeasibleTargetError(f"keeping {keep:g} of the weights leaves less than one {pattern.value} unit per "
+                                    "layer; raise the target")
+    levels = {n: [1.0] + [g for g in grid if g > floor[n]] + ([floor[n]] if floor[n] < 1 else []) for n in free}
+    loss = {n: [loss_with(n, f) if f < 1 else 0.0 for f in levels[n]] for n in free}
+    base = loss_with(free[0], 1.0)
+    for n in free:
+        loss[n][0] = base
+    at = {n: 0 for n in free}
+    kept = sum(size[n] for n in free)
+    while kept > budget + 1e-9:
+        def price(n: str) -> float:
+            i = at[n]
+            return (loss[n][i + 1] - loss[n][i]) / ((levels[n][i] - levels[n][i + 1]) * size[n])
+
+        name = min((n for n in free if at[n] + 1 < len(levels[n])), key=price)
+        i = at[name]
+        step = (levels[name][i] - levels[name][i + 1]) * size[name]
+        if kept - step <= budget:  # the last step, cut short
+            rates[name] = levels[name][i] - (kept - budget) / size[name]
+            break
+        at[name], kept = i + 1, kept - step
+        rates[name] = levels[name][i + 1]
     return rates
 
 

@@ -3,6 +3,8 @@ phases (the third of the independent choices, next to criterion, allocation and 
 
 * :class:`RoundSchedule` -- ``iterations`` rounds of prune, recover and fine-tune; round ``r`` of ``k`` keeps
   ``keep ** (r / k)`` of the dense metric (geometric spacing, as in iterative pruning; one round is one-shot).
+* :class:`StageSchedule` -- progressive stages of rising pruning rate (ADMM-NN-S's 10x -> 30x -> 60x -> 100x), each
+  pruning further from the last, stopped at the last stage whose validation accuracy is within a tolerance;
 * :class:`TemperatureSchedule` -- the temperature of a relaxation annealed epoch by epoch (DPP's Gumbel-softmax),
   linear or exponential, indexed by epoch so that a resumed epoch sees the same value.
 * :class:`Phases` -- named phases (ADMM's pruning, retraining, quantization steps) whose end states are saved, so
@@ -53,6 +55,50 @@ class RoundSchedule(Config):
     def round_target(self, round_: int, target: Target, kept_now: float) -> Target:
         """What round ``round_`` asks of the model as it is now, which keeps ``kept_now`` of the dense metric."""
         return Target(target.metric, min(0.999, self.keep_after(round_, target) / kept_now))
+
+
+@dataclass(frozen=True)
+class StageSchedule(Config):
+    """Progressive pruning: stages of rising rate, each starting from the last one's weights, whose zeros stay zero.
+
+    ADMM-NN (Ren et al. 2019, arXiv 1812.11677) and ADMM-NN-S (Ma et al. 2019, arXiv 1907.02124) reach rates such as
+    100x on LeNet-5 through stages (for example 10x -> 30x -> 60x -> 100x): stage ``s`` keeps
+    ``1 / rate_s`` of the weights, chosen among those stage ``s - 1`` kept.
+
+    Args:
+        rates: Pruning rates (dense weights / kept weights) of the stages before the target's, rising, each below
+            the target's rate (empty: one stage, straight to the target).
+        tolerance: Validation accuracy points below the dense model that a stage may lose; the run stops after the
+            first stage beyond it and keeps the stage before (none: run every stage, keep the last).
+    """
+
+    rates: tuple[float, ...] = dataclasses.field(default=(), metadata={"flag": "--stages"})
+    tolerance: float | None = dataclasses.field(default=None, metadata={"flag": "--stage-tolerance"})
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        rates = tuple(float(r) for r in self.rates)
+        if any(not (math.isfinite(r) and r > 1) for r in rates) or any(a >= b for a, b in zip(rates, rates[1:])):
+            raise ValueError(f"stage rates must rise and each be > 1 (10 keeps a tenth of the weights), e.g. "
+                             f"--stages 10 30 60; got {list(self.rates)}")
+        if self.tolerance is not None and not (math.isfinite(self.tolerance) and 0 <= self.tolerance <= 100):
+            raise ValueError(f"the stage tolerance is in accuracy points, between 0 and 100, got {self.tolerance!r}")
+        object.__setattr__(self, "rates", rates)
+
+    def keeps(self, target: Target) -> list[float]:
+        """The fraction of the weights each stage keeps; the last is the target's.
+
+        Raises:
+            ValueError: a stage's rate is not below the target's.
+        """
+        if self.rates and 1 / self.rates[-1] <= target.keep:
+            raise ValueError(f"every stage rate must be below the target's x{1 / target.keep:g} (the last stage), got "
+                             f"stages {[f'x{r:g}' for r in self.rates]}")
+        return [1 / r for r in self.rates] + [target.keep]
+
+    def within(self, val_acc: float, dense_val_acc: float) -> bool:
+        """Whether a stage with validation accuracy ``val_acc`` is within the tolerance (always, without one)."""
+        return self.tolerance is None or 100 * (dense_val_acc - val_acc) <= self.tolerance + 1e-9
 
 
 class Annealing(str, enum.Enum):
@@ -106,22 +152,38 @@ class Phases:
         self.folder = Path(folder) if folder is not None else None
         self.log = log
 
+    def saved(self, name: str) -> dict[str, Any] | None:
+        """What phase ``name`` saved (``model``: its end state, ``tensors``, ``record``, ``rng``), or ``None`` when it
+        has not finished (or there is no folder).
+
+        Raises:
+            CheckpointError: the phase file is unreadable.
+        """
+        from prunekit.persistence.checkpoint import CheckpointError
+
+        path = self.folder / f"{name}.pt" if self.folder is not None else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            return {"model": saved["model"], "tensors": saved["tensors"], "record": json.loads(saved["record"]),
+                    "rng": saved["rng"]}
+        except Exception as exc:  # noqa: BLE001 - any unreadable phase file is a user-facing condition
+            raise CheckpointError(f"{path} is unreadable ({exc.__class__.__name__}); delete it to run the phase "
+                                  "again") from None
+
     def run(self, name: str, model: nn.Module, phase: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
             prepare: Callable[[dict[str, Any]], None] = lambda record: None
             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``phase()`` returns ``(tensors, record)``; both are loaded back instead when the phase is done, after
         ``prepare(record)`` has made the model's architecture what the phase left (a phase that removed channels
         replays its change there)."""
-        from prunekit.persistence.checkpoint import CheckpointError, atomic_write, check_state_fits
+        from prunekit.persistence.checkpoint import atomic_write, check_state_fits
 
         path = self.folder / f"{name}.pt" if self.folder is not None else None
-        if path is not None and path.is_file():
-            try:
-                saved = torch.load(path, map_location="cpu", weights_only=True)
-                state, tensors, record = saved["model"], saved["tensors"], json.loads(saved["record"])
-            except Exception as exc:  # noqa: BLE001 - any unreadable phase file is a user-facing condition
-                raise CheckpointError(f"{path} is unreadable ({exc.__class__.__name__}); delete it to run the phase "
-                                      "again") from None
+        saved = self.saved(name)
+        if saved is not None:
+            state, tensors, record = saved["model"], saved["tensors"], saved["record"]
             prepare(record)
             check_state_fits(model, state, path)
             model.load_state_dict(state)
