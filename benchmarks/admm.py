@@ -74,9 +74,12 @@ VERDICT_TARGETS = {"lenet5": ("params", 0.1), "resnet20": ("flops", 0.25)}
 VERDICT_TRAIN = {"resnet20": (0.01, prunekit.Augment.CROP_FLIP)}
 
 
+ROW_KINDS = ("admm", "imp")  # the rows: ADMM, and iterative magnitude pruning at the same epochs
+
+
 def staged_config(kind: str, args) -> prunekit.ADMMConfig:
     """The row's config: ADMM, or IMP (no ADMM epochs, the same epochs of masked retraining), through the stages."""
-    admm = kind == "admm"
+    admm = kind != "imp"
     return prunekit.ADMMConfig(
         target=prunekit.Target("params", 1 / args.rates[-1]), stages={"rates": tuple(args.rates[:-1])},
         allocation=args.allocation, rho=args.rho, rho_max=args.rho_max, update_every=args.update_every,
@@ -232,9 +235,9 @@ def model_rows(model_name: str, checkpoint: Path, cache: RowCache, args) -> dict
     data = prunekit.load_dataset(data_cfg)
     dense_val, dense_test = (prunekit.evaluate(dense, split)["acc"] for split in (data.val, data.test))
     settings = {"checkpoint_sha256": sha256(checkpoint), "lr": args.lr,
-                **{kind: staged_config(kind, args).to_dict() for kind in ("admm", "imp")}}
+                **{kind: staged_config(kind, args).to_dict() for kind in ROW_KINDS}}
     rows = {}
-    for kind in ("admm", "imp"):
+    for kind in ROW_KINDS:
         key = f"{model_name}__{kind}__staged"
         rows[kind] = cache.get_or_run(key, settings, run_staged, dense, data, kind, args, args.out / "runs" / key,
                                       announce=f"{model_name} {kind} stages done")

@@ -26,7 +26,11 @@ training and keep the same sparsity pattern.
 Filter granularity (``--filter-models``, default ResNet-20): DPP over coupled channel groups at 1/4 of the FLOPs
 (``prunekit.prune_`` with ``prunekit.DPPConfig(pattern="group")``), the dropped filters removed physically, trained
 for the two epochs (SGD lr 0.01, crop+flip) that the curvature benchmark's one-shot rows fine-tune for; the table
-puts it next to those rows.
+puts it next to those rows. Two recipes (``--filter-recipes``): the tuned one (magnitude start x10, Gumbel noise
+``--filter-noise-scale`` annealed with the temperature, logits at the weights' lr) and the authors' one.
+
+At 90% sparsity (``--authors-sparsities``) the k-of-n rows also run DPP with the authors' recipe (linear temperature
+5 -> 0.5, logits from N(0, 1) trained by their own Adam, entropy regulariser ``--authors-entropy``).
 
     python benchmarks/dpp.py                        # LeNet-5 and LeNet-300-100, 75/90/95%, none/8-bit/binary
     python benchmarks/dpp.py --quick --out /tmp/q   # about a minute: digits, small LeNet-5, 75%, float
@@ -151,6 +155,7 @@ def dpp_authors_k_of_n_(net: nn.Module, data, per_layer: dict[str, tuple[int, in
 
 
 ROW_METHODS = {"magnitude": magnitude_k_of_n_, "dpp": dpp_k_of_n_, "dpp-authors": dpp_authors_k_of_n_}
+TUNED_ROW = "dpp"  # the row whose mask metrics are plotted
 AUTHORS_TEMPERATURE = prunekit.TemperatureSchedule(5.0, 0.5, "linear")
 
 
@@ -197,6 +202,7 @@ def bake_(layers: list[nn.Module]) -> None:
 
 
 FILTER_MODELS = ("resnet20",)
+FILTER_NOISE_SCALE = 0.03  # the tuned filter recipe's Gumbel noise (results/dpp/pilot-filter-*)
 FILTER_FLOPS = 0.25
 
 
@@ -298,7 +304,8 @@ def readme_filter_table(payload: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dpp.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=None, choices=sorted(LENETS))
+    p.add_argument("--models", nargs="*", default=None, choices=sorted(LENETS),
+                   help="models of the k-of-n rows (default: both LeNets; none: skip)")
     p.add_argument("--sparsities", nargs="+", type=float, default=None, help=f"of {sorted(LEVELS)}")
     p.add_argument("--quant", nargs="+", default=None, help="none, bits=8, binary (default: all three)")
     p.add_argument("--quant-sparsities", nargs="+", type=float, default=[0.9],
@@ -306,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--filter-models", nargs="*", default=None, choices=sorted(FILTER_MODELS),
                    help="models of the filter-granularity row (default resnet20; none: skip)")
     p.add_argument("--filter-epochs", type=int, default=2)
+    p.add_argument("--filter-noise-scale", type=float, default=FILTER_NOISE_SCALE,
+                   help=f"Gumbel noise scale of the tuned filter recipe (default {FILTER_NOISE_SCALE:g}, the best "
+                        "ResNet-20 pilot)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--layer-plan", choices=LAYER_PLANS, default="small-dense",
                    help="small-dense: layers under 2%% of the weights stay dense, the rest share the budget; "
@@ -313,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-scale", type=float, default=INIT_SCALE,
                    help="DPP logits start at this times the log of the normalised weight magnitudes "
                         f"(default {INIT_SCALE:g})")
-    p.add_argument("--noise-scale", type=float, default=1.0, help="DPP Gumbel noise scale")
+    p.add_argument("--noise-scale", type=float, default=1.0, help="DPP Gumbel noise scale of the k-of-n rows")
     p.add_argument("--anneal-noise", action=argparse.BooleanOptionalAction, default=True,
                    help="DPP noise scale follows the temperature down (DPPConfig.anneal_noise; default on)")
     p.add_argument("--logit-lr-scale", type=float, default=LOGIT_LR_SCALE,
@@ -332,18 +342,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.models, args.sparsities = args.models or ["lenet5"], args.sparsities or [0.75]
+        args.models = ["lenet5"] if args.models is None else args.models
+        args.sparsities = args.sparsities or [0.75]
         args.quant, args.epochs = args.quant or ["none"], 1
         args.quant_sparsities = args.authors_sparsities = [0.75]
         torch.set_num_threads(1)
     args.filter_models = ["resnet20"] if args.filter_models is None else args.filter_models
-    args.models = args.models or ["lenet5", "lenet300"]
+    args.models = ["lenet5", "lenet300"] if args.models is None else args.models
     args.sparsities = args.sparsities or sorted(LEVELS)
     args.quant = args.quant or ["none", "bits=8", "binary"]
     if not args.logit_lr_scale > 0:
         p.error(f"--logit-lr-scale must be > 0, got {args.logit_lr_scale}")
-    if args.init_scale < 0 or args.noise_scale < 0:
-        p.error(f"--init-scale and --noise-scale must be >= 0, got {args.init_scale} and {args.noise_scale}")
+    if args.init_scale < 0 or args.noise_scale < 0 or args.filter_noise_scale < 0:
+        p.error(f"--init-scale, --noise-scale and --filter-noise-scale must be >= 0, got {args.init_scale}, "
+                f"{args.noise_scale} and {args.filter_noise_scale}")
     bad = [s for s in args.sparsities if s not in LEVELS]
     if bad:
         p.error(f"--sparsities must be among {sorted(LEVELS)}, got {bad}")
@@ -385,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         payload["models"][model_name] = {"dense_test_acc": dense_acc, "rows": rows}
         texts.append(table(model_name, dense_acc, rows))
         for r in rows:  # how the masks settled: the float DPP row (the one with mask metrics) at the goal's sparsity
-            if r["method"] == "dpp" and r["quant"] == "none" and \
+            if r["method"] == TUNED_ROW and r["quant"] == "none" and \
                     r["sparsity_target"] == max(s for s in args.sparsities if s <= 0.9):
                 name = f"{model_name}_mask_metrics.png"
                 args.out.mkdir(parents=True, exist_ok=True)
@@ -398,9 +410,10 @@ def main(argv: list[str] | None = None) -> int:
          for m, path in checkpoint_paths(args.filter_models, args.checkpoint_dir, FILTER_MODELS).items()]
     for model_name, checkpoint, epochs, augment in filter_jobs:
         base = {"checkpoint_sha256": sha256(checkpoint), "epochs": epochs, "augment": augment.value}
+        noise = {"noise_scale": args.filter_noise_scale} if args.filter_noise_scale != 1.0 else {}
         recipes = {"tuned": ({"temperature": TEMPERATURE, "init_scale": args.init_scale,
-                              "anneal_noise": args.anneal_noise},
-                             {"init_scale": args.init_scale, "anneal_noise": args.anneal_noise}),
+                              "anneal_noise": args.anneal_noise, **noise},
+                             {"init_scale": args.init_scale, "anneal_noise": args.anneal_noise, **noise}),
                    "authors": (authors_recipe(args), {"recipe": plain(authors_recipe(args))})}
         rows = {}
         for name in args.filter_recipes:
@@ -418,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
           f"layer plan {args.layer_plan} (k of n per layer in `dpp.json`); "
           f"DPP logits start at {args.init_scale:g} x log(1 + |w| / mean|w|), Gumbel noise scale "
           f"{args.noise_scale:g}{' annealed with the temperature' if args.anneal_noise else ''}, logit lr "
-          f"{args.logit_lr_scale:g} x lr. The authors' recipe: temperature 5 -> 0.5 linear, logits from N(0, 1) "
+          f"{args.logit_lr_scale:g} x lr ({args.logit_optimizer}"
+          f"{f', entropy weight {args.entropy_weight:g}' if args.entropy_weight else ''}); the filter rows' tuned "
+          f"recipe: noise scale {args.filter_noise_scale:g}, logit lr 1 x lr. "
+          "The authors' recipe: temperature 5 -> 0.5 linear, logits from N(0, 1) "
           f"trained by their own Adam at the weights' scheduled lr, entropy weight {args.authors_entropy:g}. Both "
           "start from the dense weights (from scratch was not run: the budget went to the rows above). Quantized "
           "DPP rows quantize the masked weights. Test accuracy of the best-on-validation epoch.", ""] + \

@@ -273,8 +273,9 @@ def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = 
 
     Those weights are stored as float32 values, or as ``code_bits`` codes with one float32 scale per layer
     (``scales``); every other parameter (biases, norms, other layers) as dense float32. Returns total bits per
-    format (``per-layer``: every layer in its own smallest format), the dense float32 size (``dense_bits``: the unpruned model's, when channels were removed physically;
-    default ``model``'s own) and the compression ratio of each format.
+    format (``per-layer``: every layer in its own smallest format), the dense float32 size (``dense_bits``: the
+    unpruned model's, when channels were removed physically; default ``model``'s own) and the compression ratio of
+    each format.
     """
     modules = dict(model.named_modules())
     formats = ["dense", "csr", "relative", "bitmap", "structured"] + (["k-of-n"] if k_of_n else [])
