@@ -15,6 +15,7 @@ import admm
 import deploy
 import dpp
 import eigendamage
+import finetune
 import structured
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,7 @@ def tables() -> dict[str, str]:
         "dpp": dpp.readme_table(json.loads((results / "dpp" / "dpp.json").read_text())),
         "dpp-filter": dpp.readme_filter_table(json.loads((results / "dpp" / "dpp.json").read_text())),
         "admm": admm.readme_table(json.loads((results / "admm" / "admm.json").read_text())),
+        "finetune": finetune.table(json.loads((results / "finetune" / "finetune.json").read_text())),
     }
 
 

@@ -95,9 +95,25 @@ def test_help_shows_only_the_methods_flags(method, capsys):
     shown = set(re.findall(r"(--[a-z][a-z0-9-]*)", text))
     own = set(flags_of(prunekit.get_method(method).config))
     job = {"--model", "--checkpoint", "--data", "--data-dir", "--val-fraction", "--limit", "--trust-factory", "--out",
-           "--resume", "--seed", "--lr", "--batch-size", "--augment", "--no-latency", "--no-progress", "--help"}
+           "--resume", "--seed", "--lr", "--warmup", "--batch-size", "--augment", "--no-latency", "--no-progress",
+           "--help"}
     assert own <= shown
     assert shown - own - job == set(), shown - own - job
+
+
+@pytest.mark.parametrize("method", ["l1", "eigendamage", "admm", "dpp"])
+def test_the_job_flags_set_the_fine_tuning_recipe_over_the_methods_own(method):
+    from prunekit.cli import _recipe_from_args
+    from prunekit.training import FINETUNE_LR, FINETUNE_WARMUP
+
+    spec = prunekit.get_method(method)
+    own = (0.01, 0.0) if method in ("admm", "dpp") else (FINETUNE_LR, FINETUNE_WARMUP)  # what their benchmarks use
+    assert (spec.lr, spec.warmup) == own
+    base = ["prune", method, "--model", "lenet5", "--data", "synthetic", "--out", "x"]
+    train = _recipe_from_args(build_parser().parse_args(base)).job.train
+    assert (train.lr, train.warmup) == own
+    train = _recipe_from_args(build_parser().parse_args([*base, "--lr", "0.03", "--warmup", "0.2"])).job.train
+    assert (train.lr, train.warmup) == (0.03, 0.2)
 
 
 def test_the_old_method_flag_points_to_the_new_form(capsys):

@@ -207,3 +207,28 @@ def test_round_on_a_train_mode_model_with_1x1_batchnorm_leaves_running_statistic
     assert model.training
     for k, v in stats.items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_the_cap_counts_against_the_dense_width_so_rounds_cannot_compound(synthetic):
+    """Two rounds at max_per_layer=0.5: every bottleneck keeps at least half of its dense layer's directions on
+    each side (before, the second round capped against the first round's rank, allowing 75% removal)."""
+    model = _tiny_resnet()
+    config = EigenDamageConfig(target="flops=0.6", max_per_layer=0.5, schedule=RoundSchedule(iterations=2),
+                               curvature=FisherSettings(fisher_batches=2))
+    prune_(model, config, synthetic, RunContext(progress=False, log=lambda s: None))
+    bottlenecks = [m for m in model.modules() if isinstance(m, KFEBottleneck)]
+    assert bottlenecks
+    for m in bottlenecks:
+        assert m.rank_in >= m.spec.in_channels / 2 and m.rank_out >= m.spec.out_channels / 2
+
+
+def test_remove_lowest_caps_against_the_dense_width():
+    from prunekit.planning.allocation import RankedLayer, remove_lowest
+
+    def layer(dense):
+        return RankedLayer("a", (torch.arange(8.0),), lambda kept: float(kept[0]), 8.0, (True,), dense)
+
+    removed, _, _ = remove_lowest([layer(None)], 0.0, 4.0, 0.5)
+    assert len(removed["a"][0]) == 4  # 8 now, half may go
+    with pytest.raises(InfeasibleTargetError, match="dense directions"):
+        remove_lowest([layer((64,))], 0.0, 4.0, 0.9, what="directions")  # 8 of 64 left: already at the cap

@@ -345,8 +345,8 @@ def test_train_config_round_trips_through_dict_and_json():
 
 
 def test_train_config_from_dict_rejects_unknown_fields():
-    with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['warmup'\]; accepted: \[.*'epochs'"):
-        TrainConfig.from_dict({"epochs": 1, "warmup": 5})
+    with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['cooldown'\]; accepted: \[.*'epochs'"):
+        TrainConfig.from_dict({"epochs": 1, "cooldown": 5})
 
 
 def test_cosine_schedule():
@@ -356,6 +356,29 @@ def test_cosine_schedule():
     assert config.lr_at(1.0) == pytest.approx(0.0, abs=1e-12)
     values = [config.lr_at(p / 20) for p in range(21)]
     assert values == sorted(values, reverse=True)
+
+
+def test_warmup_rises_from_a_25th_then_the_schedule_runs_over_the_rest():
+    config = TrainConfig(lr=0.25, warmup=0.2)
+    assert config.lr_at(0.0) == pytest.approx(0.01) and config.lr_at(0.1) == pytest.approx(0.13)
+    assert config.lr_at(0.2) == pytest.approx(0.25) and config.lr_at(0.6) == pytest.approx(0.125)
+    assert config.lr_at(1.0) == pytest.approx(0.0, abs=1e-12)
+    step = TrainConfig(lr=1.0, schedule="step", milestones=(0.5,), warmup=0.5)
+    assert step.lr_at(0.7) == 1.0 and step.lr_at(0.75) == pytest.approx(0.1)  # half of the rest
+    for bad in (-0.1, 1.0, True):
+        with pytest.raises(ValueError, match="warmup must be a fraction of the steps in"):
+            TrainConfig(warmup=bad)
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(tmp_path, synthetic, make_lenet300):
+    fit(make_lenet300(), synthetic, TrainConfig(epochs=1, batch_size=128), tmp_path, progress=False)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    del state["config"]["warmup"]  # as written by a prunekit without warm-up
+    torch.save(state, tmp_path / "train_state.pt")
+    fit(make_lenet300(), synthetic, TrainConfig(epochs=1, batch_size=128), tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"\(warmup: saved 0\.0 vs now 0\.1\)"):
+        fit(make_lenet300(), synthetic, TrainConfig(epochs=1, batch_size=128, warmup=0.1), tmp_path, resume=True,
+            progress=False)
 
 
 def test_step_schedule():

@@ -138,8 +138,12 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default=None, help="output folder (recipe, report, one folder per run); required")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, scoring batches and random choices")
-    g.add_argument("--lr", type=float, default=0.01, help="learning rate of the method's training (fine-tuning, "
-                                                          "ADMM, DPP)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate of the method's training "
+                                                          "(fine-tuning, ADMM, DPP; default: the method's, "
+                                                          "`prunekit list methods`)")
+    g.add_argument("--warmup", type=float, default=None,
+                   help="fraction of the method's training steps spent warming the rate up from lr/25 (default: "
+                        "the method's; ADMM phases train at a constant rate)")
     g.add_argument("--batch-size", type=int, default=128, help="batch size of the method's training")
     g.add_argument("--augment", choices=["auto", "none", "crop", "crop-flip"], default="auto",
                    help="augmentation of the method's training (auto: crop for digits, crop and flip for images)")
@@ -166,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
+    p.add_argument("--warmup", type=float, default=0.0,
+                   help="fraction of the steps spent warming the rate up from lr/25 (default 0)")
     p.add_argument("--augment", choices=["auto", "none", "crop", "crop-flip"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (checkpoints, history, plot)")
@@ -265,6 +271,7 @@ def cmd_list(args) -> None:
                 spec = get_method(entry)
                 print(f"  {'':<16} paper: {spec.paper}")
                 print(f"  {'':<16} config: {spec.config.__name__}: {' '.join(flags_of(spec.config))}")
+                print(f"  {'':<16} training: --lr {spec.lr:g} --warmup {spec.warmup:g} unless given")
 
 
 def cmd_train(args) -> None:
@@ -274,7 +281,8 @@ def cmd_train(args) -> None:
     data = _data_config(args)
     augment = default_augment(args.data) if args.augment == "auto" else args.augment
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                         weight_decay=args.weight_decay, schedule=args.schedule, augment=augment, seed=args.seed)
+                         weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup, augment=augment,
+                         seed=args.seed)
     out = Path(args.out)
     outcome = train_job(args.model, data, config, out, width=args.width, resume=args.resume,
                         progress=not args.no_progress, device=args.device)
@@ -326,7 +334,9 @@ def _recipe_from_args(args):
     augment = default_augment(data.name) if args.augment == "auto" else args.augment
     source = ModelSource(model=args.model, checkpoint=args.checkpoint, data=data,
                          trusted_factories=tuple(args.trust_factory))
-    train = TrainConfig(epochs=0, lr=args.lr, batch_size=args.batch_size, augment=augment)
+    train = TrainConfig(epochs=0, lr=spec.lr if args.lr is None else args.lr,
+                        warmup=spec.warmup if args.warmup is None else args.warmup, batch_size=args.batch_size,
+                        augment=augment)
     return Recipe(spec.name, configs, JobConfig(source, train, args.seed, not args.no_latency))
 
 

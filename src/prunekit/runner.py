@@ -86,8 +86,8 @@ def prune_job(configs: Any | Sequence[Any], *, model: str | None = None, checkpo
     Args:
         configs: A method config (``prunekit.L1Config(target="flops=0.25")``) or several of the same method.
         model, checkpoint, data: The dense network (:class:`~prunekit.persistence.recipe.ModelSource`).
-        train: Optimiser settings of the method's training (default: lr 0.01, batch 128, the dataset's
-            augmentation).
+        train: Optimiser settings of the method's training (default: the method's learning rate and warm-up,
+            ``MethodSpec.lr``/``warmup``, batch 128, the dataset's augmentation).
         out: Output folder (locked for the run; one that holds a run is refused without ``resume``).
 
     Returns:
@@ -129,7 +129,7 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = 
     dense, base, data_cfg = load_dense(source.model, source.checkpoint, source.data, source.trusted_factories,
                                        model_named_here)
     splits = load_dataset(data_cfg)
-    train = job.train or TrainConfig(epochs=0, lr=0.01, augment=default_augment(data_cfg.name))
+    train = job.train or TrainConfig(epochs=0, lr=spec.lr, warmup=spec.warmup, augment=default_augment(data_cfg.name))
     dense_sha256 = state_fingerprint(dense)
     if source.dense_sha256 is not None and source.dense_sha256 != dense_sha256:
         from prunekit.persistence.checkpoint import CheckpointError

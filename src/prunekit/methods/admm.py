@@ -421,7 +421,7 @@ def admm_prune_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: T
 def admm_training(train: TrainConfig, config: ADMMConfig) -> TrainConfig:
     """An ADMM phase trains at a constant learning rate: the W-step must keep pulling W to ``Z - U`` as rho rises,
     which a rate decayed to zero at the end of the phase would stop."""
-    return replace(train, epochs=config.admm_epochs, schedule=Schedule.STEP, milestones=())
+    return replace(train, epochs=config.admm_epochs, schedule=Schedule.STEP, milestones=(), warmup=0.0)
 
 
 def _run_stage(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig,
@@ -765,4 +765,5 @@ def admm_(model: nn.Module, data: DataSplits, config: ADMMConfig, ctx: RunContex
 register(MethodSpec("admm", ADMMConfig, admm_,
                     "Ma et al. 2019, Non-structured DNN Weight Pruning -- Is It Beneficial in Any Platform?, "
                     "arXiv 1907.02124 (ADMM-NN-S)",
-                    "ADMM joint pruning (any pattern) and quantization, with masked retraining"))
+                    "ADMM joint pruning (any pattern) and quantization, with masked retraining",
+                    lr=0.01, warmup=0.0))  # the rate benchmarks/admm.py measured ADMM at (its phases: constant)

@@ -575,4 +575,5 @@ def dpp_(model: nn.Module, data, config: DPPConfig, ctx: RunContext) -> PruneRec
 
 register(MethodSpec("dpp", DPPConfig, dpp_,
                     "Gonzalez-Carabarin et al. 2021, Dynamic Probabilistic Pruning, arXiv 2105.12686",
-                    "learned exactly-k-of-n masks (weights, kernels, filters) by Gumbel-softmax, optionally quantized"))
+                    "learned exactly-k-of-n masks (weights, kernels, filters) by Gumbel-softmax, optionally quantized",
+                    lr=0.01, warmup=0.0))  # the rate benchmarks/dpp.py tuned the logits' rate against

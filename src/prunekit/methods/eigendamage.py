@@ -49,7 +49,8 @@ class EigenDamageConfig(Config):
 
     Args:
         target: Keep this fraction of the FLOPs or parameters (``flops=0.25``; directions are not channels).
-        max_per_layer: Largest fraction of a layer's input or output directions removed in one round.
+        max_per_layer: Largest fraction of a layer's input or output directions removed, counted against the dense
+            layer's width over all rounds (so iterative rounds cannot compound past it).
         schedule: Rounds of prune, recover and fine-tune (1 = one-shot); later rounds decompose the cores again.
         ignore: Modules to leave alone, containers included (the output layer always is).
         curvature: Fisher type, batches and damping of the K-FAC statistics (channel input factors).
@@ -269,7 +270,8 @@ def _plan(layers: list[_Layer], fixed_cost: float, target_cost: float, metric: T
 
         # depthwise: output directions are merged into the projection, so removing them saves nothing
         return RankedLayer(layer.name, (layer.score_in, layer.score_out), cost, _current_cost(layer, metric),
-                           (True, form is not BottleneckForm.DEPTHWISE))
+                           (True, form is not BottleneckForm.DEPTHWISE),
+                           dense=(layer.spec.in_channels, layer.spec.out_channels))
 
     try:
         removed, costs, total = remove_lowest([ranked(lay) for lay in layers], fixed_cost, target_cost, cap,
@@ -461,8 +463,8 @@ def eigendamage_(model: nn.Module, data, config: EigenDamageConfig, ctx) -> Prun
                         before_finetune=lambda m: set_rotations_trainable_(m, config.train_rotations))
     record.kept_width = kept_widths(model, dense_widths)
     record.notes.append(f"EigenDamage, {config.form.value} bottlenecks, at most {config.max_per_layer:.0%} of a "
-                        f"layer's directions per round, {k} round(s), {config.finetune_epochs} fine-tune epoch(s) "
-                        "per round, model chosen on validation")
+                        f"layer's dense directions removed over all rounds, {k} round(s), "
+                        f"{config.finetune_epochs} fine-tune epoch(s) per round, model chosen on validation")
     return record
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from prunekit.data import DataSplits
 from prunekit.registry import Registry
-from prunekit.training import TrainConfig
+from prunekit.training import FINETUNE_LR, FINETUNE_WARMUP, TrainConfig
 
 # the modules that register methods, imported on first use of the registry
 METHOD_MODULES = ("prunekit.methods.channel", "prunekit.methods.eigendamage", "prunekit.methods.admm",
@@ -98,6 +98,9 @@ class MethodSpec:
         apply: ``apply(model, data, config, context) -> PruneRecord``, compressing ``model`` in place.
         paper: The paper it implements (authors, year, arXiv id).
         summary: One line for ``prunekit list methods``.
+        lr, warmup: The peak learning rate and warm-up of its training when a job gives none (default: the
+            fine-tuning recipe chosen by ``benchmarks/finetune.py``, ``prunekit.training.FINETUNE_LR`` and
+            ``FINETUNE_WARMUP``).
     """
 
     name: str
@@ -105,6 +108,8 @@ class MethodSpec:
     apply: Callable[[nn.Module, DataSplits, Any, RunContext], PruneRecord]
     paper: str
     summary: str
+    lr: float = FINETUNE_LR
+    warmup: float = FINETUNE_WARMUP
 
 
 METHODS: Registry[MethodSpec] = Registry("method")

@@ -510,6 +510,8 @@ class RankedLayer:
         cost: The layer's cost given how many units of each side it keeps, once at least one was removed.
         current: Its cost as it is now (what it costs while nothing of it is removed).
         removable: Per side, whether removing its units can change the cost at all.
+        dense: Per side, the width before any pruning: the cap counts against it, so rounds cannot compound
+            (default: the current width).
     """
 
     name: str
@@ -517,6 +519,7 @@ class RankedLayer:
     cost: Callable[[tuple[int, ...]], float]
     current: float
     removable: tuple[bool, ...] = (True, True)
+    dense: tuple[int, ...] | None = None
 
 
 def remove_lowest(layers: list[RankedLayer], fixed_cost: float, target_cost: float, max_per_layer: float,
@@ -524,7 +527,8 @@ def remove_lowest(layers: list[RankedLayer], fixed_cost: float, target_cost: flo
                   ) -> tuple[dict[str, list[set[int]]], dict[str, float], float]:
     """Remove units in ascending score order over all layers (one global threshold) until the total cost,
     ``fixed_cost`` plus every layer's, meets ``target_cost``; a side keeps at least ``1 - max_per_layer`` of its
-    units. A layer's cost is re-evaluated after each of its removals, so costs need not be additive.
+    dense width (``RankedLayer.dense``). A layer's cost is re-evaluated after each of its removals, so costs need
+    not be additive.
 
     Returns:
         (removed unit indices per layer and side, each layer's cost, the total cost).
@@ -534,7 +538,8 @@ def remove_lowest(layers: list[RankedLayer], fixed_cost: float, target_cost: flo
     """
     sizes = {lay.name: [len(s) for s in lay.scores] for lay in layers}
     kept = {name: list(n) for name, n in sizes.items()}
-    limits = {name: [max(1, math.ceil(n * (1 - max_per_layer))) for n in ns] for name, ns in sizes.items()}
+    limits = {lay.name: [max(1, math.ceil(n * (1 - max_per_layer))) for n in (lay.dense or sizes[lay.name])]
+              for lay in layers}
     by_name = {lay.name: lay for lay in layers}
     removed: dict[str, list[set[int]]] = {lay.name: [set() for _ in lay.scores] for lay in layers}
     costs = {lay.name: lay.current for lay in layers}
@@ -554,6 +559,6 @@ def remove_lowest(layers: list[RankedLayer], fixed_cost: float, target_cost: flo
     if total > target_cost * 1.02:
         raise InfeasibleTargetError(
             f"cannot reach {metric} {target_cost:.4g} (reached {total:.4g}) while keeping at least "
-            f"{1 - max_per_layer:.0%} of every layer's {what}; keep more (a larger target fraction, e.g. flops=0.3 "
-            "instead of 0.1) or raise max_per_layer")
+            f"{1 - max_per_layer:.0%} of every layer's dense {what}; keep more (a larger target fraction, e.g. "
+            "flops=0.3 instead of 0.1) or raise max_per_layer")
     return removed, costs, total
