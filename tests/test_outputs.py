@@ -145,3 +145,17 @@ def test_a_lock_does_not_outlive_its_run(tmp_path):
     with output_lock(out):  # released although the run raised
         pass
     assert (out / "partial.json").exists()  # and nothing of the user's was removed
+
+
+def test_a_run_folder_written_before_a_training_setting_existed_still_resumes(tmp_path):
+    from prunekit.persistence.checkpoint import CheckpointError
+    from prunekit.persistence.runs import check_or_write_manifest
+
+    run = {"method": "l1", "train": TrainConfig(epochs=0).to_dict()}
+    check_or_write_manifest(tmp_path, False, run)
+    saved = json.loads((tmp_path / "run.json").read_text())
+    del saved["train"]["warmup"]  # as a prunekit without warm-up wrote it
+    (tmp_path / "run.json").write_text(json.dumps(saved))
+    check_or_write_manifest(tmp_path, True, run)
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        check_or_write_manifest(tmp_path, True, {**run, "train": TrainConfig(epochs=0, warmup=0.2).to_dict()})

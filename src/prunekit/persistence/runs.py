@@ -36,6 +36,10 @@ def check_or_write_manifest(folder: Path, resume: bool, run: dict[str, Any], wri
         if not isinstance(saved, dict) or saved.get("format") != RUN_FORMAT:
             raise CheckpointError(f"{path} is not a {RUN_FORMAT} record (written by an older prunekit?); choose "
                                   "another --out")
+        if isinstance(saved.get("train"), dict) and isinstance(run.get("train"), dict):
+            from prunekit.training import TrainConfig  # a training setting added since the run started: its default
+
+            saved["train"] = {**TrainConfig().to_dict(), **saved["train"]}
         differs = [k for k, v in run.items() if saved.get(k) != v]
         if differs:
             raise CheckpointError(f"cannot resume {folder}: it was started from "
