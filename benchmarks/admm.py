@@ -79,12 +79,12 @@ ROW_KINDS = ("admm", "imp")  # the rows: ADMM, and iterative magnitude pruning a
 
 def staged_config(kind: str, args) -> prunekit.ADMMConfig:
     """The row's config: ADMM, or IMP (no ADMM epochs, the same epochs of masked retraining), through the stages."""
-    admm = kind != "imp"
-    return prunekit.ADMMConfig(
-        target=prunekit.Target("params", 1 / args.rates[-1]), stages={"rates": tuple(args.rates[:-1])},
-        allocation=args.allocation, rho=args.rho, rho_max=args.rho_max, update_every=args.update_every,
-        admm_epochs=args.admm_epochs if admm else 0,
-        retrain_epochs=args.retrain_epochs + (0 if admm else args.admm_epochs))
+    schedule = {"target": prunekit.Target("params", 1 / args.rates[-1]), "stages": {"rates": tuple(args.rates[:-1])},
+                "allocation": args.allocation}
+    if kind == "imp":
+        return prunekit.ADMMConfig(**schedule, admm_epochs=0, retrain_epochs=args.admm_epochs + args.retrain_epochs)
+    return prunekit.ADMMConfig(**schedule, rho=args.rho, rho_max=args.rho_max, update_every=args.update_every,
+                               admm_epochs=args.admm_epochs, retrain_epochs=args.retrain_epochs)
 
 
 def context(args, folder: Path | None) -> prunekit.RunContext:

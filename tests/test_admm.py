@@ -199,6 +199,7 @@ def test_admm_with_the_sensitivity_allocation_meets_the_rate(synthetic):
     ({"stages": {"tolerance": -1}}, "between 0 and 100"),
     ({"pattern": "k-of-n", "target": None, "k": 1, "n": 4, "stages": {"rates": (2,)}}, "runs in one stage"),
     ({"allocation": "sideways"}, "allocation"),
+    ({"admm_epochs": 0, "rho_max": 10.0}, r"rho_max=10.0 set the ADMM phases, and admm_epochs is 0"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from prunekit.channels.graph import ChannelGraph, ChannelPlan, SliceKind, find_output_layers, ignored_modules
 from prunekit.configs import Config, coerce_fields
@@ -136,6 +137,12 @@ class ADMMConfig(Config):
                 not (math.isfinite(self.rho_max) and self.rho <= self.rho_max <= 1e4):
             raise ValueError(f"rho must be > 0 and at most 1e4, and rho_max between rho and 1e4; got rho "
                              f"{self.rho!r}, rho_max {self.rho_max!r}")
+        if not self.admm_epochs:
+            ignored = [f"{name}={getattr(self, name)!r}" for name in ("rho", "rho_max", "update_every")
+                       if getattr(self, name) != getattr(ADMMConfig, name)]
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)} set the ADMM phases, and admm_epochs is 0 (magnitude pruning "
+                                 "and masked retraining only); give admm_epochs or leave them out")
         if self.stages.rates or self.stages.tolerance is not None:
             if self.pattern in (Pattern.K_OF_N, Pattern.GROUP):
                 raise ValueError(f"stages prune progressively to a weight target; the {self.pattern.value} pattern "
@@ -326,9 +333,8 @@ class ADMMResult:
     ``residuals``: per stage (``stage-1``, ...), ``prune`` holds the primal residual ``||W - Z|| / ||W||`` and
     ``removed_energy_per_update`` the energy ``||W - Pi(W)||^2 / ||W||^2`` that a hard projection would remove,
     after every Z/U update, and ``removed_energy`` that energy before and after ADMM; ``quant`` the quantization
-    phase's. ``stages``: one summary per
-    stage run (keep, kept fraction, validation accuracy, removed energy, converged); ``selected`` the index of
-    the stage whose model was kept.
+    phase's. ``stages``: one summary per stage run (keep, kept fraction, validation accuracy, removed energy,
+    converged); ``selected`` the index of the stage whose model was kept.
     """
 
     masks: dict[str, torch.Tensor]
@@ -386,7 +392,7 @@ class GroupProjection:
         return {n: w * masks[n] for n, w in weights.items()}
 
 
-Stage = tuple[dict[str, torch.Tensor], dict[str, Any]]  # a phase's tensors and JSON record
+PhaseOutput = tuple[dict[str, torch.Tensor], dict[str, Any]]  # a phase's tensors and JSON record
 
 
 def admm_prune_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig, *,
@@ -425,15 +431,15 @@ def admm_training(train: TrainConfig, config: ADMMConfig) -> TrainConfig:
 
 
 def _run_stage(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig,
-               layers: dict[str, nn.Module], project: Projection, hard: Callable[[], Stage],
+               layers: dict[str, nn.Module], project: Projection, hard: Callable[[], PhaseOutput], keep: float,
                prefix: str, result: ADMMResult, steps: int, progress: bool, log, phases: Phases,
                earlier: dict[str, torch.Tensor] | None = None,
-               replay: Callable[[dict[str, Any]], None] = lambda record: None) -> Stage:
+               replay: Callable[[dict[str, Any]], None] = lambda record: None) -> PhaseOutput:
     """One stage: ADMM towards ``project`` (zeros of ``earlier`` masks kept), the hard projection ``hard()``
     (returns the masks and a record), masked retraining. Records the residuals under ``prefix``."""
     residuals: dict[str, Any] = {"removed_energy": [_removed_energy(layers, project)]}
     if config.admm_epochs:
-        def admm_phase() -> Stage:
+        def admm_phase() -> PhaseOutput:
             hooks = _ADMMHooks(layers, project, config, steps, earlier)
             log(f"ADMM pruning: {config.admm_epochs} epoch(s), Z/U every {config.update_every or steps} steps, "
                 f"rho {config.rho:g} -> {config.rho_max:g}")
@@ -451,7 +457,7 @@ def _run_stage(model: nn.Module, data: DataSplits, config: ADMMConfig, train: Tr
     log(f"hard projection: keeps {result.kept_fraction():.4f} of the constrained weights "
         f"({1 / max(result.kept_fraction(), 1e-12):.1f}x)")
     if config.retrain_epochs:
-        def retrain() -> Stage:
+        def retrain() -> PhaseOutput:
             r = fit(model, data, replace(train, epochs=config.retrain_epochs), progress=progress,
                     hooks=MaskedRetrain(layers, masks))
             return {}, {"history": r.history}
@@ -459,7 +465,7 @@ def _run_stage(model: nn.Module, data: DataSplits, config: ADMMConfig, train: Tr
         result.history[f"{prefix}retrain"] = phases.run(f"{prefix}retrain", model, retrain)[1]["history"]
     result.residuals[prefix.rstrip("-") or "stage-1"] = residuals
     after = residuals["removed_energy"][-1]
-    result.stages.append({"keep_target": None, "kept_fraction": result.kept_fraction(),
+    result.stages.append({"keep_target": keep, "kept_fraction": result.kept_fraction(),
                           "removed_energy": after,
                           "converged": after <= RESIDUAL_CONVERGED if config.admm_epochs else None})
     return masks, record
@@ -471,7 +477,7 @@ def _group_stage(model: nn.Module, data: DataSplits, config: ADMMConfig, train: 
     """The group pattern: ADMM towards whole coupled channels, which the projection removes physically."""
     group = GroupProjection(model, layers, example, config.target, config.ignore)
 
-    def hard() -> Stage:
+    def hard() -> PhaseOutput:
         weights = {n: m.weight.detach() for n, m in layers.items()}
         plan = group.plan(weights)
         group.graph.shrink_(plan)  # verified against masking; the graph is spent after this
@@ -484,9 +490,8 @@ def _group_stage(model: nn.Module, data: DataSplits, config: ADMMConfig, train: 
         ChannelGraph(model, example, ignore=config.ignore, probe=False).shrink_(
             ChannelPlan.from_dict(record["change"]), verify=False)
 
-    _run_stage(model, data, config, train, layers, group, hard, "", result, steps, progress, log, phases,
-               replay=replay)
-    result.stages[-1]["keep_target"] = config.target.keep
+    _run_stage(model, data, config, train, layers, group, hard, config.target.keep, "", result, steps, progress, log,
+               phases, replay=replay)
 
 
 def _weight_stages(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig,
@@ -499,7 +504,7 @@ def _weight_stages(model: nn.Module, data: DataSplits, config: ADMMConfig, train
     keeps = config.stages.keeps(config.target) if config.target is not None else [config.keep]
     dense_val = evaluate(model, data.val)["acc"] if config.stages.tolerance is not None else None
     earlier: dict[str, torch.Tensor] | None = None
-    best: tuple[dict[str, torch.Tensor], ADMMResult] | None = None
+    best: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float], int] | None = None
     for i, keep in enumerate(keeps):
         prefix = f"stage-{i + 1}-" if len(keeps) > 1 else ""
         if len(keeps) > 1:
@@ -512,30 +517,32 @@ def _weight_stages(model: nn.Module, data: DataSplits, config: ADMMConfig, train
             mask = sparsity_mask(w, constraints[name]) if name in constraints else torch.ones_like(w)
             return mask if earlier is None else mask * earlier[name]
 
-        def hard(rates=rates, layer_mask=layer_mask) -> Stage:
+        def hard(rates=rates, layer_mask=layer_mask) -> PhaseOutput:
             masks = {n: layer_mask(n, m.weight.detach()) for n, m in layers.items()}
             _apply_masks_(layers, masks)
             return masks, {"change": None, "rates": rates}
 
         project = per_layer(lambda name, w, layer_mask=layer_mask: w * layer_mask(name, w))
-        earlier = _run_stage(model, data, config, train, layers, project, hard, prefix, result, steps, progress, log,
-                             phases, earlier)[0]
+        earlier = _run_stage(model, data, config, train, layers, project, hard, keep, prefix, result, steps, progress,
+                             log, phases, earlier)[0]
         summary = result.stages[-1]
-        summary.update(keep_target=keep, val_acc=evaluate(model, data.val)["acc"])
+        summary["val_acc"] = evaluate(model, data.val)["acc"]
         if dense_val is not None and not config.stages.within(summary["val_acc"], dense_val):
             summary["within_tolerance"] = False
             log(f"stage {i + 1} lost {100 * (dense_val - summary['val_acc']):.2f} validation points, beyond the "
                 f"tolerance of {config.stages.tolerance:g}")
-            if best is not None:
-                model.load_state_dict(best[0])
-                result.masks, result.rates, result.selected = best[1].masks, best[1].rates, best[1].selected
+            if best is not None:  # the last stage within the tolerance: its weights, masks and rates
+                state, result.masks, result.rates, result.selected = best
+                model.load_state_dict(state)
                 log(f"kept stage {result.selected + 1} (x{1 / keeps[result.selected]:g})")
             break
         summary["within_tolerance"] = None if dense_val is None else True
         result.selected = i
         if i + 1 < len(keeps) and dense_val is not None:
-            best = ({k: v.detach().clone() for k, v in model.state_dict().items()},
-                    replace(result, masks=dict(result.masks), rates=dict(result.rates)))
+            best = ({k: v.detach().clone() for k, v in model.state_dict().items()}, result.masks, result.rates, i)
+
+
+SENSITIVITY_EXAMPLES = 2048  # validation examples the sensitivity allocation evaluates each probe on
 
 
 def stage_rates(model: nn.Module, data: DataSplits, layers: dict[str, nn.Module], config: ADMMConfig, keep: float,
@@ -550,7 +557,7 @@ def stage_rates(model: nn.Module, data: DataSplits, layers: dict[str, nn.Module]
     weights = {n: m.weight.detach() for n, m in layers.items()}
     if config.allocation is not Allocation.SENSITIVITY:
         return allocate(weights, config.pattern, keep, config.allocation, fixed, costs)
-    probe = data.val[:SENSITIVITY_EXAMPLES]
+    probe = Subset(data.val, range(min(len(data.val), SENSITIVITY_EXAMPLES)))
 
     @torch.no_grad()
     def loss_with(name: str, fraction: float) -> float:
@@ -559,7 +566,7 @@ def stage_rates(model: nn.Module, data: DataSplits, layers: dict[str, nn.Module]
         if fraction < 1:
             w.mul_(sparsity_mask(w, config.constraint(fraction)))
         try:
-            return _loss(model, probe)
+            return evaluate(model, probe)["loss"]
         finally:
             w.copy_(saved)
 
@@ -567,20 +574,6 @@ def stage_rates(model: nn.Module, data: DataSplits, layers: dict[str, nn.Module]
     if earlier is not None:  # never keep more than an earlier stage did
         rates = {n: min(r, float(earlier[n].mean())) if n not in fixed else r for n, r in rates.items()}
     return rates
-
-
-SENSITIVITY_EXAMPLES = 2048  # validation examples the sensitivity allocation evaluates each probe on
-
-
-@torch.no_grad()
-def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
-    was = model.training
-    model.eval()
-    try:
-        x, y = batch
-        return float(torch.nn.functional.cross_entropy(model(x), y))
-    finally:
-        model.train(was)
 
 
 def _quantize_(model: nn.Module, data: DataSplits, config: ADMMConfig, train: TrainConfig,

@@ -409,10 +409,8 @@ def sensitivity_rates(weights: dict[str, torch.Tensor], pattern: Pattern, keep: 
         raise InfeasibleTargetError(f"keeping {keep:g} of the weights leaves less than one {pattern.value} unit per "
                                     "layer; raise the target")
     levels = {n: [1.0] + [g for g in grid if g > floor[n]] + ([floor[n]] if floor[n] < 1 else []) for n in free}
-    loss = {n: [loss_with(n, f) if f < 1 else 0.0 for f in levels[n]] for n in free}
-    base = loss_with(free[0], 1.0)
-    for n in free:
-        loss[n][0] = base
+    base = loss_with(free[0], 1.0)  # nothing pruned
+    loss = {n: [base] + [loss_with(n, f) for f in levels[n][1:]] for n in free}
     at = {n: 0 for n in free}
     kept = sum(size[n] for n in free)
     while kept > budget + 1e-9:
