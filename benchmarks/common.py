@@ -34,7 +34,7 @@ from prunekit.jobs import load_dense
 from prunekit.measurement.latency import forward_runner, measure_latency, paired_latency, time_ms
 from prunekit.methods.rounds import layer_widths, score_batches
 from prunekit.persistence.checkpoint import atomic_write
-from prunekit.training import Augment, TrainConfig
+from prunekit.training import FINETUNE_LR, FINETUNE_WARMUP, Augment, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_DIR = ROOT / "benchmarks" / "checkpoints"
@@ -122,8 +122,13 @@ class RowCache:
         return row
 
 
-def row_key(model: str, tool: str, method: str, factor: float) -> str:
-    return f"{model}__{tool}__{method}__x{factor:g}"
+TARGET_KINDS = ("flops", "params")  # what a channel row's factor reduces: FLOPs, or parameters
+
+
+def row_key(model: str, tool: str, method: str, factor: float, kind: str = "flops", seed: int = 0) -> str:
+    """The cache key of a row; FLOPs targets and seed 0 keep the short key older result folders use."""
+    return (f"{model}__{tool}__{method}__x{factor:g}" + ("" if kind == "flops" else f"__{kind}")
+            + (f"__seed{seed}" if seed else ""))
 
 
 # ----------------------------------------------------------------------------------------------- the models
@@ -229,10 +234,16 @@ def run_setup(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Row
     else:
         paths = checkpoint_paths(args.models, args.checkpoint_dir)
     base = Settings(
-        finetune=TrainConfig(epochs=args.finetune_epochs, lr=0.01, batch_size=128, augment=Augment.CROP_FLIP, seed=0),
+        finetune=TrainConfig(epochs=args.finetune_epochs, lr=FINETUNE_LR, warmup=FINETUNE_WARMUP, batch_size=128,
+                             augment=Augment.CROP_FLIP, seed=0),
         data=DataConfig(name="digits", limit=args.limit), checkpoint_sha256="",
         latency_repeats=getattr(args, "latency_repeats", 3), latency_min_run_time=0.1 if args.quick else 0.5)
     return cache, paths, base
+
+
+def seeded(s: Settings, seed: int) -> Settings:
+    """``s`` for another seed: pruning's scoring batches and fine-tuning's shuffles and augmentation change."""
+    return replace(s, seed=seed, finetune=replace(s.finetune, seed=seed))
 
 
 def model_settings(checkpoint: Path, base: Settings) -> tuple[nn.Module, dict[str, Any], Settings]:
@@ -243,22 +254,26 @@ def model_settings(checkpoint: Path, base: Settings) -> tuple[nn.Module, dict[st
     return dense, spec, replace(base, data=data_cfg, checkpoint_sha256=sha256(checkpoint))
 
 
-def structural_config(method: str, keep: float, s: Settings, **extra: Any):
-    """The config of one-shot ``method`` keeping ``keep`` of the FLOPs with the rows' settings: global allocation
-    capped at ``s.max_per_layer``, BatchNorm re-estimated, no least-squares re-fit (the criteria alone, as
-    Torch-Pruning runs them)."""
-    return method_config(method, target=prunekit.Target("flops", keep),
+def structural_config(method: str, keep: float, s: Settings, kind: str = "flops", **extra: Any):
+    """The config of one-shot ``method`` keeping ``keep`` of the FLOPs (or of the parameters, ``kind="params"``)
+    with the rows' settings: global allocation capped at ``s.max_per_layer``, BatchNorm re-estimated, no
+    least-squares re-fit (the criteria alone, as Torch-Pruning runs them)."""
+    return method_config(method, target=prunekit.Target(kind, keep),
                          allocation=prunekit.AllocationConfig("global", s.max_per_layer),
                          max_per_layer=s.max_per_layer, score_batches=s.score_batches,
                          bn_images=s.bn_recalibration_images, reconstruction_images=0, **extra)
 
 
 def prune_torch_pruning(dense: nn.Module, data: DataSplits, method: str, factors: Iterable[float], s: Settings,
-                        progress: bool = True) -> dict[float, tuple[nn.Module, dict[str, Any]]]:
-    """Torch-Pruning's own progressive recipe: small global steps until its MAC counter shows each target.
+                        progress: bool = True, kind: str = "flops") -> dict[float, tuple[nn.Module, dict[str, Any]]]:
+    """Torch-Pruning's own progressive recipe: small global steps until its counter
+    (``tp.utils.count_ops_and_params``) shows each target, a MAC reduction or, ``kind="params"``, a parameter one.
 
     Returns a pruned copy per factor (BatchNorm not yet re-estimated); one trajectory serves all factors.
     """
+    if kind not in TARGET_KINDS:
+        raise ValueError(f"kind must be one of {TARGET_KINDS}, got {kind!r}")
+    measured = 0 if kind == "flops" else 1  # count_ops_and_params returns (MACs, params)
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
     net = copy.deepcopy(dense).eval()
@@ -273,21 +288,22 @@ def prune_torch_pruning(dense: nn.Module, data: DataSplits, method: str, factors
     pruner = tp.pruner.BasePruner(
         net, example, importance=importance, global_pruning=True, pruning_ratio=1.0,
         iterative_steps=s.tp_iterative_steps, max_pruning_ratio=s.max_per_layer, ignored_layers=ignored)
-    base_macs = tp.utils.count_ops_and_params(net, example[:1])[0]
-    macs = base_macs
+    base_count = tp.utils.count_ops_and_params(net, example[:1])[measured]
+    count = base_count
     out: dict[float, tuple[nn.Module, dict[str, Any]]] = {}
     bar = tqdm(total=s.tp_iterative_steps, desc=f"torch-pruning {method} steps", leave=False,
                disable=not progress, dynamic_ncols=True)
     for factor in sorted(factors):
-        while base_macs / macs < factor and pruner.current_step < pruner.iterative_steps:
+        while base_count / count < factor and pruner.current_step < pruner.iterative_steps:
             pruner.step()
-            macs = tp.utils.count_ops_and_params(net, example[:1])[0]
+            count = tp.utils.count_ops_and_params(net, example[:1])[measured]
             bar.update(1)
-            bar.set_postfix(reduction=f"{base_macs / macs:.2f}x")
+            bar.set_postfix(reduction=f"{base_count / count:.2f}x")
         snapshot = copy.deepcopy(net)
         snapshot.zero_grad(set_to_none=True)
-        out[factor] = (snapshot, {"steps": pruner.current_step, "tp_macs_reduction": base_macs / macs,
-                                  "target_reached": base_macs / macs >= factor,
+        out[factor] = (snapshot, {"steps": pruner.current_step, f"tp_{'macs' if kind == 'flops' else kind}_reduction":
+                                  base_count / count,
+                                  "target_reached": base_count / count >= factor,
                                   "seconds": time.perf_counter() - t0})
     bar.close()
     return out
@@ -318,8 +334,9 @@ def dense_summary(dense: nn.Module, data: DataSplits, s: Settings) -> dict[str, 
 
 def finish_row(model_name: str, tool: str, method: str, factor: float, dense: nn.Module, net: nn.Module,
                data: DataSplits, s: Settings, dense_row: dict[str, Any], seconds_prune: float,
-               tool_info: dict[str, Any], progress: bool) -> dict[str, Any]:
-    """Accuracy after pruning, identical fine-tuning, then size, FLOPs and paired latency."""
+               tool_info: dict[str, Any], progress: bool, kind: str = "flops") -> dict[str, Any]:
+    """Accuracy after pruning, identical fine-tuning, then size, FLOPs and paired latency; ``kind`` names what
+    ``factor`` reduced (FLOPs or parameters)."""
     shape = (data.in_channels, data.input_size, data.input_size)
     val_pruned, test_pruned = prunekit.evaluate(net, data.val)["acc"], prunekit.evaluate(net, data.test)["acc"]
     t0 = time.perf_counter()
@@ -332,7 +349,7 @@ def finish_row(model_name: str, tool: str, method: str, factor: float, dense: nn
     speedup = lat_dense / lat_pruned
     reduction = dense_row["flops"] / flops
     return {
-        "model": model_name, "tool": tool, "method": method, "factor": factor,
+        "model": model_name, "tool": tool, "method": method, "factor": factor, "target": kind, "seed": s.seed,
         "params": params, "flops": flops, "dense_params": dense_row["params"], "dense_flops": dense_row["flops"],
         "flops_reduction": reduction, "params_reduction": dense_row["params"] / params,
         "latency_dense_ms": lat_dense, "latency_pruned_ms": lat_pruned, "latency_speedup": speedup,
@@ -343,6 +360,12 @@ def finish_row(model_name: str, tool: str, method: str, factor: float, dense: nn
         "best_epoch": result.best_epoch, "dense_test_acc": dense_row["test_acc"], "seconds_prune": seconds_prune,
         "seconds_finetune": seconds_finetune, "tool_info": tool_info, "history": result.history,
     }
+
+
+def warmup_text(finetune: dict[str, Any]) -> str:
+    """How a row's fine-tuning warmed up, for the tables' descriptions ("" when it did not)."""
+    warmup = finetune.get("warmup", 0.0)
+    return f"linear warm-up over the first {warmup:.0%} of the steps, then " if warmup else ""
 
 
 def fmt_acc(v: float | None) -> str:

@@ -43,6 +43,7 @@ from common import (
     CHECKPOINT_DIR,
     ROOT,
     STRUCTURAL,
+    TARGET_KINDS,
     TP_IMPORTANCES,
     config_fields,
     dense_pruned_latency,
@@ -57,6 +58,7 @@ from common import (
     row_key,
     run_setup,
     structural_config,
+    warmup_text,
     write_json,
     write_text,
 )
@@ -66,7 +68,8 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eigendamage"
 CURVATURE_METHODS = ("eigendamage", "c-obd", "c-obs", "kron-obd", "kron-obs")
 # The best structural criterion and Torch-Pruning importance of benchmarks/structured.py on ResNet-20 at x4/x8.
 BEST_STRUCTURAL, BEST_TP = "l1", "bn"
-QUICK = {"models": ["resnet20"], "factors": [4.0], "methods": ["eigendamage", "kron-obs"], "schedules": ["one-shot"]}
+QUICK = {"models": ["resnet20"], "factors": [4.0], "methods": ["eigendamage", "kron-obs"], "schedules": ["one-shot"],
+         "targets": list(TARGET_KINDS)}
 SCHEDULES = ("one-shot", "iterative")
 
 
@@ -76,9 +79,10 @@ def collects_statistics(method: str) -> bool:
 
 
 def prune_ours(dense, data, method: str, factor: float, schedule: str, rounds: int, s,
-               curvature: prunekit.FisherSettings, progress: bool):
+               curvature: prunekit.FisherSettings, progress: bool, kind: str = "flops"):
     """Prune a copy with prunekit (``prunekit.prune_``, one call per round, each keeping ``factor ** (-1/k)`` of
-    the FLOPs); iterative rounds fine-tune in between. Returns (net, info, last-round settings)."""
+    the FLOPs, or of the parameters with ``kind="params"``); iterative rounds fine-tune in between. Returns (net,
+    info, last-round settings)."""
     k = rounds if schedule == "iterative" else 1
     epochs_per_round = s.finetune.epochs // k
     info: dict[str, Any] = {"rounds": k, "seconds_statistics": 0.0, "seconds_finetune_between_rounds": 0.0,
@@ -86,7 +90,7 @@ def prune_ours(dense, data, method: str, factor: float, schedule: str, rounds: i
     torch.manual_seed(s.seed)
     net = copy.deepcopy(dense).train()
     for r in range(1, k + 1):
-        config = structural_config(method, factor ** (-1.0 / k), s, curvature=curvature)
+        config = structural_config(method, factor ** (-1.0 / k), s, kind, curvature=curvature)
         context = prunekit.RunContext(seed=s.seed + r - 1, progress=False, log=quiet)
         record = prunekit.prune_(net, config, data, context)
         info["seconds_statistics"] += record.rounds[-1]["seconds_scoring"]
@@ -99,15 +103,15 @@ def prune_ours(dense, data, method: str, factor: float, schedule: str, rounds: i
     return net, info, last
 
 
-def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str, str]], factors: list[float],
+def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str, str, str]], factors: list[float],
               base, args, cache, bar: tqdm, progress: bool, log) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The dense row and every (tool, method, schedule, target kind, factor) row of one model, cached."""
     dense, _, settings = model_settings(checkpoint, base)
     curvature = prunekit.FisherSettings(fisher_batches=args.fisher_batches, damping=args.damping)
     sdict = {**settings.to_dict(), "fisher_batches": args.fisher_batches, "damping": args.damping,
              "rounds": args.rounds}
-    key = lambda tool, method, schedule, f: f"{row_key(model_name, tool, method, f)}__{schedule}"  # noqa: E731
     dense_row = cache.get(f"{model_name}__dense", sdict)
-    found = {(t, m, sc, f): cache.get(key(t, m, sc, f), sdict) for t, m, sc in jobs for f in factors}
+    found = {(*job, f): cache.get(row_cache_key(model_name, *job, f), sdict) for job in jobs for f in factors}
     rows = [r for r in found.values() if r is not None]
     bar.update(len(rows))
     if args.cached_only and len(rows) < len(found):
@@ -118,40 +122,49 @@ def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str, str]
     if dense_row is None:
         dense_row = dense_summary(dense, data, settings)
         cache.put(f"{model_name}__dense", sdict, dense_row)
-    for tool, method, schedule in jobs:
-        todo = [] if args.cached_only else [f for f in factors if found[(tool, method, schedule, f)] is None]
+    for tool, method, schedule, kind in jobs:
+        todo = [] if args.cached_only else [f for f in factors if found[(tool, method, schedule, kind, f)] is None]
         if not todo:
             continue
         if tool == "torch-pruning":
-            trajectory = prune_torch_pruning(dense, data, method, todo, settings, progress)
+            trajectory = prune_torch_pruning(dense, data, method, todo, settings, progress, kind)
         for factor in todo:
-            bar.set_postfix_str(f"{model_name} {method} {schedule} x{factor:g}")
+            bar.set_postfix_str(f"{model_name} {method} {schedule} {kind} x{factor:g}")
             t0 = time.perf_counter()
             if tool == "prunekit":
                 net, info, last = prune_ours(dense, data, method, factor, schedule, args.rounds, settings,
-                                             curvature, progress)
+                                             curvature, progress, kind)
                 seconds = time.perf_counter() - t0 - info["seconds_finetune_between_rounds"]
             else:
                 net, info = trajectory.pop(factor)
                 recalibrate_batchnorm_(net, data, settings.bn_recalibration_images)
                 seconds, last = info["seconds"] + time.perf_counter() - t0, settings
             row = finish_row(model_name, tool, method, factor, dense, net, data, last, dense_row, seconds, info,
-                             progress)
+                             progress, kind)
             if "epoch_seconds" not in dense_row:
                 dense_row["epoch_seconds"] = dense_epoch_seconds(dense, data, settings, progress)
                 cache.put(f"{model_name}__dense", sdict, dense_row)
             row.update(schedule=schedule, seconds_statistics=info.get("seconds_statistics", seconds),
                        statistics_per_epoch=info.get("seconds_statistics", seconds) / dense_row["epoch_seconds"])
-            cache.put(key(tool, method, schedule, factor), sdict, row)
+            cache.put(row_cache_key(model_name, tool, method, schedule, kind, factor), sdict, row)
             rows.append(row)
-            log(f"{model_name} {method:>11} {schedule:>9} x{factor:g}: FLOPs {row['flops_reduction']:.2f}x, "
+            log(f"{model_name} {method:>11} {schedule:>9} {kind} x{factor:g}: FLOPs {row['flops_reduction']:.2f}x, "
                 f"params {row['params_reduction']:.2f}x, test acc {row['test_acc_pruned']:.4f} -> "
                 f"{row['test_acc']:.4f}, statistics {row['statistics_per_epoch']:.2f} epoch")
             bar.update(1)
     if args.remeasure_latency:
-        remeasure_latency(model_name, checkpoint, rows, settings, cache, key, sdict, curvature, log)
+        remeasure_latency(model_name, checkpoint, rows, settings, cache, sdict, curvature, log)
         dense_row = cache.get(f"{model_name}__dense", sdict)
     return {**dense_row, "settings": sdict}, rows
+
+
+def target_of(row: dict[str, Any]) -> str:
+    """What a row's factor reduced ("flops" for rows made before parameter targets existed)."""
+    return row.get("target", "flops")
+
+
+def row_cache_key(model: str, tool: str, method: str, schedule: str, kind: str, factor: float) -> str:
+    return f"{row_key(model, tool, method, factor, kind)}__{schedule}"
 
 
 def dense_epoch_seconds(dense, data, settings, progress: bool = False) -> float:
@@ -162,7 +175,7 @@ def dense_epoch_seconds(dense, data, settings, progress: bool = False) -> float:
     return time.perf_counter() - t0
 
 
-def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, Any]], settings, cache, key,
+def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, Any]], settings, cache,
                       sdict: dict[str, Any], curvature: prunekit.FisherSettings, log) -> None:
     """Time every row again (on an idle machine): latency, and for one-shot rows the statistics time.
 
@@ -182,7 +195,7 @@ def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, An
         if r["tool"] == "prunekit":
             if r["schedule"] == "one-shot":  # re-pruning also re-times statistics and decomposition
                 net, info, _ = prune_ours(dense, data, r["method"], r["factor"], "one-shot", 1, settings,
-                                          curvature, False)
+                                          curvature, False, target_of(r))
                 r["seconds_statistics"] = info["seconds_statistics"]
             elif "architecture_changes" in r["tool_info"]:
                 net = build_base(base)
@@ -192,10 +205,12 @@ def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, An
                     "latency left as it was (delete the row to run it again)")
                 continue
         else:
-            if r["method"] not in trajectories:
-                factors = sorted(x["factor"] for x in rows if x["tool"] == r["tool"] and x["method"] == r["method"])
-                trajectories[r["method"]] = prune_torch_pruning(dense, data, r["method"], factors, settings, False)
-            net = trajectories[r["method"]][r["factor"]][0]
+            path = (r["method"], target_of(r))
+            if path not in trajectories:
+                factors = sorted(x["factor"] for x in rows if x["tool"] == r["tool"] and (x["method"], target_of(x))
+                                 == path)
+                trajectories[path] = prune_torch_pruning(dense, data, r["method"], factors, settings, False, path[1])
+            net = trajectories[path][r["factor"]][0]
         net.eval()
         got = (prunekit.count_params(net), prunekit.count_flops(net, (1, *shape)))
         if got != (r["params"], r["flops"]):
@@ -207,7 +222,8 @@ def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, An
         r.update(latency_dense_ms=lat_dense, latency_pruned_ms=lat_pruned, latency_speedup=lat_dense / lat_pruned,
                  speedup_per_flops_reduction=lat_dense / lat_pruned / r["flops_reduction"],
                  latency_threads=torch.get_num_threads(), latency_remeasured=True)
-        cache.put(key(r["tool"], r["method"], r["schedule"], r["factor"]), sdict, r)
+        cache.put(row_cache_key(model_name, r["tool"], r["method"], r["schedule"], target_of(r), r["factor"]), sdict,
+                  r)
         log(f"{model_name} {r['method']:>11} {r['schedule']:>9} x{r['factor']:g}: speedup {r['latency_speedup']:.2f}x")
     dense_row = cache.get(f"{model_name}__dense", sdict)
     if dense_row is not None:  # the dense latency of this pass: the median of its paired measurements
@@ -218,19 +234,22 @@ def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, An
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """Per model, schedule and method: fine-tuned test accuracy and parameter reduction at each FLOPs target (the
-    table the README shows)."""
-    factors = sorted({r["factor"] for r in rows})
-    header = ["model", "schedule", "method", *[f"x{f:g} FLOPs: test acc % (params red.)" for f in factors]]
+    """Per model, schedule and method: fine-tuned test accuracy at each FLOPs target with the parameter reduction
+    it gave, and at each parameter target with the FLOPs reduction it gave (the table the README shows)."""
+    columns = sorted({(target_of(r), r["factor"]) for r in rows})
+    other = {"flops": ("params", "params_reduction"), "params": ("FLOPs", "flops_reduction")}
+    header = ["model", "schedule", "method",
+              *[f"x{f:g} {'FLOPs' if k == 'flops' else 'params'}: test acc % ({other[k][0]} red.)"
+                for k, f in columns]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     seen = dict.fromkeys((r["model"], r["schedule"], r["tool"], r["method"]) for r in rows)
-    by = {(r["model"], r["schedule"], r["tool"], r["method"], r["factor"]): r for r in rows}
+    by = {(r["model"], r["schedule"], r["tool"], r["method"], target_of(r), r["factor"]): r for r in rows}
     for model, schedule, tool, method in seen:
         name = method if tool == "prunekit" else f"Torch-Pruning {method}"
         cells = []
-        for f in factors:
-            r = by.get((model, schedule, tool, method, f))
-            cells.append("-" if r is None else f"{100 * r['test_acc']:.2f} ({r['params_reduction']:.1f}x)")
+        for kind, f in columns:
+            r = by.get((model, schedule, tool, method, kind, f))
+            cells.append("-" if r is None else f"{100 * r['test_acc']:.2f} ({r[other[kind][1]]:.1f}x)")
         lines.append(f"| {model} | {schedule} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -246,7 +265,7 @@ def results_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) 
             name = r["method"] if r["tool"] == "prunekit" else f"Torch-Pruning {r['method']}"
             stats = f"{r['statistics_per_epoch']:.2f}" if collects_statistics(r["method"]) else "-"
             lines.append(
-                f"| {model} | {name} | {r['schedule']} | x{r['factor']:g} | {r['params']:,} | "
+                f"| {model} | {name} | {r['schedule']} | {target_of(r)} x{r['factor']:g} | {r['params']:,} | "
                 f"{r['params_reduction']:.2f}x | {r['flops'] / 1e6:.2f} | {r['flops_reduction']:.2f}x | "
                 f"{r['latency_pruned_ms']:.2f} | {r['latency_speedup']:.2f}x | {stats} | "
                 f"{fmt_acc(r['test_acc_pruned'])} | {fmt_acc(r['test_acc'])} |")
@@ -272,7 +291,8 @@ def write_outputs(out: Path, command: str, rows, dense, quick: bool) -> None:
           if any(r.get("latency_remeasured") for r in rows) and "--remeasure-latency" not in command else []),
         f"torch {torch.__version__}, {s['threads']} CPU thread(s), data {s['data']['name']}. Every row: "
         f"{ft['epochs']} fine-tuning epoch(s) in total (iterative: {s['rounds']} rounds, the epochs split between "
-        f"them), SGD lr {ft['lr']}, {ft['schedule']}, batch {ft['batch_size']}, {ft['augment']}; test accuracy of the "
+        f"them), SGD lr {ft['lr']}, {warmup_text(ft)}{ft['schedule']}, batch {ft['batch_size']}, {ft['augment']}; "
+        "test accuracy of the "
         f"best-on-validation epoch. Curvature: true Fisher on {s['fisher_batches']} batches of 64, damping "
         f"{s['damping']:g}. *statistics / epoch*: seconds spent collecting statistics and scoring/decomposing, "
         "over the seconds of one training epoch of the dense network (goal <= 0.25). Plot: solid lines one-shot, "
@@ -286,7 +306,9 @@ def write_outputs(out: Path, command: str, rows, dense, quick: bool) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="eigendamage.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=None, help="default: resnet20 vgg11")
-    p.add_argument("--factors", nargs="+", type=float, default=None, help="FLOPs reduction targets (default 4 8)")
+    p.add_argument("--factors", nargs="+", type=float, default=None, help="reduction targets (default 4 8)")
+    p.add_argument("--targets", nargs="+", choices=TARGET_KINDS, default=None,
+                   help="what the factors reduce: every row at equal FLOPs and at equal parameters (default both)")
     p.add_argument("--methods", nargs="*", default=None,
                    help=f"prunekit methods (default: {' '.join(CURVATURE_METHODS)} {BEST_STRUCTURAL})")
     p.add_argument("--tp-methods", nargs="*", default=None, help=f"Torch-Pruning importances (default: {BEST_TP})")
@@ -307,7 +329,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="write the tables from the finished rows only (an interrupted run, summarised now)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    defaults = {"models": ["resnet20", "vgg11"], "factors": [4.0, 8.0],
+    defaults = {"models": ["resnet20", "vgg11"], "factors": [4.0, 8.0], "targets": list(TARGET_KINDS),
                 "methods": [*CURVATURE_METHODS, BEST_STRUCTURAL], "schedules": list(SCHEDULES)}
     for name, default in defaults.items():
         if getattr(args, name) is None:
@@ -336,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     log = (lambda msg: tqdm.write(msg)) if progress else print
     cache, paths, base = run_setup(args, log)
-    jobs = [("prunekit", m, sc) for sc in args.schedules for m in args.methods]
-    jobs += [("torch-pruning", m, "one-shot") for m in args.tp_methods]
+    jobs = [("prunekit", m, sc, k) for k in args.targets for sc in args.schedules for m in args.methods]
+    jobs += [("torch-pruning", m, "one-shot", k) for k in args.targets for m in args.tp_methods]
     bar = tqdm(total=len(args.models) * len(args.factors) * len(jobs), desc="rows", disable=not progress)
     rows, dense_rows = [], {}
     for model_name in args.models:
@@ -348,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     order = {job: i for i, job in enumerate(jobs)}
     rows.sort(key=lambda r: (args.models.index(r["model"]), r["factor"], order[(r["tool"], r["method"],
-                                                                                 r["schedule"])]))
+                                                                                 r["schedule"], target_of(r))]))
     write_outputs(args.out, command, rows, dense_rows, args.quick)
     print(results_table(rows, dense_rows))
     print(f"\nwrote {args.out / 'eigendamage.md'}, eigendamage.json, eigendamage_accuracy_vs_flops.png")

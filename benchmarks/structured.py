@@ -80,7 +80,9 @@ from common import (
     prune_torch_pruning,
     row_key,
     run_setup,
+    seeded,
     structural_config,
+    warmup_text,
     write_json,
     write_text,
 )
@@ -133,10 +135,23 @@ def _zero(t: Any, dim: int, idxs: torch.Tensor) -> Any:
 @torch.no_grad()
 def zeroed_forward(model: nn.Module, removals: list[tuple[str, str, list[int]]], x: torch.Tensor) -> torch.Tensor:
     """Outputs of ``model`` with the removed channels zeroed: at the output of every layer that produces them
-    (``"out"``) and at the input of every layer that reads them (``"in"``); ``model`` itself is not changed."""
+    (``"out"``), at the input of every layer that reads them (``"in"``), and for the q/k/v projections inside an
+    ``nn.MultiheadAttention``, which no hook reaches, as rows of its ``in_proj`` weight and bias (``"in_proj"``, on
+    a copy); ``model`` itself is not changed."""
+    if any(kind == "in_proj" for _, kind, _ in removals):
+        model = copy.deepcopy(model)
+        modules = dict(model.named_modules())
+        for name, kind, idxs in removals:
+            if kind == "in_proj":
+                rows = torch.as_tensor(idxs, dtype=torch.long)
+                for p in (modules[name].in_proj_weight, modules[name].in_proj_bias):
+                    if p is not None:
+                        p.index_fill_(0, rows, 0.0)
     modules = dict(model.named_modules())
     handles = []
     for name, kind, idxs in removals:
+        if kind == "in_proj":
+            continue
         module = modules[name]
         dim, ix = _channel_dim(module), torch.as_tensor(idxs, dtype=torch.long)
         if kind == "out":
@@ -173,7 +188,11 @@ def calibrate_bn_(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> No
 
 
 def _total_width(model: nn.Module) -> int:
-    return sum(layer_widths(model).values())
+    """Output channels of every conv/linear layer, an nn.MultiheadAttention's fused q/k/v rows included (once its
+    heads are pruned they become q/k/v linear layers)."""
+    fused = sum(m.in_proj_weight.shape[0] for m in model.modules()
+                if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None)
+    return sum(layer_widths(model).values()) + fused
 
 
 def _short(exc: BaseException, limit: int = 110) -> str:
@@ -233,7 +252,8 @@ def coverage_prunekit(factory: Callable[[], nn.Module], shape: tuple[int, ...], 
             for m in graph.by_root[root].members:
                 hit = [i for i, r in zip(m.idxs, m.root_idxs) if removed[r]]
                 if m.name in modules and hit:
-                    removals.append((m.name, "out" if m.kind is SliceKind.OUT else "in", hit))
+                    inside = isinstance(m.module, nn.MultiheadAttention) and m.kind is SliceKind.OUT
+                    removals.append((m.name, "in_proj" if inside else "out" if m.kind is SliceKind.OUT else "in", hit))
         graph.shrink_(plan)
     except Exception as exc:  # noqa: BLE001 - any failure is the finding
         return {**cell, "status": "fails", "ran": False, "detail": _short(exc)}
@@ -348,8 +368,9 @@ def results_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) 
             if r["model"] != model:
                 continue
             ok = "" if r["speedup_per_flops_reduction"] >= 0.8 else " (< 0.8)"
+            seed = f" (seed {r['seed']})" if r.get("seed", 0) else ""
             lines.append(
-                f"| {model} | {r['tool']} | {r['method']} | x{r['factor']:g} | {r['params']:,} | "
+                f"| {model} | {r['tool']} | {r['method']}{seed} | x{r['factor']:g} | {r['params']:,} | "
                 f"{r['flops'] / 1e6:.2f} | {r['flops_reduction']:.2f}x | "
                 f"{r['latency_dense_ms']:.2f} / {r['latency_pruned_ms']:.2f} | "
                 f"{r['latency_speedup']:.2f}x | {r['speedup_per_flops_reduction']:.2f}{ok} | "
@@ -360,7 +381,7 @@ def results_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     """The two tools side by side per (model, target, criterion): fine-tuned test accuracy and speedup / FLOPs
     reduction (the table the README shows)."""
-    by = {(r["model"], r["factor"], r["method"], r["tool"]): r for r in rows}
+    by = {(r["model"], r["factor"], r["method"], r["tool"]): r for r in rows if not r.get("seed", 0)}
     header = ["model", "FLOPs target", "criterion", "test acc % prunekit", "test acc % Torch-Pruning",
               "speedup / FLOPs red. prunekit", "speedup / FLOPs red. Torch-Pruning"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -374,6 +395,38 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
                      f"{cell(theirs, 'test_acc', fmt_acc)} | "
                      f"{cell(ours, 'speedup_per_flops_reduction', lambda v: f'{v:.2f}')} | "
                      f"{cell(theirs, 'speedup_per_flops_reduction', lambda v: f'{v:.2f}')} |")
+    return "\n".join(lines)
+
+
+def seed_groups(rows: list[dict[str, Any]]) -> dict[tuple[str, float, str], tuple[str, list[float]]]:
+    """(model, factor, tool) -> (criterion, test accuracies over its seeds) for every criterion run with more than
+    one seed (each tool's best on seed-0 validation, see :func:`best_criterion`)."""
+    accs: dict[tuple[str, float, str, str], list[float]] = {}
+    for r in rows:
+        accs.setdefault((r["model"], r["factor"], r["tool"], r["method"]), []).append(r["test_acc"])
+    return {(m, f, t): (c, a) for (m, f, t, c), a in accs.items() if len(a) > 1}
+
+
+def mean_spread(values: list[float]) -> str:
+    """Mean and sample standard deviation, in percent, with the number of seeds."""
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f} (n={len(values)})"
+
+
+def seeds_table(runs: dict[int, list[dict[str, Any]]], goal: float = 0.5) -> str:
+    """The rows that decide the README's claim, per fine-tuning budget (``runs``: epochs -> rows): each tool's best
+    criterion on validation, over several seeds, and the difference of the means against ``goal`` (points)."""
+    header = ["model", "FLOPs target", "fine-tune epochs", "prunekit best criterion", "test acc %",
+              "Torch-Pruning best criterion", "test acc %", "prunekit - Torch-Pruning", f"goal >= +{goal:g}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for epochs, rows in sorted(runs.items()):
+        groups = seed_groups(rows)
+        for model, factor in dict.fromkeys((m, f) for m, f, _ in groups):
+            ours, theirs = groups.get((model, factor, "prunekit")), groups.get((model, factor, "torch-pruning"))
+            if ours is None or theirs is None:
+                continue
+            diff = 100 * (statistics.mean(ours[1]) - statistics.mean(theirs[1]))
+            lines.append(f"| {model} | x{factor:g} | {epochs} | {ours[0]} | {mean_spread(ours[1])} | {theirs[0]} | "
+                         f"{mean_spread(theirs[1])} | {diff:+.2f} | {'met' if diff >= goal else 'missed'} |")
     return "\n".join(lines)
 
 
@@ -414,7 +467,8 @@ def write_outputs(out: Path, command: str, rows: list[dict[str, Any]], dense: di
         f"{data['name']}" + (f" (first {data['limit']} training images)" if data["limit"] else "") + ". Both tools get "
         f"the same treatment after pruning: BatchNorm re-estimated on {s['bn_recalibration_images']} training "
         f"images, then {ft['epochs']} fine-tuning epoch(s) with `prunekit.fit` (SGD lr {ft['lr']}, "
-        f"{ft['schedule']}, batch {ft['batch_size']}, {ft['augment']}, seed {ft['seed']}); *test acc fine-tuned* is "
+        f"{warmup_text(ft)}{ft['schedule']}, batch {ft['batch_size']}, {ft['augment']}, seed {ft['seed']}); *test acc "
+        "fine-tuned* is "
         "the test accuracy of the best-on-validation epoch, *after pruning* is measured after BatchNorm "
         f"re-estimation, before any training. prunekit: one-shot `prunekit.prune_`, global allocation, at most "
         f"{s['max_per_layer']:.0%} of a group. Torch-Pruning: `tp.pruner.BasePruner`, `global_pruning=True`, "
@@ -430,6 +484,10 @@ def write_outputs(out: Path, command: str, rows: list[dict[str, Any]], dense: di
         "## Side by side", "",
         comparison_table(rows),
         "",
+        *(["## Several seeds", "",
+           "Each tool's best criterion at the target, chosen on seed 0's validation accuracy, fine-tuned again with "
+           "other seeds (scoring batches, shuffles and augmentation change); mean ± sample standard deviation of the "
+           "test accuracy.", "", seeds_table({ft["epochs"]: rows}), ""] if seed_groups(rows) else []),
         "## All rows",
         "",
         results_table(rows, dense),
@@ -467,6 +525,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tp-methods", nargs="*", default=None,
                    help=f"Torch-Pruning importances (default: {' '.join(TP_IMPORTANCES)})")
     p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--extra-seeds", nargs="*", type=int, default=[],
+                   help="seeds to run again, after seed 0, for each tool's best criterion (on validation) at "
+                        "--seed-factors: the rows that decide the comparison, reported as mean and spread")
+    p.add_argument("--seed-factors", nargs="*", type=float, default=None,
+                   help="the targets --extra-seeds repeat (default: the largest of --factors)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images (smoke runs)")
     p.add_argument("--latency-repeats", type=int, default=3, help="dense/pruned latency alternations (medians kept)")
     p.add_argument("--threads", type=int, default=None,
@@ -490,6 +553,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 f"{list(TP_IMPORTANCES)}")
     if any(not f > 1 for f in args.factors):
         p.error(f"--factors must be > 1 (a FLOPs reduction, e.g. 2 keeps half), got {args.factors}")
+    if args.seed_factors is None:
+        args.seed_factors = [max(args.factors)] if args.extra_seeds else []
+    if not set(args.seed_factors) <= set(args.factors):
+        p.error(f"--seed-factors {args.seed_factors} must be among --factors {args.factors}")
+    if any(seed <= 0 for seed in args.extra_seeds) or len(set(args.extra_seeds)) < len(args.extra_seeds):
+        p.error(f"--extra-seeds must be distinct seeds > 0 (seed 0 is every row's first run), got {args.extra_seeds}")
     if args.finetune_epochs < 0:
         p.error(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     if args.quick and args.threads is None:
@@ -504,9 +573,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str]], factors: list[float],
-              base: Settings, cache: RowCache, bar: tqdm, progress: bool, log: Callable[[str], None]
+              base: Settings, cache: RowCache, bar: tqdm, progress: bool, log: Callable[[str], None],
+              extra_seeds: Iterable[int] = (), seed_factors: Iterable[float] = ()
               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The dense row and every (tool, criterion, factor) row of one model, from the cache where possible."""
+    """The dense row and every (tool, criterion, factor) row of one model, from the cache where possible.
+
+    Then, at each of ``seed_factors``, each tool's best criterion (on seed 0's validation accuracy) again with
+    every seed of ``extra_seeds``: the rows that decide the README's comparison, with their spread."""
     dense, _, settings = model_settings(checkpoint, base)
     sdict = settings.to_dict()
     dense_row = cache.get(f"{model_name}__dense", sdict)
@@ -514,37 +587,64 @@ def run_model(model_name: str, checkpoint: Path, jobs: list[tuple[str, str]], fa
              for tool, method in jobs for f in factors}
     rows = [r for r in found.values() if r is not None]
     bar.update(len(rows))
-    if dense_row is not None and len(rows) == len(found):
-        return {**dense_row, "settings": sdict}, rows
-    data = prunekit.load_dataset(settings.data)
-    if dense_row is None:
-        dense_row = dense_summary(dense, data, settings)
-        cache.put(f"{model_name}__dense", sdict, dense_row)
-    for tool, method in jobs:
-        todo = [f for f in factors if found[(tool, method, f)] is None]
-        if not todo:
-            continue
+    data: DataSplits | None = None
+
+    def run(tool: str, method: str, todo: list[float], s: Settings) -> None:
+        nonlocal data, dense_row
+        if data is None:
+            data = prunekit.load_dataset(settings.data)
+        if dense_row is None:
+            dense_row = dense_summary(dense, data, settings)
+            cache.put(f"{model_name}__dense", sdict, dense_row)
         if tool == "torch-pruning":
-            trajectory = prune_torch_pruning(dense, data, method, todo, settings, progress)
+            trajectory = prune_torch_pruning(dense, data, method, todo, s, progress)
         for factor in todo:
-            bar.set_postfix_str(f"{model_name} {tool} {method} x{factor:g}")
+            bar.set_postfix_str(f"{model_name} {tool} {method} x{factor:g} seed {s.seed}")
             t0 = time.perf_counter()
             if tool == "prunekit":
-                net, info = prune_prunekit(dense, data, method, factor, settings)
+                net, info = prune_prunekit(dense, data, method, factor, s)
                 seconds = time.perf_counter() - t0
             else:
                 net, info = trajectory.pop(factor)
-                recalibrate_batchnorm_(net, data, settings.bn_recalibration_images)
+                recalibrate_batchnorm_(net, data, s.bn_recalibration_images)
                 seconds = info["seconds"] + time.perf_counter() - t0
-            row = finish_row(model_name, tool, method, factor, dense, net, data, settings, dense_row, seconds, info,
+            row = finish_row(model_name, tool, method, factor, dense, net, data, s, dense_row, seconds, info,
                              progress)
-            cache.put(row_key(model_name, tool, method, factor), sdict, row)
+            cache.put(row_key(model_name, tool, method, factor, seed=s.seed), s.to_dict(), row)
             rows.append(row)
-            log(f"{model_name} {tool:>13} {method:>6} x{factor:g}: FLOPs {row['flops_reduction']:.2f}x, "
+            log(f"{model_name} {tool:>13} {method:>6} x{factor:g} seed {s.seed}: FLOPs {row['flops_reduction']:.2f}x, "
                 f"speedup {row['latency_speedup']:.2f}x (ratio {row['speedup_per_flops_reduction']:.2f}), "
                 f"test acc {row['test_acc_pruned']:.4f} -> {row['test_acc']:.4f}")
             bar.update(1)
+
+    for tool, method in jobs:
+        todo = [f for f in factors if found[(tool, method, f)] is None]
+        if todo:
+            run(tool, method, todo, settings)
+    for factor in seed_factors:
+        for tool in dict.fromkeys(t for t, _ in jobs):
+            method = best_criterion(rows, model_name, tool, factor)
+            for seed in extra_seeds:
+                s = seeded(settings, seed)
+                row = cache.get(row_key(model_name, tool, method, factor, seed=seed), s.to_dict())
+                if row is None:
+                    run(tool, method, [factor], s)
+                else:
+                    rows.append(row)
+    if dense_row is None:
+        data = data or prunekit.load_dataset(settings.data)
+        dense_row = dense_summary(dense, data, settings)
+        cache.put(f"{model_name}__dense", sdict, dense_row)
     return {**dense_row, "settings": sdict}, rows
+
+
+def best_criterion(rows: list[dict[str, Any]], model: str, tool: str, factor: float) -> str:
+    """The criterion of ``tool`` with the highest seed-0 validation accuracy at ``factor`` (never test)."""
+    mine = [r for r in rows if (r["model"], r["tool"], r["factor"], r.get("seed", 0)) == (model, tool, factor, 0)]
+    if not mine:
+        raise SystemExit(f"structured.py: error: no {tool} row of {model} at x{factor:g} to choose a criterion from; "
+                         "--seed-factors must be among --factors")
+    return max(mine, key=lambda r: r["val_acc"])["method"]
 
 
 def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, Any]], base: Settings,
@@ -563,17 +663,20 @@ def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, An
     mine = [r for r in rows if r["model"] == model_name]
     trajectories = {}
     for r in tqdm(mine, desc=f"{model_name} latency", disable=not progress, leave=False):
+        s = seeded(settings, r.get("seed", 0))
+        key = row_key(model_name, r["tool"], r["method"], r["factor"], seed=s.seed)
         if r["tool"] == "prunekit":
-            net, _ = prune_prunekit(dense, data, r["method"], r["factor"], settings)
+            net, _ = prune_prunekit(dense, data, r["method"], r["factor"], s)
         else:
-            if r["method"] not in trajectories:
-                factors = sorted(x["factor"] for x in mine if x["tool"] == r["tool"] and x["method"] == r["method"])
-                trajectories[r["method"]] = prune_torch_pruning(dense, data, r["method"], factors, settings, False)
-            net = trajectories[r["method"]][r["factor"]][0]
+            path = (r["method"], s.seed)
+            if path not in trajectories:
+                factors = sorted(x["factor"] for x in mine if x["tool"] == r["tool"] and x["method"] == r["method"]
+                                 and x.get("seed", 0) == s.seed)
+                trajectories[path] = prune_torch_pruning(dense, data, r["method"], factors, s, False)
+            net = trajectories[path][r["factor"]][0]
         net.eval()
         got = (prunekit.count_params(net), prunekit.count_flops(net, (1, *shape)))
         if got != (r["params"], r["flops"]):
-            key = row_key(model_name, r["tool"], r["method"], r["factor"])
             raise SystemExit(f"structured.py: error: re-pruning {key} gave {got} params/FLOPs, the cached row has "
                              f"{(r['params'], r['flops'])}; delete its cache file and run it again")
         lat_dense, lat_pruned = dense_pruned_latency(dense, net, shape, settings)
@@ -581,8 +684,8 @@ def remeasure_latency(model_name: str, checkpoint: Path, rows: list[dict[str, An
         r.update(latency_dense_ms=lat_dense, latency_pruned_ms=lat_pruned, latency_speedup=speedup,
                  speedup_per_flops_reduction=speedup / r["flops_reduction"], latency_threads=torch.get_num_threads(),
                  latency_remeasured=True)
-        cache.put(row_key(model_name, r["tool"], r["method"], r["factor"]), sdict, r)
-        log(f"{model_name} {r['tool']:>13} {r['method']:>6} x{r['factor']:g}: speedup {speedup:.2f}x "
+        cache.put(key, s.to_dict(), r)
+        log(f"{model_name} {r['tool']:>13} {r['method']:>6} x{r['factor']:g} seed {s.seed}: speedup {speedup:.2f}x "
             f"(ratio {r['speedup_per_flops_reduction']:.2f})")
     dense_row = cache.get(f"{model_name}__dense", sdict)
     if dense_row is not None:
@@ -606,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
                dynamic_ncols=True)
     for model_name in args.models:
         dense_row, model_rows = run_model(model_name, paths[model_name], jobs, args.factors, base, cache, bar,
-                                          progress, log)
+                                          progress, log, args.extra_seeds, args.seed_factors)
         if args.remeasure_latency:
             remeasure_latency(model_name, paths[model_name], model_rows, base, cache, progress, log)
             dense_row = {**cache.get(f"{model_name}__dense", dense_row["settings"]), "settings": dense_row["settings"]}
@@ -616,7 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     coverage = ({"notes": ["coverage skipped (--no-coverage)"], "architectures": {}}
                 if args.no_coverage else run_coverage(progress, log))
     order = {job: i for i, job in enumerate(jobs)}
-    rows.sort(key=lambda r: (args.models.index(r["model"]), r["factor"], order[(r["tool"], r["method"])]))
+    rows.sort(key=lambda r: (args.models.index(r["model"]), r["factor"], order[(r["tool"], r["method"])],
+                             r.get("seed", 0)))
     write_outputs(out, command, rows, dense_rows, coverage, args.quick)
     print(results_table(rows, dense_rows))
     print()

@@ -25,23 +25,27 @@ def test_quick_run_writes_outputs_and_resumes(tmp_path):
     first = _run("--quick", "--no-progress", "--out", str(out))
     assert first.returncode == 0, first.stderr[-2000:]
     payload = json.loads((out / "eigendamage.json").read_text())
-    assert {(r["method"], r["schedule"]) for r in payload["rows"]} == {("eigendamage", "one-shot"),
-                                                                       ("kron-obs", "one-shot")}
-    for r in payload["rows"]:
-        assert r["flops_reduction"] == pytest.approx(4.0, rel=0.025)
+    assert {(r["method"], r["schedule"], r["target"]) for r in payload["rows"]} == {
+        (m, "one-shot", k) for m in ("eigendamage", "kron-obs") for k in ("flops", "params")}
+    for r in payload["rows"]:  # every row at equal FLOPs and at equal parameters
+        reduction = r["flops_reduction"] if r["target"] == "flops" else r["params_reduction"]
+        assert reduction == pytest.approx(4.0, rel=0.025)
         assert r["statistics_per_epoch"] > 0 and 0 <= r["test_acc"] <= 1
-    ed = next(r for r in payload["rows"] if r["method"] == "eigendamage")
-    assert ed["params_reduction"] > 4  # bottlenecks remove parameters faster than FLOPs
-    assert "| eigendamage | one-shot | x4 |" in (out / "eigendamage.md").read_text()
+    ed = {r["target"]: r for r in payload["rows"] if r["method"] == "eigendamage"}
+    assert ed["flops"]["params_reduction"] > 4  # bottlenecks remove parameters faster than FLOPs
+    assert ed["params"]["flops_reduction"] < 4  # so at equal parameters they keep more FLOPs
+    text = (out / "eigendamage.md").read_text()
+    assert "| eigendamage | one-shot | flops x4 |" in text and "| eigendamage | one-shot | params x4 |" in text
+    assert "x4 params: test acc % (FLOPs red.)" in text  # the summary reports FLOPs at equal parameters
     assert (out / "eigendamage_accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
     second = _run("--quick", "--no-progress", "--out", str(out))
     assert second.returncode == 0
-    assert "one-shot x4: FLOPs" not in second.stdout  # every row came from the cache
+    assert "one-shot flops x4: FLOPs" not in second.stdout  # every row came from the cache
     assert json.loads((out / "eigendamage.json").read_text())["rows"] == payload["rows"]
     partial = _run("--quick", "--no-progress", "--cached-only", "--methods", "eigendamage", "c-obd", "--out", str(out))
     assert partial.returncode == 0, partial.stderr[-2000:]
-    assert "1 row(s) not run yet, left out (--cached-only)" in partial.stdout  # c-obd: never run, not run now
-    assert [r["method"] for r in json.loads((out / "eigendamage.json").read_text())["rows"]] == ["eigendamage"]
+    assert "2 row(s) not run yet, left out (--cached-only)" in partial.stdout  # c-obd: never run, not run now
+    assert [r["method"] for r in json.loads((out / "eigendamage.json").read_text())["rows"]] == ["eigendamage"] * 2
     third = _run("--quick", "--no-progress", "--remeasure-latency", "--out", str(out))
     assert third.returncode == 0, third.stderr[-2000:]
     again = json.loads((out / "eigendamage.json").read_text())["rows"]

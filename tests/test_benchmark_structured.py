@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from prunekit.models import list_models
 
@@ -40,7 +41,7 @@ def bench():
 @pytest.fixture(scope="module")
 def quick_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("structured") / "quick"
-    proc = _run("--quick", "--no-progress", "--out", str(out))
+    proc = _run("--quick", "--no-progress", "--extra-seeds", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
@@ -88,6 +89,17 @@ def test_quick_markdown_has_command_and_both_tables(quick_out):
     assert "| resnet20 | prunekit | l1 | x2 |" in text
     assert "| resnet20 | torch-pruning | l1 | x2 |" in text
     assert "## Coverage" in text and "| residual_add | tests |" in text
+    assert "## Several seeds" in text and "| resnet20 | x2 | 1 | " in text  # each tool's best criterion, 2 seeds
+
+
+@pytest.mark.slow
+def test_extra_seeds_repeat_each_tools_best_criterion_on_validation(quick_out, bench):
+    rows = json.loads((quick_out / "structured.json").read_text())["rows"]
+    for tool in bench.TOOLS:
+        first = [r for r in rows if r["tool"] == tool and r["seed"] == 0]
+        again = [r for r in rows if r["tool"] == tool and r["seed"] == 1]
+        assert [r["method"] for r in again] == [max(first, key=lambda r: r["val_acc"])["method"]]
+        assert again[0]["history"] != next(r for r in first if r["method"] == again[0]["method"])["history"]
 
 
 @pytest.mark.slow
@@ -111,7 +123,7 @@ def test_rerun_resumes_from_the_cache(quick_out):
     cache = quick_out / "cache"
     before = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.json")}
     rows_before = json.loads((quick_out / "structured.json").read_text())["rows"]
-    proc = _run("--quick", "--no-progress", "--no-coverage", "--out", str(quick_out))
+    proc = _run("--quick", "--no-progress", "--no-coverage", "--extra-seeds", "1", "--out", str(quick_out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.json")} == before
     assert json.loads((quick_out / "structured.json").read_text())["rows"] == rows_before
@@ -130,6 +142,8 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     (["--tp-methods", "hessian"], "unknown criteria"),
     (["--factors", "0.5"], "--factors must be > 1"),
     (["--models", "lenet5"], "unknown --models"),
+    (["--extra-seeds", "0"], "--extra-seeds must be distinct seeds > 0"),
+    (["--extra-seeds", "1", "--factors", "4", "--seed-factors", "8"], "--seed-factors [8.0] must be among"),
 ])
 def test_misuse_is_rejected(tmp_path, args, message):
     proc = _run(*args, "--checkpoint-dir", str(tmp_path), "--out", str(tmp_path / "out"), timeout=120)
@@ -140,10 +154,55 @@ def test_misuse_is_rejected(tmp_path, args, message):
 @pytest.mark.slow
 def test_remeasure_latency_rebuilds_every_cached_row_and_keeps_its_accuracy(quick_out):
     before = json.loads((quick_out / "structured.json").read_text())["rows"]
-    proc = _run("--quick", "--no-progress", "--no-coverage", "--remeasure-latency", "--out", str(quick_out))
+    proc = _run("--quick", "--no-progress", "--no-coverage", "--extra-seeds", "1", "--remeasure-latency", "--out",
+                str(quick_out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = json.loads((quick_out / "structured.json").read_text())["rows"]
     assert len(after) == len(before) and all(r["latency_remeasured"] for r in after)
     for a, b in zip(after, before):
         assert (a["params"], a["flops"], a["test_acc"]) == (b["params"], b["flops"], b["test_acc"])
         assert a["speedup_per_flops_reduction"] == pytest.approx(a["latency_speedup"] / a["flops_reduction"])
+
+
+def _row(tool, method, seed, val, test, model="resnet20", factor=8.0):
+    return {"model": model, "tool": tool, "method": method, "factor": factor, "seed": seed, "val_acc": val,
+            "test_acc": test}
+
+
+def test_best_criterion_is_chosen_on_seed_0_validation_never_test(bench):
+    rows = [_row("prunekit", "l1", 0, 0.90, 0.80), _row("prunekit", "bn", 0, 0.85, 0.95),
+            _row("prunekit", "bn", 1, 0.99, 0.99), _row("torch-pruning", "l1", 0, 0.99, 0.99)]
+    assert bench.best_criterion(rows, "resnet20", "prunekit", 8.0) == "l1"
+    with pytest.raises(SystemExit, match="no prunekit row of vgg11"):
+        bench.best_criterion(rows, "vgg11", "prunekit", 8.0)
+
+
+def test_seeds_table_reports_mean_spread_and_the_goal(bench):
+    rows = [_row("prunekit", "l1", s, 0.9, acc) for s, acc in enumerate((0.900, 0.910, 0.920))]
+    rows += [_row("torch-pruning", "bn", s, 0.9, acc) for s, acc in enumerate((0.890, 0.900, 0.910))]
+    rows += [_row("torch-pruning", "l1", 0, 0.8, 0.5)]  # one seed: not a deciding row
+    table = bench.seeds_table({2: rows}).splitlines()
+    assert table[2] == ("| resnet20 | x8 | 2 | l1 | 91.00 ± 1.00 (n=3) | bn | 90.00 ± 1.00 (n=3) | +1.00 | met |")
+    assert len(table) == 3
+    assert "| -0.50 | missed |" in bench.seeds_table({1: [{**r, "test_acc": r["test_acc"] - 0.015 * (
+        r["tool"] == "prunekit")} for r in rows]})
+
+
+def test_torch_pruning_recipe_reaches_a_parameter_target(bench):
+    import common
+    import prunekit
+    from prunekit.data import DataConfig
+    from prunekit.training import TrainConfig
+
+    data = prunekit.load_dataset(DataConfig(name="digits", limit=256))
+    torch.manual_seed(0)
+    net = prunekit.create_model(prunekit.ModelConfig(name="resnet20", num_classes=10, in_channels=1, input_size=8,
+                                                     width=0.25))
+    s = common.Settings(finetune=TrainConfig(epochs=0, lr=0.01), data=DataConfig(name="digits"),
+                        checkpoint_sha256="", tp_iterative_steps=100)
+    dense_params = prunekit.count_params(net)
+    pruned, info = bench.prune_torch_pruning(net, data, "l1", [2.0], s, progress=False, kind="params")[2.0]
+    assert info["target_reached"] and info["tp_params_reduction"] >= 2.0
+    assert 1.9 < dense_params / prunekit.count_params(pruned) < 2.6
+    with pytest.raises(ValueError, match="kind must be one of"):
+        bench.prune_torch_pruning(net, data, "l1", [2.0], s, progress=False, kind="latency")

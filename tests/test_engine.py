@@ -15,6 +15,7 @@ from architectures import ARCHITECTURES, calibrate_bn_, random_plan
 from prunekit.channels.graph import ChannelGraph, ChannelPlan, SliceKind, UnsupportedModelError
 from prunekit.measurement.metrics import count_params
 from prunekit.models import create_model, list_models
+from prunekit.models.attention import PrunableMultiheadAttention
 
 ZOO = list_models()
 CASES = [("zoo", n) for n in ZOO] + [("arch", n) for n in ARCHITECTURES]
@@ -91,8 +92,18 @@ def test_shrinking_equals_masking(kind, name):
     assert (got - ref).abs().max().item() <= 1e-5
     assert not torch.allclose(ref, dense_out, atol=1e-5), "the plan should change the model"
 
-    # Every parameter is the original with exactly the masked slices removed (shapes and values).
+    # Every parameter is the original with exactly the masked slices removed (shapes and values). An
+    # nn.MultiheadAttention that lost heads became its prunable form: its fused in_proj is now q/k/v layers.
     after = dict(model.named_parameters())
+    for name, module in model.named_modules():
+        if isinstance(module, PrunableMultiheadAttention):
+            layers = (module.q_proj, module.k_proj, module.v_proj)
+            for fused, part in (("in_proj_weight", "weight"), ("in_proj_bias", "bias")):
+                key = f"{name}.{fused}"
+                assert torch.equal(torch.cat([getattr(m, part).detach() for m in layers]),
+                                   kept_slices(before.pop(key), masks.pop(key)))
+                for proj in ("q_proj", "k_proj", "v_proj"):
+                    after.pop(f"{name}.{proj}.{part}")
     assert set(after) == set(before)
     assert count_params(model) < params_before
     for pname, old in before.items():
@@ -103,15 +114,14 @@ def test_shrinking_equals_masking(kind, name):
     assert shrunk == list(masks)
 
 
-def test_vit_tiny_prunes_its_mlps_and_skips_attention_and_residual_stream():
+def test_vit_tiny_prunes_its_mlps_and_heads_and_skips_the_residual_stream():
     model, shape = build("zoo", "vit_tiny")
     graph = ChannelGraph(model, randn(shape, 2, seed=1))
-    assert set(graph.by_root) == {f"blocks.{i}.fc1" for i in range(4)}
+    assert set(graph.by_root) == {f"blocks.{i}.{part}" for i in range(4) for part in ("fc1", "attn")}
     for i in range(4):
-        attn = [r for r in graph.skipped if r.startswith(f"blocks.{i}.attn.")]
-        assert attn, f"block {i}'s attention group should be skipped: {graph.skipped}"
-        assert "breaks the forward pass" in graph.skipped[attn[0]]
-    layernorm = [why for why in graph.skipped.values() if "LayerNorm" in why]
+        heads = graph.by_root[f"blocks.{i}.attn"]
+        assert heads.heads is not None and len(heads.units) == 4
+    layernorm = [why for why in graph.skipped.values() if "LayerNorm" in why or "breaks the forward pass" in why]
     assert layernorm, "the residual stream is coupled to the LayerNorms and must be skipped"
 
 
@@ -345,11 +355,12 @@ def test_a_saved_plan_replays_on_a_fresh_model():
 
 
 def test_failed_shrink_names_the_group_and_rolls_back():
-    model, shape = build("zoo", "vit_tiny")
+    model, shape = build("arch", "chunk")
     model.train()  # the training flag must survive the rollback too
     x = randn(shape, 2, seed=1)
     graph = ChannelGraph(model, x, probe=False)
-    assert "blocks.0.attn.v" in graph.by_root  # without the probe the attention group looks prunable
+    assert "stem" in graph.by_root  # without the probe the chunked stem looks prunable
+    other = next(r for r in graph.by_root if r != "stem")
     params = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     fresh = randn(shape, 2, seed=3)
@@ -357,9 +368,9 @@ def test_failed_shrink_names_the_group_and_rolls_back():
     with torch.no_grad():
         expected = model(fresh)
     model.train()
-    plan = ChannelPlan({"blocks.0.fc1": (1, 2), "blocks.0.attn.v": (3,)})
+    plan = ChannelPlan({other: (1, 2), "stem": (3,)})
 
-    with pytest.raises(UnsupportedModelError, match=r"blocks\.0\.attn\.v.*ignore=\['blocks\.0\.attn\.v'\]") as info:
+    with pytest.raises(UnsupportedModelError, match=r"stem.*ignore=\['stem'\]") as info:
         graph.shrink_(plan)
     assert "restored" in str(info.value)
 
@@ -370,16 +381,17 @@ def test_failed_shrink_names_the_group_and_rolls_back():
     assert set(dict(model.named_parameters())) == set(params)
     for n, b in model.named_buffers():
         assert torch.equal(b, buffers[n]), n
-    assert model.blocks[0].fc1.out_features == 128 and model.blocks[0].attn.v.out_features == 64
+    assert model.stem.out_channels == 8
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(fresh), expected)
 
     # the suggested fix works: with that layer ignored the group is gone and the rest still shrinks
-    graph = ChannelGraph(model, x, ignore=["blocks.0.attn.v"], probe=False)
-    assert all(not (m.kind is SliceKind.OUT and m.name == "blocks.0.attn.v") for g in graph.groups for m in g.members)
-    graph.shrink_(ChannelPlan({"blocks.0.fc1": (1, 2)}))
-    assert model.blocks[0].fc1.out_features == 126
+    graph = ChannelGraph(model, x, ignore=["stem"], probe=False)
+    assert all(not (m.kind is SliceKind.OUT and m.name == "stem") for g in graph.groups for m in g.members)
+    width = dict(model.named_modules())[other].out_channels
+    graph.shrink_(ChannelPlan({other: (1, 2)}))
+    assert dict(model.named_modules())[other].out_channels == width - 2
 
 
 def test_shrink_mismatch_rolls_back():

@@ -25,6 +25,9 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function as tpf
 
+from .heads import AttentionSpec, find_attention, head_rows, head_units, projection, shrink_heads_
+from .model_io import ExampleInputs, call_model, check_example_inputs, output_tensors, outputs_match
+
 
 class UnsupportedModelError(ValueError):
     """A layer or op prunekit cannot shrink correctly; the message names it and how to exclude it."""
@@ -151,6 +154,7 @@ class ChannelGroup:
     members: list[GroupMember]
     _tp_group: Any = field(repr=False, default=None)
     units: list[tuple[int, ...]] = field(default_factory=list)
+    heads: AttentionSpec | None = None  # set for an attention block's heads (units are heads)
 
     def __post_init__(self) -> None:
         if not self.units:
@@ -176,7 +180,30 @@ class ChannelGroup:
 
     def describe(self) -> str:
         members = ", ".join(f"{m.name}:{m.kind.value}" for m in self.members)
+        if self.heads is not None:
+            h = self.heads
+            kv = f", {h.num_kv_heads} key/value heads" if h.num_kv_heads != h.num_heads else ""
+            return f"{self.root} ({h.num_heads} heads of {h.head_dim}{kv}; {members})"
         return f"{self.root} ({self.size} channels; {members})"
+
+
+def _head_group(spec: AttentionSpec, modules: dict[str, nn.Module]) -> ChannelGroup:
+    """The channel group of an attention block's heads: q/k/v rows and output-projection columns, in units of
+    whole heads (:mod:`prunekit.channels.heads`)."""
+    rows = head_rows(spec)
+    members = []
+    for role, kind in (("q", SliceKind.OUT), ("k", SliceKind.OUT), ("v", SliceKind.OUT), ("out", SliceKind.IN)):
+        name = getattr(spec, role)
+        module = modules[name]
+        idxs, root_idxs = rows[role]
+        (weight_name, weight), bias = projection(spec, role, modules)
+        slices = [ParamSlice(weight_name, weight, 0 if kind is SliceKind.OUT else 1, idxs, root_idxs, False)]
+        if kind is SliceKind.OUT and bias is not None:
+            slices.append(ParamSlice(bias[0], bias[1], 0, idxs, root_idxs, False))
+        members.append(GroupMember(name, module, kind, f"prune_heads ({role})", idxs.tolist(), root_idxs.tolist(),
+                                   slices))
+    return ChannelGroup(root=spec.module, size=spec.num_heads * spec.head_dim, members=members,
+                        units=head_units(spec), heads=spec)
 
 
 def _tied_units(group: ChannelGroup) -> list[tuple[int, ...]]:
@@ -273,9 +300,14 @@ def ignored_modules(model: nn.Module, names: Sequence[str]) -> set[str]:
     return {f"{n}.{sub}" if sub else n for n in names for sub, _ in modules[n].named_modules()}
 
 
-def find_output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
-    """Names of the modules whose output is the model's output (the classifier), found with forward hooks; when
-    an op follows the classifier, the last conv/linear layer to run."""
+def find_output_layers(model: nn.Module, example_inputs: ExampleInputs) -> list[str]:
+    """Names of the conv/linear layers nearest to each of the model's outputs (the classifier, every head of a
+    model with several, a feature map returned as it is), whose out-channels therefore cannot be removed.
+
+    Found by walking the autograd graph back from every output tensor to the first layer output on each path (so
+    an op after the classifier -- log_softmax, scaling, indexing -- does not hide it); when outputs carry no
+    graph (frozen parameters), the layers whose output is returned as it is, else the last layer to run.
+    ``example_inputs``: a tensor, a tuple of positional or a dict of keyword arguments."""
     produced: list[tuple[str, torch.Tensor]] = []  # (layer, output) in execution order; tensors kept alive
     handles = []
     for name, module in model.named_modules():
@@ -284,19 +316,29 @@ def find_output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[s
                 lambda mod, inp, out, name=name: produced.append((name, out))))
     was_training = model.training
     try:  # eval: a train-mode pass would move BatchNorm running statistics
-        with torch.no_grad():
-            out = model.eval()(example_inputs)
+        with torch.enable_grad():
+            out = call_model(model.eval(), example_inputs)
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
-    outs = out if isinstance(out, (tuple, list)) else [out]
-    found = sorted({name for o in outs for name, t in produced if t is o})
+    outs = output_tensors(out)
+    found = {name for o in outs for name, t in produced if t is o}
+    layer_of = {t.grad_fn: name for name, t in produced if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+    stack = [o.grad_fn for o in outs if o.grad_fn is not None]
+    seen = set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn in layer_of:
+            found.add(layer_of[fn])
+        else:
+            stack.extend(next_fn for next_fn, _ in fn.next_functions)
     if not found and produced:
-        # An op after the classifier (log_softmax, indexing, scaling) hides the identity: fall back to the last
-        # conv/linear layer that ran, which is the classifier in every feed-forward network.
-        found = [produced[-1][0]]
-    return found
+        found = {produced[-1][0]}
+    return sorted(found)
 
 
 class ChannelGraph:
@@ -304,20 +346,28 @@ class ChannelGraph:
 
     Args:
         model: The network (its modules are pruned in place by :meth:`shrink_`).
-        example_inputs: A small batch used for tracing and for the masks-vs-shrink check.
+        example_inputs: A small batch used for tracing and for the masks-vs-shrink check: a tensor, a tuple of
+            positional arguments or a dict of keyword arguments (``input_ids``, ``attention_mask``). Outputs may
+            be nested tuples, dicts or dataclasses; they are compared leaf by leaf.
         ignore: Names of modules to leave alone (their out-channels are never removed). The layer producing the
             model output is always added, so the number of classes never changes.
-        probe: Remove one channel of each group on a copy and compare with masking it; groups that disagree
-            (e.g. attention projections whose channels are split into heads) are moved to ``skipped`` with the
-            reason, so no plan can touch them.
+        probe: Remove one unit of each group on a copy and compare with masking it; groups that disagree (e.g.
+            channels that pass through a LayerNorm) are moved to ``skipped`` with the reason, so no plan can touch
+            them.
+        attention: Attention blocks to prune by whole heads that :func:`~prunekit.channels.heads.find_attention`
+            does not find from module attributes (:class:`~prunekit.channels.heads.AttentionSpec`). Found and
+            given blocks become one group each whose units are heads (key/value heads with their query heads under
+            grouped-query attention).
 
     Raises:
         UnsupportedModelError: the model cannot be traced.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, ignore: Sequence[str] = (),
-                 probe: bool = True) -> None:
+    def __init__(self, model: nn.Module, example_inputs: ExampleInputs, ignore: Sequence[str] = (),
+                 probe: bool = True, attention: Sequence[AttentionSpec] = ()) -> None:
+        check_example_inputs(example_inputs)
         self.model = model
+        self._given = tuple(attention)
         self.example_inputs = example_inputs
         modules = dict(model.named_modules())
         covered = ignored_modules(model, list(ignore))
@@ -327,13 +377,14 @@ class ChannelGraph:
         ignored = [modules[n] for n in sorted(covered | set(self.ignore))]
         try:
             with torch.enable_grad():  # the graph is traced through autograd
-                self._dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
-                                                                 verbose=False)
+                self._dg = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example_inputs, forward_fn=call_model, output_transform=output_tensors,
+                    verbose=False)
         except Exception as exc:  # noqa: BLE001 - tracing failures come in many types
             raise UnsupportedModelError(
                 f"cannot trace {type(model).__name__} to find its channel groups: {exc.__class__.__name__}: {exc}. "
-                "prunekit needs a model whose forward runs on a plain tensor batch; exclude the failing module "
-                "with ignore=[...] or wrap it"
+                "prunekit needs a model whose forward runs on the example inputs (a tensor, a tuple of positional "
+                "or a dict of keyword arguments); exclude the failing module with ignore=[...] or wrap it"
             ) from exc
         finally:
             model.train(was_training)
@@ -346,6 +397,7 @@ class ChannelGraph:
             built = self._wrap(g)
             if isinstance(built, ChannelGroup):
                 self.groups.append(built)
+        self._add_heads(attention, covered, modules)
         self.by_root = {g.root: g for g in self.groups}
         if probe:
             self._probe()
@@ -354,7 +406,7 @@ class ChannelGraph:
     def _probe(self) -> None:
         shrunk = copy.deepcopy(self.model).eval()
         masked = copy.deepcopy(self.model).eval()
-        trial = ChannelGraph(shrunk, self.example_inputs, self.ignore, probe=False)
+        trial = ChannelGraph(shrunk, self.example_inputs, self.ignore, probe=False, attention=self._given)
         masked_params = dict(masked.named_parameters())
         for group in list(self.groups):
             if group.size < 2 or group.root not in trial.by_root:
@@ -367,10 +419,10 @@ class ChannelGraph:
             ChannelGraph._apply_masks_by_name(masked, self.masks(plan))
             reason = None
             try:
-                trial.by_root[group.root]._tp_group.prune(idxs=list(plan.removed[group.root]), record_history=False)
-                ref = masked(self.example_inputs)
-                diff = (shrunk(self.example_inputs) - ref).abs().max().item()
-                if not diff <= 1e-4 * max(1.0, ref.abs().max().item()):
+                trial._prune_group(trial.by_root[group.root], plan.removed[group.root])
+                ok, diff = outputs_match(call_model(shrunk, self.example_inputs),
+                                         call_model(masked, self.example_inputs), 1e-4)
+                if not ok:
                     reason = f"shrinking it changes the outputs by {diff:.3g} beyond masking it"
             except Exception as exc:  # noqa: BLE001 - any failure means the group cannot be shrunk safely
                 reason = f"shrinking it breaks the forward pass ({exc.__class__.__name__}: {str(exc)[:120]})"
@@ -382,6 +434,36 @@ class ChannelGraph:
                 ops = ", ".join(f"{m.name} ({type(m.module).__name__})" for m in group.members)
                 self.skipped[group.root] = f"{reason}; members: {ops}"[:400]
         self.by_root = {g.root: g for g in self.groups}
+
+    def _add_heads(self, given: Sequence[AttentionSpec], covered: set[str], modules: dict[str, nn.Module]) -> None:
+        """Replace the channel groups of every attention block's q/k/v projections by one group of whole heads.
+
+        Blocks come from :func:`~prunekit.channels.heads.find_attention` and from ``given`` (which wins for the
+        same module); a block with an ignored layer stays dense."""
+        specs = {s.module: s for s in find_attention(self.model)}
+        for spec in given:
+            if not isinstance(spec, AttentionSpec):
+                raise TypeError(f"attention= takes AttentionSpec entries, got {type(spec).__name__}")
+            spec.check(modules)
+            specs[spec.module] = spec
+        self.attention = list(specs.values())
+        for spec in self.attention:
+            layers = {spec.q, spec.k, spec.v}
+            if {spec.module, spec.out} & covered or layers & covered:
+                continue
+            touched = {name for g in self.groups for m in g.members if m.kind is SliceKind.OUT and m.name in layers
+                       for name in (g.root,)}
+            self.groups = [g for g in self.groups if g.root not in touched]
+            for name in layers:
+                self.skipped.pop(name, None)
+            self.groups.append(_head_group(spec, modules))
+
+    def _prune_group(self, group: ChannelGroup, idxs: Sequence[int]) -> None:
+        """Remove channels ``idxs`` of ``group`` physically (heads by their own surgery, the rest by the engine)."""
+        if group.heads is not None:
+            shrink_heads_(self.model, group.heads, list(idxs))
+        else:
+            group._tp_group.prune(idxs=list(idxs), record_history=False)
 
     def _wrap(self, g) -> ChannelGroup | None:
         root_module = g[0].dep.target.module
@@ -398,6 +480,10 @@ class ChannelGraph:
             if name is None:  # internal op nodes (add, cat, split, ...) carry no parameters
                 continue
             kind = SliceKind.OUT if handler.__name__ == "prune_out_channels" else SliceKind.IN
+            if any(r is None for r in item.root_idxs):  # e.g. channels repeated (repeat_interleave, expand)
+                self.skipped[root] = (f"coupled to {name} ({type(module).__name__}) through an op that repeats "
+                                      "channels, which the engine cannot map back to the group")
+                return None
             slices = _member_slices(name, module, handler, dep.target.pruning_dim, list(item.idxs),
                                     list(item.root_idxs))
             if isinstance(slices, str):
@@ -425,6 +511,9 @@ class ChannelGraph:
             if group.tied:
                 chosen = set(idxs)
                 split = [u for u in group.units if chosen & set(u) and not set(u) <= chosen]
+                if split and group.heads is not None:
+                    raise ValueError(f"plan removes only part of a head of {root!r} (channels {split[0][0]}.."
+                                     f"{split[0][-1]}); attention heads go whole")
                 if split:
                     raise ValueError(f"plan removes only part of the tied channels {split[0]} of {root!r} (a grouped "
                                      "convolution needs the same positions removed from every group)")
@@ -466,24 +555,24 @@ class ChannelGraph:
         if verify:
             masked = copy.deepcopy(self.model).eval()
             ChannelGraph._apply_masks_by_name(masked, self.masks(plan))
-            reference = masked(self.example_inputs)
+            reference = call_model(masked, self.example_inputs)
         backup = _snapshot(self.model)
         try:
             for root, idxs in plan.removed.items():
-                g = self.by_root[root]._tp_group
-                g.prune(idxs=list(idxs), record_history=False)
+                self._prune_group(self.by_root[root], idxs)
             if verify:
                 was_training = self.model.training
                 self.model.eval()
-                got = self.model(self.example_inputs)
+                got = call_model(self.model, self.example_inputs)
                 self.model.train(was_training)
-                diff = (got - reference).abs().max().item()
-                if not diff <= atol * max(1.0, reference.abs().max().item()):
+                ok, diff = outputs_match(got, reference, atol)
+                if not ok:
                     raise _Mismatch(diff)
         except BaseException as exc:
             _restore(self.model, backup)
             if isinstance(exc, _Mismatch):
-                raise UnsupportedModelError(self._explain_mismatch(plan, exc.diff)) from None
+                raise UnsupportedModelError(f"{self._explain_mismatch(plan, exc.diff)}; the model was restored") \
+                    from None
             if isinstance(exc, (RuntimeError, ValueError, IndexError)):
                 raise UnsupportedModelError(
                     f"shrinking broke the forward pass ({exc.__class__.__name__}: {exc}); the model was restored. "
@@ -501,14 +590,14 @@ class ChannelGraph:
         for root in plan.removed:
             one = ChannelPlan({root: plan.removed[root]})
             trial = copy.deepcopy(self.model).eval()
-            graph = ChannelGraph(trial, self.example_inputs, self.ignore, probe=False)
+            graph = ChannelGraph(trial, self.example_inputs, self.ignore, probe=False, attention=self._given)
             masked = copy.deepcopy(trial)
             ChannelGraph._apply_masks_by_name(masked, graph.masks(one))
-            ref = masked(self.example_inputs)
+            ref = call_model(masked, self.example_inputs)
             try:
                 for r, idxs in one.removed.items():
-                    graph.by_root[r]._tp_group.prune(idxs=list(idxs), record_history=False)
-                ok = (trial(self.example_inputs) - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+                    graph._prune_group(graph.by_root[r], idxs)
+                ok = outputs_match(call_model(trial, self.example_inputs), ref, 1e-5)[0]
             except Exception:  # noqa: BLE001
                 ok = False
             if not ok:
