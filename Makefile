@@ -23,7 +23,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,onnx]"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,onnx,hf]"
 	touch $(STAMP)
 
 clean:

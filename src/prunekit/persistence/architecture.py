@@ -29,14 +29,17 @@ class UntrustedCodeError(CheckpointError):
 
 
 # kind -> function(model, change_dict, example_inputs) that applies the change in place
-CHANGE_REPLAYERS: dict[str, Callable[[nn.Module, dict[str, Any], torch.Tensor], None]] = {}
+CHANGE_REPLAYERS: dict[str, Callable[[nn.Module, dict[str, Any], Any], None]] = {}
 
 
-def _replay_channels(model: nn.Module, change: dict[str, Any], example_inputs: torch.Tensor) -> None:
+def _replay_channels(model: nn.Module, change: dict[str, Any], example_inputs: Any) -> None:
     from prunekit.channels.graph import ChannelGraph, ChannelPlan
+    from prunekit.channels.heads import AttentionSpec
 
     plan = ChannelPlan.from_dict(change)
-    ChannelGraph(model, example_inputs, ignore=change.get("ignore", ()), probe=False).shrink_(plan, verify=False)
+    attention = [AttentionSpec.from_dict(a) for a in change.get("attention", ())]
+    ChannelGraph(model, example_inputs, ignore=change.get("ignore", ()), probe=False,
+                 attention=attention).shrink_(plan, verify=False)
 
 
 def _replay_eigenbasis(model: nn.Module, change: dict[str, Any], example_inputs: torch.Tensor) -> None:

@@ -46,6 +46,66 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
     return path
 
 
+class _KeywordCall(nn.Module):
+    """Positional tensors in, ``model(**keywords)`` inside, the output's tensors out (what ONNX export traces)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from prunekit.channels.model_io import output_tensors
+
+        return tuple(output_tensors(self.model(**dict(zip(self.names, tensors)))))
+
+
+def export_onnx_keywords(model: nn.Module, path: str | Path, example_inputs: dict[str, torch.Tensor],
+                         opset: int = 18) -> Path:
+    """Write a model that takes keyword tensors (a Hugging Face model: ``input_ids``, ``attention_mask``,
+    ``pixel_values``) as ONNX, one graph input per keyword and one graph output per output tensor (named by its
+    path: ``last_hidden_state``, ``logits``). The batch dimension is dynamic, and so is the sequence dimension of
+    2-D integer inputs (token ids and masks)."""
+    _require("onnx")
+    from prunekit.channels.model_io import output_leaves
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(example_inputs)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        outputs = [p.strip(".").replace(".", "_").replace("[", "_").replace("]", "") or "output"
+                   for p, _ in output_leaves(model(**example_inputs))]
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    sequence = torch.export.Dim("sequence", min=2, max=8192)
+    dynamic = tuple({0: batch, **({1: sequence} if t.dim() == 2 and not t.is_floating_point() else {})}
+                    for t in example_inputs.values())
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_KeywordCall(model, names), tuple(example_inputs.values()), str(path),
+                              input_names=names, output_names=outputs, dynamic_shapes=(dynamic,), opset_version=opset,
+                              dynamo=True, external_data=False)
+    finally:
+        onnx_logger.setLevel(level)
+        model.train(was_training)
+    return path
+
+
+def check_onnx_keywords(model: nn.Module, path: str | Path, inputs: dict[str, torch.Tensor]) -> float:
+    """Max abs difference, over every output, between PyTorch and ONNX Runtime on keyword ``inputs``."""
+    from prunekit.channels.model_io import output_tensors
+
+    session = onnx_session(path)
+    with torch.no_grad():
+        expected = [t.numpy() for t in output_tensors(model.eval()(**inputs))]
+    got = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    return max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True))
+
+
 def onnx_session(path: str | Path, threads: int | None = None, optimize: bool = True):
     """An ONNX Runtime CPU session with graph optimisations (all levels) on."""
     ort = _require("onnxruntime")
