@@ -167,9 +167,9 @@ def load_pruned(folder: str | Path) -> nn.Module:
         record = json.loads((folder / RECORD).read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{folder / RECORD} is not JSON: {exc}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise CheckpointError(f"{folder / RECORD}: format {record.get('format') if isinstance(record, dict) else None!r}"
-                              f" is not {FORMAT!r}")
+    found = record.get("format") if isinstance(record, dict) else None
+    if found != FORMAT:
+        raise CheckpointError(f"{folder / RECORD}: format {found!r} is not {FORMAT!r}")
     changes = record.get("architecture_changes")
     if not isinstance(changes, list) or not all(isinstance(c, dict) for c in changes):
         raise CheckpointError(f"{folder / RECORD}: architecture_changes must be a list of objects")
