@@ -110,6 +110,46 @@ def test_channel_form_treats_every_kernel_offset_as_a_sample():
     assert w.shape == (3, 2, 9)
 
 
+class TokenNet(nn.Module):
+    """A projection applied to every token of a sequence (as a transformer's q/k/v or FFN), mean-pooled, then a
+    head: the projection's statistics run over the sequence dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.proj(x)).mean(1))
+
+
+def test_kfac_of_a_token_wise_linear_layer_runs_over_the_sequence_dimension():
+    """A = mean over every token of every example of [a; 1][a; 1]^T; G = mean over examples of the sum over that
+    example's tokens of g g^T (the convention of a conv's positions), against a float64 per-example reference."""
+    torch.manual_seed(3)
+    model = TokenNet()
+    gen = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(4, 6, 4, generator=gen), torch.randint(0, 2, (4,), generator=gen)) for _ in range(2)]
+    factors = collect_kfac(model, batches, CurvatureConfig(fisher=FisherType.EMPIRICAL, batches=2))["proj"]
+    ref = TokenNet().double()
+    ref.load_state_dict(model.state_dict())
+    a_rows, g_sum, n = [], torch.zeros(3, 3, dtype=torch.float64), 0
+    for x, y in batches:
+        for i in range(len(x)):
+            xi = x[i:i + 1].double()
+            pre = ref.proj(xi)
+            pre.retain_grad()
+            ref.zero_grad()
+            F.cross_entropy(ref.head(torch.tanh(pre).mean(1)), y[i:i + 1]).backward()
+            g = pre.grad[0]  # (tokens, out), this example's own loss
+            g_sum += g.T @ g
+            a_rows.append(torch.cat([xi[0], torch.ones(xi.shape[1], 1, dtype=torch.float64)], 1))
+            n += 1
+    a = torch.cat(a_rows)
+    torch.testing.assert_close(factors.A, a.T @ a / len(a), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(factors.G, g_sum / n, rtol=1e-5, atol=1e-9)
+
+
 def test_kfac_is_the_exact_fisher_block_of_a_single_linear_layer_on_one_input():
     """With one input, E[vec(dW) vec(dW)^T] = (G kron A) exactly, whatever the labels (curvlinops' check)."""
     torch.manual_seed(1)

@@ -334,3 +334,23 @@ def test_multihead_attention_with_extra_key_bias_is_left_dense():
             return self.head(self.attn(x, x, x, need_weights=False)[0])
 
     assert "attn" not in ChannelGraph(Block().eval(), torch.randn(2, 4, 8)).by_root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["l1", "taylor", "kron-obs", "eigendamage"])
+def test_every_criterion_family_prunes_a_vit_to_its_target(method):
+    import prunekit
+
+    data = prunekit.load_dataset("synthetic")
+    torch.manual_seed(0)
+    vit = create_model("vit_tiny", num_classes=data.num_classes, in_channels=data.in_channels,
+                       input_size=data.input_size)
+    dense = prunekit.count_params(vit)
+    config = prunekit.get_method(method).config(target="params=0.7")
+    prunekit.prune_(vit, config, data, prunekit.RunContext(progress=False, log=lambda *_: None))
+    assert prunekit.count_params(vit) / dense == pytest.approx(0.7, abs=0.02)
+    if method == "l1":  # heads compete with MLP neurons in one global ranking; magnitude takes some of both
+        assert sum(block.attn.heads for block in vit.blocks) < 16
+    with torch.no_grad():
+        out = vit.eval()(torch.randn(3, data.in_channels, data.input_size, data.input_size))
+    assert out.shape == (3, data.num_classes)
