@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shlex
 import statistics
 import sys
@@ -165,6 +166,20 @@ def target_of(row: dict[str, Any]) -> str:
 
 def row_cache_key(model: str, tool: str, method: str, schedule: str, kind: str, factor: float) -> str:
     return f"{row_key(model, tool, method, factor, kind)}__{schedule}"
+
+
+def best_tp_criterion(path: Path, model: str, factor: float) -> str:
+    """The Torch-Pruning importance with the best seed-0 validation accuracy for ``model`` at ``factor`` in a
+    structured.json (never chosen on test)."""
+    try:
+        rows = json.loads(Path(path).read_text())["rows"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"eigendamage.py: error: cannot read Torch-Pruning rows from {path}: {exc}") from None
+    mine = [r for r in rows if (r["model"], r["tool"], r["factor"], r.get("seed", 0))
+            == (model, "torch-pruning", factor, 0)]
+    if not mine:
+        raise SystemExit(f"eigendamage.py: error: {path} has no Torch-Pruning row of {model} at x{factor:g}")
+    return max(mine, key=lambda r: r["val_acc"])["method"]
 
 
 def dense_epoch_seconds(dense, data, settings, progress: bool = False) -> float:
@@ -312,6 +327,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="*", default=None,
                    help=f"prunekit methods (default: {' '.join(CURVATURE_METHODS)} {BEST_STRUCTURAL})")
     p.add_argument("--tp-methods", nargs="*", default=None, help=f"Torch-Pruning importances (default: {BEST_TP})")
+    p.add_argument("--tp-best-from", type=Path, default=None,
+                   help="instead of --tp-methods, each model's Torch-Pruning importance with the best seed-0 "
+                        "validation accuracy at the largest --factors in this structured.json "
+                        "(benchmarks/structured.py's results)")
     p.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=None)
     p.add_argument("--rounds", type=int, default=2, help="rounds of the iterative schedule")
     p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per row, in total")
@@ -358,17 +377,23 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     log = (lambda msg: tqdm.write(msg)) if progress else print
     cache, paths, base = run_setup(args, log)
-    jobs = [("prunekit", m, sc, k) for k in args.targets for sc in args.schedules for m in args.methods]
-    jobs += [("torch-pruning", m, "one-shot", k) for k in args.targets for m in args.tp_methods]
-    bar = tqdm(total=len(args.models) * len(args.factors) * len(jobs), desc="rows", disable=not progress)
+    ours = [("prunekit", m, sc, k) for k in args.targets for sc in args.schedules for m in args.methods]
+
+    def jobs_for(model_name: str) -> list[tuple[str, str, str, str]]:
+        tp = ([best_tp_criterion(args.tp_best_from, model_name, max(args.factors))] if args.tp_best_from
+              else args.tp_methods)
+        return ours + [("torch-pruning", m, "one-shot", k) for k in args.targets for m in tp]
+
+    jobs = {model_name: jobs_for(model_name) for model_name in args.models}
+    bar = tqdm(total=len(args.factors) * sum(map(len, jobs.values())), desc="rows", disable=not progress)
     rows, dense_rows = [], {}
     for model_name in args.models:
-        dense_row, model_rows = run_model(model_name, paths[model_name], jobs, args.factors, base, args, cache, bar,
-                                          progress, log)
+        dense_row, model_rows = run_model(model_name, paths[model_name], jobs[model_name], args.factors, base, args,
+                                          cache, bar, progress, log)
         dense_rows[model_name] = {**dense_row, "checkpoint": str(paths[model_name])}
         rows += model_rows
     bar.close()
-    order = {job: i for i, job in enumerate(jobs)}
+    order = {job: i for i, job in enumerate(dict.fromkeys(j for js in jobs.values() for j in js))}
     rows.sort(key=lambda r: (args.models.index(r["model"]), r["factor"], order[(r["tool"], r["method"],
                                                                                  r["schedule"], target_of(r))]))
     write_outputs(args.out, command, rows, dense_rows, args.quick)

@@ -76,3 +76,26 @@ def test_damping_scan_quick_picks_a_value_on_validation(tmp_path):
     best = max(payload["rows"], key=lambda r: r["val_acc"])["damping"]
     assert payload["best_on_validation"] == {"kron-obs": best}
     assert "| kron-obs | 0.1 |" in (out / "damping.md").read_text()
+
+
+def test_torch_pruning_best_criterion_is_chosen_on_validation_per_model(tmp_path):
+    import importlib.util
+
+    script = ROOT / "benchmarks" / "eigendamage.py"
+    sys.path.insert(0, str(script.parent))
+    spec = importlib.util.spec_from_file_location("eigendamage_benchmark", script)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    row = lambda model, method, val, test, seed=0, tool="torch-pruning", factor=8.0: {  # noqa: E731
+        "model": model, "tool": tool, "method": method, "val_acc": val, "test_acc": test, "seed": seed,
+        "factor": factor}
+    rows = [row("resnet20", "l1", 0.80, 0.99), row("resnet20", "taylor", 0.85, 0.10),
+            row("resnet20", "l1", 0.99, 0.99, seed=1), row("resnet20", "bn", 0.99, 0.99, factor=4.0),
+            row("resnet20", "bn", 0.99, 0.99, tool="prunekit"), row("vgg11", "random", 0.9, 0.9)]
+    path = tmp_path / "structured.json"
+    path.write_text(json.dumps({"rows": rows}))
+    assert bench.best_tp_criterion(path, "resnet20", 8.0) == "taylor"
+    assert bench.best_tp_criterion(path, "vgg11", 8.0) == "random"
+    with pytest.raises(SystemExit, match="no Torch-Pruning row of resnet20 at x2"):
+        bench.best_tp_criterion(path, "resnet20", 2.0)

@@ -354,3 +354,43 @@ def test_every_criterion_family_prunes_a_vit_to_its_target(method):
     with torch.no_grad():
         out = vit.eval()(torch.randn(3, data.in_channels, data.input_size, data.input_size))
     assert out.shape == (3, data.num_classes)
+
+
+# ------------------------------------------------------------------------------ the residual stream (opt-in)
+
+
+def test_the_residual_stream_is_offered_only_when_asked_and_is_marked_inexact():
+    vit = create_model("vit_tiny", num_classes=10, in_channels=1, input_size=8).eval()
+    x = torch.randn(2, 1, 8, 8)
+    assert all(g.exact for g in ChannelGraph(vit, x).groups)
+    graph = ChannelGraph(vit, x, residual=True)
+    stream = [g for g in graph.groups if not g.exact]
+    assert len(stream) == 1 and stream[0].size == 64
+    assert any(isinstance(m.module, nn.LayerNorm) for m in stream[0].members)
+    plan = ChannelPlan({stream[0].root: tuple(range(16)), "blocks.0.fc1": (0, 1)})
+    graph.shrink_(plan)  # the exact part is still checked against masking; the stream's change is measured
+    assert graph.output_change["max_abs"] > 0 and 0 < graph.output_change["relative"] < 10
+    assert vit.norm.normalized_shape == (48,) and vit.head.in_features == 48 and vit.blocks[0].fc1.out_features == 126
+    assert vit(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+@pytest.mark.slow
+def test_residual_pruning_reports_the_output_change_and_reloads(tmp_path):
+    import prunekit
+    from prunekit.persistence.architecture import load_compressed, save_compressed
+
+    data = prunekit.load_dataset("synthetic")
+    torch.manual_seed(0)
+    spec = prunekit.ModelConfig(name="vit_tiny", num_classes=data.num_classes, in_channels=data.in_channels,
+                                input_size=data.input_size)
+    vit = prunekit.create_model(spec)
+    record = prunekit.prune_(vit, prunekit.L1Config(target="params=0.6", residual=True), data,
+                             prunekit.RunContext(progress=False, log=lambda *_: None))
+    assert record.changes[0]["residual"] is True
+    assert record.rounds[0]["output_change"]["relative"] > 0
+    assert vit.norm.normalized_shape[0] < 64
+    path = save_compressed(tmp_path / "vit.safetensors", vit, spec.to_dict(), record.changes)
+    loaded, _ = load_compressed(path)
+    x = torch.randn(2, data.in_channels, data.input_size, data.input_size)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), vit.eval()(x))

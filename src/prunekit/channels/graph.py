@@ -16,6 +16,7 @@ import copy
 import difflib
 import enum
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,14 @@ from torch import nn
 from torch_pruning.pruner import function as tpf
 
 from .heads import AttentionSpec, find_attention, head_rows, head_units, projection, shrink_heads_
-from .model_io import ExampleInputs, call_model, check_example_inputs, output_tensors, outputs_match
+from .model_io import (
+    ExampleInputs,
+    call_model,
+    check_example_inputs,
+    output_difference,
+    output_tensors,
+    outputs_match,
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -106,8 +114,9 @@ _NON_EQUIVALENT = {
 
 
 def _member_slices(name: str, module: Any, handler, pruning_dim: int | None, idxs: list[int],
-                   root_idxs: list[int]) -> list[ParamSlice] | str:
-    """Parameter slices a member loses, or a reason string when the layer cannot be masked exactly."""
+                   root_idxs: list[int], residual: bool = False) -> list[ParamSlice] | str:
+    """Parameter slices a member loses, or a reason string when the layer cannot be masked exactly (a LayerNorm
+    loses its weight and bias slices when ``residual`` opts in to inexact residual-stream pruning)."""
     pruner = handler.__self__
     out = handler.__name__ == "prune_out_channels"
     ix, rx = torch.as_tensor(idxs, dtype=torch.long), torch.as_tensor(root_idxs, dtype=torch.long)
@@ -115,6 +124,8 @@ def _member_slices(name: str, module: Any, handler, pruning_dim: int | None, idx
     def sl(pname: str, p: torch.Tensor | None, dim: int, norm: bool = False) -> list[ParamSlice]:
         return [] if p is None else [ParamSlice(f"{name}.{pname}" if pname else name, p, dim, ix, rx, norm)]
 
+    if residual and isinstance(pruner, tpf.LayernormPruner):
+        return sl("weight", module.weight, 0, True) + sl("bias", module.bias, 0, True)
     for kind, reason in _NON_EQUIVALENT.items():
         if isinstance(pruner, kind):
             return reason
@@ -155,6 +166,7 @@ class ChannelGroup:
     _tp_group: Any = field(repr=False, default=None)
     units: list[tuple[int, ...]] = field(default_factory=list)
     heads: AttentionSpec | None = None  # set for an attention block's heads (units are heads)
+    exact: bool = True  # False: channels pass through a LayerNorm, removing them is not masking them
 
     def __post_init__(self) -> None:
         if not self.units:
@@ -358,16 +370,22 @@ class ChannelGraph:
             does not find from module attributes (:class:`~prunekit.channels.heads.AttentionSpec`). Found and
             given blocks become one group each whose units are heads (key/value heads with their query heads under
             grouped-query attention).
+        residual: Also offer the groups whose channels pass through a LayerNorm (a transformer's residual
+            stream). Removing such a channel is not the same as zeroing it, so these groups are marked
+            ``exact=False``; :meth:`shrink_` removes them after its exact check and reports the output change in
+            :attr:`output_change`. Off by default: nothing inexact ever happens silently.
 
     Raises:
         UnsupportedModelError: the model cannot be traced.
     """
 
     def __init__(self, model: nn.Module, example_inputs: ExampleInputs, ignore: Sequence[str] = (),
-                 probe: bool = True, attention: Sequence[AttentionSpec] = ()) -> None:
+                 probe: bool = True, attention: Sequence[AttentionSpec] = (), residual: bool = False) -> None:
         check_example_inputs(example_inputs)
         self.model = model
         self._given = tuple(attention)
+        self.residual = bool(residual)
+        self.output_change: dict[str, float] | None = None  # set by shrink_ when inexact groups were removed
         self.example_inputs = example_inputs
         modules = dict(model.named_modules())
         covered = ignored_modules(model, list(ignore))
@@ -406,7 +424,8 @@ class ChannelGraph:
     def _probe(self) -> None:
         shrunk = copy.deepcopy(self.model).eval()
         masked = copy.deepcopy(self.model).eval()
-        trial = ChannelGraph(shrunk, self.example_inputs, self.ignore, probe=False, attention=self._given)
+        trial = ChannelGraph(shrunk, self.example_inputs, self.ignore, probe=False, attention=self._given,
+                             residual=self.residual)
         masked_params = dict(masked.named_parameters())
         for group in list(self.groups):
             if group.size < 2 or group.root not in trial.by_root:
@@ -420,13 +439,20 @@ class ChannelGraph:
             reason = None
             try:
                 trial._prune_group(trial.by_root[group.root], plan.removed[group.root])
-                ok, diff = outputs_match(call_model(shrunk, self.example_inputs),
-                                         call_model(masked, self.example_inputs), 1e-4)
+                got = call_model(shrunk, self.example_inputs)
+                ok, diff = outputs_match(got, call_model(masked, self.example_inputs), 1e-4)
+                if not group.exact:  # opted in: it only has to run and keep the output shapes
+                    ok = math.isfinite(output_difference(got, call_model(masked, self.example_inputs))[0])
                 if not ok:
-                    reason = f"shrinking it changes the outputs by {diff:.3g} beyond masking it"
+                    reason = (f"shrinking it changes the outputs by {diff:.3g} beyond masking it" if group.exact
+                              else "shrinking it changes the output shapes")
             except Exception as exc:  # noqa: BLE001 - any failure means the group cannot be shrunk safely
                 reason = f"shrinking it breaks the forward pass ({exc.__class__.__name__}: {str(exc)[:120]})"
-            if reason is not None:
+            if reason is None and not group.exact:  # keep later comparisons exact: undo it on both copies
+                _restore(shrunk, backup)
+                for n, p in masked_params.items():
+                    p.copy_(saved[n])
+            elif reason is not None:
                 _restore(shrunk, backup)
                 for n, p in masked_params.items():
                     p.copy_(saved[n])
@@ -485,7 +511,7 @@ class ChannelGraph:
                                       "channels, which the engine cannot map back to the group")
                 return None
             slices = _member_slices(name, module, handler, dep.target.pruning_dim, list(item.idxs),
-                                    list(item.root_idxs))
+                                    list(item.root_idxs), self.residual)
             if isinstance(slices, str):
                 self.skipped[root] = f"coupled to {name} ({type(module).__name__}): {slices}"
                 return None
@@ -493,7 +519,8 @@ class ChannelGraph:
                                        slices))
         if not any(m.kind is SliceKind.OUT for m in members):
             return None
-        return ChannelGroup(root=root, size=size, members=members, _tp_group=g)
+        exact = not any(isinstance(m.module, nn.LayerNorm) for m in members)
+        return ChannelGroup(root=root, size=size, members=members, _tp_group=g, exact=exact)
 
     # ------------------------------------------------------------------------------------------- applying
 
@@ -548,35 +575,49 @@ class ChannelGraph:
         With ``verify``, the shrunk model's outputs are compared with the masked model's on the example inputs
         (tolerance ``atol``, relative to the output scale when outputs exceed 1);
         on a mismatch the model is restored and :class:`UnsupportedModelError` names the first group at fault.
+        Groups that are not exact (the residual stream through LayerNorm, only with ``residual=True``) are removed
+        after that check; how much they change the outputs is left in :attr:`output_change` (``max_abs`` and
+        ``relative`` to the output scale) for the caller to report.
         The graph is spent afterwards (build a new one to prune again).
         """
         self._check_plan(plan)
+        exact = ChannelPlan({r: i for r, i in plan.removed.items() if self.by_root[r].exact})
+        inexact = ChannelPlan({r: i for r, i in plan.removed.items() if not self.by_root[r].exact})
         reference = None
         if verify:
             masked = copy.deepcopy(self.model).eval()
-            ChannelGraph._apply_masks_by_name(masked, self.masks(plan))
+            ChannelGraph._apply_masks_by_name(masked, self.masks(exact))
             reference = call_model(masked, self.example_inputs)
         backup = _snapshot(self.model)
+        was_training = self.model.training
         try:
-            for root, idxs in plan.removed.items():
+            for root, idxs in exact.removed.items():
                 self._prune_group(self.by_root[root], idxs)
             if verify:
-                was_training = self.model.training
-                self.model.eval()
-                got = call_model(self.model, self.example_inputs)
+                with torch.no_grad():
+                    got = call_model(self.model.eval(), self.example_inputs)
                 self.model.train(was_training)
                 ok, diff = outputs_match(got, reference, atol)
                 if not ok:
                     raise _Mismatch(diff)
+            if inexact:
+                with torch.no_grad():
+                    before = call_model(self.model.eval(), self.example_inputs)
+                    for root, idxs in inexact.removed.items():
+                        self._prune_group(self.by_root[root], idxs)
+                    change, scale = output_difference(call_model(self.model, self.example_inputs), before)
+                self.model.train(was_training)
+                self.output_change = {"max_abs": change, "relative": change / max(scale, 1e-12)}
         except BaseException as exc:
+            self.model.train(was_training)
             _restore(self.model, backup)
             if isinstance(exc, _Mismatch):
-                raise UnsupportedModelError(f"{self._explain_mismatch(plan, exc.diff)}; the model was restored") \
+                raise UnsupportedModelError(f"{self._explain_mismatch(exact, exc.diff)}; the model was restored") \
                     from None
             if isinstance(exc, (RuntimeError, ValueError, IndexError)):
                 raise UnsupportedModelError(
                     f"shrinking broke the forward pass ({exc.__class__.__name__}: {exc}); the model was restored. "
-                    f"{self._explain_mismatch(plan, float('nan'))}") from None
+                    f"{self._explain_mismatch(exact, float('nan'))}") from None
             raise
 
     @staticmethod
@@ -590,7 +631,8 @@ class ChannelGraph:
         for root in plan.removed:
             one = ChannelPlan({root: plan.removed[root]})
             trial = copy.deepcopy(self.model).eval()
-            graph = ChannelGraph(trial, self.example_inputs, self.ignore, probe=False, attention=self._given)
+            graph = ChannelGraph(trial, self.example_inputs, self.ignore, probe=False, attention=self._given,
+                                 residual=self.residual)
             masked = copy.deepcopy(trial)
             ChannelGraph._apply_masks_by_name(masked, graph.masks(one))
             ref = call_model(masked, self.example_inputs)

@@ -61,6 +61,9 @@ class ChannelConfig(Config):
         allocation: How the target is spread over the groups (uniform or global, a per-layer cap, rounding).
         schedule: Rounds of prune, recover and fine-tune (1 = one-shot).
         ignore: Modules to leave alone, containers included (the output layer always is).
+        residual: Also prune a transformer's residual-stream width (channels that pass through LayerNorm).
+            Removing them is not the same as masking them: each round reports how much the outputs changed
+            (``output_change`` in the round's record) and relies on the re-fit and fine-tuning to recover.
         reconstruction_images: Training images for the layer-wise least-squares re-fit before each shrink
             (0 = off).
         bn_images: Training images for BatchNorm re-estimation after each shrink (0 = off).
@@ -71,6 +74,7 @@ class ChannelConfig(Config):
     allocation: AllocationConfig = AllocationConfig()
     schedule: RoundSchedule = RoundSchedule()
     ignore: tuple[str, ...] = ()
+    residual: bool = False
     reconstruction_images: int = 256
     bn_images: int = 512
     finetune_epochs: int = 0
@@ -195,7 +199,7 @@ def channel_step(model: nn.Module, data: DataSplits, config: ChannelConfig, seed
     """Score channel groups, allocate, compensate (OBS), re-fit and shrink ``model`` in place."""
     example = data.train[:2][0]
     input_shape = (data.in_channels, data.input_size, data.input_size)
-    graph = ChannelGraph(model, example, ignore=config.ignore)
+    graph = ChannelGraph(model, example, ignore=config.ignore, residual=config.residual)
     if not graph.groups:
         skipped = "; ".join(f"{a}: {b}" for a, b in list(graph.skipped.items())[:3])
         raise ValueError("no prunable channel groups were found: "
@@ -216,7 +220,10 @@ def channel_step(model: nn.Module, data: DataSplits, config: ChannelConfig, seed
     change = plan.to_dict()
     if config.ignore:
         change["ignore"] = list(config.ignore)
-    return RoundStep(change, predicted, plan.num_removed(), "channels")
+    if config.residual:
+        change["residual"] = True
+    details = {"output_change": graph.output_change} if graph.output_change else {}
+    return RoundStep(change, predicted, plan.num_removed(), "channels", details)
 
 
 def prune_channels_(model: nn.Module, data: DataSplits, config: ChannelConfig, ctx: RunContext) -> PruneRecord:

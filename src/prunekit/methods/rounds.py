@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,13 @@ from prunekit.training import evaluate, fit
 @dataclass
 class RoundStep:
     """What one method step did: the replayable change, the fraction of the round's metric it predicts to keep,
-    and how many units it removed (of what)."""
+    how many units it removed (of what), and measurements to report with the round (``details``)."""
 
     change: dict[str, Any]
     predicted_keep: float
     removed: int
     what: str
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 Step = Callable[[nn.Module, Target, int], RoundStep]
@@ -90,6 +91,10 @@ def run_rounds(model: nn.Module, data: DataSplits, target: Target, schedule: Rou
         ctx.log(f"round {r}/{k}: removed {done.removed} {done.what}, keeps "
                 f"{count_flops(model, (1, *input_shape)) / dense_flops:.3f} of FLOPs and "
                 f"{count_params(model) / dense_params:.3f} of params; val acc before fine-tuning {val_pruned:.4f}")
+        if "output_change" in done.details:
+            change = done.details["output_change"]
+            ctx.log(f"round {r}/{k}: residual-stream channels removed (not exact): the outputs moved by "
+                    f"{change['relative']:.1%} of their scale on the example batch; recovery has to win it back")
         t1 = time.perf_counter()
         val_ft = None
         if finetune_epochs > 0:
@@ -105,7 +110,7 @@ def run_rounds(model: nn.Module, data: DataSplits, target: Target, schedule: Rou
             "round": r, "target_keep": schedule.keep_after(r, target), "predicted_keep": done.predicted_keep * kept_now,
             "params": count_params(model), "flops": count_flops(model, (1, *input_shape)),
             "removed_channels": done.removed, "val_acc_pruned": val_pruned, "val_acc_finetuned": val_ft,
-            "seconds_scoring": seconds_pruning, "seconds_finetune": time.perf_counter() - t1})
+            "seconds_scoring": seconds_pruning, "seconds_finetune": time.perf_counter() - t1, **done.details})
         if round_dir is not None:
             save_compressed(round_dir / "pruned.safetensors", model, ctx.base, record.changes,
                             {"method": method, "config": config.to_dict(), "data": data.config.to_dict(),

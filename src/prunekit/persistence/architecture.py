@@ -38,8 +38,8 @@ def _replay_channels(model: nn.Module, change: dict[str, Any], example_inputs: A
 
     plan = ChannelPlan.from_dict(change)
     attention = [AttentionSpec.from_dict(a) for a in change.get("attention", ())]
-    ChannelGraph(model, example_inputs, ignore=change.get("ignore", ()), probe=False,
-                 attention=attention).shrink_(plan, verify=False)
+    ChannelGraph(model, example_inputs, ignore=change.get("ignore", ()), probe=False, attention=attention,
+                 residual=bool(change.get("residual", False))).shrink_(plan, verify=False)
 
 
 def _replay_eigenbasis(model: nn.Module, change: dict[str, Any], example_inputs: torch.Tensor) -> None:

@@ -97,6 +97,11 @@ def _check_channels(where: str, field: str, change: dict[str, Any]) -> None:
     ignore = change.get("ignore", [])
     if not isinstance(ignore, list) or not all(isinstance(n, str) for n in ignore):
         raise _fail(where, f"{field}.ignore", "a list of layer names", ignore)
+    if not isinstance(change.get("residual", False), bool):
+        raise _fail(where, f"{field}.residual", "true or false", change.get("residual"))
+    attention = change.get("attention", [])
+    if not isinstance(attention, list) or not all(isinstance(a, dict) for a in attention):
+        raise _fail(where, f"{field}.attention", "a list of attention block descriptions", attention)
 
 
 _SPEC_PAIRS = ("kernel_size", "stride", "padding", "dilation")
