@@ -10,14 +10,14 @@ folder, so nothing is downloaded.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from prunekit.persistence.checkpoint import atomic_folder
 
 MINILM_PACKAGE = "all_minilm_l6_v2"
 DEFAULT_CACHE = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
@@ -60,21 +60,15 @@ def minilm_folder(cache: str | Path = DEFAULT_CACHE) -> Path:
     folder = Path(cache) / "all-MiniLM-L6-v2"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".all-MiniLM-L6-v2.prunekit-"))
-    try:
+
+    def unpack(tmp: Path) -> None:
         with zipfile.ZipFile(archive) as zf:
             for member in zf.namelist():  # refuse paths that would leave the folder
                 if member.startswith("/") or ".." in Path(member).parts:
                     raise ValueError(f"{archive} holds an unsafe path {member!r}")
             zf.extractall(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return atomic_folder(folder, unpack)
 
 
 def load_minilm(cache: str | Path = DEFAULT_CACHE):

@@ -53,6 +53,25 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
+def atomic_folder(folder: str | Path, write) -> Path:
+    """Call ``write(tmp_folder)`` on a new folder beside ``folder``, then put it in ``folder``'s place (an
+    existing ``folder`` is removed only once the new one is complete)."""
+    import shutil
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.{TEMP_MARK}"))
+    try:
+        write(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
 def state_fingerprint(model: nn.Module | dict[str, torch.Tensor]) -> str:
     """SHA-256 of a network's tensors (names, dtypes, shapes and bytes, in name order), as 64 hex digits.
 

@@ -19,9 +19,6 @@ through the channel engine and loads the weights, so a new process gets identica
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,7 @@ import torch
 from torch import nn
 
 from prunekit.persistence.architecture import CHANGE_REPLAYERS
-from prunekit.persistence.checkpoint import CheckpointError
+from prunekit.persistence.checkpoint import CheckpointError, atomic_folder
 
 RECORD = "prunekit.json"
 WEIGHTS = "model.safetensors"
@@ -136,19 +133,13 @@ def save_pruned(model: nn.Module, folder: str | Path, changes: Sequence[dict[str
 
     record = {"format": FORMAT, "class": type(model).__name__, "transformers": transformers.__version__,
               "inputs": describe_inputs(example_inputs), "architecture_changes": list(changes)}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.prunekit-"))
-    try:
+
+    def write(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS))
         (tmp / RECORD).write_text(json.dumps(record, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return atomic_folder(folder, write)
 
 
 def load_pruned(folder: str | Path) -> nn.Module:
