@@ -2,14 +2,18 @@
 Kron-OBD, Kron-OBS) against the best structural criterion and Torch-Pruning's best importance.
 
 Every row starts from the same committed dense checkpoint and gets the same fine-tuning budget
-(``--finetune-epochs`` epochs in total, ``prunekit.fit``: SGD lr 0.01, cosine, batch 128, crop+flip, seed 0):
+(``--finetune-epochs`` epochs in total, ``prunekit.fit`` with prunekit's fine-tuning default: SGD lr 0.01, warm-up
+over 15% of the steps then cosine, batch 128, crop+flip, seed 0). Every row is run at equal FLOPs and at equal
+parameters (``--targets flops params``: the factor divides the FLOPs, or the parameters, and the table reports the
+other reduction beside the accuracy), since EigenDamage's bottlenecks remove parameters much faster than FLOPs:
 
-* one-shot: prune to 1/factor of the FLOPs (``prunekit.prune_`` with the method's registered config), BatchNorm
-  re-estimated on 512 training images, then all epochs;
-* iterative (``--rounds`` rounds, prunekit methods only): each round keeps ``factor ** (-1/rounds)`` of the FLOPs
+* one-shot: prune to 1/factor of the target metric (``prunekit.prune_`` with the method's registered config),
+  BatchNorm re-estimated on 512 training images, then all epochs;
+* iterative (``--rounds`` rounds, prunekit methods only): each round keeps ``factor ** (-1/rounds)`` of the metric
   and fine-tunes ``epochs / rounds`` epochs (EigenDamage re-collects statistics on the cores and merges rotations);
 * Torch-Pruning: its own progressive recipe (the one ``benchmarks/structured.py`` runs, in ``benchmarks/common.py``),
-  BatchNorm re-estimated the same way, then all epochs.
+  stepped until its own counter shows the MAC or parameter reduction, BatchNorm re-estimated the same way, then
+  all epochs; ``--tp-best-from`` picks each model's importance by validation accuracy in the structured results.
 
 Curvature statistics: true Fisher on ``--fisher-batches`` batches of 64, ``--damping`` (default prunekit's, chosen
 by ``benchmarks/damping.py``; relative to the factors' mean eigenvalues). The table reports test accuracy
@@ -18,6 +22,10 @@ and the time spent collecting statistics and decomposing as a fraction of one tr
 (goal <= 0.25).
 
     python benchmarks/eigendamage.py                       # ResNet-20 and VGG-11, x4 x8, one-shot and iterative
+    python benchmarks/eigendamage.py --factors 8 --schedules one-shot --finetune-epochs 8 \
+        --methods eigendamage kron-obs c-obs l1 --fisher-batches 64 \
+        --tp-best-from benchmarks/results/structured/structured.json \
+        --out benchmarks/results/eigendamage-long          # the long budget: 8 epochs at x8
     python benchmarks/eigendamage.py --quick --out /tmp/q  # about a minute: digits, a small ResNet-20, x4
 
 Every finished row is cached in ``<out>/cache``; an interrupted run resumes.

@@ -5,8 +5,13 @@ then get exactly the same treatment, so only the pruning differs:
 
 * BatchNorm statistics re-estimated on 512 training images (``prunekit.recovery.batchnorm.recalibrate_batchnorm_``),
   then validation/test accuracy "right after pruning";
-* fine-tuning with ``prunekit.fit`` (SGD lr 0.01, cosine, batch 128, crop+flip, seed 0, ``--finetune-epochs``
-  epochs); the reported test accuracy is that of the best-on-validation epoch;
+* fine-tuning with ``prunekit.fit`` and prunekit's fine-tuning default (SGD lr 0.01 with a linear warm-up over
+  the first 15% of the steps, then cosine; chosen on validation by ``benchmarks/finetune.py``), batch 128,
+  crop+flip, seed 0, ``--finetune-epochs`` epochs; the reported test accuracy is that of the best-on-validation
+  epoch;
+* ``--extra-seeds 1 2``: at ``--seed-factors`` (default the largest target), each tool's best criterion on seed 0's
+  validation accuracy is run again with those seeds (scoring batches, shuffles and augmentation change), and the
+  markdown reports mean and standard deviation: the rows that decide the README's comparison;
 * parameters and FLOPs by ``prunekit.measurement.metrics`` (FLOPs = 2 x MACs of convolutions and matrix products);
 * CPU latency at batch 64 by ``prunekit.measurement.latency.paired_latency``, dense and pruned measured back to
   back in this process (alternated ``--latency-repeats`` times, medians kept); speedup = dense ms / pruned ms and
@@ -33,7 +38,9 @@ zero each removed channel at the output of the layers that produce it and at the
 
 Every finished row is cached as ``<out>/cache/<row>.json`` (with the settings that made it); a re-run skips them.
 
-    python benchmarks/structured.py                      # the full benchmark (both models, x2 x4 x8, all criteria)
+    python benchmarks/structured.py --extra-seeds 1 2    # the full benchmark (both models, x2 x4 x8, all criteria)
+    python benchmarks/structured.py --factors 8 --extra-seeds 1 2 --finetune-epochs 2 \
+        --out benchmarks/results/structured-2ep          # x8 with two fine-tuning epochs
     python benchmarks/structured.py --quick --out /tmp/q # seconds on 2 cores: digits, a small ResNet-20, x2
     python benchmarks/structured.py --remeasure-latency  # latency of every cached row again, on an idle machine
 
