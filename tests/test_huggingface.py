@@ -163,3 +163,21 @@ def test_pruned_models_export_to_onnx_checked_by_onnx_runtime(tmp_path):
     _prune(vit, pixels)
     path = export_onnx_keywords(vit, tmp_path / "vit.onnx", pixels)
     assert check_onnx_keywords(vit, path, {"pixel_values": torch.randn(7, 1, 8, 8)}) < 1e-4
+
+
+def test_a_bert_reaches_a_parameter_target_through_the_engine_with_keyword_inputs():
+    from prunekit.channels.criteria import CRITERIA, score_groups
+    from prunekit.measurement.metrics import count_flops, count_params
+    from prunekit.planning.allocation import CostModel, Target, plan_for_target
+
+    model = tiny_bert()
+    inputs = bert_inputs()
+    dense_params, dense_flops = count_params(model), count_flops(model, inputs)
+    graph = ChannelGraph(model, inputs)
+    cost = CostModel(model, graph)  # FLOPs counted on the keyword inputs
+    assert cost.dense_flops == dense_flops
+    plan, kept = plan_for_target(score_groups(CRITERIA.get("l1")(), graph), cost, Target.parse("params=0.85"))
+    graph.shrink_(plan)
+    assert count_params(model) / dense_params == pytest.approx(kept, abs=1e-9)
+    assert kept == pytest.approx(0.85, abs=0.02)  # embeddings and the residual stream stay whole
+    assert count_flops(model, inputs) < dense_flops

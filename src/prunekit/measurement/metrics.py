@@ -13,6 +13,7 @@ True
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,29 +36,41 @@ def count_params(model: nn.Module, nonzero_only: bool = False) -> int:
     return total
 
 
-def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Forward FLOPs for one input of ``input_shape`` (batch included), counted by ``FlopCounterMode``.
+def _forward_for_counting(model: nn.Module, inputs: tuple[int, ...] | Any) -> None:
+    """Run ``model`` once on zeros of a shape (a tuple of ints, batch included) or on example inputs (a tensor, a
+    tuple of positional or a dict of keyword arguments)."""
+    from prunekit.channels.model_io import call_model
+
+    if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(v, int) for v in inputs):
+        model(torch.zeros(tuple(inputs), device=next(model.parameters()).device))
+    else:
+        call_model(model, inputs)
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...] | Any) -> int:
+    """Forward FLOPs for one input of ``input_shape`` (batch included), counted by ``FlopCounterMode``; example
+    inputs (a tensor, a tuple, a dict of keyword tensors such as ``input_ids``) may be given instead of a shape.
 
     Matrix products and convolutions count 2 FLOPs per multiply-accumulate (so MACs = FLOPs / 2);
     element-wise ops are not counted, as is customary in the pruning literature.
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(torch.zeros(input_shape, device=device))
+        _forward_for_counting(model, input_shape)
     model.train(was_training)
     return int(counter.get_total_flops())
 
 
-def flops_by_module(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """Forward FLOPs per module name (``""`` is the whole model; parents include their children)."""
+def flops_by_module(model: nn.Module, input_shape: tuple[int, ...] | Any) -> dict[str, int]:
+    """Forward FLOPs per module name (``""`` is the whole model; parents include their children); a shape or
+    example inputs, as :func:`count_flops`."""
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(torch.zeros(input_shape, device=next(model.parameters()).device))
+        _forward_for_counting(model, input_shape)
     model.train(was_training)
     root = type(model).__name__
     out: dict[str, int] = {}

@@ -139,11 +139,14 @@ class CostModel:
     fraction of its FLOPs (FLOPs of other ops, such as attention products, are counted as unchanged).
     """
 
-    def __init__(self, model: nn.Module, graph: ChannelGraph, input_shape: tuple[int, ...]) -> None:
+    def __init__(self, model: nn.Module, graph: ChannelGraph, input_shape: tuple[int, ...] | None = None) -> None:
+        """``input_shape``: one example's shape (the batch dimension is added); ``None`` counts FLOPs on the
+        graph's example inputs (a model taking keyword inputs, such as a Hugging Face transformer)."""
         self.graph = graph
         self.dense_params = count_params(model)
-        self.dense_flops = count_flops(model, (1, *input_shape))
-        per_module = flops_by_module(model, (1, *input_shape))
+        inputs = graph.example_inputs if input_shape is None else (1, *input_shape)
+        self.dense_flops = count_flops(model, inputs)
+        per_module = flops_by_module(model, inputs)
         self.weight_flops: dict[str, int] = {}
         for name, module in model.named_modules():
             if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)) \
