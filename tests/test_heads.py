@@ -394,3 +394,21 @@ def test_residual_pruning_reports_the_output_change_and_reloads(tmp_path):
     x = torch.randn(2, data.in_channels, data.input_size, data.input_size)
     with torch.no_grad():
         assert torch.equal(loaded(x), vit.eval()(x))
+
+
+@pytest.mark.parametrize("form", ["zoo-vit", "timm-fused-qkv", "grouped-query", "torch-mha"])
+def test_the_cost_model_predicts_the_flops_and_params_of_removing_heads(form):
+    from prunekit.measurement.metrics import count_flops, count_params
+    from prunekit.planning.allocation import CostModel, TargetMetric
+
+    make, inputs, module, _, _ = FORMS[form]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = inputs(torch.Generator().manual_seed(1))
+    graph = ChannelGraph(model, x)
+    cost = CostModel(model, graph)
+    plan = ChannelPlan({module: graph.by_root[module].units[-1]})
+    predicted = {m: cost.cost(plan, m) for m in (TargetMetric.FLOPS, TargetMetric.PARAMS)}
+    graph.shrink_(plan)
+    assert predicted[TargetMetric.FLOPS] * cost.dense_flops == pytest.approx(count_flops(model, x), rel=1e-9)
+    assert predicted[TargetMetric.PARAMS] * cost.dense_params == pytest.approx(count_params(model), rel=1e-9)

@@ -41,10 +41,15 @@ def _forward_for_counting(model: nn.Module, inputs: tuple[int, ...] | Any) -> No
     tuple of positional or a dict of keyword arguments)."""
     from prunekit.channels.model_io import call_model
 
-    if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(v, int) for v in inputs):
-        model(torch.zeros(tuple(inputs), device=next(model.parameters()).device))
-    else:
-        call_model(model, inputs)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused kernel of nn.MultiheadAttention goes uncounted
+    try:
+        if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(v, int) for v in inputs):
+            model(torch.zeros(tuple(inputs), device=next(model.parameters()).device))
+        else:
+            call_model(model, inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...] | Any) -> int:

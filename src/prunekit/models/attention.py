@@ -89,26 +89,30 @@ class PrunableMultiheadAttention(nn.Module):
         source = key.shape[0]
         q, k, v = (proj(t).reshape(t.shape[0], batch, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
                    for proj, t in ((self.q_proj, query), (self.k_proj, key), (self.v_proj, value)))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (batch, heads, L, S)
+        mask = None  # additive, broadcast to (batch, heads, L, S)
         if is_causal and attn_mask is None:
             attn_mask = torch.ones(length, source, dtype=torch.bool, device=q.device).triu(1)
         if attn_mask is not None:
             if attn_mask.dim() == 3:
-                full = attn_mask.reshape(batch, -1, length, source)
-                attn_mask = full[:, list(self.source_heads)]
-            scores = _add_mask(scores, attn_mask)
+                attn_mask = attn_mask.reshape(batch, -1, length, source)[:, list(self.source_heads)]
+            mask = _additive(attn_mask, q.dtype)
         if key_padding_mask is not None:
-            scores = _add_mask(scores, key_padding_mask[:, None, None, :])
-        weights = scores.softmax(-1)
-        if self.training and self.dropout > 0:
-            weights = F.dropout(weights, self.dropout)
-        out = (weights @ v).permute(2, 0, 1, 3).reshape(length, batch, -1)
-        out = self.out_proj(out)
+            padding = _additive(key_padding_mask[:, None, None, :], q.dtype)
+            mask = padding if mask is None else mask + padding
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (batch, heads, L, S)
+            weights = (scores if mask is None else scores + mask).softmax(-1)
+            attended = (F.dropout(weights, dropout) if dropout > 0 else weights) @ v
+        else:  # the fused kernel, as nn.MultiheadAttention uses when no weights are asked for
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = self.out_proj(attended.permute(2, 0, 1, 3).reshape(length, batch, -1))
         if not batched:
             out = out.squeeze(1)
         elif self.batch_first:
             out = out.transpose(0, 1)
-        if not need_weights:
+        if weights is None:
             return out, None
         if average_attn_weights:
             weights = weights.mean(1)
@@ -117,8 +121,9 @@ class PrunableMultiheadAttention(nn.Module):
         return out, weights
 
 
-def _add_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Boolean masks mark positions not to attend (as ``nn.MultiheadAttention``); float masks are added."""
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean masks mark positions not to attend (as ``nn.MultiheadAttention``): -inf there; float masks are
+    added as they are."""
     if mask.dtype == torch.bool:
-        return scores.masked_fill(mask, float("-inf"))
-    return scores + mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)

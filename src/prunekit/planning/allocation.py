@@ -136,7 +136,9 @@ class CostModel:
     """Exact parameters / FLOPs of the model a plan would produce, from the removed slices alone.
 
     A weight keeps ``prod_d (1 - removed_d / size_d)`` of its entries; a convolution or linear layer keeps the same
-    fraction of its FLOPs (FLOPs of other ops, such as attention products, are counted as unchanged).
+    fraction of its FLOPs. An attention block's own FLOPs beyond its linear layers (the ``q k^T`` and ``a v``
+    products; all of an ``nn.MultiheadAttention``, whose projections are not module calls) scale with the heads it
+    keeps; FLOPs of other ops are counted as unchanged.
     """
 
     def __init__(self, model: nn.Module, graph: ChannelGraph, input_shape: tuple[int, ...] | None = None) -> None:
@@ -154,6 +156,12 @@ class CostModel:
                 self.weight_flops[f"{name}.weight"] = per_module[name]
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self.total_channels = sum(g.size for g in graph.groups)
+        self.head_flops: dict[str, int] = {}  # head group root -> FLOPs that scale with its kept heads
+        for g in graph.groups:
+            if g.heads is not None and g.heads.module in per_module:
+                inner = sum(f for n, f in per_module.items() if n.startswith(f"{g.heads.module}.")
+                            and f"{n}.weight" in self.weight_flops)
+                self.head_flops[g.root] = per_module[g.heads.module] - inner
 
     def removed_per_dim(self, plan: ChannelPlan) -> dict[str, dict[int, float]]:
         out: dict[str, dict[int, float]] = {}
@@ -183,6 +191,8 @@ class CostModel:
         for name, flops in self.weight_flops.items():
             if name in removed:
                 lost += flops * (1.0 - _kept_fraction(self.shapes[name], removed[name]))
+        for root, flops in self.head_flops.items():
+            lost += flops * len(plan.removed.get(root, ())) / self.graph.by_root[root].size
         return (self.dense_flops - lost) / self.dense_flops
 
 
