@@ -181,3 +181,33 @@ def test_a_bert_reaches_a_parameter_target_through_the_engine_with_keyword_input
     assert count_params(model) / dense_params == pytest.approx(kept, abs=1e-9)
     assert kept == pytest.approx(0.85, abs=0.02)  # embeddings and the residual stream stay whole
     assert count_flops(model, inputs) < dense_flops
+
+
+def _retrieval_batches(n_batches: int = 2, size: int = 4):
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(n_batches):
+        q = {"input_ids": torch.randint(0, 64, (size, 6), generator=gen), "attention_mask": torch.ones(size, 6,
+                                                                                                        dtype=torch.long)}
+        d = {"input_ids": torch.randint(0, 64, (size, 8), generator=gen), "attention_mask": torch.ones(size, 8,
+                                                                                                        dtype=torch.long)}
+        out.append(((q, d), torch.arange(size)))
+    return out
+
+
+def test_taylor_and_curvature_read_a_retrieval_model_with_keyword_inputs():
+    from prunekit.channels.criteria import CRITERIA, score_groups
+    from prunekit.curvature.kfac import CurvatureConfig, collect_kfac
+    from prunekit.models.sentence import InBatchRetrieval, SentenceEncoder
+
+    model = InBatchRetrieval(SentenceEncoder(tiny_bert())).eval()
+    batches = _retrieval_batches()
+    graph = ChannelGraph(model, batches[0][0])
+    taylor = CRITERIA.get("taylor")()
+    taylor.prepare(model, graph, batches)
+    scores = score_groups(taylor, graph)
+    heads = "encoder.encoder.encoder.layer.0.attention.self"
+    assert heads in scores and scores[heads].shape == (24,) and torch.isfinite(scores[heads]).all()
+    assert scores[heads].sum() > 0
+    factors = collect_kfac(model, batches, CurvatureConfig(batches=2), layers=[f"{heads}.query"])
+    assert factors[f"{heads}.query"].A.shape == (25, 25) and factors[f"{heads}.query"].G.shape == (24, 24)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.channels.graph import ChannelGraph, ChannelGroup, ChannelPlan
+from prunekit.channels.model_io import call_model, to_device
 from prunekit.registry import Registry
 
 
@@ -89,7 +90,7 @@ class Taylor(Criterion):
         n = 0
         for x, y in batches:
             model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            F.cross_entropy(call_model(model, to_device(x, device)), y.to(device)).backward()
             for g in graph.groups:
                 gw = torch.zeros(g.size, dtype=torch.float64)
                 for s in g.slices(include_norm=True):

@@ -43,6 +43,17 @@ def call_model(model: nn.Module, inputs: ExampleInputs) -> Any:
     return model(*inputs)
 
 
+def to_device(inputs: Any, device: torch.device | str) -> Any:
+    """``inputs`` (a tensor, or tuples, lists and dicts of them) with every tensor moved to ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs
+
+
 def output_leaves(output: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor in ``output`` with its path (``[0].logits``), depth first, in a fixed order; values that are
     not tensors (None, ints, strings) are left out."""

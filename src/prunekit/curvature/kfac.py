@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunekit.channels.model_io import call_model, to_device
 from prunekit.configs import Config, coerce_fields, config_from_dict
 
 
@@ -348,19 +349,19 @@ def _run(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     seen = 0
     with _collecting(model):
         for x, y in tqdm(batches, total=config.batches, desc="curvature", disable=not progress, leave=False):
-            x, y = x.to(device), y.to(device)
+            x, y = to_device(x, device), y.to(device)
             model.zero_grad(set_to_none=True)
-            logits = model(x)
+            logits = call_model(model, x)
             if logits.ndim != 2:
                 raise CurvatureError("curvature needs (batch, classes) logits, the model returned "
                                      f"{tuple(logits.shape)}")
             if config.fisher is FisherType.TRUE:
                 probs = torch.softmax(logits.detach().double().cpu(), 1)
                 y = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
-            hooks.batch_size = x.shape[0]
+            hooks.batch_size = logits.shape[0]
             F.cross_entropy(logits, y).backward()
             hooks.end_batch()
-            seen += x.shape[0]
+            seen += logits.shape[0]
     hooks.remove()
     total = int(_all_reduce(torch.tensor([seen], dtype=torch.float64)).item())
     if total == 0:

