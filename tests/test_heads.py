@@ -318,6 +318,8 @@ def test_prunable_multihead_attention_equals_torch_with_every_mask(batch_first):
         got = ours(q[0] if batch_first else q[:, 0], kv[0] if batch_first else kv[:, 0], kv[0] if batch_first
                    else kv[:, 0], need_weights=False)[0]
     assert torch.allclose(got, want, atol=1e-6)  # unbatched inputs
+    with pytest.raises(ValueError, match="is_causal is a hint"):
+        ours(q, kv, kv, is_causal=True)
 
 
 def test_multihead_attention_with_extra_key_bias_is_left_dense():
@@ -412,3 +414,30 @@ def test_the_cost_model_predicts_the_flops_and_params_of_removing_heads(form):
     graph.shrink_(plan)
     assert predicted[TargetMetric.FLOPS] * cost.dense_flops == pytest.approx(count_flops(model, x), rel=1e-9)
     assert predicted[TargetMetric.PARAMS] * cost.dense_params == pytest.approx(count_params(model), rel=1e-9)
+
+
+def test_a_torch_transformer_encoder_loses_heads_with_a_padding_mask():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True, dropout=0.0)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x, padding):
+            return self.fc(self.enc(x, src_key_padding_mask=padding).mean(1))
+
+    model = Encoder().eval()
+    x, padding = torch.randn(2, 5, 16), torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    graph = ChannelGraph(model, (x, padding))
+    roots = [g.root for g in graph.groups if g.heads is not None]
+    assert roots == ["enc.layers.0.self_attn", "enc.layers.1.self_attn"], graph.skipped
+    plan = ChannelPlan({r: graph.by_root[r].units[0] for r in roots})
+    reference = _masked_reference(model, graph, plan, (x, padding))
+    graph.shrink_(plan)  # the layer's fused fast path is not taken for the prunable form
+    assert isinstance(model.enc.layers[0].self_attn, PrunableMultiheadAttention)
+    with torch.no_grad():
+        assert output_difference(model(x, padding), reference)[0] < 1e-5

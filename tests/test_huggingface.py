@@ -16,7 +16,7 @@ import transformers
 from safetensors.torch import load_file
 
 from architectures import random_plan
-from prunekit.channels.graph import ChannelGraph
+from prunekit.channels.graph import ChannelGraph, ChannelPlan
 from prunekit.persistence.checkpoint import CheckpointError
 from prunekit.persistence.export import check_onnx_keywords, export_onnx_keywords
 from prunekit.persistence.huggingface import load_pretrained, load_pruned, save_pruned
@@ -211,3 +211,70 @@ def test_taylor_and_curvature_read_a_retrieval_model_with_keyword_inputs():
     assert scores[heads].sum() > 0
     factors = collect_kfac(model, batches, CurvatureConfig(batches=2), layers=[f"{heads}.query"])
     assert factors[f"{heads}.query"].A.shape == (25, 25) and factors[f"{heads}.query"].G.shape == (24, 24)
+
+
+def test_a_bfloat16_model_reloads_in_bfloat16_with_identical_outputs(tmp_path):
+    model = tiny_bert().to(torch.bfloat16)
+    inputs = bert_inputs()
+    plan = _prune(model, inputs)
+    loaded = load_pruned(save_pruned(model, tmp_path / "bf16", [plan.to_dict()], inputs))
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).last_hidden_state, model(**inputs).last_hidden_state)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r.pop("inputs"), "inputs must map each input name"),
+    (lambda r: r.update(inputs=[1, 2]), "inputs must map each input name"),
+    (lambda r: r["inputs"]["input_ids"].pop("shape"), "inputs must map each input name"),
+    (lambda r: r.update(dtype="int8"), "is not a floating-point dtype"),
+    (lambda r: r["architecture_changes"][0].update(attention=[{"module": "x"}]), "does not fit BertModel"),
+])
+def test_malformed_records_are_checkpoint_errors(tmp_path, edit, message):
+    model, inputs = tiny_bert(), bert_inputs()
+    graph = ChannelGraph(model, inputs)
+    plan = random_plan(graph, seed=2, fraction=0.5)
+    graph.shrink_(plan)
+    folder = save_pruned(model, tmp_path / "p", [graph.change(plan)], inputs)
+    record = json.loads((folder / "prunekit.json").read_text())
+    edit(record)
+    (folder / "prunekit.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=message):
+        load_pruned(folder)
+
+
+def test_a_hand_described_attention_block_is_recorded_and_replayed(tmp_path):
+    from prunekit.channels.heads import AttentionSpec, find_attention
+
+    model, inputs = tiny_bert(), bert_inputs()
+    auto = find_attention(model)[0]
+    spec = AttentionSpec(auto.module, auto.q, auto.k, auto.v, auto.out, auto.num_heads, auto.head_dim,
+                         head_count_attrs=("num_attention_heads",))
+    graph = ChannelGraph(model, inputs, attention=[spec])
+    plan = ChannelPlan({spec.module: graph.by_root[spec.module].units[0]})
+    graph.shrink_(plan)
+    change = graph.change(plan, ignore=["pooler.dense"])
+    assert change["attention"] == [spec.to_dict()] and change["ignore"] == ["pooler.dense"]
+    loaded = load_pruned(save_pruned(model, tmp_path / "p", [change], inputs))
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).last_hidden_state, model(**inputs).last_hidden_state)
+
+
+def test_export_keeps_each_input_length_dynamic_on_its_own(tmp_path):
+    class TwoLengths(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(20, 8)
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, input_ids, decoder_input_ids):
+            return self.head(self.embed(input_ids).mean(1) + self.embed(decoder_input_ids).mean(1))
+
+    model = TwoLengths().eval()
+    example = {"input_ids": torch.randint(0, 20, (2, 7)), "decoder_input_ids": torch.randint(0, 20, (2, 3))}
+    path = export_onnx_keywords(model, tmp_path / "two.onnx", example)
+    other = {"input_ids": torch.randint(0, 20, (3, 11)), "decoder_input_ids": torch.randint(0, 20, (3, 5))}
+    assert check_onnx_keywords(model, path, other) < 1e-5
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        export_onnx_keywords(model, tmp_path / "one.onnx", {"input_ids": torch.zeros(2, 1, dtype=torch.long),
+                                                             "decoder_input_ids": torch.zeros(2, 3, dtype=torch.long)})

@@ -138,3 +138,27 @@ def test_outputs_differing_in_one_leaf_or_in_structure_do_not_match():
 def test_example_inputs_of_another_kind_are_refused(bad):
     with pytest.raises(TypeError, match="example inputs must be a tensor, a non-empty tuple/list"):
         ChannelGraph(SplitHeads(), bad)
+
+
+def test_integer_and_boolean_leaves_compare_exactly_and_shared_nans_match():
+    logits = torch.tensor([0.5, -1.0])
+    assert outputs_match((logits, logits > 0), (logits.clone(), logits > 0), 1e-5) == (True, 0.0)
+    assert output_difference((logits, logits > 0), (logits, logits < 0))[0] == math.inf
+    nan = torch.tensor([float("nan"), 1.0])
+    assert outputs_match(nan, nan.clone(), 1e-5)[0]
+    assert output_difference(nan, torch.tensor([0.0, 1.0]))[0] == math.inf
+
+
+def test_a_model_that_also_returns_a_boolean_mask_is_still_pruned():
+    class WithMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(6, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            logits = self.head(torch.relu(self.body(x)))
+            return logits, logits > 0
+
+    graph = ChannelGraph(WithMask().eval(), torch.randn(4, 6))
+    assert "body" in graph.by_root, graph.skipped

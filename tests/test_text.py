@@ -77,9 +77,10 @@ def test_missing_packages_name_the_install(tmp_path):
 
 def test_fortunes_are_split_on_percent_lines(tmp_path):
     (tmp_path / "f").mkdir()
-    (tmp_path / "f" / "wisdom").write_text("First  fortune\nspans lines.\n%\nSecond.\n%\n" + "long " * 80 + "\n%\n")
+    (tmp_path / "f" / "wisdom").write_text("First  fortune\nspans lines.\n%\nSecond, 100% sure.\n%\n"
+                                           + "long " * 80 + "\n%\n")
     (tmp_path / "f" / "wisdom.dat").write_bytes(b"\x00\x01")  # the index files are skipped
-    assert read_fortunes(tmp_path / "f") == ["First fortune spans lines.", "Second."]
+    assert read_fortunes(tmp_path / "f") == ["First fortune spans lines.", "Second, 100% sure."]
 
 
 def test_retrieval_metrics_match_hand_computed_ranks():

@@ -126,8 +126,9 @@ def read_fortunes(directory: str | Path = FORTUNES_DIR, max_words: int = 60) -> 
     directory = _require_dir(Path(directory), "fortunes")
     texts = []
     for path in sorted(p for p in directory.iterdir() if p.is_file() and not p.suffix):
-        for chunk in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
-            text = " ".join(chunk.replace("%", " ").split())
+        body = path.read_text(encoding="utf-8", errors="replace")
+        for chunk in re.split(r"^%[ \t]*$", body, flags=re.M):  # a line holding only % separates fortunes
+            text = " ".join(chunk.split())
             if text and len(text.split()) <= max_words:
                 texts.append(text)
     if not texts:

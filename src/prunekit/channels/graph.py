@@ -614,11 +614,24 @@ class ChannelGraph:
             if isinstance(exc, _Mismatch):
                 raise UnsupportedModelError(f"{self._explain_mismatch(exact, exc.diff)}; the model was restored") \
                     from None
-            if isinstance(exc, (RuntimeError, ValueError, IndexError)):
+            if isinstance(exc, (RuntimeError, ValueError, IndexError, AttributeError, TypeError)):
                 raise UnsupportedModelError(
                     f"shrinking broke the forward pass ({exc.__class__.__name__}: {exc}); the model was restored. "
                     f"{self._explain_mismatch(exact, float('nan'))}") from None
             raise
+
+    def change(self, plan: ChannelPlan, ignore: Sequence[str] = ()) -> dict[str, Any]:
+        """The replayable record of shrinking by ``plan`` with this graph's settings: the plan, the user's
+        ``ignore`` (the output layers are found again on replay), the residual opt-in and any attention blocks
+        given by hand, so a fresh model rebuilds the same groups."""
+        out = plan.to_dict()
+        if ignore:
+            out["ignore"] = list(ignore)
+        if self.residual:
+            out["residual"] = True
+        if self._given:
+            out["attention"] = [spec.to_dict() for spec in self._given]
+        return out
 
     @staticmethod
     def _apply_masks_by_name(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:

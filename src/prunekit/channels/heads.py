@@ -97,6 +97,9 @@ class AttentionSpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown AttentionSpec fields {unknown}; accepted: {sorted(known)}")
+        missing = sorted({"module", "q", "k", "v", "out", "num_heads", "head_dim"} - set(data))
+        if missing:
+            raise ValueError(f"AttentionSpec lacks {missing}")
         return cls(**data)
 
     def check(self, modules: dict[str, nn.Module]) -> None:

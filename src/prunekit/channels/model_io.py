@@ -76,16 +76,32 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
 
 
 def output_difference(got: Any, reference: Any) -> tuple[float, float]:
-    """Largest absolute difference between two outputs leaf by leaf, and the largest magnitude of ``reference``.
+    """Largest absolute difference between two outputs leaf by leaf, and the largest magnitude of ``reference``'s
+    floating-point leaves.
 
     A leaf that is missing, extra or of another shape makes the difference infinite (the outputs are not the same
-    function of the inputs)."""
+    function of the inputs); so does an integer or boolean leaf that differs at all. NaN in the same places of both
+    counts as equal."""
     a, b = dict(output_leaves(got)), dict(output_leaves(reference))
-    scale = max((t.detach().abs().max().item() for t in b.values() if t.numel()), default=0.0)
+    floats = [t for t in b.values() if t.numel() and (t.is_floating_point() or t.is_complex())]
+    scale = max((float(t.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) for t in floats), default=0.0)
     if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in b):
         return math.inf, scale
-    diff = max(((a[k].detach().float() - b[k].detach().float()).abs().max().item() for k in b if b[k].numel()),
-               default=0.0)
+    diff = 0.0
+    for k, ref in b.items():
+        if not ref.numel():
+            continue
+        mine = a[k].detach()
+        if not (ref.is_floating_point() or ref.is_complex()):
+            if not torch.equal(mine, ref.detach()):
+                return math.inf, scale
+            continue
+        delta = (mine.double() - ref.detach().double()).abs()
+        both_nan = torch.isnan(mine) & torch.isnan(ref.detach())
+        delta = torch.where(both_nan, torch.zeros_like(delta), delta)
+        if torch.isnan(delta).any():  # NaN on one side only
+            return math.inf, scale
+        diff = max(diff, float(delta.max()))
     return diff, scale
 
 

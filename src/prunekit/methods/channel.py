@@ -217,11 +217,7 @@ def channel_step(model: nn.Module, data: DataSplits, config: ChannelConfig, seed
         graph.apply_masks_(plan)
         reconstruct_(model, reference, data.train, config.reconstruction_images, masks=graph.masks(plan))
     graph.shrink_(plan)
-    change = plan.to_dict()
-    if config.ignore:
-        change["ignore"] = list(config.ignore)
-    if config.residual:
-        change["residual"] = True
+    change = graph.change(plan, config.ignore)
     details = {"output_change": graph.output_change} if graph.output_change else {}
     return RoundStep(change, predicted, plan.num_removed(), "channels", details)
 

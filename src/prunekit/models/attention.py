@@ -34,6 +34,12 @@ class PrunableMultiheadAttention(nn.Module):
     (``source_heads``).
     """
 
+    # What nn.TransformerEncoderLayer reads to decide on its fused fast path: none here, so it takes the
+    # ordinary path through this module's forward.
+    in_proj_weight = None
+    in_proj_bias = None
+    _qkv_same_embed_dim = False
+
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, kdim: int | None = None,
                  vdim: int | None = None, bias: bool = True, dropout: float = 0.0, batch_first: bool = False) -> None:
         super().__init__()
@@ -91,7 +97,8 @@ class PrunableMultiheadAttention(nn.Module):
                    for proj, t in ((self.q_proj, query), (self.k_proj, key), (self.v_proj, value)))
         mask = None  # additive, broadcast to (batch, heads, L, S)
         if is_causal and attn_mask is None:
-            attn_mask = torch.ones(length, source, dtype=torch.bool, device=q.device).triu(1)
+            raise ValueError("is_causal is a hint about attn_mask and needs attn_mask given (as "
+                             "nn.MultiheadAttention does)")
         if attn_mask is not None:
             if attn_mask.dim() == 3:
                 attn_mask = attn_mask.reshape(batch, -1, length, source)[:, list(self.source_heads)]
@@ -104,7 +111,9 @@ class PrunableMultiheadAttention(nn.Module):
         if need_weights:
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (batch, heads, L, S)
             weights = (scores if mask is None else scores + mask).softmax(-1)
-            attended = (F.dropout(weights, dropout) if dropout > 0 else weights) @ v
+            if dropout > 0:
+                weights = F.dropout(weights, dropout)
+            attended = weights @ v
         else:  # the fused kernel, as nn.MultiheadAttention uses when no weights are asked for
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         out = self.out_proj(attended.permute(2, 0, 1, 3).reshape(length, batch, -1))

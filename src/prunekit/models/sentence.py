@@ -114,14 +114,19 @@ def embed(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 1
     """Embeddings of ``texts`` (``(len(texts), hidden)``), in batches of texts sorted by length (less padding)."""
     from tqdm.auto import tqdm
 
+    from prunekit.channels.model_io import to_device
+
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list[torch.Tensor | None] = [None] * len(texts)
-    for start in tqdm(range(0, len(order), batch_size), desc="embedding", disable=not progress, leave=False):
-        idx = order[start:start + batch_size]
-        vectors = model(**tokenize(tokenizer, [texts[i] for i in idx], max_length))
-        for i, v in zip(idx, vectors):
-            out[i] = v
-    model.train(was_training)
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="embedding", disable=not progress, leave=False):
+            idx = order[start:start + batch_size]
+            vectors = model(**to_device(tokenize(tokenizer, [texts[i] for i in idx], max_length), device)).cpu()
+            for i, v in zip(idx, vectors):
+                out[i] = v
+    finally:
+        model.train(was_training)
     return torch.stack(out) if out else torch.zeros(0)

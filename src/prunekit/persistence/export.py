@@ -7,6 +7,7 @@ import logging
 import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,9 +78,20 @@ def export_onnx_keywords(model: nn.Module, path: str | Path, example_inputs: dic
         outputs = [p.strip(".").replace(".", "_").replace("[", "_").replace("]", "") or "output"
                    for p, _ in output_leaves(model(**example_inputs))]
     batch = torch.export.Dim("batch", min=1, max=4096)
-    sequence = torch.export.Dim("sequence", min=2, max=8192)
-    dynamic = tuple({0: batch, **({1: sequence} if t.dim() == 2 and not t.is_floating_point() else {})}
-                    for t in example_inputs.values())
+    lengths: dict[int, Any] = {}  # one dynamic length per distinct example length (ids and their mask share it)
+    dynamic = []
+    for name, t in example_inputs.items():
+        axes: dict[int, Any] = {0: batch}
+        if t.dim() == 2 and not t.is_floating_point():
+            if t.shape[1] < 2:
+                raise ValueError(f"example input {name!r} has sequence length {t.shape[1]}; export needs an example "
+                                 "of at least 2 tokens to keep the length dynamic")
+            length = int(t.shape[1])
+            if length not in lengths:
+                lengths[length] = torch.export.Dim(f"length{len(lengths)}", min=2, max=8192)
+            axes[1] = lengths[length]
+        dynamic.append(axes)
+    dynamic = tuple(dynamic)
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level
     onnx_logger.setLevel(logging.ERROR)

@@ -115,9 +115,9 @@ def placeholder_inputs(described: Mapping[str, Mapping[str, Any]]) -> dict[str, 
 
 def save_pruned(model: nn.Module, folder: str | Path, changes: Sequence[dict[str, Any]],
                 example_inputs: Mapping[str, torch.Tensor], overwrite: bool = False) -> Path:
-    """Save a pruned ``transformers`` model: its original config, the pruned weights (safetensors) and the record
-    of ``changes`` (``PruneRecord.changes`` or ``[plan.to_dict(), ...]``), all written in a temporary folder that
-    replaces ``folder`` in one step.
+    """Save a pruned ``transformers`` model: its original config, the pruned weights (safetensors, in the model's
+    dtype) and the record of ``changes`` (``PruneRecord.changes``, or ``[graph.change(plan), ...]`` for each
+    shrink), all written in a temporary folder that replaces ``folder`` in one step.
 
     Raises:
         FileExistsError: ``folder`` exists and is not empty, without ``overwrite``.
@@ -131,8 +131,9 @@ def save_pruned(model: nn.Module, folder: str | Path, changes: Sequence[dict[str
         raise FileExistsError(f"{folder} exists and is not empty; pick a new folder or pass overwrite=True")
     from safetensors.torch import save_model
 
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     record = {"format": FORMAT, "class": type(model).__name__, "transformers": transformers.__version__,
-              "inputs": describe_inputs(example_inputs), "architecture_changes": list(changes)}
+              "dtype": dtype, "inputs": describe_inputs(example_inputs), "architecture_changes": list(changes)}
 
     def write(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
@@ -165,9 +166,18 @@ def load_pruned(folder: str | Path) -> nn.Module:
     if not isinstance(changes, list) or not all(isinstance(c, dict) for c in changes):
         raise CheckpointError(f"{folder / RECORD}: architecture_changes must be a list of objects")
     cls = _model_class(record.get("class"), str(folder / RECORD))
+    dtype = getattr(torch, str(record.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{folder / RECORD}: dtype {record.get('dtype')!r} is not a floating-point dtype")
+    inputs = record.get("inputs")
+    if not (isinstance(inputs, dict) and inputs and all(
+            isinstance(d, dict) and isinstance(d.get("dtype"), str) and isinstance(d.get("shape"), list)
+            and all(isinstance(v, int) and v > 0 for v in d["shape"]) for d in inputs.values())):
+        raise CheckpointError(f"{folder / RECORD}: inputs must map each input name to its dtype and shape, got "
+                              f"{str(inputs)[:120]}")
     config = _read_config(folder)
-    model = cls(config).eval()
-    example = placeholder_inputs(record.get("inputs") or {})
+    model = cls(config).to(dtype).eval()
+    example = placeholder_inputs(inputs)
     for i, change in enumerate(changes):
         kind = change.get("kind")
         if kind not in CHANGE_REPLAYERS:
@@ -175,7 +185,7 @@ def load_pruned(folder: str | Path) -> nn.Module:
                                   f"{sorted(CHANGE_REPLAYERS)}")
         try:
             CHANGE_REPLAYERS[kind](model, change, example)
-        except (ValueError, KeyError, IndexError, RuntimeError) as exc:
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
             raise CheckpointError(f"{folder / RECORD}: change {i} does not fit {cls.__name__}: {exc}") from None
     if not (folder / WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder} has no {WEIGHTS}")
