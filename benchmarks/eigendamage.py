@@ -342,7 +342,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=None)
     p.add_argument("--rounds", type=int, default=2, help="rounds of the iterative schedule")
     p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per row, in total")
-    p.add_argument("--fisher-batches", type=int, default=8)
+    p.add_argument("--fisher-batches", type=int, default=None,
+                   help=f"K-FAC batches of 64 (default prunekit's, {prunekit.FisherSettings().fisher_batches}; "
+                        "--quick: 8)")
     p.add_argument("--damping", type=float, default=prunekit.FisherSettings().damping,
                    help="Tikhonov damping of the OBS criteria (default: prunekit's, see benchmarks/damping.py)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images (smoke runs)")
@@ -373,6 +375,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds < 2 or args.finetune_epochs < args.rounds:
         p.error(f"--rounds must be >= 2 and --finetune-epochs >= --rounds, got {args.rounds} and "
                 f"{args.finetune_epochs}")
+    if args.fisher_batches is None:
+        args.fisher_batches = 8 if args.quick else prunekit.FisherSettings().fisher_batches
     if args.quick:
         args.threads = args.threads or 1
         args.finetune_epochs = min(args.finetune_epochs, 2)

@@ -21,18 +21,27 @@ import structured
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _result(folder: str, name: str) -> dict:
+    return json.loads((ROOT / "benchmarks" / "results" / folder / f"{name}.json").read_text())
+
+
+def _epochs(result: dict) -> int:
+    """The fine-tuning epochs of a structured run (its settings are the same for every model)."""
+    return next(iter(result["dense"].values()))["settings"]["finetune"]["epochs"]
+
+
 def tables() -> dict[str, str]:
-    results = ROOT / "benchmarks" / "results"
+    structured_runs = [_result(folder, "structured") for folder in ("structured", "structured-2ep")]
     return {
-        "structured": structured.comparison_table(json.loads((results / "structured" / "structured.json").read_text())
-                                                  ["rows"]),
-        "eigendamage": eigendamage.summary_table(json.loads((results / "eigendamage" / "eigendamage.json")
-                                                            .read_text())["rows"]),
-        "deploy": deploy.readme_table(json.loads((results / "deploy" / "deploy.json").read_text())["rows"]),
-        "dpp": dpp.readme_table(json.loads((results / "dpp" / "dpp.json").read_text())),
-        "dpp-filter": dpp.readme_filter_table(json.loads((results / "dpp" / "dpp.json").read_text())),
-        "admm": admm.readme_table(json.loads((results / "admm" / "admm.json").read_text())),
-        "finetune": finetune.table(json.loads((results / "finetune" / "finetune.json").read_text())),
+        "structured": structured.comparison_table(structured_runs[0]["rows"]),
+        "structured-seeds": structured.seeds_table({_epochs(r): r["rows"] for r in structured_runs}),
+        "eigendamage": eigendamage.summary_table(_result("eigendamage", "eigendamage")["rows"]),
+        "eigendamage-long": eigendamage.summary_table(_result("eigendamage-long", "eigendamage")["rows"]),
+        "deploy": deploy.readme_table(_result("deploy", "deploy")["rows"]),
+        "dpp": dpp.readme_table(_result("dpp", "dpp")),
+        "dpp-filter": dpp.readme_filter_table(_result("dpp", "dpp")),
+        "admm": admm.readme_table(_result("admm", "admm")),
+        "finetune": finetune.table(_result("finetune", "finetune")),
     }
 
 
