@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from prunekit.configs import Config, config_from_dict
 from prunekit.registry import Registry
@@ -90,6 +90,30 @@ class DataSplits:
             f"{self.config.name}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test, "
             f"{self.in_channels}x{self.input_size}x{self.input_size}, {self.num_classes} classes"
         )
+
+    # What a pruning method reads of its data (a text task, prunekit.retrieval.RetrievalData, offers the same).
+
+    def example_inputs(self, n: int = 2) -> torch.Tensor:
+        """The first ``n`` training images: what the channel engine traces and checks with."""
+        return self.train[:n][0]
+
+    def flops_inputs(self) -> tuple[int, ...]:
+        """What FLOPs are counted on: the shape of one image, batch included."""
+        return (1, self.in_channels, self.input_size, self.input_size)
+
+    def scoring_batches(self, count: int, seed: int):
+        """``count`` shuffled training batches of 64 (images, labels) for data-driven criteria and curvature."""
+        loader = DataLoader(self.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        for i, batch in enumerate(loader):
+            if i >= count:
+                return
+            yield batch
+
+    def accuracy(self, model: torch.nn.Module, split: str) -> float:
+        """Top-1 accuracy of ``model`` on the ``"val"`` or ``"test"`` split."""
+        from prunekit.training import evaluate
+
+        return evaluate(model, {"val": self.val, "test": self.test}[split])["acc"]
 
 
 # A raw loader returns (train_images, train_labels, test_images, test_labels, num_classes) as uint8/float

@@ -197,8 +197,7 @@ class KronOBSConfig(OBSChannelConfig):
 def channel_step(model: nn.Module, data: DataSplits, config: ChannelConfig, seed: int, target: Target,
                  round_: int) -> RoundStep:
     """Score channel groups, allocate, compensate (OBS), re-fit and shrink ``model`` in place."""
-    example = data.train[:2][0]
-    input_shape = (data.in_channels, data.input_size, data.input_size)
+    example = data.example_inputs()
     graph = ChannelGraph(model, example, ignore=config.ignore, residual=config.residual)
     if not graph.groups:
         skipped = "; ".join(f"{a}: {b}" for a, b in list(graph.skipped.items())[:3])
@@ -209,11 +208,14 @@ def channel_step(model: nn.Module, data: DataSplits, config: ChannelConfig, seed
     if criterion.needs_data:
         criterion.prepare(model, graph, score_batches(data, config.scoring_batches(), seed + round_))
     scores = score_groups(criterion, graph)
-    cost = CostModel(model, graph, input_shape)
+    cost = CostModel(model, graph, inputs=data.flops_inputs())
     plan, predicted = plan_for_target(scores, cost, target, config.allocation)
     reference = copy.deepcopy(model) if config.reconstruction_images else None
     criterion.update_weights_(graph, plan)  # OBS: compensate the remaining weights before removal
     if reference is not None:
+        if not isinstance(data, DataSplits):
+            raise ValueError("the least-squares re-fit reads training images; set reconstruction_images=0 "
+                             f"(--reconstruction-images 0) for {type(data).__name__}")
         graph.apply_masks_(plan)
         reconstruct_(model, reference, data.train, config.reconstruction_images, masks=graph.masks(plan))
     graph.shrink_(plan)

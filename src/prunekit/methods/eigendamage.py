@@ -446,7 +446,7 @@ def eigendamage_(model: nn.Module, data, config: EigenDamageConfig, ctx) -> Prun
     re-estimates BatchNorm and fine-tunes (the ``apply`` of the ``eigendamage`` method)."""
     from prunekit.methods.rounds import RoundStep, kept_widths, layer_widths, run_rounds, score_batches
 
-    example = data.train[:2][0]
+    example = data.example_inputs()
     k = config.schedule.iterations
 
     def step(m: nn.Module, target: Target, r: int) -> RoundStep:

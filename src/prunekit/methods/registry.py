@@ -162,6 +162,10 @@ def prune_(model: nn.Module, config: Any, data: DataSplits, context: RunContext 
     """Compress ``model`` in place with the method ``config`` belongs to (``prunekit.L1Config(...)``,
     ``prunekit.ADMMConfig(...)``, ...), with its schedule, recovery and fine-tuning. Returns what it did.
 
+    ``data`` is a :class:`~prunekit.data.DataSplits` (images), or a task offering what the channel methods read
+    of it (``example_inputs``, ``flops_inputs``, ``scoring_batches``, ``accuracy``), such as the sentence-retrieval
+    task :class:`prunekit.retrieval.RetrievalData` for a text encoder.
+
     With ``context.folder``, ``run.json`` there records the model's fingerprint and every setting before any work,
     and ``context.resume`` continues only a run that matches it.
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from prunekit.data import DataSplits
 from prunekit.measurement.metrics import count_flops, count_params
@@ -27,7 +26,7 @@ from prunekit.persistence.checkpoint import CheckpointError, check_state_fits, l
 from prunekit.planning.allocation import Target, TargetMetric
 from prunekit.planning.schedule import RoundSchedule
 from prunekit.recovery.batchnorm import recalibrate_batchnorm_
-from prunekit.training import evaluate, fit
+from prunekit.training import fit
 
 
 @dataclass
@@ -63,13 +62,13 @@ def run_rounds(model: nn.Module, data: DataSplits, target: Target, schedule: Rou
     if ctx.folder is not None and ctx.base is None:
         raise ValueError("saving rounds needs RunContext.base (how to rebuild the unpruned network, e.g. "
                          "ModelConfig(...).to_dict()); give it or leave RunContext.folder unset")
-    input_shape = (data.in_channels, data.input_size, data.input_size)
-    dense_flops, dense_params = count_flops(model, (1, *input_shape)), count_params(model)
+    flops_inputs = data.flops_inputs()
+    dense_flops, dense_params = count_flops(model, flops_inputs), count_params(model)
     dense_metric = {TargetMetric.FLOPS: dense_flops, TargetMetric.PARAMS: dense_params}
     record = PruneRecord(method=method)
     start = 1
     if ctx.resume and ctx.folder is not None:
-        start = _resume_(model, ctx.folder, record, input_shape, method, config, ctx.log)
+        start = _resume_(model, ctx.folder, record, data.example_inputs(), method, config, ctx.log)
     k = schedule.iterations
     for r in range(start, k + 1):
         round_dir = ctx.subfolder(f"round_{r}")
@@ -78,18 +77,18 @@ def run_rounds(model: nn.Module, data: DataSplits, target: Target, schedule: Rou
         if target.metric is TargetMetric.CHANNELS:
             kept_now = target.keep ** ((r - 1) / k)
         else:
-            now = count_flops(model, (1, *input_shape)) if target.metric is TargetMetric.FLOPS else count_params(model)
+            now = count_flops(model, flops_inputs) if target.metric is TargetMetric.FLOPS else count_params(model)
             kept_now = now / dense_metric[target.metric]
         done = step(model, schedule.round_target(r, target, kept_now), r)
         record.changes.append(done.change)
         recalibrate_batchnorm_(model, data, bn_images)
         seconds_pruning = time.perf_counter() - t0
-        val_pruned = evaluate(model, data.val)["acc"]
+        val_pruned = data.accuracy(model, "val")
         if record.val_acc_before_finetune is None:  # reported, never used to choose anything
             record.val_acc_before_finetune = val_pruned
-            record.test_acc_before_finetune = evaluate(model, data.test)["acc"]
+            record.test_acc_before_finetune = data.accuracy(model, "test")
         ctx.log(f"round {r}/{k}: removed {done.removed} {done.what}, keeps "
-                f"{count_flops(model, (1, *input_shape)) / dense_flops:.3f} of FLOPs and "
+                f"{count_flops(model, flops_inputs) / dense_flops:.3f} of FLOPs and "
                 f"{count_params(model) / dense_params:.3f} of params; val acc before fine-tuning {val_pruned:.4f}")
         if "output_change" in done.details:
             change = done.details["output_change"]
@@ -104,11 +103,11 @@ def run_rounds(model: nn.Module, data: DataSplits, target: Target, schedule: Rou
             fit(model, data, replace(ctx.train, epochs=finetune_epochs, seed=ctx.seed), commit,
                 progress=ctx.progress, resume=resume, log=ctx.log,
                 metadata={"model": ctx.base, "architecture_changes": record.changes} if ctx.base else None)
-            val_ft = evaluate(model, data.val)["acc"]
+            val_ft = data.accuracy(model, "val")
             ctx.log(f"round {r}/{k}: val acc after fine-tuning {val_ft:.4f}")
         record.rounds.append({
             "round": r, "target_keep": schedule.keep_after(r, target), "predicted_keep": done.predicted_keep * kept_now,
-            "params": count_params(model), "flops": count_flops(model, (1, *input_shape)),
+            "params": count_params(model), "flops": count_flops(model, flops_inputs),
             "removed_channels": done.removed, "val_acc_pruned": val_pruned, "val_acc_finetuned": val_ft,
             "seconds_scoring": seconds_pruning, "seconds_finetune": time.perf_counter() - t1, **done.details})
         if round_dir is not None:
@@ -120,7 +119,7 @@ def run_rounds(model: nn.Module, data: DataSplits, target: Target, schedule: Rou
     return record
 
 
-def _resume_(model: nn.Module, folder: Path, record: PruneRecord, input_shape: tuple[int, ...], method: str,
+def _resume_(model: nn.Module, folder: Path, record: PruneRecord, example_inputs: Any, method: str,
              config: Any, log: Callable[[str], None]) -> int:
     """Replay the last saved round onto ``model`` (still dense) and load its weights; returns the next round."""
     done = sorted((int(p.parent.name.split("_")[1]), p) for p in folder.glob("round_*/pruned.safetensors")
@@ -132,7 +131,7 @@ def _resume_(model: nn.Module, folder: Path, record: PruneRecord, input_shape: t
     if meta.get("method") != method or meta.get("config") != config.to_dict():
         raise CheckpointError(f"cannot resume {folder}: it was pruned with {meta.get('method')} "
                               f"{meta.get('config')}, not {method} {config.to_dict()}")
-    replay_changes_(model, meta.get("architecture_changes", []), input_shape)
+    replay_changes_(model, meta.get("architecture_changes", []), example_inputs)
     state = load_state(path)
     check_state_fits(model, state, path)
     model.load_state_dict(state)
@@ -158,12 +157,8 @@ def kept_widths(model: nn.Module, dense_widths: dict[str, int]) -> dict[str, tup
     return out
 
 
-def score_batches(data: DataSplits, count: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The ``count`` shuffled training batches of 64 a data-driven criterion scores with (round ``r`` of a run
-    uses ``seed + r``, so a resumed run sees the same ones), public so that other tools can be given the same
-    batches."""
-    loader = DataLoader(data.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    for i, batch in enumerate(loader):
-        if i >= count:
-            return
-        yield batch
+def score_batches(data: DataSplits, count: int, seed: int) -> Iterator[tuple[Any, torch.Tensor]]:
+    """The ``count`` shuffled training batches a data-driven criterion scores with (round ``r`` of a run uses
+    ``seed + r``, so a resumed run sees the same ones), public so that other tools can be given the same
+    batches: ``data.scoring_batches(count, seed)``."""
+    yield from data.scoring_batches(count, seed)

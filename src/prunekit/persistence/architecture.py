@@ -112,9 +112,11 @@ def input_shape_of(spec: dict[str, Any]) -> tuple[int, ...]:
     return (spec["in_channels"], spec["input_size"], spec["input_size"])
 
 
-def replay_changes_(model: nn.Module, changes: list[dict[str, Any]], input_shape: tuple[int, ...]) -> None:
-    """Apply recorded architecture changes to a freshly built base model, in order."""
-    example = torch.zeros(2, *input_shape)
+def replay_changes_(model: nn.Module, changes: list[dict[str, Any]], input_shape: tuple[int, ...] | Any) -> None:
+    """Apply recorded architecture changes to a freshly built base model, in order; ``input_shape`` is one
+    example's shape (C, H, W) or example inputs to trace with (a tensor, a tuple or a dict of keyword tensors)."""
+    shape = isinstance(input_shape, (tuple, list)) and all(isinstance(v, int) for v in input_shape)
+    example = torch.zeros(2, *input_shape) if shape else input_shape
     for i, change in enumerate(changes):
         kind = change.get("kind")
         if kind not in CHANGE_REPLAYERS:

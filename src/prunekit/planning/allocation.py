@@ -23,6 +23,7 @@ import heapq
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,12 +142,15 @@ class CostModel:
     keeps; FLOPs of other ops are counted as unchanged.
     """
 
-    def __init__(self, model: nn.Module, graph: ChannelGraph, input_shape: tuple[int, ...] | None = None) -> None:
-        """``input_shape``: one example's shape (the batch dimension is added); ``None`` counts FLOPs on the
-        graph's example inputs (a model taking keyword inputs, such as a Hugging Face transformer)."""
+    def __init__(self, model: nn.Module, graph: ChannelGraph, input_shape: tuple[int, ...] | None = None,
+                 inputs: Any = None) -> None:
+        """FLOPs are counted on ``inputs`` (a shape with its batch dimension, or example inputs), else on one
+        example of ``input_shape`` (the batch dimension is added), else on the graph's example inputs (a model
+        taking keyword inputs, such as a Hugging Face transformer)."""
         self.graph = graph
         self.dense_params = count_params(model)
-        inputs = graph.example_inputs if input_shape is None else (1, *input_shape)
+        if inputs is None:
+            inputs = graph.example_inputs if input_shape is None else (1, *input_shape)
         self.dense_flops = count_flops(model, inputs)
         per_module = flops_by_module(model, inputs)
         self.weight_flops: dict[str, int] = {}
