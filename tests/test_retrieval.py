@@ -90,3 +90,20 @@ def test_the_wordnet_task_keeps_test_pairs_out_of_training_and_validation():
     assert len(task.val) == 1000 and len(task.test) > 5000
     assert not (set(task.test.docs) & (set(task.train.docs) | set(task.val.docs)))
     assert not set(task.val.docs) & set(task.train.docs)
+
+
+def test_a_pruned_encoder_is_saved_alone_and_reloads_through_transformers(tmp_path):
+    from prunekit.persistence.architecture import changes_within
+    from prunekit.persistence.huggingface import load_pruned, save_pruned
+
+    model, task = _model(), _task()
+    record = prunekit.prune_(model, prunekit.L1Config(target="params=0.8", reconstruction_images=0, bn_images=0),
+                             task, prunekit.RunContext(progress=False, log=lambda *_: None))
+    bert = model.encoder.encoder
+    queries, _ = task.example_inputs()
+    folder = save_pruned(bert, tmp_path / "bert", changes_within(record.changes, "encoder.encoder"), queries)
+    loaded = load_pruned(folder)
+    with torch.no_grad():
+        assert torch.equal(loaded(**queries).last_hidden_state, bert(**queries).last_hidden_state)
+    with pytest.raises(ValueError, match="outside 'encoder.other'"):
+        changes_within(record.changes, "encoder.other")

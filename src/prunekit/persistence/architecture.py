@@ -125,6 +125,35 @@ def replay_changes_(model: nn.Module, changes: list[dict[str, Any]], input_shape
         CHANGE_REPLAYERS[kind](model, change, example)
 
 
+def changes_within(changes: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    """Channel changes recorded on a model, rewritten for its submodule ``prefix`` (``"encoder.encoder"`` of an
+    ``InBatchRetrieval`` around a Hugging Face encoder): layer names lose the prefix, so the submodule can be saved
+    and rebuilt on its own.
+
+    Raises:
+        ValueError: a change that is not a channel change, or names a layer outside ``prefix``.
+    """
+    head = prefix.rstrip(".") + "."
+
+    def inner(name: str) -> str:
+        if not name.startswith(head):
+            raise ValueError(f"{name!r} is outside {prefix!r}; only changes within it can be saved with it")
+        return name[len(head):]
+
+    out = []
+    for change in changes:
+        if change.get("kind") != "channels":
+            raise ValueError(f"only channel changes can be moved into a submodule, got {change.get('kind')!r}")
+        moved = {**change, "removed": {inner(k): v for k, v in change["removed"].items()}}
+        if "ignore" in change:
+            moved["ignore"] = [inner(n) for n in change["ignore"] if n.startswith(head)]
+        if "attention" in change:
+            moved["attention"] = [{**a, **{r: inner(a[r]) for r in ("module", "q", "k", "v", "out")}}
+                                  for a in change["attention"]]
+        out.append(moved)
+    return out
+
+
 def save_compressed(path: str | Path, model: nn.Module, base: dict[str, Any], changes: list[dict[str, Any]],
                     metadata: dict[str, Any] | None = None) -> Path:
     """Save weights (safetensors) + the base spec and architecture changes (JSON in the header)."""
