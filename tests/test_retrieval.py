@@ -107,3 +107,29 @@ def test_a_pruned_encoder_is_saved_alone_and_reloads_through_transformers(tmp_pa
         assert torch.equal(loaded(**queries).last_hidden_state, bert(**queries).last_hidden_state)
     with pytest.raises(ValueError, match="outside 'encoder.other'"):
         changes_within(record.changes, "encoder.other")
+
+
+def test_distillation_brings_an_encoder_back_towards_the_dense_one():
+    import copy
+
+    from prunekit.recovery.distill import distill_embeddings_, embedding_fidelity
+
+    task = _task()
+    dense = _model().encoder
+    student = copy.deepcopy(dense)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a damaged copy, as pruning leaves it
+        for p in student.parameters():
+            if p.dim() == 2:
+                p.add_(0.3 * p.std() * torch.randn(p.shape, generator=gen))
+    train_texts = list(task.train.queries + task.train.docs)
+    held_out = list(task.test.queries + task.test.docs)
+    before = embedding_fidelity(student, dense, task.tokenizer, held_out)
+    teacher_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    losses = distill_embeddings_(student, dense, task.tokenizer, train_texts, steps=40, batch_size=16, lr=1e-3)
+    after = embedding_fidelity(student, dense, task.tokenizer, held_out)
+    assert len(losses) == 40 and sum(losses[-5:]) < sum(losses[:5])
+    assert before < after
+    assert all(torch.equal(v, teacher_state[k]) for k, v in dense.state_dict().items())  # the teacher is untouched
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        distill_embeddings_(student, dense, task.tokenizer, train_texts, steps=0)
