@@ -133,3 +133,15 @@ def test_distillation_brings_an_encoder_back_towards_the_dense_one():
     assert all(torch.equal(v, teacher_state[k]) for k, v in dense.state_dict().items())  # the teacher is untouched
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         distill_embeddings_(student, dense, task.tokenizer, train_texts, steps=0)
+
+
+def test_eigendamage_prunes_a_text_encoder_in_its_eigenbasis():
+    model, task = _model(), _task()
+    dense = prunekit.count_params(model)
+    config = prunekit.EigenDamageConfig(target="params=0.9", bn_images=0,
+                                        curvature=prunekit.FisherSettings(fisher_batches=2))
+    prunekit.prune_(model, config, task, prunekit.RunContext(progress=False, log=lambda *_: None))
+    assert prunekit.count_params(model) / dense == pytest.approx(0.9, abs=0.02)
+    assert any(type(m).__name__ == "KFEBottleneck" for m in model.modules())
+    with torch.no_grad():
+        assert model(*task.example_inputs(3)).shape == (3, 3)

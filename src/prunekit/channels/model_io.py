@@ -54,6 +54,18 @@ def to_device(inputs: Any, device: torch.device | str) -> Any:
     return inputs
 
 
+def first_examples(inputs: Any, n: int = 1) -> Any:
+    """The first ``n`` examples of ``inputs``: every tensor (in tuples, lists and dicts) cut along its batch
+    dimension."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:n]
+    if isinstance(inputs, Mapping):
+        return {k: first_examples(v, n) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(first_examples(v, n) for v in inputs)
+    return inputs
+
+
 def output_leaves(output: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor in ``output`` with its path (``[0].logits``), depth first, in a fixed order; values that are
     not tensors (None, ints, strings) are left out."""

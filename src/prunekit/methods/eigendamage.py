@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from prunekit.channels.graph import find_output_layers, ignored_modules
+from prunekit.channels.model_io import call_model, first_examples
 from prunekit.configs import Config, coerce_fields
 from prunekit.curvature.kfac import ConvFactor, CurvatureConfig, FisherSettings, collect_kfac, kfac_support
 from prunekit.measurement.metrics import count_flops, count_params
@@ -228,7 +229,7 @@ def _positions(model: nn.Module, example: torch.Tensor, modules: dict[str, nn.Mo
     was_training = model.training
     try:  # eval: one example through a train-mode BatchNorm would fail at 1x1 and move the running statistics
         with torch.no_grad():
-            model.eval()(example[:1])
+            call_model(model.eval(), first_examples(example))
     finally:
         model.train(was_training)
         for h in handles:
@@ -392,7 +393,7 @@ def eigendamage_round_(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
         base = modules[name] if isinstance(modules[name], KFEBottleneck) else None
         layers.append(_decompose(name, module, f, base, modules[name], positions[name]))
     metric = target.metric
-    total = count_flops(model, tuple(example[:1].shape)) if metric is TargetMetric.FLOPS else count_params(model)
+    total = count_flops(model, first_examples(example)) if metric is TargetMetric.FLOPS else count_params(model)
     current = sum(_current_cost(lay, metric) for lay in layers)
     form = options.form if final else BottleneckForm.STANDARD
     plan = _plan(layers, total - current, target.keep * total, metric, max_per_layer, form)
