@@ -67,7 +67,7 @@ def distill_embeddings_(student: nn.Module, teacher: nn.Module, tokenizer, texts
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     finally:
         student.train(was_training)
     return losses
