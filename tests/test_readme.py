@@ -42,8 +42,8 @@ def test_readme_names_the_two_commands(target):
     assert target in README.read_text()
 
 
-@pytest.mark.parametrize("name", ["structured", "eigendamage", "deploy", "dpp", "dpp-filter", "admm",
-                                  "finetune"])
+@pytest.mark.parametrize("name", ["structured", "structured-seeds", "eigendamage", "eigendamage-long", "deploy",
+                                  "dpp", "dpp-filter", "admm", "finetune"])
 def test_readme_benchmark_tables_are_the_committed_results(name):
     """The README's generated tables are exactly what the benchmark scripts make from their committed JSON
     (refresh them with ``python benchmarks/readme_tables.py``)."""
