@@ -47,7 +47,7 @@ import torch_pruning as tp
 from torch import nn
 
 import prunekit
-from common import ROOT, RowCache, git_commit, quiet, write_json, write_text
+from common import ROOT, RowCache, git_commit, method_config, quiet, write_json, write_text
 from prunekit.measurement.latency import paired_latency
 from prunekit.models.sentence import InBatchRetrieval, SentenceEncoder, load_minilm
 from prunekit.persistence.export import export_onnx_keywords, onnx_session
@@ -74,12 +74,12 @@ def params_target(model: InBatchRetrieval, keep_encoder: float) -> float:
     return (total - enc + keep_encoder * enc) / total
 
 
-def method_config(method: str, keep: float, fisher_batches: int):
-    extra = {"curvature": prunekit.FisherSettings(fisher_batches=fisher_batches)} if method in (
-        "kron-obs", "eigendamage") else {}
-    if method != "eigendamage":
-        extra["reconstruction_images"] = 0
-    return prunekit.get_method(method).config(target=prunekit.Target("params", keep), bn_images=0, **extra)
+def pruning_config(method: str, keep: float, fisher_batches: int):
+    """The registered method's config at ``keep`` of the parameters: no BatchNorm (BERT has none), no
+    least-squares re-fit (it reads images), ``fisher_batches`` of statistics for the curvature methods (each
+    config takes the settings it has, ``common.method_config``)."""
+    return method_config(method, target=prunekit.Target("params", keep), bn_images=0, reconstruction_images=0,
+                         curvature=prunekit.FisherSettings(fisher_batches=fisher_batches))
 
 
 def _tp_one_shot(model: InBatchRetrieval, example, ratio: float) -> InBatchRetrieval:
@@ -157,7 +157,7 @@ def run_row(method: str, keep_encoder: float, dense: InBatchRetrieval, task: Ret
     if method == "torch-pruning":
         model, info = prune_torch_pruning(model, task, params_target(dense, keep_encoder), args.tp_steps)
     else:
-        record = prunekit.prune_(model, method_config(method, params_target(dense, keep_encoder), args.fisher_batches),
+        record = prunekit.prune_(model, pruning_config(method, params_target(dense, keep_encoder), args.fisher_batches),
                                  task, prunekit.RunContext(progress=False, log=quiet))
         info = {"changes": len(record.changes)}
     seconds_prune = time.perf_counter() - t0
