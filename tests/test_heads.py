@@ -187,13 +187,19 @@ def _masked_reference(model, graph, plan, x):
         return call_model(masked, x)
 
 
-@pytest.mark.parametrize("form", list(FORMS))
-def test_whole_heads_shrink_exactly_and_the_module_still_runs(form):
-    make, inputs, module, attr, units = FORMS[form]
+def _built(form: str):
+    """(model in eval mode, its example inputs, its channel graph) of one attention form, seeded."""
+    make, inputs, *_ = FORMS[form]
     torch.manual_seed(0)
     model = make().eval()
     x = inputs(torch.Generator().manual_seed(1))
-    graph = ChannelGraph(model, x)
+    return model, x, ChannelGraph(model, x)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_whole_heads_shrink_exactly_and_the_module_still_runs(form):
+    make, inputs, module, attr, units = FORMS[form]
+    model, x, graph = _built(form)
     group = graph.by_root[module]
     assert group.heads is not None and len(group.units) == units
     spec = group.heads
@@ -403,11 +409,8 @@ def test_the_cost_model_predicts_the_flops_and_params_of_removing_heads(form):
     from prunekit.measurement.metrics import count_flops, count_params
     from prunekit.planning.allocation import CostModel, TargetMetric
 
-    make, inputs, module, _, _ = FORMS[form]
-    torch.manual_seed(0)
-    model = make().eval()
-    x = inputs(torch.Generator().manual_seed(1))
-    graph = ChannelGraph(model, x)
+    module = FORMS[form][2]
+    model, x, graph = _built(form)
     cost = CostModel(model, graph)
     plan = ChannelPlan({module: graph.by_root[module].units[-1]})
     predicted = {m: cost.cost(plan, m) for m in (TargetMetric.FLOPS, TargetMetric.PARAMS)}
