@@ -270,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = print
-    dense, task, texts, settings = setup(args)
+    try:
+        dense, task, texts, settings = setup(args)
+    except (FileNotFoundError, ImportError) as exc:  # WordNet, fortunes, transformers or the MiniLM wheel missing
+        raise SystemExit(f"minilm.py: error: {exc}") from None
     cache = RowCache(args.out / "cache")
     dense_row = cache.get("dense", settings)
     if dense_row is None:
