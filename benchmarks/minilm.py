@@ -226,6 +226,30 @@ def table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def goals(payload: dict[str, Any], keep: float = 0.5) -> str:
+    """The issue's goals at ``keep`` of the encoder, for every prunekit method (no selection among them): recall@1
+    after distillation >= 95% of dense, >= 1.6x eager speedup, and ahead of Torch-Pruning's recall@1."""
+    dense = payload["dense"]["recall@1"]
+    rows = [r for r in payload["rows"] if r["keep_encoder"] == keep]
+    tp = next((r for r in rows if r["method"] == "torch-pruning"), None)
+    lines = []
+    for r in rows:
+        if r is tp:
+            continue
+        share = r["recall@1_distilled"] / dense
+        parts = [f"recall@1 {share:.1%} of dense ({'met' if share >= 0.95 else 'missed'})",
+                 f"eager {r['speedup_eager']:.2f}x / ORT {r['speedup_ort']:.2f}x "
+                 f"({'met' if r['speedup_eager'] >= 1.6 else 'missed'})"]
+        if tp is not None:
+            lead = 100 * (r["recall@1_distilled"] - tp["recall@1_distilled"])
+            parts.append(f"{lead:+.2f} pt against Torch-Pruning ({'ahead' if lead > 0 else 'behind'})")
+        lines.append(f"- {r['method']}: " + "; ".join(parts))
+    if not lines:
+        return f"(no rows at {keep:.0%} of the encoder)"
+    return (f"Goals at {keep:.0%} of the encoder, after distillation (recall@1 >= 95% of dense, >= 1.6x eager "
+            "speedup, ahead of Torch-Pruning):\n\n" + "\n".join(lines))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="minilm.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--keep", nargs="+", type=float, default=[0.75, 0.5], help="encoder parameter fractions kept")
@@ -296,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out / "minilm.json", payload)
     text = ["# Transformers: all-MiniLM-L6-v2 pruned by heads and FFN neurons" + (" (quick smoke run)"
                                                                                    if args.quick else ""),
-            "", "Made by (from the repository root):", "", f"    {command}", "", table(payload), ""]
+            "", "Made by (from the repository root):", "", f"    {command}", "", table(payload), "",
+            goals(payload), ""]
     write_text(args.out / "minilm.md", "\n".join(text))
     print(table(payload))
     return 0

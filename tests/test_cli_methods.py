@@ -96,7 +96,7 @@ def test_help_shows_only_the_methods_flags(method, capsys):
     own = set(flags_of(prunekit.get_method(method).config))
     job = {"--model", "--checkpoint", "--data", "--data-dir", "--val-fraction", "--limit", "--trust-factory", "--out",
            "--resume", "--seed", "--lr", "--warmup", "--batch-size", "--augment", "--no-latency", "--no-progress",
-           "--help"}
+           "--distill-steps", "--distill-lr", "--help"}
     assert own <= shown
     assert shown - own - job == set(), shown - own - job
 

@@ -35,11 +35,13 @@ from prunekit.methods.registry import PruneRecord, RunContext, get_method, list_
 from prunekit.models import ModelConfig, create_model, list_models
 from prunekit.persistence.architecture import load_compressed, save_compressed
 from prunekit.persistence.checkpoint import CheckpointError, load_model, read_metadata, save_checkpoint
+from prunekit.persistence.huggingface import load_pretrained, load_pruned, save_pruned
 from prunekit.persistence.recipe import JobConfig, ModelSource, Recipe
 from prunekit.planning.allocation import Allocation, AllocationConfig, InfeasibleTargetError, Target, TargetMetric
 from prunekit.planning.constraints import QuantConstraint, QuantKind
 from prunekit.planning.pattern import Pattern
 from prunekit.planning.schedule import Annealing, RoundSchedule, TemperatureSchedule
+from prunekit.recovery.distill import DistillConfig
 from prunekit.runner import JobResult, prune_job, run_recipe
 from prunekit.training import Augment, FitResult, Schedule, TrainConfig, evaluate, fit
 
@@ -48,12 +50,12 @@ __version__ = "0.2.0"
 __all__ = [
     "ADMMConfig", "Allocation", "AllocationConfig", "Annealing", "Augment", "BNConfig", "BottleneckForm",
     "CheckpointError", "COBDConfig", "COBSConfig", "ConvFactor", "count_flops", "count_params", "create_model",
-    "DampingMode", "DataConfig", "DataSplits", "DPPConfig", "EigenDamageConfig", "evaluate", "FisherSettings",
+    "DampingMode", "DataConfig", "DataSplits", "DistillConfig", "DPPConfig", "EigenDamageConfig", "evaluate", "FisherSettings",
     "FisherType", "fit", "FitResult", "get_method", "InfeasibleTargetError", "JobConfig", "JobResult",
     "KronOBDConfig", "KronOBSConfig", "L1Config", "L2Config", "list_datasets", "list_methods", "list_models",
-    "load_compressed", "load_dataset", "load_model", "measure_latency", "method_for", "ModelConfig",
+    "load_compressed", "load_dataset", "load_model", "load_pretrained", "load_pruned", "measure_latency", "method_for", "ModelConfig",
     "ModelSource", "ModelSummary", "ObsUpdate", "Pattern", "prune_", "prune_job", "PruneRecord",
     "QuantConstraint", "QuantKind", "RandomConfig", "read_metadata", "Recipe", "RoundSchedule", "run_recipe",
-    "RunContext", "save_checkpoint", "save_compressed", "Schedule", "storage_bits", "summarize", "Target",
+    "RunContext", "save_checkpoint", "save_compressed", "save_pruned", "Schedule", "storage_bits", "summarize", "Target",
     "TargetMetric", "TaylorConfig", "TemperatureSchedule", "TrainConfig",
 ]

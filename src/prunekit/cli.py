@@ -131,7 +131,9 @@ def _flag_owners() -> dict[str, list[str]]:
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("job (every method)")
-    g.add_argument("--model", default=None, help="zoo name or package.module:function (default: the checkpoint's)")
+    g.add_argument("--model", default=None, help="zoo name, package.module:function, or hf:FOLDER (a Hugging Face "
+                                                 "sentence encoder with its tokenizer; hf:all-MiniLM-L6-v2 is the "
+                                                 "installed pretrained one) (default: the checkpoint's)")
     g.add_argument("--checkpoint", default=None, help="dense weights (.safetensors from prunekit, or a state_dict)")
     _add_data_args(g, default=None)
     _add_trust_arg(g)
@@ -147,6 +149,11 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=128, help="batch size of the method's training")
     g.add_argument("--augment", choices=["auto", "none", "crop", "crop-flip"], default="auto",
                    help="augmentation of the method's training (auto: crop for digits, crop and flip for images)")
+    g.add_argument("--distill-steps", type=_positive_int, default=None,
+                   help="hf: encoders: steps of embedding distillation towards the dense model after pruning "
+                        "(default 300; 0: none)")
+    g.add_argument("--distill-lr", type=float, default=None, help="hf: encoders: distillation learning rate "
+                                                                  "(default 5e-5)")
     g.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -210,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_arg(p)
 
     p = sub.add_parser("export", help="export a (pruned) checkpoint for deployment")
-    p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit (dense or pruned), or a run "
-                                      "folder of prunekit prune")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit (dense or pruned), a run folder "
+                                      "of prunekit prune, or a pruned Hugging Face encoder folder (RUN/encoder)")
     p.add_argument("--onnx", default=None, help="output .onnx path (checked against PyTorch with ONNX Runtime)")
     p.add_argument("--pt2", default=None, help="output torch.export program (.pt2) of the eager inference form")
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm layers instead of folding them")
@@ -329,6 +336,12 @@ def _recipe_from_args(args):
     if args.checkpoint is not None and Path(args.checkpoint).is_dir():
         args.checkpoint = str(_model_file(args.checkpoint))  # a run folder: its compressed model
     data = _data_for(args, args.checkpoint)
+    from prunekit.retrieval_job import is_hf_model
+
+    if data is None and is_hf_model(args.model):
+        from prunekit.data import DataConfig
+
+        data = DataConfig(name="wordnet-retrieval")
     if args.augment == "auto" and data is None:
         raise CLIError("--augment auto follows the dataset, which the checkpoint does not name; pass --data")
     augment = default_augment(data.name) if args.augment == "auto" else args.augment
@@ -337,7 +350,13 @@ def _recipe_from_args(args):
     train = TrainConfig(epochs=0, lr=spec.lr if args.lr is None else args.lr,
                         warmup=spec.warmup if args.warmup is None else args.warmup, batch_size=args.batch_size,
                         augment=augment)
-    return Recipe(spec.name, configs, JobConfig(source, train, args.seed, not args.no_latency))
+    distill = None
+    if args.distill_steps is not None or args.distill_lr is not None:
+        from prunekit.recovery.distill import DistillConfig
+
+        given = {"steps": args.distill_steps, "lr": args.distill_lr}
+        distill = DistillConfig(**{k: v for k, v in given.items() if v is not None})
+    return Recipe(spec.name, configs, JobConfig(source, train, args.seed, not args.no_latency, distill))
 
 
 def _recipe_from_file(path: str, trusted: list[str]):
@@ -361,11 +380,12 @@ def _recipe_from_file(path: str, trusted: list[str]):
     return replace(recipe, job=replace(recipe.job, source=source))
 
 
-def _model_file(path: str) -> Path:
-    """A checkpoint file, or the model of a run folder (``prunekit prune``'s output)."""
+def _model_file(path: str, hf: bool = False) -> Path:
+    """A checkpoint file, or the model of a run folder (``prunekit prune``'s output); with ``hf`` also a pruned
+    Hugging Face encoder folder."""
     from prunekit.runner import model_path
 
-    return model_path(path)
+    return model_path(path, hf=hf)
 
 
 def cmd_export(args) -> None:
@@ -373,7 +393,7 @@ def cmd_export(args) -> None:
 
     if args.onnx is None and args.pt2 is None:
         raise CLIError("give --onnx PATH and/or --pt2 PATH")
-    for line in export_job(_model_file(args.checkpoint), onnx=args.onnx, pt2=args.pt2, fold=not args.no_fold,
+    for line in export_job(_model_file(args.checkpoint, hf=True), onnx=args.onnx, pt2=args.pt2, fold=not args.no_fold,
                            opset=args.opset, overwrite=args.overwrite, trusted_factories=args.trust_factory):
         print(line)
 

@@ -382,3 +382,16 @@ def _synthetic(data_dir: Path | None, n_train: int = 512, n_test: int = 128, cla
     x_train, y_train = draw(n_train)
     x_test, y_test = draw(n_test)
     return x_train, y_train, x_test, y_test, classes
+
+
+# ------------------------------------------------------------------------------------------------- text tasks
+
+TEXT_TASKS = ("wordnet-retrieval",)
+
+
+@DATASETS.register("wordnet-retrieval", help="WordNet definition -> example sentence retrieval (text; Debian "
+                                             "wordnet-base; with --model hf:FOLDER, a sentence encoder)")
+def _wordnet_retrieval(data_dir: Path | None):
+    raise ValueError("wordnet-retrieval is a text task: it is read with a sentence encoder's tokenizer, so give "
+                     "--model hf:FOLDER (a Hugging Face encoder folder, or hf:all-MiniLM-L6-v2) with it "
+                     "(prunekit.retrieval_job.load_retrieval_source in Python)")

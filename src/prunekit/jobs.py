@@ -239,6 +239,8 @@ def export_job(checkpoint: str | Path, *, onnx: str | Path | None = None, pt2: s
                              "the name)")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"--opset must be {MIN_OPSET} to {MAX_OPSET} (torch's ONNX exporter), got {opset!r}")
+    if Path(checkpoint).is_dir():
+        return [_export_hf(Path(checkpoint), onnx, pt2, opset, atol)]
     model, meta = load_compressed(checkpoint, trusted_factories)
     shape = input_shape_of(meta["model"])
     x = torch.randn(4, *shape)
@@ -282,3 +284,35 @@ def export_job(checkpoint: str | Path, *, onnx: str | Path | None = None, pt2: s
             f" ({form.folded} BatchNorm folded)"
         lines.append(f"wrote {pt2}{layout}; torch.export.load(...).module() matches (max abs diff {diffs[-1]:.2g})")
     return lines
+
+
+def _export_hf(folder: Path, onnx: str | Path | None, pt2: str | Path | None, opset: int, atol: float) -> str:
+    """ONNX of a pruned Hugging Face encoder folder (keyword inputs as recorded, batch and sequence dynamic),
+    checked with ONNX Runtime on random token ids before it is moved into place."""
+    import json
+
+    from prunekit.persistence.export import check_onnx_keywords, export_onnx_keywords
+    from prunekit.persistence.huggingface import RECORD, load_pruned, placeholder_inputs
+
+    if pt2 is not None or onnx is None:
+        raise ValueError(f"{folder} is a pruned Hugging Face encoder: give --onnx PATH (--pt2 is for image "
+                         "checkpoints)")
+    model = load_pruned(folder)
+    inputs = placeholder_inputs(json.loads((folder / RECORD).read_text())["inputs"])
+    vocab = int(getattr(model.config, "vocab_size", 2))
+    gen = torch.Generator().manual_seed(0)
+    inputs = {k: torch.randint(0, vocab, v.shape, generator=gen, dtype=v.dtype) if k == "input_ids" else v
+              for k, v in inputs.items()}
+    diffs: list[float] = []
+
+    def write_onnx(tmp: str) -> None:
+        export_onnx_keywords(model, tmp, inputs, opset=opset)
+        diffs.append(check_onnx_keywords(model, tmp, inputs))
+        if not diffs[-1] <= atol:
+            raise RuntimeError(f"ONNX Runtime outputs differ from PyTorch by {diffs[-1]:.3g} (> {atol:g}); {onnx} was "
+                               "not written")
+
+    atomic_write(onnx, write_onnx)
+    return f"wrote {onnx} ({type(model).__name__}, inputs {', '.join(inputs)}); ONNX Runtime matches PyTorch (max " \
+           f"abs diff {diffs[-1]:.2g})"
+

@@ -15,19 +15,20 @@ document among all documents of the split (:func:`prunekit.text.retrieval_metric
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from prunekit.configs import Config
 from prunekit.models.sentence import embed, tokenize
 from prunekit.text import WORDNET_DIR, RetrievalPairs, definition_example_pairs, retrieval_metrics
 
 
 @dataclass(frozen=True)
-class RetrievalConfig:
+class RetrievalConfig(Config):
     """How the WordNet definition -> example task is cut and batched.
 
     Args:
@@ -49,8 +50,6 @@ class RetrievalConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
                 raise ValueError(f"RetrievalConfig.{field} must be an int >= 2, got {value!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class RetrievalData:
@@ -77,8 +76,15 @@ class RetrievalData:
         return self._batch(self.train, list(range(n)))
 
     def flops_inputs(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """One training pair: what FLOPs are counted on."""
-        return self.example_inputs(1)
+        """What FLOPs are counted on: one training pair, each text padded to ``max_length`` tokens (so the count
+        does not depend on how short the first pair happens to be)."""
+        n = self.config.max_length
+
+        def padded(text: str) -> dict[str, torch.Tensor]:
+            batch = self.tokenizer([text], padding="max_length", truncation=True, max_length=n, return_tensors="pt")
+            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+        return padded(self.train.queries[0]), padded(self.train.docs[0])
 
     def scoring_batches(self, count: int, seed: int) -> Iterator[tuple[Any, torch.Tensor]]:
         """``count`` shuffled batches of ``batch_size`` training pairs: ``((queries, documents), arange)``."""

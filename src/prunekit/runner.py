@@ -8,6 +8,8 @@ One output layout for every method::
     OUT/report.md, report.json     the report (schema prunekit.report/2), plots beside them
     OUT/RUN/run.json               what the run is made of (dense fingerprint, settings), checked on --resume
     OUT/RUN/model.safetensors      the compressed network (weights + replayable architecture changes)
+    OUT/RUN/encoder/               instead, for a Hugging Face sentence encoder (``--model hf:FOLDER``): the pruned
+                                   transformers folder with its tokenizer (``prunekit.load_pruned``)
     OUT/RUN/round_R/, phases/, training/   resumable state of round-based, phased and trained methods
 
 ``RUN`` is the run's label (``flops-0.25``; one folder per target). ``--resume`` continues every run after its
@@ -33,6 +35,8 @@ from prunekit.methods.registry import PruneRecord, RunContext, get_method, metho
 from prunekit.persistence.checkpoint import atomic_write, state_fingerprint
 from prunekit.persistence.outputs import locked_output
 from prunekit.persistence.recipe import JobConfig, ModelSource, Recipe
+from prunekit.recovery.distill import DistillConfig
+from prunekit.retrieval import RetrievalConfig, RetrievalData
 from prunekit.training import TrainConfig
 
 REPORT_FORMAT = "prunekit.report/2"
@@ -109,7 +113,7 @@ def prune_job(configs: Any | Sequence[Any], *, model: str | None = None, checkpo
 
 # what a job writes at the top of --out, and a training run's files: a fresh job never writes over or beside them
 JOB_OUTPUTS = ("report.json", "report.md", "recipe.yaml", "accuracy_vs_flops.png", "*/run.json", "*/round_*",
-               "*/phases", "*/training", "model.safetensors", "train_state.pt")
+               "*/phases", "*/training", "*/encoder", "model.safetensors", "train_state.pt")
 
 
 @locked_output("a pruning run", JOB_OUTPUTS)
@@ -122,13 +126,29 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = 
     ``model_named_here`` says the caller typed the model itself (``prune_job``, ``prunekit prune METHOD --model``).
     """
     from prunekit.jobs import default_augment, load_dense
+    from prunekit.retrieval_job import hf_folder, is_hf_model, load_retrieval_source, resolved_model
 
     spec = get_method(recipe.method)
     source, job = recipe.job.source, recipe.job
     torch.manual_seed(job.seed)  # a network built from a zoo name without a checkpoint starts from this seed
-    dense, base, data_cfg = load_dense(source.model, source.checkpoint, source.data, source.trusted_factories,
-                                       model_named_here)
-    splits = load_dataset(data_cfg)
+    model_name = source.model
+    if is_hf_model(source.model):
+        hf_folder(source.model)  # a missing folder first: it is the likelier mistake
+        for config in recipe.configs:  # refused before the (slow) load and dense measurement
+            if getattr(config, "reconstruction_images", 0):
+                raise ValueError("the least-squares re-fit reads training images, which a text task has none of: "
+                                 "pass --reconstruction-images 0 (reconstruction_images=0); a sentence encoder "
+                                 "recovers by distillation (--distill-steps)")
+        dense, base, splits = load_retrieval_source(source.model, source.checkpoint, source.data)
+        data_cfg, model_name = source.data or DataConfig(name="wordnet-retrieval"), resolved_model(source.model)
+    else:
+        if job.distill is not None:
+            raise ValueError("distillation (--distill-steps, job.distill) recovers a Hugging Face sentence encoder "
+                             "(--model hf:FOLDER); an image model recovers by its method's fine-tuning "
+                             "(--finetune-epochs)")
+        dense, base, data_cfg = load_dense(source.model, source.checkpoint, source.data, source.trusted_factories,
+                                           model_named_here)
+        splits = load_dataset(data_cfg)
     train = job.train or TrainConfig(epochs=0, lr=spec.lr, warmup=spec.warmup, augment=default_augment(data_cfg.name))
     dense_sha256 = state_fingerprint(dense)
     if source.dense_sha256 is not None and source.dense_sha256 != dense_sha256:
@@ -140,7 +160,8 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = 
                               "recipe to prune this one")
     checkpoint = str(Path(source.checkpoint).resolve()) if source.checkpoint is not None else None
     resolved = Recipe(recipe.method, recipe.configs, JobConfig(
-        ModelSource(source.model, checkpoint, data_cfg, (), dense_sha256), train, job.seed, job.measure_latency))
+        ModelSource(model_name, checkpoint, data_cfg, (), dense_sha256), train, job.seed, job.measure_latency,
+        job.distill))
     outdir = Path(out) if out is not None else None
     if outdir is not None:
         # everything that can refuse the job is checked before it writes anything
@@ -154,7 +175,7 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = 
         _check_recipe(outdir, resolved, resume)
         for config in resolved.configs:
             check_or_write_manifest(outdir / run_label(config), resume, _manifest(dense_sha256, spec.name, config,
-                                                                                  data_cfg, train, job.seed),
+                                                                                  splits.config, train, job.seed),
                                     write=False)
         atomic_write(outdir / "recipe.yaml", lambda tmp: Path(tmp).write_text(
             "# prunekit prune --config THIS_FILE --out FOLDER runs this job again\n" + resolved.to_yaml()))
@@ -166,8 +187,8 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = 
         raise
 
 
-def _manifest(dense_sha256: str, method: str, config: Any, data: DataConfig, train: TrainConfig, seed: int
-              ) -> dict[str, Any]:
+def _manifest(dense_sha256: str, method: str, config: Any, data: DataConfig | RetrievalConfig, train: TrainConfig,
+              seed: int) -> dict[str, Any]:
     """What ``run.json`` records (see :func:`~prunekit.methods.registry.prune_`)."""
     return {"dense_sha256": dense_sha256, "method": method, "config": config.to_dict(), "data": data.to_dict(),
             "train": train.to_dict(), "seed": seed}
@@ -190,13 +211,23 @@ def _remove_unstarted(outdir: Path, recipe: Recipe) -> None:
         (outdir / "recipe.yaml").unlink(missing_ok=True)
 
 
-def _run(spec, resolved: Recipe, dense: nn.Module, base: dict[str, Any], splits: DataSplits, train: TrainConfig,
-         outdir: Path | None, resume: bool, progress: bool, log: Callable[[str], None]) -> JobResult:
+def _run(spec, resolved: Recipe, dense: nn.Module, base: dict[str, Any], splits: DataSplits | RetrievalData,
+         train: TrainConfig, outdir: Path | None, resume: bool, progress: bool, log: Callable[[str], None]
+         ) -> JobResult:
+    from prunekit.retrieval_job import distill_recovery_, summarize_retrieval
+
     job = resolved.job
     dense_sha256 = resolved.job.source.dense_sha256
     data_cfg = splits.config
+    text = isinstance(splits, RetrievalData)  # a sentence encoder: recall@1 as accuracy, distillation as recovery
+
+    def measure(model: nn.Module) -> dict[str, Any]:
+        if text:
+            return summarize_retrieval(model, splits, latency=job.measure_latency)
+        return summarize(model, splits, latency=job.measure_latency).to_dict()
+
     log(f"dense: measuring ({splits.describe()})")
-    dense_row = summarize(dense, splits, latency=job.measure_latency).to_dict()
+    dense_row = measure(dense)
     dense_bits = 32 * sum(p.numel() for p in dense.parameters())
     dense_row["storage_bits"] = dense_bits
     result = JobResult(dense=dense_row, recipe=resolved)
@@ -204,12 +235,18 @@ def _run(spec, resolved: Recipe, dense: nn.Module, base: dict[str, Any], splits:
         label = run_label(config)
         folder = outdir / label if outdir is not None else None
         log(f"{spec.name} {label}: pruning")
-        net = copy.deepcopy(dense).train()
+        net = copy.deepcopy(dense).train(not text)  # a transformer is scored without dropout
         ctx = RunContext(train=train, seed=job.seed, folder=folder, resume=resume, base=base, progress=progress,
                          log=log)
         record = prune_(net, config, splits, ctx)
+        recovery = {}
+        if text:
+            recovery = distill_recovery_(net, dense, splits, job.distill or DistillConfig(), job.seed, progress, log)
+            record.notes.append(f"val/test acc are recall@1 ({splits.describe()}); embedding distillation "
+                                f"{recovery['distill_steps']} steps: cosine to the dense embeddings of the validation "
+                                f"texts {recovery['fidelity_before_distill']:.3f} -> {recovery['fidelity']:.3f}")
         net.eval()
-        row = summarize(net, splits, latency=job.measure_latency).to_dict()
+        row = {**measure(net), **recovery}
         row["nonzero_params"] = int(sum(int((p != 0).sum()) for p in net.parameters()))
         row["val_acc_before_finetune"] = record.val_acc_before_finetune
         row["test_acc_before_finetune"] = record.test_acc_before_finetune
@@ -252,13 +289,18 @@ def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any]:
 
 
 def _save_run(folder: Path, net: nn.Module, base: dict[str, Any], record: PruneRecord, config: Any, method: str,
-              splits: DataSplits, row: dict[str, Any], dense_sha256: str) -> Path:
+              splits: DataSplits | RetrievalData, row: dict[str, Any], dense_sha256: str) -> Path:
     from prunekit.measurement.plots import plot_kept_width
     from prunekit.persistence.architecture import save_compressed
+    from prunekit.retrieval_job import save_retrieval_run
 
-    path = save_compressed(folder / "model.safetensors", net, base, record.changes, {
-        "method": method, "config": config.to_dict(), "data": splits.config.to_dict(), "encoding": record.encoding,
-        "dense_sha256": dense_sha256, "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}})
+    if isinstance(splits, RetrievalData):  # a transformers folder, reloaded by prunekit.load_pruned
+        path = save_retrieval_run(folder, net, splits, record)
+    else:
+        path = save_compressed(folder / "model.safetensors", net, base, record.changes, {
+            "method": method, "config": config.to_dict(), "data": splits.config.to_dict(),
+            "encoding": record.encoding, "dense_sha256": dense_sha256,
+            "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}})
     if record.kept_width:
         what = "bottleneck rank" if any(isinstance(getattr(m, "rank_out", None), int) for m in net.modules()) \
             else "output channels"
@@ -295,7 +337,7 @@ def write_job_report(outdir: Path, result: JobResult, base: dict[str, Any], spec
                                dense=(result.dense["flops"] / 1e6, result.dense["test_acc"]),
                                title="test accuracy vs FLOPs")
         images.insert(0, "accuracy_vs_flops.png")
-    what = base.get("name", base.get("factory"))
+    what = base.get("name", base.get("factory", base.get("hf")))
     title = f"prunekit prune {spec.name}: {what} on {data.name}"
     payload = {"format": REPORT_FORMAT, "title": title, "method": spec.name, "paper": spec.paper,
                "recipe": result.recipe.to_dict() if result.recipe else None, "dense": result.dense, "runs": runs}
@@ -313,16 +355,26 @@ def write_job_report(outdir: Path, result: JobResult, base: dict[str, Any], spec
     return outdir / "report.md"
 
 
-def model_path(path: str | Path) -> Path:
+def model_path(path: str | Path, hf: bool = False) -> Path:
     """A checkpoint file as given, or the compressed model of a run folder: ``RUN/model.safetensors``, or for a
-    job's output folder, the model of its only run.
+    job's output folder, the model of its only run. With ``hf``, a pruned Hugging Face encoder folder
+    (``RUN/encoder``) is returned too.
 
     Raises:
-        ValueError: a folder with several runs (the message lists them) or none.
+        ValueError: a folder with several runs (the message lists them) or none; a pruned Hugging Face encoder
+            without ``hf``.
     """
+    from prunekit.retrieval_job import encoder_folder
+
     path = Path(path)
     if not path.is_dir():
         return path
+    encoder = encoder_folder(path)
+    if encoder is not None:
+        if hf:
+            return encoder
+        raise ValueError(f"{encoder} is a pruned Hugging Face encoder: `prunekit export {encoder} --onnx FILE` "
+                         "and prunekit.load_pruned read it; this command reads prunekit image checkpoints")
     if (path / "model.safetensors").is_file():
         return path / "model.safetensors"
     runs = sorted(p.parent.name for p in path.glob("*/model.safetensors"))

@@ -267,6 +267,10 @@ def fit(
         TrainingDivergedError: the loss became NaN/inf (the previous epoch's checkpoint stays on disk).
         CheckpointError: ``resume`` was asked for but the saved state does not match ``config``.
     """
+    if not isinstance(getattr(data, "train", None), torch.utils.data.Dataset):
+        raise ValueError(f"training reads labelled image batches (DataSplits); {type(data).__name__} has none. A "
+                         "sentence encoder recovers by embedding distillation instead (--distill-steps, "
+                         "prunekit.recovery.distill): set the method's training epochs (finetune_epochs, ...) to 0")
     ctx = ctx or current_context()
     hooks = hooks or TrainHooks()
     log = log or (lambda msg: None)

@@ -96,6 +96,9 @@ def build_base(spec: dict[str, Any], trusted_factories: Collection[str] = (), so
             :class:`UntrustedCodeError` before importing.
         source: Where the spec came from, for that message.
     """
+    if "hf" in spec:
+        raise ValueError(f"{source} holds a round of a Hugging Face encoder pruned from {spec['hf']}; the job's "
+                         "RUN/encoder folder is the model (prunekit.load_pruned)")
     if "factory" in spec:
         check_factory_trusted(spec, trusted_factories, source)
         model = load_factory(spec["factory"])()
@@ -126,7 +129,7 @@ def replay_changes_(model: nn.Module, changes: list[dict[str, Any]], input_shape
 
 
 def changes_within(changes: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
-    """Channel changes recorded on a model, rewritten for its submodule ``prefix`` (``"encoder.encoder"`` of an
+    """Channel and eigenbasis changes recorded on a model, rewritten for its submodule ``prefix`` (``"encoder.encoder"`` of an
     ``InBatchRetrieval`` around a Hugging Face encoder): layer names lose the prefix, so the submodule can be saved
     and rebuilt on its own.
 
@@ -142,8 +145,12 @@ def changes_within(changes: list[dict[str, Any]], prefix: str) -> list[dict[str,
 
     out = []
     for change in changes:
+        if change.get("kind") == "eigenbasis":
+            out.append({**change, "layers": {inner(k): v for k, v in change["layers"].items()}})
+            continue
         if change.get("kind") != "channels":
-            raise ValueError(f"only channel changes can be moved into a submodule, got {change.get('kind')!r}")
+            raise ValueError(f"only channel and eigenbasis changes can be moved into a submodule, got "
+                             f"{change.get('kind')!r}")
         moved = {**change, "removed": {inner(k): v for k, v in change["removed"].items()}}
         if "ignore" in change:
             moved["ignore"] = [inner(n) for n in change["ignore"] if n.startswith(head)]

@@ -114,10 +114,11 @@ def placeholder_inputs(described: Mapping[str, Mapping[str, Any]]) -> dict[str, 
 
 
 def save_pruned(model: nn.Module, folder: str | Path, changes: Sequence[dict[str, Any]],
-                example_inputs: Mapping[str, torch.Tensor], overwrite: bool = False) -> Path:
+                example_inputs: Mapping[str, torch.Tensor], overwrite: bool = False, tokenizer: Any = None) -> Path:
     """Save a pruned ``transformers`` model: its original config, the pruned weights (safetensors, in the model's
     dtype) and the record of ``changes`` (``PruneRecord.changes``, or ``[graph.change(plan), ...]`` for each
-    shrink), all written in a temporary folder that replaces ``folder`` in one step.
+    shrink), with ``tokenizer``'s files when given, all written in a temporary folder that replaces ``folder`` in
+    one step.
 
     Raises:
         FileExistsError: ``folder`` exists and is not empty, without ``overwrite``.
@@ -139,6 +140,8 @@ def save_pruned(model: nn.Module, folder: str | Path, changes: Sequence[dict[str
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS))
         (tmp / RECORD).write_text(json.dumps(record, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
     return atomic_folder(folder, write)
 

@@ -5,7 +5,8 @@ field, never an ``AttributeError`` deep inside a command. :func:`validate_metada
 returns a copy in which ``model`` and ``data`` carry every field with its default filled in.
 
 - ``model``: a zoo :class:`~prunekit.models.ModelConfig` (plus an optional ``input_shape``), or a user factory
-  ``{"factory": "package.module:function", "input_shape": [C, H, W]}``.
+  ``{"factory": "package.module:function", "input_shape": [C, H, W]}``, or (the rounds of a Hugging Face job)
+  ``{"hf": folder, "class": transformers class name}``.
 - ``architecture_changes``: a list of changes, each ``{"kind": "channels", "removed": {layer: [int, ...]},
   "ignore": [layer, ...]}`` or ``{"kind": "eigenbasis", "layers": {layer: {"spec", "rank_in", "rank_out",
   "form"}}}``.
@@ -67,6 +68,12 @@ def _check_model(where: str, value: Any) -> dict[str, Any]:
     shape = spec.get("input_shape")
     if shape is not None and not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v, 1) for v in shape)):
         raise _fail(where, "model.input_shape", "a list of 3 positive ints (C, H, W)", shape)
+    if "hf" in spec:  # the round files of a Hugging Face job (its model is the RUN/encoder folder)
+        if sorted(spec) != ["class", "hf"] or not all(isinstance(spec[k], str) for k in spec) \
+                or not spec["class"].isidentifier():
+            raise MetadataError(f"{where}: metadata field 'model' of a Hugging Face encoder holds 'hf' (its folder) "
+                                f"and 'class' (a transformers class name) only; got {str(spec)[:160]}")
+        return spec
     if "factory" in spec:
         factory = spec["factory"]
         if not isinstance(factory, str) or not FACTORY_PATTERN.match(factory):
@@ -151,10 +158,15 @@ def _check_changes(where: str, value: Any) -> list[dict[str, Any]]:
 
 
 def _check_data(where: str, value: Any) -> dict[str, Any]:
-    from prunekit.data import DataConfig
+    from prunekit.data import TEXT_TASKS, DataConfig
 
     try:
-        return DataConfig.from_dict(_object(where, "data", value)).to_dict()
+        data = _object(where, "data", value)
+        if data.get("name") in TEXT_TASKS and "val_pairs" in data:  # a text task's batching (a Hugging Face job)
+            from prunekit.retrieval import RetrievalConfig
+
+            return RetrievalConfig.from_dict(data).to_dict()
+        return DataConfig.from_dict(data).to_dict()
     except (TypeError, ValueError) as exc:
         raise MetadataError(f"{where}: metadata field 'data' is not a valid dataset description ({exc})") from None
 

@@ -21,6 +21,7 @@ import yaml
 
 from prunekit.configs import Config, coerce_fields, config_from_dict
 from prunekit.data import DataConfig
+from prunekit.recovery.distill import DistillConfig
 from prunekit.training import TrainConfig
 
 RECIPE_FORMAT = "prunekit.recipe/1"
@@ -66,12 +67,16 @@ class JobConfig(Config):
             augmentation (crop for digits, crop and flip for images).
         seed: Seed of data order, scoring batches and random choices.
         measure_latency: Measure the latency of the dense and the compressed networks.
+        distill: Recovery of a Hugging Face sentence encoder (``hf:`` model on a text task) by distilling the
+            dense encoder's embeddings after the method (``None``: 300 steps; ``steps=0``: none). Refused for
+            image models, whose recovery is the method's own fine-tuning.
     """
 
     source: ModelSource
     train: TrainConfig | None = None
     seed: int = 0
     measure_latency: bool = True
+    distill: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         coerce_fields(self)

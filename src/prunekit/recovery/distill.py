@@ -10,13 +10,38 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.channels.model_io import to_device
+from prunekit.configs import Config
 from prunekit.models.sentence import embed, tokenize
+
+
+@dataclass(frozen=True)
+class DistillConfig(Config):
+    """Recovery of a pruned sentence encoder by embedding distillation (:func:`distill_embeddings_`).
+
+    Args:
+        steps: AdamW steps towards the dense encoder's embeddings (0: no distillation).
+        lr: AdamW learning rate.
+        batch_size: Texts per step.
+    """
+
+    steps: int = 300
+    lr: float = 5e-5
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"distillation steps (--distill-steps) must be an int >= 0, got {self.steps!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 2:
+            raise ValueError(f"distillation batch_size must be an int >= 2, got {self.batch_size!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
+            raise ValueError(f"distillation lr (--distill-lr) must be in (0, 1), got {self.lr!r}")
 
 
 @torch.no_grad()
