@@ -399,7 +399,8 @@ def test_digits_is_the_embedded_default(digits):
 
 
 def test_registered_datasets():
-    assert list_datasets() == ["cifar10", "cifar100", "digits", "fashion-mnist", "mnist", "synthetic"]
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "fashion-mnist", "mnist", "synthetic",
+                               "wordnet-retrieval"]
     assert list_datasets("cifar*") == ["cifar10", "cifar100"]
 
 

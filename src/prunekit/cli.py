@@ -146,7 +146,7 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=float, default=None,
                    help="fraction of the method's training steps spent warming the rate up from lr/25 (default: "
                         "the method's; ADMM phases train at a constant rate)")
-    g.add_argument("--batch-size", type=int, default=128, help="batch size of the method's training")
+    g.add_argument("--batch-size", type=int, default=None, help="batch size of the method's training (default 128)")
     g.add_argument("--augment", choices=["auto", "none", "crop", "crop-flip"], default="auto",
                    help="augmentation of the method's training (auto: crop for digits, crop and flip for images)")
     g.add_argument("--distill-steps", type=_positive_int, default=None,
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a (pruned) checkpoint for deployment")
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by prunekit (dense or pruned), a run folder "
-                                      "of prunekit prune, or a pruned Hugging Face encoder folder (RUN/encoder)")
+                                      "of prunekit prune, or a pruned Hugging Face folder (RUN/hf)")
     p.add_argument("--onnx", default=None, help="output .onnx path (checked against PyTorch with ONNX Runtime)")
     p.add_argument("--pt2", default=None, help="output torch.export program (.pt2) of the eager inference form")
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm layers instead of folding them")
@@ -335,20 +335,27 @@ def _recipe_from_args(args):
     configs = configs_from_args(spec.config, args.config_fields, args)
     if args.checkpoint is not None and Path(args.checkpoint).is_dir():
         args.checkpoint = str(_model_file(args.checkpoint))  # a run folder: its compressed model
+    from prunekit.data import TEXT_TASKS
+    from prunekit.hf_job import is_hf_model
+
+    if args.data is None and is_hf_model(args.model):
+        args.data = TEXT_TASKS[0]  # a Hugging Face folder's default task
     data = _data_for(args, args.checkpoint)
-    from prunekit.retrieval_job import is_hf_model
-
-    if data is None and is_hf_model(args.model):
-        from prunekit.data import DataConfig
-
-        data = DataConfig(name="wordnet-retrieval")
+    if is_hf_model(args.model) and data.name in TEXT_TASKS:
+        given = [flag for flag, value in (("--lr", args.lr), ("--warmup", args.warmup),
+                                          ("--batch-size", args.batch_size)) if value is not None]
+        given += ["--augment"] if args.augment != "auto" else []
+        if given:
+            raise CLIError(f"{', '.join(given)} set the method's image training, which a text task does not do; a "
+                           "sentence encoder recovers by distillation (--distill-steps, --distill-lr)")
     if args.augment == "auto" and data is None:
         raise CLIError("--augment auto follows the dataset, which the checkpoint does not name; pass --data")
     augment = default_augment(data.name) if args.augment == "auto" else args.augment
     source = ModelSource(model=args.model, checkpoint=args.checkpoint, data=data,
                          trusted_factories=tuple(args.trust_factory))
     train = TrainConfig(epochs=0, lr=spec.lr if args.lr is None else args.lr,
-                        warmup=spec.warmup if args.warmup is None else args.warmup, batch_size=args.batch_size,
+                        warmup=spec.warmup if args.warmup is None else args.warmup,
+                        batch_size=128 if args.batch_size is None else args.batch_size,
                         augment=augment)
     distill = None
     if args.distill_steps is not None or args.distill_lr is not None:
@@ -382,7 +389,7 @@ def _recipe_from_file(path: str, trusted: list[str]):
 
 def _model_file(path: str, hf: bool = False) -> Path:
     """A checkpoint file, or the model of a run folder (``prunekit prune``'s output); with ``hf`` also a pruned
-    Hugging Face encoder folder."""
+    Hugging Face folder."""
     from prunekit.runner import model_path
 
     return model_path(path, hf=hf)

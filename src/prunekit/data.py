@@ -392,6 +392,6 @@ TEXT_TASKS = ("wordnet-retrieval",)
 @DATASETS.register("wordnet-retrieval", help="WordNet definition -> example sentence retrieval (text; Debian "
                                              "wordnet-base; with --model hf:FOLDER, a sentence encoder)")
 def _wordnet_retrieval(data_dir: Path | None):
-    raise ValueError("wordnet-retrieval is a text task: it is read with a sentence encoder's tokenizer, so give "
-                     "--model hf:FOLDER (a Hugging Face encoder folder, or hf:all-MiniLM-L6-v2) with it "
-                     "(prunekit.retrieval_job.load_retrieval_source in Python)")
+    raise ValueError("wordnet-retrieval is a text task, read with a sentence encoder's tokenizer: it prunes a "
+                     "Hugging Face encoder (prunekit prune METHOD --model hf:FOLDER --data wordnet-retrieval; "
+                     "prunekit.hf_job.load_hf_source in Python), and no image model trains or evaluates on it")

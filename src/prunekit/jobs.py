@@ -239,7 +239,11 @@ def export_job(checkpoint: str | Path, *, onnx: str | Path | None = None, pt2: s
                              "the name)")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"--opset must be {MIN_OPSET} to {MAX_OPSET} (torch's ONNX exporter), got {opset!r}")
-    if Path(checkpoint).is_dir():
+    from prunekit.persistence.huggingface import RECORD
+    from prunekit.runner import model_path
+
+    checkpoint = model_path(checkpoint, hf=True)  # a run or job folder: its model
+    if (Path(checkpoint) / RECORD).is_file():
         return [_export_hf(Path(checkpoint), onnx, pt2, opset, atol)]
     model, meta = load_compressed(checkpoint, trusted_factories)
     shape = input_shape_of(meta["model"])
@@ -287,7 +291,7 @@ def export_job(checkpoint: str | Path, *, onnx: str | Path | None = None, pt2: s
 
 
 def _export_hf(folder: Path, onnx: str | Path | None, pt2: str | Path | None, opset: int, atol: float) -> str:
-    """ONNX of a pruned Hugging Face encoder folder (keyword inputs as recorded, batch and sequence dynamic),
+    """ONNX of a pruned Hugging Face folder (keyword inputs as recorded, batch and token length dynamic),
     checked with ONNX Runtime on random token ids before it is moved into place."""
     import json
 
@@ -295,7 +299,7 @@ def _export_hf(folder: Path, onnx: str | Path | None, pt2: str | Path | None, op
     from prunekit.persistence.huggingface import RECORD, load_pruned, placeholder_inputs
 
     if pt2 is not None or onnx is None:
-        raise ValueError(f"{folder} is a pruned Hugging Face encoder: give --onnx PATH (--pt2 is for image "
+        raise ValueError(f"{folder} is a pruned Hugging Face model: give --onnx PATH (--pt2 is for prunekit "
                          "checkpoints)")
     model = load_pruned(folder)
     inputs = placeholder_inputs(json.loads((folder / RECORD).read_text())["inputs"])

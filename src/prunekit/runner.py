@@ -8,8 +8,8 @@ One output layout for every method::
     OUT/report.md, report.json     the report (schema prunekit.report/2), plots beside them
     OUT/RUN/run.json               what the run is made of (dense fingerprint, settings), checked on --resume
     OUT/RUN/model.safetensors      the compressed network (weights + replayable architecture changes)
-    OUT/RUN/encoder/               instead, for a Hugging Face sentence encoder (``--model hf:FOLDER``): the pruned
-                                   transformers folder with its tokenizer (``prunekit.load_pruned``)
+    OUT/RUN/hf/                    instead, for a Hugging Face model (``--model hf:FOLDER``): the pruned
+                                   transformers folder (``prunekit.load_pruned``; see :mod:`prunekit.hf_job`)
     OUT/RUN/round_R/, phases/, training/   resumable state of round-based, phased and trained methods
 
 ``RUN`` is the run's label (``flops-0.25``; one folder per target). ``--resume`` continues every run after its
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.data import DataConfig, DataSplits, load_dataset
+from prunekit.data import TEXT_TASKS, DataConfig, DataSplits, load_dataset
 from prunekit.measurement.formats import encoding_storage
 from prunekit.measurement.metrics import summarize
 from prunekit.methods.registry import PruneRecord, RunContext, get_method, method_for, prune_
@@ -84,7 +84,8 @@ def run_label(config: Any) -> str:
 def prune_job(configs: Any | Sequence[Any], *, model: str | None = None, checkpoint: str | Path | None = None,
               data: str | DataConfig | None = None, train: TrainConfig | None = None, seed: int = 0,
               measure_latency: bool = True, trusted_factories: Sequence[str] = (), out: str | Path | None = None,
-              resume: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> JobResult:
+              resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
+              distill: DistillConfig | None = None) -> JobResult:
     """Prune a dense network with one method config (or one per target), measure and report.
 
     Args:
@@ -93,6 +94,8 @@ def prune_job(configs: Any | Sequence[Any], *, model: str | None = None, checkpo
         train: Optimiser settings of the method's training (default: the method's learning rate and warm-up,
             ``MethodSpec.lr``/``warmup``, batch 128, the dataset's augmentation).
         out: Output folder (locked for the run; one that holds a run is refused without ``resume``).
+        distill: Recovery of a Hugging Face sentence encoder (``model="hf:FOLDER"``) by embedding distillation
+            (default ``DistillConfig()``, 300 steps); refused for image models.
 
     Returns:
         The dense row and every run; with ``out``, also the report's path.
@@ -106,14 +109,14 @@ def prune_job(configs: Any | Sequence[Any], *, model: str | None = None, checkpo
     data_cfg = DataConfig(name=data) if isinstance(data, str) else data
     source = ModelSource(model=model, checkpoint=str(checkpoint) if checkpoint is not None else None, data=data_cfg,
                          trusted_factories=tuple(trusted_factories))
-    job = JobConfig(source=source, train=train, seed=seed, measure_latency=measure_latency)
+    job = JobConfig(source=source, train=train, seed=seed, measure_latency=measure_latency, distill=distill)
     return run_recipe(Recipe(spec.name, configs, job), out=out, resume=resume, progress=progress, log=log,
                       model_named_here=True)
 
 
 # what a job writes at the top of --out, and a training run's files: a fresh job never writes over or beside them
 JOB_OUTPUTS = ("report.json", "report.md", "recipe.yaml", "accuracy_vs_flops.png", "*/run.json", "*/round_*",
-               "*/phases", "*/training", "*/encoder", "model.safetensors", "train_state.pt")
+               "*/phases", "*/training", "*/hf", "model.safetensors", "train_state.pt")
 
 
 @locked_output("a pruning run", JOB_OUTPUTS)
@@ -126,26 +129,35 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = 
     ``model_named_here`` says the caller typed the model itself (``prune_job``, ``prunekit prune METHOD --model``).
     """
     from prunekit.jobs import default_augment, load_dense
-    from prunekit.retrieval_job import hf_folder, is_hf_model, load_retrieval_source, resolved_model
+    from prunekit.hf_job import hf_folder, is_hf_model, load_hf_source, resolved_model
 
     spec = get_method(recipe.method)
     source, job = recipe.job.source, recipe.job
     torch.manual_seed(job.seed)  # a network built from a zoo name without a checkpoint starts from this seed
     model_name = source.model
+    text = is_hf_model(source.model) and (source.data is None or source.data.name in TEXT_TASKS)
     if is_hf_model(source.model):
         hf_folder(source.model)  # a missing folder first: it is the likelier mistake
+    if text:
         for config in recipe.configs:  # refused before the (slow) load and dense measurement
             if getattr(config, "reconstruction_images", 0):
                 raise ValueError("the least-squares re-fit reads training images, which a text task has none of: "
                                  "pass --reconstruction-images 0 (reconstruction_images=0); a sentence encoder "
                                  "recovers by distillation (--distill-steps)")
-        dense, base, splits = load_retrieval_source(source.model, source.checkpoint, source.data)
+            trains = [f for f in ("finetune_epochs", "epochs", "admm_epochs", "retrain_epochs") if getattr(config, f, 0)]
+            if trains:
+                raise ValueError(f"{spec.name} trains on labelled images ({', '.join(trains)} > 0), which a text task "
+                                 "has none of; use a method that prunes without training (l1, taylor, the curvature "
+                                 "family, eigendamage) with its fine-tuning epochs at 0, and recover by distillation "
+                                 "(--distill-steps)")
+    elif job.distill is not None:
+        raise ValueError("distillation (--distill-steps, job.distill) recovers a Hugging Face sentence encoder on a "
+                         "text task (--model hf:FOLDER --data wordnet-retrieval); an image model recovers by its "
+                         "method's fine-tuning (--finetune-epochs)")
+    if is_hf_model(source.model):
+        dense, base, splits = load_hf_source(source.model, source.checkpoint, source.data)
         data_cfg, model_name = source.data or DataConfig(name="wordnet-retrieval"), resolved_model(source.model)
     else:
-        if job.distill is not None:
-            raise ValueError("distillation (--distill-steps, job.distill) recovers a Hugging Face sentence encoder "
-                             "(--model hf:FOLDER); an image model recovers by its method's fine-tuning "
-                             "(--finetune-epochs)")
         dense, base, data_cfg = load_dense(source.model, source.checkpoint, source.data, source.trusted_factories,
                                            model_named_here)
         splits = load_dataset(data_cfg)
@@ -159,9 +171,10 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = 
                               f"{dense_sha256[:12]}...); give the recipe's network, or drop dense_sha256 from the "
                               "recipe to prune this one")
     checkpoint = str(Path(source.checkpoint).resolve()) if source.checkpoint is not None else None
+    distill = (job.distill or DistillConfig()) if text else None  # the default written out: a re-run keeps it
     resolved = Recipe(recipe.method, recipe.configs, JobConfig(
         ModelSource(model_name, checkpoint, data_cfg, (), dense_sha256), train, job.seed, job.measure_latency,
-        job.distill))
+        distill))
     outdir = Path(out) if out is not None else None
     if outdir is not None:
         # everything that can refuse the job is checked before it writes anything
@@ -214,7 +227,7 @@ def _remove_unstarted(outdir: Path, recipe: Recipe) -> None:
 def _run(spec, resolved: Recipe, dense: nn.Module, base: dict[str, Any], splits: DataSplits | RetrievalData,
          train: TrainConfig, outdir: Path | None, resume: bool, progress: bool, log: Callable[[str], None]
          ) -> JobResult:
-    from prunekit.retrieval_job import distill_recovery_, summarize_retrieval
+    from prunekit.hf_job import distill_recovery_, summarize_retrieval
 
     job = resolved.job
     dense_sha256 = resolved.job.source.dense_sha256
@@ -241,7 +254,7 @@ def _run(spec, resolved: Recipe, dense: nn.Module, base: dict[str, Any], splits:
         record = prune_(net, config, splits, ctx)
         recovery = {}
         if text:
-            recovery = distill_recovery_(net, dense, splits, job.distill or DistillConfig(), job.seed, progress, log)
+            recovery = distill_recovery_(net, dense, splits, job.distill, job.seed, progress, log)
             record.notes.append(f"val/test acc are recall@1 ({splits.describe()}); embedding distillation "
                                 f"{recovery['distill_steps']} steps: cosine to the dense embeddings of the validation "
                                 f"texts {recovery['fidelity_before_distill']:.3f} -> {recovery['fidelity']:.3f}")
@@ -292,10 +305,10 @@ def _save_run(folder: Path, net: nn.Module, base: dict[str, Any], record: PruneR
               splits: DataSplits | RetrievalData, row: dict[str, Any], dense_sha256: str) -> Path:
     from prunekit.measurement.plots import plot_kept_width
     from prunekit.persistence.architecture import save_compressed
-    from prunekit.retrieval_job import save_retrieval_run
+    from prunekit.hf_job import save_hf_run
 
-    if isinstance(splits, RetrievalData):  # a transformers folder, reloaded by prunekit.load_pruned
-        path = save_retrieval_run(folder, net, splits, record)
+    if "hf" in base:  # a transformers folder, reloaded by prunekit.load_pruned
+        path = save_hf_run(folder, net, splits, record)
     else:
         path = save_compressed(folder / "model.safetensors", net, base, record.changes, {
             "method": method, "config": config.to_dict(), "data": splits.config.to_dict(),
@@ -327,7 +340,7 @@ def write_job_report(outdir: Path, result: JobResult, base: dict[str, Any], spec
             "rounds": run.record.rounds, "notes": run.record.notes, "results": run.record.results,
             "encoding": run.record.encoding, "changes": len(run.record.changes),
             "kept_width": {k: list(v) for k, v in run.record.kept_width.items()},
-            "model": f"{label}/model.safetensors"}
+            "model": str(run.checkpoint.relative_to(outdir)) if run.checkpoint else None}
         if run.record.kept_width:
             images.append(f"{label}/kept_width.png")
         images += [f"{label}/{name}" for name in run.record.figures]
@@ -357,24 +370,24 @@ def write_job_report(outdir: Path, result: JobResult, base: dict[str, Any], spec
 
 def model_path(path: str | Path, hf: bool = False) -> Path:
     """A checkpoint file as given, or the compressed model of a run folder: ``RUN/model.safetensors``, or for a
-    job's output folder, the model of its only run. With ``hf``, a pruned Hugging Face encoder folder
-    (``RUN/encoder``) is returned too.
+    job's output folder, the model of its only run. With ``hf``, a pruned Hugging Face folder (``RUN/hf``) is
+    returned too.
 
     Raises:
-        ValueError: a folder with several runs (the message lists them) or none; a pruned Hugging Face encoder
+        ValueError: a folder with several runs (the message lists them) or none; a pruned Hugging Face model
             without ``hf``.
     """
-    from prunekit.retrieval_job import encoder_folder
+    from prunekit.hf_job import pruned_hf_folder
 
     path = Path(path)
     if not path.is_dir():
         return path
-    encoder = encoder_folder(path)
+    encoder = pruned_hf_folder(path)
     if encoder is not None:
         if hf:
             return encoder
-        raise ValueError(f"{encoder} is a pruned Hugging Face encoder: `prunekit export {encoder} --onnx FILE` "
-                         "and prunekit.load_pruned read it; this command reads prunekit image checkpoints")
+        raise ValueError(f"{encoder} is a pruned Hugging Face model: `prunekit export {encoder} --onnx FILE` "
+                         "and prunekit.load_pruned read it; this command reads prunekit checkpoints")
     if (path / "model.safetensors").is_file():
         return path / "model.safetensors"
     runs = sorted(p.parent.name for p in path.glob("*/model.safetensors"))

@@ -97,8 +97,8 @@ def build_base(spec: dict[str, Any], trusted_factories: Collection[str] = (), so
         source: Where the spec came from, for that message.
     """
     if "hf" in spec:
-        raise ValueError(f"{source} holds a round of a Hugging Face encoder pruned from {spec['hf']}; the job's "
-                         "RUN/encoder folder is the model (prunekit.load_pruned)")
+        raise ValueError(f"{source} holds a round of a Hugging Face model pruned from {spec['hf']}; the job's "
+                         "RUN/hf folder is the model (prunekit.load_pruned)")
     if "factory" in spec:
         check_factory_trusted(spec, trusted_factories, source)
         model = load_factory(spec["factory"])()

@@ -80,7 +80,15 @@ def load_pretrained(path: str | Path) -> nn.Module:
         raise CheckpointError(f"{folder}/config.json names no architectures; load the model yourself and pass the "
                               "object")
     cls = _model_class(names[0], str(folder))
-    return cls.from_pretrained(folder, local_files_only=True).eval()
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # a bar per load would break the CLI's one-line errors and clutter logs
+    try:
+        return cls.from_pretrained(folder, local_files_only=True).eval()
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def describe_inputs(example_inputs: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:

@@ -68,10 +68,10 @@ def _check_model(where: str, value: Any) -> dict[str, Any]:
     shape = spec.get("input_shape")
     if shape is not None and not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v, 1) for v in shape)):
         raise _fail(where, "model.input_shape", "a list of 3 positive ints (C, H, W)", shape)
-    if "hf" in spec:  # the round files of a Hugging Face job (its model is the RUN/encoder folder)
+    if "hf" in spec:  # the round files of a Hugging Face job (its model is the RUN/hf folder)
         if sorted(spec) != ["class", "hf"] or not all(isinstance(spec[k], str) for k in spec) \
                 or not spec["class"].isidentifier():
-            raise MetadataError(f"{where}: metadata field 'model' of a Hugging Face encoder holds 'hf' (its folder) "
+            raise MetadataError(f"{where}: metadata field 'model' of a Hugging Face model holds 'hf' (its folder) "
                                 f"and 'class' (a transformers class name) only; got {str(spec)[:160]}")
         return spec
     if "factory" in spec:
