@@ -47,6 +47,9 @@ QUICK = {
     # the authors' recipe: the logits' own Adam (its moments go through every commit), a normal start
     "dpp": prunekit.DPPConfig(k=1, n=4, quant="bits=8", epochs=2, logit_init="normal", logit_optimizer="adam",
                               temperature=prunekit.TemperatureSchedule(5.0, 0.5, "linear"), entropy_weight=0.01),
+    # rank updates every step so that two epochs of a tiny run move the probabilities and penalties
+    "spp": prunekit.SPPConfig(target="flops=0.5", epochs=2, interval=1),
+    "increg": prunekit.IncRegConfig(target="flops=0.5", epochs=1, interval=1, finetune_epochs=1),
 }
 REPORT_KEYS = {"format", "title", "method", "paper", "recipe", "dense", "runs"}
 RUN_KEYS = {"config", "compressed", "storage", "rounds", "notes", "results", "encoding", "changes", "kept_width",

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunekit.channels.graph import ChannelGraph, ChannelGroup, ChannelPlan, ParamSlice, SliceKind
+from prunekit.channels.graph import ChannelGraph, ChannelGroup, ChannelPlan, ParamSlice
 from prunekit.methods.dpp import DPPConfig, DPPHooks, gumbel_topk_mask, initial_logits, mask_metrics, topk_mask
+from prunekit.methods.group_training import SliceMask, producer_slices
 from prunekit.planning.allocation import AllocationConfig, CostModel, Target, plan_for_target
 
 
@@ -55,36 +56,6 @@ class GroupMask(nn.Module):
         if self._draw is None:
             self._draw = gumbel_topk_mask(self.logits, self.k, self.temperature, self.noise_scale)
         return self._draw
-
-
-class _SliceMask(nn.Module):
-    """Parametrization multiplying a parameter's slice of one group by that group's channel mask."""
-
-    def __init__(self, mask: GroupMask, s: ParamSlice) -> None:
-        super().__init__()
-        # held outside the module tree: the logits belong to the model's ``_dpp_group_masks`` only, so every
-        # state_dict (a checkpoint of the training) holds them once
-        self._group = [mask]
-        self.dim = s.dim
-        self.register_buffer("idxs", s.idxs.clone(), persistent=False)
-        self.register_buffer("root_idxs", s.root_idxs.clone(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        full = torch.ones(x.shape[self.dim], dtype=x.dtype, device=x.device)
-        full = full.index_put((self.idxs,), self._group[0].channel_mask()[self.root_idxs].to(x.dtype))
-        shape = [1] * x.dim()
-        shape[self.dim] = -1
-        return x * full.reshape(shape)
-
-
-def _producers(group: ChannelGroup) -> list[ParamSlice]:
-    """The slices that make a channel's value: OUT members' weights and biases, and every norm slice."""
-    out = []
-    for m in group.members:
-        for s in m.slices:
-            if s.is_norm or m.kind is SliceKind.OUT:
-                out.append(s)
-    return out
 
 
 def group_keep_counts(model: nn.Module, graph: ChannelGraph, input_shape: tuple[int, ...],
@@ -136,13 +107,13 @@ def dpp_filter_prune_(model: nn.Module, data, target: Target, config: DPPConfig,
     modules = dict(model.named_modules())
     registered: list[tuple[nn.Module, str]] = []
     for g in graph.groups:
-        producers = _producers(g)
+        producers = producer_slices(g)
         if keep[g.root] >= g.size or any(p.name not in params for p in producers):
             continue  # nothing to remove, or a producer that is not a module parameter (left dense)
         masks[g.root] = GroupMask(g, keep[g.root], config)
         for s in producers:
             module_name, _, attr = s.name.rpartition(".")
-            parametrize.register_parametrization(modules[module_name], attr, _SliceMask(masks[g.root], s))
+            parametrize.register_parametrization(modules[module_name], attr, SliceMask(masks[g.root], s))
             registered.append((modules[module_name], attr))
     if not masks:
         raise ValueError(f"the DPP group pattern: target {target} removes no channel from any group")
