@@ -50,6 +50,7 @@ QUICK = {
     # rank updates every step so that two epochs of a tiny run move the probabilities and penalties
     "spp": prunekit.SPPConfig(target="flops=0.5", epochs=2, interval=1),
     "increg": prunekit.IncRegConfig(target="flops=0.5", epochs=1, interval=1, finetune_epochs=1),
+    "sdprun": prunekit.SDprunConfig(target="flops=0.5", epochs=1, finetune_epochs=1),
 }
 REPORT_KEYS = {"format", "title", "method", "paper", "recipe", "dense", "runs"}
 RUN_KEYS = {"config", "compressed", "storage", "rounds", "notes", "results", "encoding", "changes", "kept_width",

@@ -1,6 +1,6 @@
-"""SPP (sampled masks from rank-driven probabilities) and IncReg (rank-driven growing penalties): the increment
-functions against their formulas, the invariants of each method's state, and both methods end to end through the
-registry, the saved record and the CLI."""
+"""SPP (sampled masks from rank-driven probabilities), IncReg (rank-driven growing penalties) and sDprun
+(group-thresholded dual averaging): the update rules against their formulas, the invariants of each method's state,
+and the methods end to end through the registry, the saved record and the CLI."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from prunekit.channels.graph import ChannelGraph
 from prunekit.cli import main
 from prunekit.methods.group_training import GroupUnits, rank_increment
 from prunekit.methods.increg import IncRegHooks
+from prunekit.methods.sdprun import GRDAHooks
 from prunekit.methods.spp import SPPHooks, UnitDraw
 
 
@@ -103,12 +104,33 @@ def test_spp_masks_are_drawn_with_their_probabilities():
     assert draw.probability[4] == 1.0  # a unit at 1 stays out
 
 
-@pytest.mark.parametrize("method", ["spp", "increg"])
-def test_both_methods_meet_the_target_and_their_models_reload(method, tmp_path):
+def test_a_grda_step_is_the_group_soft_threshold_of_the_accumulated_gradients():
+    model = _lenet()
+    units = _units(model)
+    train = prunekit.TrainConfig(epochs=1, lr=0.1, warmup=0.0, schedule="step")
+    hooks = GRDAHooks(units, {root: 0.5 for root in units.groups}, 0.6, train, steps_per_epoch=10, epochs=1)
+    w0, b0 = model.conv1.weight.detach().clone(), model.conv1.bias.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    hooks.after_step(model, None, 0)
+    a_w, a_b = w0 - train.lr_at(0.0), b0 - train.lr_at(0.0)  # a_1 = w_0 - gamma * grad
+    g = 0.5 * math.sqrt(0.1) * (1 * 0.1) ** 0.6  # c sqrt(gamma) (n gamma)^mu
+    norms = (a_w.flatten(1).pow(2).sum(1) + a_b.pow(2)).sqrt()
+    factor = (1 - g * math.sqrt(a_w[0].numel() + 1) / norms).clamp_min(0)
+    assert torch.allclose(model.conv1.weight, a_w * factor[:, None, None, None], atol=1e-6)
+    assert torch.allclose(model.conv1.bias, a_b * factor, atol=1e-6)
+    hooks.c = {root: 1e6 for root in units.groups}  # a huge threshold zeroes every unit's conv/linear weights
+    hooks.after_step(model, None, 1)
+    assert float(model.conv1.weight.detach().abs().sum()) == 0 and hooks.choose()[1] == units.total()
+
+
+@pytest.mark.parametrize("method", ["spp", "increg", "sdprun"])
+def test_the_methods_meet_the_target_and_their_models_reload(method, tmp_path):
     data = prunekit.load_dataset("synthetic")
     model = _lenet()
     dense = prunekit.count_flops(model, (1, 1, 12, 12))
-    config = prunekit.get_method(method).config(target="flops=0.5", epochs=1, interval=2, finetune_epochs=1)
+    extra = {} if method == "sdprun" else {"interval": 2}
+    config = prunekit.get_method(method).config(target="flops=0.5", epochs=1, finetune_epochs=1, **extra)
     ctx = prunekit.RunContext(progress=False, log=lambda *_: None, seed=3,
                               train=prunekit.TrainConfig(epochs=0, lr=0.02, augment="none"))
     record = prunekit.prune_(model, config, data, ctx)
@@ -131,6 +153,8 @@ def test_both_methods_meet_the_target_and_their_models_reload(method, tmp_path):
     ("increg", {"interval": 0}, "interval must be an int >= 1"),
     ("increg", {"amplitude": -1.0}, "amplitude must be a number > 0"),
     ("increg", {"ceiling": 0}, "ceiling must be a number in"),
+    ("sdprun", {"mu": 1.5}, "mu must be in"),
+    ("sdprun", {"c": -1.0}, "c must be a number > 0"),
 ])
 def test_bad_settings_are_refused(method, values, message):
     with pytest.raises(ValueError, match=message):

@@ -33,6 +33,7 @@ from prunekit.methods.dpp import DPPConfig
 from prunekit.methods.eigendamage import BottleneckForm, EigenDamageConfig
 from prunekit.methods.increg import IncRegConfig
 from prunekit.methods.registry import PruneRecord, RunContext, get_method, list_methods, method_for, prune_
+from prunekit.methods.sdprun import SDprunConfig
 from prunekit.methods.spp import SPPConfig
 from prunekit.models import ModelConfig, create_model, list_models
 from prunekit.persistence.architecture import load_compressed, save_compressed
@@ -58,6 +59,6 @@ __all__ = [
     "load_compressed", "load_dataset", "load_model", "load_pretrained", "load_pruned", "measure_latency", "method_for", "ModelConfig",
     "ModelSource", "ModelSummary", "ObsUpdate", "Pattern", "prune_", "prune_job", "PruneRecord",
     "QuantConstraint", "QuantKind", "RandomConfig", "read_metadata", "Recipe", "RoundSchedule", "run_recipe",
-    "RunContext", "save_checkpoint", "save_compressed", "save_pruned", "Schedule", "SPPConfig", "storage_bits", "summarize", "Target",
+    "RunContext", "save_checkpoint", "save_compressed", "save_pruned", "Schedule", "SDprunConfig", "SPPConfig", "storage_bits", "summarize", "Target",
     "TargetMetric", "TaylorConfig", "TemperatureSchedule", "TrainConfig",
 ]

@@ -192,6 +192,7 @@ def train_then_remove_(model: nn.Module, data, units: GroupUnits, hooks, epochs:
     resume = ctx.resume and commit is not None and (commit / "train_state.pt").is_file()
     history = fit(model, data, replace(train, epochs=epochs), commit, progress=ctx.progress, hooks=hooks,
                   resume=resume, log=ctx.log, select_best=False).history if epochs else []
+    loss_trained = evaluate(model, data.train)["loss"] if epochs else None  # same measure as before: no augmentation
     removed = choose()
     plan = units.plan(removed)
     flops_inputs = data.flops_inputs()
@@ -215,7 +216,7 @@ def train_then_remove_(model: nn.Module, data, units: GroupUnits, hooks, epochs:
             metadata={"model": ctx.base, "architecture_changes": record.changes} if ctx.base else None)
     loss_after = evaluate(model, data.train)["loss"] if epochs else None
     record.rounds = history
-    record.results = {"train_loss_before": loss_before, "train_loss_after_training": history[-1]["train_loss"]
-                      if history else None, "train_loss_after": loss_after,
+    record.results = {"train_loss_before": loss_before, "train_loss_after_training": loss_trained,
+                      "train_loss_after": loss_after,
                       "removed_units": {root: len(u) for root, u in removed.items()}}
     return record, plan

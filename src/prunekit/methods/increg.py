@@ -35,17 +35,21 @@ from prunekit.training import TrainHooks
 
 
 def check_budget(config: Any) -> None:
-    """The settings SPP and IncReg share: target, epochs, interval, BatchNorm images, fine-tuning epochs."""
+    """The settings the training methods (SPP, IncReg, sDprun) share, where the config has them: target, epochs,
+    interval, BatchNorm images, fine-tuning epochs, amplitude."""
     if not isinstance(config.target, Target):
         raise ValueError(f"target must be a Target or text like flops=0.25, got {config.target!r}")
     for name in ("epochs", "interval", "bn_images", "finetune_epochs"):
+        if not hasattr(config, name):
+            continue
         value = getattr(config, name)
         low = 1 if name in ("epochs", "interval") else 0
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if config.amplitude is not None and not (isinstance(config.amplitude, (int, float)) and 0 < config.amplitude
-                                             and math.isfinite(config.amplitude)):
-        raise ValueError(f"amplitude must be a number > 0 (or None: chosen from the budget), got {config.amplitude!r}")
+    amplitude = getattr(config, "amplitude", None)
+    if amplitude is not None and not (isinstance(amplitude, (int, float)) and 0 < amplitude
+                                      and math.isfinite(amplitude)):
+        raise ValueError(f"amplitude must be a number > 0 (or None: chosen from the budget), got {amplitude!r}")
 
 
 def updates_in(data, train, epochs: int, interval: int) -> int:
