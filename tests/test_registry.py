@@ -51,6 +51,7 @@ QUICK = {
     "spp": prunekit.SPPConfig(target="flops=0.5", epochs=2, interval=1),
     "increg": prunekit.IncRegConfig(target="flops=0.5", epochs=1, interval=1, finetune_epochs=1),
     "sdprun": prunekit.SDprunConfig(target="flops=0.5", epochs=1, finetune_epochs=1),
+    "djpq": prunekit.DJPQConfig(bops=0.5, epochs=2),
 }
 REPORT_KEYS = {"format", "title", "method", "paper", "recipe", "dense", "runs"}
 RUN_KEYS = {"config", "compressed", "storage", "rounds", "notes", "results", "encoding", "changes", "kept_width",

@@ -263,7 +263,7 @@ def relative_bits(weight: torch.Tensor, codec: ValueCodec, gap_bits: int) -> int
     return entries * (codec.bits + gap_bits) + codec.overhead_bits
 
 
-def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = None,
+def format_storage(model: nn.Module, layers: list[str], code_bits: int | dict[str, int] | None = None,
                    scales: dict[str, float] | None = None,
                    k_of_n: tuple[int, int] | dict[str, tuple[int, int]] | None = None,
                    gap_bits: int = 5, dense_bits: int | None = None) -> dict[str, Any]:
@@ -271,8 +271,8 @@ def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = 
 
     ``k_of_n`` adds the fixed-k format: one ``(k, n)`` for every layer, or one per layer.
 
-    Those weights are stored as float32 values, or as ``code_bits`` codes with one float32 scale per layer
-    (``scales``); every other parameter (biases, norms, other layers) as dense float32. Returns total bits per
+    Those weights are stored as float32 values, or as ``code_bits`` codes (one width for all, or one per layer:
+    mixed precision) with one float32 scale per layer (``scales``); every other parameter (biases, norms, other layers) as dense float32. Returns total bits per
     format (``per-layer``: every layer in its own smallest format), the dense float32 size (``dense_bits``: the
     unpruned model's, when channels were removed physically; default ``model``'s own) and the compression ratio of
     each format.
@@ -285,7 +285,8 @@ def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = 
     choice_bits = index_bits(len(formats)) + index_bits(len(PER_LAYER_GAP_BITS))  # per layer: format, gap width
     for name in layers:
         w = modules[name].weight.detach().cpu()
-        codec = value_codec(w, code_bits, (scales or {}).get(name)) if code_bits else value_codec(w)
+        bits = code_bits.get(name) if isinstance(code_bits, dict) else code_bits
+        codec = value_codec(w, bits, (scales or {}).get(name)) if bits else value_codec(w)
         k, n = (k_of_n[name] if isinstance(k_of_n, dict) else k_of_n) if k_of_n else (None, None)
         layer = {}
         for fmt in formats:
@@ -298,14 +299,21 @@ def format_storage(model: nn.Module, layers: list[str], code_bits: int | None = 
     return {"dense_float32_bits": dense_bits, "bits": totals,
             "compression": {f: dense_bits / b for f, b in totals.items()},
             "best": min(totals, key=totals.get), "relative_gap_bits": gap_bits,
-            "values": f"{code_bits}-bit codes" if code_bits else "float32"}
+            "values": _values_label(code_bits)}
+
+
+def _values_label(code_bits: int | dict[str, int] | None) -> str:
+    if isinstance(code_bits, dict):
+        return f"{min(code_bits.values())}-{max(code_bits.values())}-bit codes per layer" if code_bits else "float32"
+    return f"{code_bits}-bit codes" if code_bits else "float32"
 
 
 def encoding_storage(model: nn.Module, encoding: dict[str, Any], dense_bits: int | None = None,
                      gap_bits: int = 5) -> dict[str, Any]:
     """:func:`format_storage` of a model as a method's record describes its weights: ``encoding["masked_layers"]``
     (the layers whose zeros the formats may skip; default every Conv2d/Linear layer), ``quant`` (e.g. ``bits=4``),
-    ``scales`` (layer -> step) and ``k_of_n`` (layer -> [k, n])."""
+    or ``layer_bits`` (layer -> code width: mixed precision), ``scales`` (layer -> step) and ``k_of_n``
+    (layer -> [k, n])."""
     from prunekit.planning.constraints import QuantConstraint
 
     layers = list(encoding.get("masked_layers") or []) if encoding.get("masked_layers") is not None else \
@@ -322,6 +330,9 @@ def encoding_storage(model: nn.Module, encoding: dict[str, Any], dense_bits: int
                 else:
                     scales[name] = step
     k_of_n = {name: tuple(kn) for name, kn in (encoding.get("k_of_n") or {}).items()} or None
+    if encoding.get("layer_bits"):
+        per_layer = {name: int(b) for name, b in encoding["layer_bits"].items()}
+        return format_storage(model, list(layers), per_layer, scales, k_of_n, gap_bits, dense_bits)
     return format_storage(model, list(layers), code_bits, scales if code_bits else None, k_of_n, gap_bits,
                           dense_bits)
 

@@ -29,7 +29,7 @@ from prunekit.training import FINETUNE_LR, FINETUNE_WARMUP, TrainConfig
 # the modules that register methods, imported on first use of the registry
 METHOD_MODULES = ("prunekit.methods.channel", "prunekit.methods.eigendamage", "prunekit.methods.admm",
                   "prunekit.methods.dpp", "prunekit.methods.spp", "prunekit.methods.increg",
-                  "prunekit.methods.sdprun")
+                  "prunekit.methods.sdprun", "prunekit.methods.djpq")
 
 
 @dataclass

@@ -264,6 +264,13 @@ def _check_encoding(where: str, value: Any) -> dict[str, Any]:
     for layer, kn in (encoding.get("k_of_n") or {}).items():
         if not (isinstance(kn, list) and len(kn) == 2 and all(_is_int(v, 1) for v in kn) and kn[0] < kn[1]):
             raise _fail(where, f"encoding.k_of_n[{layer}]", "[k, n] with 1 <= k < n", kn)
+    bits = encoding.get("layer_bits")
+    if bits is not None:
+        if not isinstance(bits, dict) or not all(_is_int(b, 1) and b <= 16 for b in bits.values()):
+            raise _fail(where, "encoding.layer_bits", "layer names to code widths of 1 to 16 bits", bits)
+        if set(bits) - set(encoding.get("scales") or {}):
+            raise _fail(where, "encoding.layer_bits", "layers that also have a scale in encoding.scales",
+                        sorted(set(bits) - set(encoding.get("scales") or {})))
     return encoding
 
 
