@@ -208,7 +208,8 @@ class TrainHooks:
     ``before_epoch`` runs at the start of every epoch (also the first one after a resume: set per-epoch state such
     as a temperature here); ``penalty`` is added to the loss of every step; ``after_step`` runs after each optimizer
     step (re-apply masks, update ADMM variables every N steps); ``after_epoch`` after each epoch's training, before
-    validation; ``epoch_metrics`` returns numbers added to the epoch's history row (committed with it, so a resumed
+    validation; ``before_step`` sees the gradients after backward, before the optimizer step (a regularizer that
+    edits gradients, such as Torch-Pruning's); ``epoch_metrics`` returns numbers added to the epoch's history row (committed with it, so a resumed
     run keeps them); ``param_groups`` may split the parameters into optimizer groups, each with an ``lr_scale``
     (times the scheduled learning rate) and its own ``weight_decay`` (e.g. mask logits: faster, no decay);
     ``state_dict``/``load_state_dict`` carry the hooks' own training state (a second optimizer's moments) through
@@ -232,6 +233,9 @@ class TrainHooks:
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         return None
+
+    def before_step(self, model: nn.Module) -> None:
+        pass
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         pass
@@ -339,6 +343,7 @@ def fit(
                 objective = objective + penalty
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
+            hooks.before_step(model)
             optimizer.step()
             hooks.after_step(model, optimizer, epoch * steps_per_epoch + step)
             loss_sum += loss.item() * len(y)
