@@ -51,7 +51,6 @@ from common import (
     CHECKPOINT_DIR,
     CHECKPOINTS,
     ROOT,
-    RowCache,
     dense_summary,
     finish_row,
     fmt_acc,
@@ -60,7 +59,6 @@ from common import (
     model_settings,
     prune_copy,
     quick_dense,
-    quiet,
     row_key,
     run_setup,
     structural_config,
@@ -118,25 +116,45 @@ def prune_growing_reg(dense, data, factor: float, s, train_epochs: int, progress
                  "train_loss_before": loss_before, "train_loss_after_training": loss_after}
 
 
-def channel_row(model_name: str, method: str, factor: float, dense, data, s, dense_row, args, progress: bool):
-    """One channel row (see the module docstring)."""
-    t0 = time.perf_counter()
-    rest = replace(s, finetune=replace(s.finetune, epochs=args.budget - args.train_epochs))
-    if method == "l1":
-        net, record = prune_copy(dense, structural_config("l1", 1 / factor, s), data, s.seed)
-        info, last, tool = {}, s, "prunekit"
-    elif method == "growing-reg":
-        net, info = prune_growing_reg(dense, data, factor, s, args.train_epochs, progress)
-        last, tool = rest, "torch-pruning"
-    else:
+def _reference(dense, data, s, factor: float, args, progress: bool):
+    """One-shot L1, then the whole budget as fine-tuning."""
+    net, _ = prune_copy(dense, structural_config("l1", 1 / factor, s), data, s.seed)
+    return net, {}, s, "prunekit", 0
+
+
+def _growing_reg(dense, data, s, factor: float, args, progress: bool):
+    net, info = prune_growing_reg(dense, data, factor, s, args.train_epochs, progress)
+    return net, info, _rest(s, args), "torch-pruning", args.train_epochs
+
+
+def _trained(method: str):
+    """A registered training method: its own epochs, then the rest of the budget as fine-tuning."""
+
+    def run(dense, data, s, factor: float, args, progress: bool):
         config = method_config(method, target=prunekit.Target("flops", 1 / factor), epochs=args.train_epochs,
                                bn_images=s.bn_recalibration_images, finetune_epochs=0)
         net, record = prune_copy(dense, config, data, s.seed, train=replace(s.finetune, epochs=0))
         info = {k: v for k, v in record.results.items() if isinstance(v, (int, float, str)) or v is None}
-        last, tool = rest, "prunekit"
+        return net, info, _rest(s, args), "prunekit", args.train_epochs
+
+    return run
+
+
+def _rest(s, args):
+    return replace(s, finetune=replace(s.finetune, epochs=args.budget - args.train_epochs))
+
+
+ROWS = {"l1": _reference, "growing-reg": _growing_reg, **{m: _trained(m) for m in METHODS}}
+TOOLS = {"growing-reg": "torch-pruning"}  # the cache key's tool; prunekit otherwise
+
+
+def channel_row(model_name: str, method: str, factor: float, dense, data, s, dense_row, args, progress: bool):
+    """One channel row (see the module docstring)."""
+    t0 = time.perf_counter()
+    net, info, last, tool, train_epochs = ROWS[method](dense, data, s, factor, args, progress)
     seconds = time.perf_counter() - t0
     row = finish_row(model_name, tool, method, factor, dense, net, data, last, dense_row, seconds, info, progress)
-    row.update(budget=args.budget, train_epochs=0 if method == "l1" else args.train_epochs)
+    row.update(budget=args.budget, train_epochs=train_epochs)
     return row
 
 
@@ -169,7 +187,8 @@ def channel_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) 
                     if info.get("train_loss_before") is not None else "-")
             test = fmt_acc(r["test_acc"])
             lines.append(f"| {model} ({fmt_acc(dense[model]['test_acc'])}) | x{factor:g} | {names[r['method']]} | "
-                         f"{r['flops_reduction']:.2f}x | {r['params_reduction']:.2f}x | {fmt_acc(r['test_acc_pruned'])} | "
+                         f"{r['flops_reduction']:.2f}x | {r['params_reduction']:.2f}x | "
+                         f"{fmt_acc(r['test_acc_pruned'])} | "
                          f"{fmt_acc(r['val_acc'])} | {f'**{test}**' if r is best else test} | {loss} |")
     return "\n".join(lines)
 
@@ -247,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             cache.put(f"{model_name}__dense", sdict, dense_rows[model_name])
         for factor in args.factors:
             for method in jobs:
-                key = row_key(model_name, "torch-pruning" if method == "growing-reg" else "prunekit", method, factor)
+                key = row_key(model_name, TOOLS.get(method, "prunekit"), method, factor)
                 rows.append(cache.get_or_run(key, sdict, channel_row, model_name, method, factor, dense, data, s,
                                              dense_rows[model_name], args, progress,
                                              announce=f"{model_name} x{factor:g} {method}: test acc {{test_acc:.4f}}, "

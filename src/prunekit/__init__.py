@@ -29,8 +29,8 @@ from prunekit.methods.channel import (
     RandomConfig,
     TaylorConfig,
 )
-from prunekit.methods.dpp import DPPConfig
 from prunekit.methods.djpq import DJPQConfig
+from prunekit.methods.dpp import DPPConfig
 from prunekit.methods.eigendamage import BottleneckForm, EigenDamageConfig
 from prunekit.methods.increg import IncRegConfig
 from prunekit.methods.registry import PruneRecord, RunContext, get_method, list_methods, method_for, prune_
@@ -54,12 +54,13 @@ __version__ = "0.2.0"
 __all__ = [
     "ADMMConfig", "Allocation", "AllocationConfig", "Annealing", "Augment", "BNConfig", "BottleneckForm",
     "CheckpointError", "COBDConfig", "COBSConfig", "ConvFactor", "count_flops", "count_params", "create_model",
-    "DampingMode", "DataConfig", "DataSplits", "DistillConfig", "DJPQConfig", "DPPConfig", "EigenDamageConfig", "evaluate", "FisherSettings",
-    "FisherType", "fit", "FitResult", "get_method", "IncRegConfig", "InfeasibleTargetError", "JobConfig", "JobResult",
-    "KronOBDConfig", "KronOBSConfig", "L1Config", "L2Config", "list_datasets", "list_methods", "list_models",
-    "load_compressed", "load_dataset", "load_model", "load_pretrained", "load_pruned", "measure_latency", "method_for", "ModelConfig",
-    "ModelSource", "ModelSummary", "ObsUpdate", "Pattern", "prune_", "prune_job", "PruneRecord",
-    "QuantConstraint", "QuantKind", "RandomConfig", "read_metadata", "Recipe", "RoundSchedule", "run_recipe",
-    "RunContext", "save_checkpoint", "save_compressed", "save_pruned", "Schedule", "SDprunConfig", "SPPConfig", "storage_bits", "summarize", "Target",
-    "TargetMetric", "TaylorConfig", "TemperatureSchedule", "TrainConfig",
+    "DampingMode", "DataConfig", "DataSplits", "DistillConfig", "DJPQConfig", "DPPConfig", "EigenDamageConfig",
+    "evaluate", "FisherSettings", "FisherType", "fit", "FitResult", "get_method", "IncRegConfig",
+    "InfeasibleTargetError", "JobConfig", "JobResult", "KronOBDConfig", "KronOBSConfig", "L1Config", "L2Config",
+    "list_datasets", "list_methods", "list_models", "load_compressed", "load_dataset", "load_model",
+    "load_pretrained", "load_pruned", "measure_latency", "method_for", "ModelConfig", "ModelSource", "ModelSummary",
+    "ObsUpdate", "Pattern", "prune_", "prune_job", "PruneRecord", "QuantConstraint", "QuantKind", "RandomConfig",
+    "read_metadata", "Recipe", "RoundSchedule", "run_recipe", "RunContext", "save_checkpoint", "save_compressed",
+    "save_pruned", "Schedule", "SDprunConfig", "SPPConfig", "storage_bits", "summarize", "Target", "TargetMetric",
+    "TaylorConfig", "TemperatureSchedule", "TrainConfig",
 ]

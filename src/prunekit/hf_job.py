@@ -129,7 +129,8 @@ def _retrieval(encoder: nn.Module, folder: Path, data: DataConfig) -> tuple[InBa
     from prunekit.retrieval import wordnet_retrieval
     from prunekit.text import WORDNET_DIR, RetrievalPairs
 
-    files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+             "sentencepiece.bpe.model")
     if not any((folder / name).is_file() for name in files):
         raise ValueError(f"{folder} has no tokenizer files ({', '.join(files[:3])}, ...); a text task reads the "
                          "encoder's own tokenizer: save it into the folder (tokenizer.save_pretrained(folder))")

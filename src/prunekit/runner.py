@@ -128,8 +128,8 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = 
     holds it, which a recipe read from a file gets from the command (``--trust-factory``), never from the file;
     ``model_named_here`` says the caller typed the model itself (``prune_job``, ``prunekit prune METHOD --model``).
     """
-    from prunekit.jobs import default_augment, load_dense
     from prunekit.hf_job import hf_folder, is_hf_model, load_hf_source, resolved_model
+    from prunekit.jobs import default_augment, load_dense
 
     spec = get_method(recipe.method)
     source, job = recipe.job.source, recipe.job
@@ -144,7 +144,8 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, resume: bool = 
                 raise ValueError("the least-squares re-fit reads training images, which a text task has none of: "
                                  "pass --reconstruction-images 0 (reconstruction_images=0); a sentence encoder "
                                  "recovers by distillation (--distill-steps)")
-            trains = [f for f in ("finetune_epochs", "epochs", "admm_epochs", "retrain_epochs") if getattr(config, f, 0)]
+            trains = [f for f in ("finetune_epochs", "epochs", "admm_epochs", "retrain_epochs")
+                      if getattr(config, f, 0)]
             if trains:
                 raise ValueError(f"{spec.name} trains on labelled images ({', '.join(trains)} > 0), which a text task "
                                  "has none of; use a method that prunes without training (l1, taylor, the curvature "
@@ -303,9 +304,9 @@ def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any]:
 
 def _save_run(folder: Path, net: nn.Module, base: dict[str, Any], record: PruneRecord, config: Any, method: str,
               splits: DataSplits | RetrievalData, row: dict[str, Any], dense_sha256: str) -> Path:
+    from prunekit.hf_job import save_hf_run
     from prunekit.measurement.plots import plot_kept_width
     from prunekit.persistence.architecture import save_compressed
-    from prunekit.hf_job import save_hf_run
 
     if "hf" in base:  # a transformers folder, reloaded by prunekit.load_pruned
         path = save_hf_run(folder, net, splits, record)

@@ -205,15 +205,15 @@ def augment_batch(x: torch.Tensor, mode: Augment, generator: torch.Generator) ->
 class TrainHooks:
     """Extension points of :func:`fit` for methods that train under constraints (ADMM, masked retraining).
 
-    ``before_epoch`` runs at the start of every epoch (also the first one after a resume: set per-epoch state such
-    as a temperature here); ``penalty`` is added to the loss of every step; ``after_step`` runs after each optimizer
-    step (re-apply masks, update ADMM variables every N steps); ``after_epoch`` after each epoch's training, before
-    validation; ``before_step`` sees the gradients after backward, before the optimizer step (a regularizer that
-    edits gradients, such as Torch-Pruning's); ``epoch_metrics`` returns numbers added to the epoch's history row (committed with it, so a resumed
-    run keeps them); ``param_groups`` may split the parameters into optimizer groups, each with an ``lr_scale``
-    (times the scheduled learning rate) and its own ``weight_decay`` (e.g. mask logits: faster, no decay);
-    ``state_dict``/``load_state_dict`` carry the hooks' own training state (a second optimizer's moments) through
-    every epoch's commit, so a resumed run continues it exactly.
+    ``before_epoch`` runs at the start of every epoch (also the first one after a resume: set per-epoch state such as
+    a temperature here); ``penalty`` is added to the loss of every step; ``after_step`` runs after each optimizer step
+    (re-apply masks, update ADMM variables every N steps); ``after_epoch`` after each epoch's training, before
+    validation; ``before_step`` sees the gradients after backward, before the optimizer step (a regularizer that edits
+    gradients, such as Torch-Pruning's); ``epoch_metrics`` returns numbers added to the epoch's history row (committed
+    with it, so a resumed run keeps them); ``param_groups`` may split the parameters into optimizer groups, each with
+    an ``lr_scale`` (times the scheduled learning rate) and its own ``weight_decay`` (e.g. mask logits: faster, no
+    decay); ``state_dict``/``load_state_dict`` carry the hooks' own training state (a second optimizer's moments)
+    through every epoch's commit, so a resumed run continues it exactly.
     """
 
     def state_dict(self) -> dict[str, Any]:

@@ -271,11 +271,11 @@ def format_storage(model: nn.Module, layers: list[str], code_bits: int | dict[st
 
     ``k_of_n`` adds the fixed-k format: one ``(k, n)`` for every layer, or one per layer.
 
-    Those weights are stored as float32 values, or as ``code_bits`` codes (one width for all, or one per layer:
-    mixed precision) with one float32 scale per layer (``scales``); every other parameter (biases, norms, other layers) as dense float32. Returns total bits per
-    format (``per-layer``: every layer in its own smallest format), the dense float32 size (``dense_bits``: the
-    unpruned model's, when channels were removed physically; default ``model``'s own) and the compression ratio of
-    each format.
+    Those weights are stored as float32 values, or as ``code_bits`` codes (one width for all, or one per layer: mixed
+    precision) with one float32 scale per layer (``scales``); every other parameter (biases, norms, other layers) as
+    dense float32. Returns total bits per format (``per-layer``: every layer in its own smallest format), the dense
+    float32 size (``dense_bits``: the unpruned model's, when channels were removed physically; default ``model``'s
+    own) and the compression ratio of each format.
     """
     modules = dict(model.named_modules())
     formats = ["dense", "csr", "relative", "bitmap", "structured"] + (["k-of-n"] if k_of_n else [])

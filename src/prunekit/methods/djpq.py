@@ -9,14 +9,16 @@ b_l * b_a``: ``f`` the fractions of its input and output channels the gates keep
 * **Gates**: one logit ``s_u`` per unit (channel, tied set or head) of every prunable coupled group; the forward
   pass multiplies every slice that produces the unit by the hard gate ``[s_u > 0]`` with the gradient of
   ``sigmoid(s_u)`` (straight-through), and ``f`` is the share of a group's channels open (the same estimator).
-* **Bit-widths**: ``b_l = min_bits + (max_bits - min_bits) clip(beta_l, 0, 1)`` (from ``max_bits``); the weight is fake-quantized with
-  ``L = 2^(b_l - 1) - 1`` levels each side and step ``d = max|w| / L``, ``q = w + d * stopgrad(round(w/d) - w/d)``,
-  so the loss reaches ``b_l`` through the step (the gradient of LSQ, Esser et al. 2020, arXiv 1902.08153); the forward
-  pass uses ``b_l`` rounded to whole bits (straight-through), the grid the weights end on.
+* **Bit-widths**: ``b_l = min_bits + (max_bits - min_bits) clip(beta_l, 0, 1)`` (from ``max_bits``); the weight is
+  fake-quantized with ``L = 2^(b_l - 1) - 1`` levels each side and step ``d = max|w| / L``, ``q = w + d *
+  stopgrad(round(w/d) - w/d)``, so the loss reaches ``b_l`` through the step (the gradient of LSQ, Esser et al. 2020,
+  arXiv 1902.08153); the forward pass uses ``b_l`` rounded to whole bits (straight-through), the grid the weights end
+  on.
 
 At the end each layer's width is rounded to whole bits and its weights are put on that grid (``encoding.layer_bits``
-and ``scales``, so the storage counts are exact), every unit whose gate is closed is removed physically (a group
-keeps at least one), and BatchNorm is re-estimated on the quantized network. ``results["bops"]`` gives the BOPs, before and after.
+and ``scales``, so the storage counts are exact), every unit whose gate is closed is removed physically (a group keeps
+at least one), and BatchNorm is re-estimated on the quantized network. ``results["bops"]`` gives the BOPs, before and
+after.
 
 Deviations from the paper: the gates are straight-through hard gates, not the paper's variational information
 bottleneck; activations stay at a fixed width (``activation_bits``, counted in BOPs, not quantized); the step of
@@ -147,7 +149,8 @@ class DJPQHooks(TrainHooks):
     """The BOPs penalty on every step; gates and bit-widths are trained by the job's optimizer with the weights
     (the model holds them in ``_djpq``), so they go through every commit."""
 
-    def __init__(self, holder: SimpleNamespace, macs: dict[str, float], in_gate: dict[str, str], out_gate: dict[str, str],
+    def __init__(self, holder: SimpleNamespace, macs: dict[str, float], in_gate: dict[str, str],
+                 out_gate: dict[str, str],
                  config: DJPQConfig) -> None:
         self.holder, self.macs, self.in_gate, self.out_gate, self.config = holder, macs, in_gate, out_gate, config
         self.reference = sum(macs.values()) * 8 * 8

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunekit.channels.graph import ChannelGraph, ChannelGroup, ChannelPlan, ParamSlice
+from prunekit.channels.graph import ChannelGraph, ChannelGroup, ChannelPlan
 from prunekit.methods.dpp import DPPConfig, DPPHooks, gumbel_topk_mask, initial_logits, mask_metrics, topk_mask
 from prunekit.methods.group_training import SliceMask, producer_slices
 from prunekit.planning.allocation import AllocationConfig, CostModel, Target, plan_for_target

@@ -24,8 +24,66 @@ import torch
 from torch import nn
 
 from prunekit.channels.graph import ChannelGraph, ChannelGroup, ChannelPlan, ParamSlice, SliceKind
+from prunekit.configs import Config, coerce_fields
 from prunekit.methods.registry import PruneRecord, RunContext
-from prunekit.planning.allocation import AllocationConfig, CostModel, Target, plan_for_target
+from prunekit.planning.allocation import AllocationConfig, CostModel, Target, TargetMetric, plan_for_target
+
+
+@dataclass(frozen=True)
+class UnitTrainingConfig(Config):
+    """Settings every method that trains units out shares.
+
+    Args:
+        target: Keep this fraction of the FLOPs, parameters or channels (``flops=0.25`` or ``flops=x4``), the same
+            fraction of every group.
+        ignore: Modules to leave alone, containers included (the output layer always is).
+        epochs: Epochs of the method's own training.
+        bn_images: Training images for BatchNorm re-estimation after the removal (0 = off).
+        finetune_epochs: Fine-tuning epochs after the removal (best epoch on validation).
+    """
+
+    target: Target = Target(TargetMetric.FLOPS, 0.5)
+    ignore: tuple[str, ...] = ()
+    epochs: int = 1
+    bn_images: int = 512
+    finetune_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        if not isinstance(self.target, Target):
+            raise ValueError(f"target must be a Target or text like flops=0.25, got {self.target!r}")
+        for name, low in (("epochs", 1), ("bn_images", 0), ("finetune_epochs", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RankIncrementConfig(UnitTrainingConfig):
+    """Settings of the methods that move a per-unit quantity by rank (SPP, IncReg).
+
+    Args:
+        amplitude: The paper's ``A``, the largest increment per update (``None``: the least important unit reaches
+            the end of its range half way through ``epochs``).
+        interval: Optimizer steps between rank updates.
+    """
+
+    amplitude: float | None = None
+    interval: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"interval must be an int >= 1, got {self.interval!r}")
+        a = self.amplitude
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < math.inf):
+            raise ValueError(f"amplitude must be a number > 0 (or None: chosen from the budget), got {a!r}")
+
+    def updates(self, data, train) -> int:
+        """Rank updates ``epochs`` of training make with one every ``interval`` optimizer steps."""
+        steps = self.epochs * math.ceil(len(data.train) / train.batch_size)
+        return max(1, steps // self.interval)
 
 
 def producer_slices(group: ChannelGroup) -> list[ParamSlice]:
@@ -121,7 +179,8 @@ class GroupUnits:
     @torch.no_grad()
     def l1(self) -> dict[str, torch.Tensor]:
         """Per group, each unit's L1 norm over its producing slices (float64, CPU): the ranking criterion."""
-        return {root: self._per_unit(g, lambda rows: rows.abs().sum(1)).double().cpu() for root, g in self.groups.items()}
+        return {root: self._per_unit(g, lambda rows: rows.abs().sum(1)).double().cpu()
+                for root, g in self.groups.items()}
 
     def squared_norms(self) -> dict[str, torch.Tensor]:
         """Per group, each unit's squared L2 norm over its producing slices, differentiable."""

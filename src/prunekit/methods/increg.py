@@ -19,7 +19,6 @@ the least important unit reach the ceiling half way through the budget.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,68 +26,31 @@ import torch
 from torch import nn
 
 from prunekit.channels.graph import ChannelGraph
-from prunekit.configs import Config, coerce_fields
-from prunekit.methods.group_training import GroupUnits, rank_increment, removal_counts, train_then_remove_
+from prunekit.methods.group_training import (
+    GroupUnits,
+    RankIncrementConfig,
+    rank_increment,
+    removal_counts,
+    train_then_remove_,
+)
 from prunekit.methods.registry import MethodSpec, PruneRecord, RunContext, register
-from prunekit.planning.allocation import Target, TargetMetric
 from prunekit.training import TrainHooks
 
 
-def check_budget(config: Any) -> None:
-    """The settings the training methods (SPP, IncReg, sDprun) share, where the config has them: target, epochs,
-    interval, BatchNorm images, fine-tuning epochs, amplitude."""
-    if not isinstance(config.target, Target):
-        raise ValueError(f"target must be a Target or text like flops=0.25, got {config.target!r}")
-    for name in ("epochs", "interval", "bn_images", "finetune_epochs"):
-        if not hasattr(config, name):
-            continue
-        value = getattr(config, name)
-        low = 1 if name in ("epochs", "interval") else 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    amplitude = getattr(config, "amplitude", None)
-    if amplitude is not None and not (isinstance(amplitude, (int, float)) and 0 < amplitude
-                                      and math.isfinite(amplitude)):
-        raise ValueError(f"amplitude must be a number > 0 (or None: chosen from the budget), got {amplitude!r}")
-
-
-def updates_in(data, train, epochs: int, interval: int) -> int:
-    """Rank updates a training of ``epochs`` makes with one every ``interval`` optimizer steps."""
-    steps = epochs * math.ceil(len(data.train) / train.batch_size)
-    return max(1, steps // interval)
-
-
 @dataclass(frozen=True)
-class IncRegConfig(Config):
+class IncRegConfig(RankIncrementConfig):
     """IncReg (Wang et al. 2018): per-unit L2 penalties that grow by rank until the least important units are
     driven to zero, then removed.
 
     Args:
-        target: Keep this fraction of the FLOPs, parameters or channels (``flops=0.25`` or ``flops=x4``), the same
-            fraction of every group.
-        ignore: Modules to leave alone, containers included (the output layer always is).
         epochs: Epochs of regularized training (the penalties grow during them).
         ceiling: The largest penalty factor (a unit at the ceiling is being driven out).
-        amplitude: The paper's ``A``, the largest increment per update (``None``: the least important unit reaches
-            the ceiling half way through ``epochs``).
-        interval: Optimizer steps between rank updates.
-        bn_images: Training images for BatchNorm re-estimation after the removal (0 = off).
-        finetune_epochs: Fine-tuning epochs after the removal (best epoch on validation).
     """
 
-    target: Target = Target(TargetMetric.FLOPS, 0.5)
-    ignore: tuple[str, ...] = ()
-    epochs: int = 1
     ceiling: float = 1.0
-    amplitude: float | None = None
-    interval: int = 10
-    bn_images: int = 512
-    finetune_epochs: int = 0
 
     def __post_init__(self) -> None:
-        coerce_fields(self)
-        object.__setattr__(self, "ignore", tuple(self.ignore))
-        check_budget(self)
+        super().__post_init__()
         if isinstance(self.ceiling, bool) or not isinstance(self.ceiling, (int, float)) or \
                 not 0 < self.ceiling < 1e6:
             raise ValueError(f"ceiling must be a number in (0, 1e6), got {self.ceiling!r}")
@@ -152,7 +114,7 @@ def increg_(model: nn.Module, data, config: IncRegConfig, ctx: RunContext) -> Pr
     """IncReg on ``model`` in place (the ``apply`` of the ``increg`` method)."""
     graph = ChannelGraph(model, data.example_inputs(), ignore=config.ignore)
     units = GroupUnits(model, graph, removal_counts(model, graph, data.flops_inputs(), config.target))
-    updates = updates_in(data, ctx.train, config.epochs, config.interval)
+    updates = config.updates(data, ctx.train)
     amplitude = config.amplitude or config.ceiling / max(1, updates // 2)
     hooks = IncRegHooks(units, amplitude, config.ceiling, config.interval)
     share: list[float] = []

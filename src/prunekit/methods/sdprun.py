@@ -1,26 +1,27 @@
 """sDprun: structured directional pruning (Li, Liu, Shao, Wang, Geng 2021, arXiv 2107.05328).
 
-The conv/linear weights that produce the prunable units are trained by generalized regularized dual averaging
-(gRDA, Chao et al. 2020, arXiv 2006.09358) with a group penalty instead of SGD: an accumulator ``a_{n+1} = a_n - gamma_n grad``
-(from ``a_0 = w_0``) is shrunk unit by unit, ``w_u = (1 - g(n) sqrt(d_u) / ||a_u||)_+ a_u`` with the growing
-threshold ``g(n) = c sqrt(gamma) (n gamma)^mu`` (``d_u``: the unit's number of weights). Because the shrinkage acts
-on the accumulated gradient path rather than on the weights, the pruned network moves along the flat valley that
-SGD found instead of being pulled straight to zero; units whose accumulator falls under the threshold are exactly
-zero. Everything else (BatchNorm scales and shifts, the output layer, ignored layers) trains by the job's SGD; a
-BatchNorm after a zeroed channel still adds its shift, which leaves with the channel (BatchNorm is re-estimated and
-the network fine-tuned after the removal). The training loss before and after is reported
-(``results["train_loss_before"]``/``["train_loss_after_training"]``), since the method's claim is that it stays in
-the minimum valley.
+The conv/linear weights that produce the prunable units are trained by generalized regularized dual averaging (gRDA,
+Chao et al. 2020, arXiv 2006.09358) with a group penalty instead of SGD: an accumulator ``a_{n+1} = a_n - gamma_n
+grad`` (from ``a_0 = w_0``) is shrunk unit by unit, ``w_u = (1 - g(n) sqrt(d_u) / ||a_u||)_+ a_u`` with the growing
+threshold ``g(n) = c sqrt(gamma) (n gamma)^mu`` (``d_u``: the unit's number of weights). Because the shrinkage acts on
+the accumulated gradient path rather than on the weights, the pruned network moves along the flat valley that SGD
+found instead of being pulled straight to zero; units whose accumulator falls under the threshold are exactly zero.
+Everything else (BatchNorm scales and shifts, the output layer, ignored layers) trains by the job's SGD; a BatchNorm
+after a zeroed channel still adds its shift, which leaves with the channel (BatchNorm is re-estimated and the network
+fine-tuned after the removal). The training loss before and after is reported
+(``results["train_loss_before"]``/``["train_loss_after_training"]``), since the method's claim is that it stays in the
+minimum valley.
 
 Deviations from the paper: units are the channel engine's coupled channel groups; ``m`` per group follows from a
 FLOPs/params/channels target with the same fraction of every group, and the ``m`` units of each group with the
-smallest ``||w_u|| / sqrt(d_u)`` (conv/linear entries) are removed when the budget ends (``results["zeroed_by_optimizer"]`` says how many of
-them gRDA had already set to zero); ``gamma_n`` follows the job's learning-rate schedule and ``gamma`` in ``g`` is its
-peak; ``c`` defaults to one value per group, at which the group's final threshold is a tenth of its ``m``-th smallest
-initial ``||w_u|| / sqrt(d_u)``: with a threshold reaching the ``m``-th norm itself within a three-epoch budget, a
-ResNet-20 on digits ended gRDA at training loss 2.60 (0.30 of it: 0.56; a tenth: 0.05, from 0.01), so within a short
-budget few units reach zero and the rest of the ``m`` go by norm. One ``c`` for all groups zeroed whole groups of a
-LeNet-5, and thresholding the BatchNorm scales and shifts as well collapsed a ResNet-20.
+smallest ``||w_u|| / sqrt(d_u)`` (conv/linear entries) are removed when the budget ends
+(``results["zeroed_by_optimizer"]`` says how many of them gRDA had already set to zero); ``gamma_n`` follows the job's
+learning-rate schedule and ``gamma`` in ``g`` is its peak; ``c`` defaults to one value per group, at which the group's
+final threshold is a tenth of its ``m``-th smallest initial ``||w_u|| / sqrt(d_u)``: with a threshold reaching the
+``m``-th norm itself within a three-epoch budget, a ResNet-20 on digits ended gRDA at training loss 2.60 (0.30 of it:
+0.56; a tenth: 0.05, from 0.01), so within a short budget few units reach zero and the rest of the ``m`` go by norm.
+One ``c`` for all groups zeroed whole groups of a LeNet-5, and thresholding the BatchNorm scales and shifts as well
+collapsed a ResNet-20.
 """
 
 from __future__ import annotations
@@ -33,42 +34,27 @@ import torch
 from torch import nn
 
 from prunekit.channels.graph import ChannelGraph
-from prunekit.configs import Config, coerce_fields
-from prunekit.methods.group_training import GroupUnits, removal_counts, train_then_remove_
-from prunekit.methods.increg import check_budget
+from prunekit.methods.group_training import GroupUnits, UnitTrainingConfig, removal_counts, train_then_remove_
 from prunekit.methods.registry import MethodSpec, PruneRecord, RunContext, register
-from prunekit.planning.allocation import Target, TargetMetric
 from prunekit.training import TrainHooks
 
 
 @dataclass(frozen=True)
-class SDprunConfig(Config):
+class SDprunConfig(UnitTrainingConfig):
     """sDprun (Li et al. 2021): group-penalised gRDA on the units' producing weights, zeroed units removed.
 
     Args:
-        target: Keep this fraction of the FLOPs, parameters or channels (``flops=0.25`` or ``flops=x4``), the same
-            fraction of every group.
-        ignore: Modules to leave alone, containers included (the output layer always is).
         epochs: Epochs of gRDA training.
         c: Threshold scale ``c`` of ``g(n) = c sqrt(gamma) (n gamma)^mu`` (``None``: calibrated per group from the
             initial unit norms and the budget).
         mu: Threshold growth exponent ``mu`` (the gRDA paper uses 0.5 to 0.7).
-        bn_images: Training images for BatchNorm re-estimation after the removal (0 = off).
-        finetune_epochs: Fine-tuning epochs after the removal (best epoch on validation).
     """
 
-    target: Target = Target(TargetMetric.FLOPS, 0.5)
-    ignore: tuple[str, ...] = ()
-    epochs: int = 1
     c: float | None = None
     mu: float = 0.51
-    bn_images: int = 512
-    finetune_epochs: int = 0
 
     def __post_init__(self) -> None:
-        coerce_fields(self)
-        object.__setattr__(self, "ignore", tuple(self.ignore))
-        check_budget(self)
+        super().__post_init__()
         if self.c is not None and not (isinstance(self.c, (int, float)) and 0 < self.c < math.inf):
             raise ValueError(f"c must be a number > 0 (or None: calibrated), got {self.c!r}")
         if isinstance(self.mu, bool) or not isinstance(self.mu, (int, float)) or not 0 < self.mu <= 1:

@@ -27,42 +27,30 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit.channels.graph import ChannelGraph
-from prunekit.configs import Config, coerce_fields
-from prunekit.methods.group_training import GroupUnits, SliceMask, rank_increment, removal_counts, train_then_remove_
-from prunekit.methods.increg import check_budget, updates_in
+from prunekit.methods.group_training import (
+    GroupUnits,
+    RankIncrementConfig,
+    SliceMask,
+    rank_increment,
+    removal_counts,
+    train_then_remove_,
+)
 from prunekit.methods.registry import MethodSpec, PruneRecord, RunContext, register
-from prunekit.planning.allocation import Target, TargetMetric
 from prunekit.training import TrainHooks
 
 
 @dataclass(frozen=True)
-class SPPConfig(Config):
+class SPPConfig(RankIncrementConfig):
     """SPP (Wang et al. 2017): per-unit pruning probabilities raised by rank, masks sampled from them in training.
 
     Args:
-        target: Keep this fraction of the FLOPs, parameters or channels (``flops=0.25`` or ``flops=x4``), the same
-            fraction of every group.
-        ignore: Modules to leave alone, containers included (the output layer always is).
         epochs: Epochs of training with sampled masks.
-        amplitude: The paper's ``A``, the largest probability increment per update (``None``: the least important
-            unit reaches 1 half way through ``epochs``).
-        interval: Optimizer steps between rank updates.
-        bn_images: Training images for BatchNorm re-estimation after the removal (0 = off).
-        finetune_epochs: Fine-tuning epochs after the removal (best epoch on validation).
+        amplitude: The paper's ``A``, the largest probability increment per update, at most 1 (``None``: the least
+            important unit reaches 1 half way through ``epochs``).
     """
 
-    target: Target = Target(TargetMetric.FLOPS, 0.5)
-    ignore: tuple[str, ...] = ()
-    epochs: int = 1
-    amplitude: float | None = None
-    interval: int = 10
-    bn_images: int = 512
-    finetune_epochs: int = 0
-
     def __post_init__(self) -> None:
-        coerce_fields(self)
-        object.__setattr__(self, "ignore", tuple(self.ignore))
-        check_budget(self)
+        super().__post_init__()
         if self.amplitude is not None and self.amplitude > 1:
             raise ValueError(f"amplitude is a probability step: it must be in (0, 1], got {self.amplitude!r}")
 
@@ -155,7 +143,7 @@ def spp_(model: nn.Module, data, config: SPPConfig, ctx: RunContext) -> PruneRec
     """SPP on ``model`` in place (the ``apply`` of the ``spp`` method)."""
     graph = ChannelGraph(model, data.example_inputs(), ignore=config.ignore)
     units = GroupUnits(model, graph, removal_counts(model, graph, data.flops_inputs(), config.target))
-    updates = updates_in(data, ctx.train, config.epochs, config.interval)
+    updates = config.updates(data, ctx.train)
     amplitude = config.amplitude or min(1.0, 2.0 / updates)
     generator = torch.Generator().manual_seed(ctx.seed)
     draws = {root: UnitDraw(units, root, generator) for root in units.groups}
@@ -186,8 +174,8 @@ def spp_(model: nn.Module, data, config: SPPConfig, ctx: RunContext) -> PruneRec
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
     record.results.update(reached_one=reached[0] / units.total(), amplitude=amplitude)
     record.notes.append(f"{config.epochs} epoch(s) with masks sampled from per-unit pruning probabilities (A "
-                        f"{amplitude:.3g} every {config.interval} steps); {reached[0]} of {units.total()} removed units "
-                        f"had reached probability 1, the rest were removed by rank of probability; "
+                        f"{amplitude:.3g} every {config.interval} steps); {reached[0]} of {units.total()} removed "
+                        f"units had reached probability 1, the rest were removed by rank of probability; "
                         f"{config.finetune_epochs} fine-tune epoch(s) after the removal")
     return record
 

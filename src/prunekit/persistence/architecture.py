@@ -129,9 +129,9 @@ def replay_changes_(model: nn.Module, changes: list[dict[str, Any]], input_shape
 
 
 def changes_within(changes: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
-    """Channel and eigenbasis changes recorded on a model, rewritten for its submodule ``prefix`` (``"encoder.encoder"`` of an
-    ``InBatchRetrieval`` around a Hugging Face encoder): layer names lose the prefix, so the submodule can be saved
-    and rebuilt on its own.
+    """Channel and eigenbasis changes recorded on a model, rewritten for its submodule ``prefix``
+    (``"encoder.encoder"`` of an ``InBatchRetrieval`` around a Hugging Face encoder): layer names lose the prefix, so
+    the submodule can be saved and rebuilt on its own.
 
     Raises:
         ValueError: a change that is not a channel change, or names a layer outside ``prefix``.
