@@ -200,12 +200,39 @@ def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str
     return out
 
 
-def djpq_table(rows: list[dict[str, Any]], dense: dict[str, Any], name: str = "LeNet-5") -> str:
-    """DJPQ rows: test accuracy, storage, compression, BOPs against the 8-bit network."""
+def joint_references(results: Path = ROOT / "benchmarks" / "results") -> list[dict[str, Any]]:
+    """The joint pruning + quantization rows of the ADMM and DPP benchmarks on the same LeNet-5 (read from their
+    committed JSON), to stand beside DJPQ's."""
+    import json
+
+    out = []
+    admm_path, dpp_path = results / "admm" / "admm.json", results / "dpp" / "dpp.json"
+    if admm_path.is_file():
+        for q in json.loads(admm_path.read_text())["models"]["lenet5"]["quant"]:
+            out.append({"label": f"ADMM {q['rate']:g}x + {q['quant']} (ADMM table)", "test_acc": q["test_acc"],
+                        "storage_bits": q["storage_bits"][q["best_format"]], "storage_format": q["best_format"],
+                        "compression": q["compression"]})
+    if dpp_path.is_file():
+        ours = {"dpp"}  # prunekit's DPP rows (beside magnitude and the authors' recipe), with quantized weights
+        for r in json.loads(dpp_path.read_text())["models"]["lenet5"]["rows"]:
+            if r["method"] in ours and r["quant"] != "none":
+                runs = sorted({f"{k}-of-{n}" for k, n in r["k_of_n"].values()})
+                out.append({"label": f"DPP {'/'.join(runs)} + {r['quant']} (DPP table)", "test_acc": r["test_acc"]})
+    return out
+
+
+def djpq_table(rows: list[dict[str, Any]], dense: dict[str, Any], name: str = "LeNet-5",
+               references: list[dict[str, Any]] | None = None) -> str:
+    """DJPQ rows: test accuracy, storage, compression, BOPs against the 8-bit network; the ADMM and DPP joint rows
+    (``references``) beside them."""
     header = ["method", "BOPs target (of 8-bit)", "BOPs reached", "weight bits per layer", "test acc", "storage",
               "compression"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
              f"| dense {name} | - | - | 32 | {fmt_acc(dense['test_acc'])} | {32 * dense['params']:,} bits | 1x |"]
+    for r in references or []:
+        storage = f"{r['storage_bits']:,} bits ({r['storage_format']})" if "storage_bits" in r else "-"
+        compression = f"{r['compression']:.1f}x" if "compression" in r else "-"
+        lines.append(f"| {r['label']} | - | - | - | {fmt_acc(r['test_acc'])} | {storage} | {compression} |")
     for r in rows:
         bits = "/".join(str(b) for b in r["layer_bits"].values())
         lines.append(f"| DJPQ, {r['epochs']} epochs | {r['bops_target']:g} | {r['bops']['ratio']:.3f} | {bits} | "
@@ -292,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             (" (quick smoke run)" if args.quick else ""), "", "Made by (from the repository root):", "",
             f"    {command}", "", channel_table(rows, dense_rows), ""]
     if djpq_rows:
-        text += [djpq_table(djpq_rows, lenet, "ResNet-20 (quick)" if args.quick else "LeNet-5"), ""]
+        text += [djpq_table(djpq_rows, lenet, "ResNet-20 (quick)" if args.quick else "LeNet-5",
+                            [] if args.quick else joint_references()), ""]
     write_text(args.out / "related.md", "\n".join(text))
     print("\n".join(text[6:]))
     return 0
