@@ -7,15 +7,20 @@ Channel rows (``--models``, ``--factors``): every row starts from the same commi
 cosine, batch 128, crop+flip, seed 0), then test accuracy of the best-on-validation fine-tuning epoch:
 
 * ``l1`` (the reference): one-shot to 1/factor of the FLOPs (global allocation, at most 90% of a group), BatchNorm
-  re-estimated on 512 images, then all ``--budget`` epochs of fine-tuning;
+  re-estimated on 512 images, then all ``--budget`` epochs of fine-tuning; ``l1-uniform`` the same with the same
+  fraction of every group (the allocation the training methods use, so that method and allocation are not
+  confused);
 * ``spp``, ``increg``, ``sdprun`` (``prunekit.prune_`` with the registered config): ``--train-epochs`` of the
   method's own training at the same recipe, removal to 1/factor of the FLOPs (the same fraction of every group, as
   the papers prune per layer), BatchNorm re-estimated, then the rest of the budget as fine-tuning;
-* Torch-Pruning's ``GrowingRegPruner`` (installed version, ``MagnitudeImportance(p=2)``, ``reg`` 1e-5 and
-  ``delta_reg`` 1e-4 with ``update_reg()`` every 10 steps, its ``regularize()`` applied to the gradients between
-  backward and the optimizer step, global ranking, at most 90% of a group): ``--train-epochs`` of regularized
-  training, then its own progressive steps until its counter shows the MAC reduction, BatchNorm re-estimated, the
-  rest of the budget as fine-tuning.
+* Torch-Pruning's ``GrowingRegPruner`` (installed version, ``MagnitudeImportance(p=2)``, ``reg`` 1e-5, its
+  ``regularize()`` applied to the gradients between backward and the optimizer step, ``update_reg()`` every 10 steps
+  as in the paper (Wang et al. 2021, arXiv 2012.09243), global ranking, at most 90% of a group): ``--train-epochs``
+  of regularized training, then its own progressive steps until its counter shows the MAC reduction, BatchNorm
+  re-estimated, the rest of the budget as fine-tuning. ``delta_reg`` is scaled to the budget as IncReg's amplitude
+  is: the least important channel's factor reaches 1 (the paper's ceiling) half way through, where the paper's
+  1e-4 per update would reach 0.004 in one epoch. In Torch-Pruning 1.6 ``regularize`` reaches conv/linear weights only
+  (its BatchNorm branch adds to a copy of the gradient).
 
 Each training row also reports the training loss (no augmentation) before the method's training and at its end:
 sDprun's claim is that it stays in the valley SGD found.
@@ -72,7 +77,7 @@ from prunekit.training import TrainHooks
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "related"
 METHODS = ("spp", "increg", "sdprun")
-TP_REG, TP_DELTA_REG, TP_UPDATE_EVERY = 1e-5, 1e-4, 10
+TP_REG, TP_UPDATE_EVERY = 1e-5, 10
 
 
 class _GrowingReg(TrainHooks):
@@ -96,8 +101,10 @@ def prune_growing_reg(dense, data, factor: float, s, train_epochs: int, progress
     net = copy.deepcopy(dense).train()
     example = data.train[:2][0]
     modules = dict(net.named_modules())
+    updates = max(1, train_epochs * -(-len(data.train) // s.finetune.batch_size) // TP_UPDATE_EVERY)
+    delta_reg = 1.0 / max(1, updates // 2)  # the least important channel reaches 1 half way, as IncReg's factors
     pruner = tp.pruner.GrowingRegPruner(
-        net, example, importance=tp.importance.MagnitudeImportance(p=2), reg=TP_REG, delta_reg=TP_DELTA_REG,
+        net, example, importance=tp.importance.MagnitudeImportance(p=2), reg=TP_REG, delta_reg=delta_reg,
         global_pruning=True, pruning_ratio=1.0, iterative_steps=s.tp_iterative_steps, max_pruning_ratio=s.max_per_layer,
         ignored_layers=[modules[n] for n in find_output_layers(net, example)])
     loss_before = prunekit.evaluate(net, data.train)["loss"]
@@ -113,13 +120,19 @@ def prune_growing_reg(dense, data, factor: float, s, train_epochs: int, progress
     net.zero_grad(set_to_none=True)
     recalibrate_batchnorm_(net, data, s.bn_recalibration_images)
     return net, {"tp_macs_reduction": base / count, "target_reached": base / count >= factor,
-                 "train_loss_before": loss_before, "train_loss_after_training": loss_after}
+                 "train_loss_before": loss_before, "train_loss_after_training": loss_after, "delta_reg": delta_reg}
 
 
-def _reference(dense, data, s, factor: float, args, progress: bool):
-    """One-shot L1, then the whole budget as fine-tuning."""
-    net, _ = prune_copy(dense, structural_config("l1", 1 / factor, s), data, s.seed)
-    return net, {}, s, "prunekit", 0
+def _reference(allocation: str):
+    """One-shot L1 with ``allocation``, then the whole budget as fine-tuning."""
+
+    def run(dense, data, s, factor: float, args, progress: bool):
+        config = structural_config("l1", 1 / factor, s)
+        config = replace(config, allocation=replace(config.allocation, allocation=allocation))
+        net, _ = prune_copy(dense, config, data, s.seed)
+        return net, {}, s, "prunekit", 0
+
+    return run
 
 
 def _growing_reg(dense, data, s, factor: float, args, progress: bool):
@@ -144,7 +157,8 @@ def _rest(s, args):
     return replace(s, finetune=replace(s.finetune, epochs=args.budget - args.train_epochs))
 
 
-ROWS = {"l1": _reference, "growing-reg": _growing_reg, **{m: _trained(m) for m in METHODS}}
+ROWS = {"l1": _reference("global"), "l1-uniform": _reference("uniform"), "growing-reg": _growing_reg,
+        **{m: _trained(m) for m in METHODS}}
 TOOLS = {"growing-reg": "torch-pruning"}  # the cache key's tool; prunekit otherwise
 
 
@@ -174,8 +188,8 @@ def channel_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) 
     """Per model and factor: each method's FLOPs and params reduction, accuracy right after removal, test accuracy
     (best-on-validation epoch), training loss before and after the method's own training; the best on
     validation in bold."""
-    names = {"l1": "L1 one-shot (reference)", "spp": "SPP", "increg": "IncReg", "sdprun": "sDprun",
-             "growing-reg": "Torch-Pruning GrowingReg"}
+    names = {"l1": "L1 one-shot, global (reference)", "l1-uniform": "L1 one-shot, same fraction per group",
+             "spp": "SPP", "increg": "IncReg", "sdprun": "sDprun", "growing-reg": "Torch-Pruning GrowingReg"}
     header = ["model", "FLOPs target", "method", "FLOPs", "params", "right after removal", "val acc", "test acc",
               "train loss before -> after the method's training"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -224,7 +238,7 @@ def joint_references(results: Path = ROOT / "benchmarks" / "results") -> list[di
 def djpq_table(rows: list[dict[str, Any]], dense: dict[str, Any], name: str = "LeNet-5",
                references: list[dict[str, Any]] | None = None) -> str:
     """DJPQ rows: test accuracy, storage, compression, BOPs against the 8-bit network; the ADMM and DPP joint rows
-    (``references``) beside them."""
+    (``references``, at their own benchmarks' budgets and settings) beside them."""
     header = ["method", "BOPs target (of 8-bit)", "BOPs reached", "weight bits per layer", "test acc", "storage",
               "compression"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
@@ -281,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     log = (lambda msg: tqdm.write(msg)) if progress else print
     cache, paths, base = run_setup(args, log)
-    jobs = ["l1", *args.methods, *([] if args.no_torch_pruning else ["growing-reg"])]
+    jobs = ["l1", "l1-uniform", *args.methods, *([] if args.no_torch_pruning else ["growing-reg"])]
     rows, dense_rows = [], {}
     for model_name in args.models:
         dense, _, s = model_settings(paths[model_name], base)

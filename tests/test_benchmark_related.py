@@ -15,11 +15,11 @@ def test_quick_run_writes_outputs_and_resumes(tmp_path):
     first = run_script("benchmarks/related.py", "--quick", "--no-progress", "--out", str(out))
     assert first.returncode == 0, first.stderr[-2000:]
     payload = json.loads((out / "related.json").read_text())
-    assert [r["method"] for r in payload["rows"]] == ["l1", "spp", "increg", "sdprun", "growing-reg"]
+    assert [r["method"] for r in payload["rows"]] == ["l1", "l1-uniform", "spp", "increg", "sdprun", "growing-reg"]
     for r in payload["rows"]:
         assert r["flops_reduction"] == pytest.approx(2.0, rel=0.03) and 0 <= r["test_acc"] <= 1
-        assert r["budget"] == 2 and r["train_epochs"] == (0 if r["method"] == "l1" else 1)
-    trained = [r for r in payload["rows"] if r["method"] != "l1"]
+        assert r["budget"] == 2 and r["train_epochs"] == (0 if r["method"].startswith("l1") else 1)
+    trained = [r for r in payload["rows"] if not r["method"].startswith("l1")]
     assert all(r["tool_info"]["train_loss_before"] > 0 for r in trained)
     (djpq,) = payload["djpq"]
     assert djpq["compression"] > 1 and djpq["bops"]["end"] < djpq["bops"]["dense_8x8"]

@@ -51,12 +51,45 @@ def test_bops_count_macs_times_kept_fractions_times_bits():
         widths["b"].beta.fill_(2 / 6)  # 4 bits
         gates["g"].logits.copy_(torch.tensor([1.0, 1.0, -1.0, -1.0]))  # half the channels open
     config = prunekit.DJPQConfig(bops=0.5, activation_bits=8)
-    hooks = DJPQHooks(SimpleNamespace(gates=gates, widths=widths), {"a": 100.0, "b": 300.0}, {"b": "g"}, {"a": "g"},
-                      config)
+    sides = {"a": {"in": {"channels": 3, "members": []}, "out": {"channels": 4, "members": [("g", torch.arange(4))]}},
+             "b": {"in": {"channels": 4, "members": [("g", torch.arange(4))]}, "out": {"channels": 2, "members": []}}}
+    hooks = DJPQHooks(SimpleNamespace(gates=gates, widths=widths), {"a": 100.0, "b": 300.0}, sides, config)
     # a: 100 MACs x half its outputs x 8 bits x 8; b: 300 x half its inputs x 4 x 8
     assert float(hooks.bops().detach()) == pytest.approx(100 * 0.5 * 8 * 8 + 300 * 0.5 * 4 * 8)
     assert hooks.reference == (100 + 300) * 64
     assert float(hooks.penalty(None).detach()) == pytest.approx(0.0)  # 0.3125 of the 8-bit BOPs, under 0.5
+
+
+class _Concat(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.c2, self.c3 = torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.Conv2d(14, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.c3(torch.relu(torch.cat([self.bn(self.c1(x)), self.c2(x)], 1)))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_layer_fed_by_a_concatenation_counts_every_group_that_feeds_it():
+    from types import SimpleNamespace
+
+    from prunekit.channels.graph import ChannelGraph
+    from prunekit.methods.djpq import layer_sides
+    from prunekit.methods.group_training import GroupUnits
+
+    model = _Concat()
+    graph = ChannelGraph(model, torch.randn(2, 1, 6, 6))
+    units = GroupUnits(model, graph, {g.root: 1 for g in graph.groups})
+    sides = layer_sides(units, dict(model.named_modules()), ["c1", "c2", "c3", "fc"])
+    fed = sides["c3"]["in"]
+    assert fed["channels"] == 14 and sorted(len(r) for _, r in fed["members"]) == [6, 8]
+    gates = {root: Gate(g.units, g.channel_unit) for root, g in units.groups.items()}
+    with torch.no_grad():
+        gates["c2"].logits.fill_(-1.0)  # all of c2's 6 channels closed, c1's 8 open
+    hooks = DJPQHooks(SimpleNamespace(gates=gates, widths={}), {"c3": 10.0}, sides, prunekit.DJPQConfig())
+    assert float(hooks.kept("c3", "in").detach()) == pytest.approx(8 / 14)
 
 
 def test_djpq_removes_closed_units_and_leaves_weights_on_their_grids(tmp_path):

@@ -49,8 +49,8 @@ QUICK = {
                               temperature=prunekit.TemperatureSchedule(5.0, 0.5, "linear"), entropy_weight=0.01),
     # rank updates every step so that two epochs of a tiny run move the probabilities and penalties
     "spp": prunekit.SPPConfig(target="flops=0.5", epochs=2, interval=1),
-    "increg": prunekit.IncRegConfig(target="flops=0.5", epochs=1, interval=1, finetune_epochs=1),
-    "sdprun": prunekit.SDprunConfig(target="flops=0.5", epochs=1, finetune_epochs=1),
+    "increg": prunekit.IncRegConfig(target="flops=0.5", epochs=2, interval=1),
+    "sdprun": prunekit.SDprunConfig(target="flops=0.5", epochs=2),
     "djpq": prunekit.DJPQConfig(bops=0.5, epochs=2),
 }
 REPORT_KEYS = {"format", "title", "method", "paper", "recipe", "dense", "runs"}

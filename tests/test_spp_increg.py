@@ -33,10 +33,20 @@ def test_the_increments_follow_their_formulas():
     linear = rank_increment(ranks, 4, 0.2, "linear")
     assert linear[:4].tolist() == pytest.approx([0.2, 0.15, 0.1, 0.05])  # A (1 - r/m)
     assert linear[4:].tolist() == pytest.approx([-0.2 * (r - 4) / 6 for r in range(4, 10)])
-    expo = rank_increment(torch.arange(9), 4, 0.2, "exponential")
-    assert expo[0] == pytest.approx(0.2) and expo[3] == pytest.approx(0.2 * math.exp(-math.log(2) / 4 * 3))
-    for r in range(1, 4):  # centrosymmetric about (m, 0): f(2m - r) = -f(r)
-        assert expo[8 - r + 0] == pytest.approx(-expo[r])
+    def spp(*ranks):  # the exponential shape does not depend on N; 12 units so that m = 4 fits
+        padded = torch.tensor([*ranks, *[0.0] * 12], dtype=torch.float64)
+        return rank_increment(padded, 4, 0.2, "exponential", u=0.25)[:len(ranks)]
+
+    expo = spp(*torch.linspace(0, 8, 801).tolist())
+    a = math.log(2 / 0.25) / 4
+    centre = -math.log(0.25) / a
+    assert float(expo[0]) == pytest.approx(0.2) and float(spp(4.0)[0]) == pytest.approx(0.0, abs=1e-12)  # 0 at m
+    assert float(spp(centre)[0]) == pytest.approx(0.25 * 0.2)
+    steps = expo[1:] - expo[:-1]
+    assert float(steps.max()) <= 0 and float(steps.abs().max()) < 0.01  # decreasing and continuous
+    for x in (0.5, 1.0, 1.5):  # point-symmetric about (N_c, uA)
+        left, right = spp(centre - x, centre + x)
+        assert float(left + right) == pytest.approx(2 * 0.25 * 0.2)
     with pytest.raises(ValueError, match="unknown increment shape"):
         rank_increment(ranks, 4, 0.2, "cubic")
     with pytest.raises(ValueError, match="remove must be in"):
@@ -52,13 +62,15 @@ def test_the_increg_penalty_is_half_the_factor_weighted_squared_norm_of_each_uni
     conv = model.conv1  # a group with one producer: each unit is a filter and its bias
     by_hand = sum(0.5 * float(hooks.factors[root] @ _filter_norms(getattr(model, root)))
                   for root in units.groups if root.startswith("conv"))
-    got = sum(0.5 * float(hooks.factors[root].float() @ units.squared_norms()[root].detach())
-              for root in units.groups if root.startswith("conv"))
-    assert got == pytest.approx(by_hand, rel=1e-5)
+    for root in units.groups:  # only the conv groups weigh: the penalty is then the hand count alone
+        if not root.startswith("conv"):
+            hooks.factors[root].zero_()
     assert conv.weight.shape[0] == units.groups["conv1"].units
     penalty = hooks.penalty(model)
-    penalty.backward()
-    assert conv.weight.grad is not None and penalty.item() > 0
+    assert float(penalty.detach()) == pytest.approx(by_hand, rel=1e-5)
+    penalty.backward()  # d/dw of lambda/2 ||w||^2 is lambda w
+    factor = hooks.factors["conv1"].float()[:, None, None, None]
+    assert torch.allclose(conv.weight.grad, factor * conv.weight.detach(), atol=1e-6)
 
 
 def _filter_norms(layer):
@@ -100,8 +112,10 @@ def test_spp_masks_are_drawn_with_their_probabilities():
     assert draw.channel_mask().shape == (draw.group.group.size,)
     draws = {root: UnitDraw(units, root, draw.generator) for root in units.groups} | {"conv1": draw}
     hooks = SPPHooks(units, draws, amplitude=1.0, interval=1, generator=draw.generator)
+    top = int(units.ranks()["conv1"].argmax())  # the most important unit: its increment is negative
+    draw.probability[top] = 1.0
     hooks.update()
-    assert draw.probability[4] == 1.0  # a unit at 1 stays out
+    assert draw.probability[top] == 1.0  # a unit at 1 stays out, whatever its rank
 
 
 def test_a_grda_step_is_the_group_soft_threshold_of_the_accumulated_gradients():
@@ -112,6 +126,7 @@ def test_a_grda_step_is_the_group_soft_threshold_of_the_accumulated_gradients():
     w0, b0 = model.conv1.weight.detach().clone(), model.conv1.bias.detach().clone()
     for p in model.parameters():
         p.grad = torch.ones_like(p)
+    hooks.steps = 1  # as at the second step: w_2 = S_{g(1)}(a_2), with a_2 = w_0 - gamma * grad here
     hooks.after_step(model, None, 0)
     a_w, a_b = w0 - train.lr_at(0.0), b0 - train.lr_at(0.0)  # a_1 = w_0 - gamma * grad
     g = 0.5 * math.sqrt(0.1) * (1 * 0.1) ** 0.6  # c sqrt(gamma) (n gamma)^mu

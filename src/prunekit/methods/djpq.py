@@ -2,18 +2,19 @@
 
 Channel gates and per-layer weight bit-widths are learned together with the weights against a bit-operations
 cost. For a conv/linear layer ``l`` with ``MACs_l`` multiply-accumulates, ``BOPs_l = MACs_l * f_in,l * f_out,l *
-b_l * b_a``: ``f`` the fractions of its input and output channels the gates keep, ``b_l`` its weight bit-width and
+b_l * b_a``: ``f`` the fractions of its input and output channels the gates keep (over every group that feeds or reads
+it: a concatenation's inputs come from several), ``b_l`` its weight bit-width and
 ``b_a`` the activation width. Training minimises ``CE + lambda * max(0, BOPs / BOPs_8x8 - bops) / bops``, where
 ``BOPs_8x8`` is the dense network at 8-bit weights and activations and ``bops`` the target fraction of it.
 
 * **Gates**: one logit ``s_u`` per unit (channel, tied set or head) of every prunable coupled group; the forward
   pass multiplies every slice that produces the unit by the hard gate ``[s_u > 0]`` with the gradient of
   ``sigmoid(s_u)`` (straight-through), and ``f`` is the share of a group's channels open (the same estimator).
-* **Bit-widths**: ``b_l = min_bits + (max_bits - min_bits) clip(beta_l, 0, 1)`` (from ``max_bits``); the weight is
-  fake-quantized with ``L = 2^(b_l - 1) - 1`` levels each side and step ``d = max|w| / L``, ``q = w + d *
-  stopgrad(round(w/d) - w/d)``, so the loss reaches ``b_l`` through the step (the gradient of LSQ, Esser et al. 2020,
-  arXiv 1902.08153); the forward pass uses ``b_l`` rounded to whole bits (straight-through), the grid the weights end
-  on.
+* **Bit-widths**: ``b_l = min_bits + (max_bits - min_bits) beta_l``, ``beta_l`` kept in [0, 1] after every step (from
+  1: ``max_bits``); the weight is fake-quantized with ``L = 2^(b_l - 1) - 1`` levels each side and step ``d = max|w| /
+  L``, ``q = w + d * stopgrad(round(w/d) - w/d)``, so the loss reaches ``b_l`` through the step (the gradient of LSQ,
+  Esser et al. 2020, arXiv 1902.08153); the forward pass uses ``b_l`` rounded to whole bits (straight-through), the
+  grid the weights end on.
 
 At the end each layer's width is rounded to whole bits and its weights are put on that grid (``encoding.layer_bits``
 and ``scales``, so the storage counts are exact), every unit whose gate is closed is removed physically (a group keeps
@@ -149,23 +150,35 @@ class DJPQHooks(TrainHooks):
     """The BOPs penalty on every step; gates and bit-widths are trained by the job's optimizer with the weights
     (the model holds them in ``_djpq``), so they go through every commit."""
 
-    def __init__(self, holder: SimpleNamespace, macs: dict[str, float], in_gate: dict[str, str],
-                 out_gate: dict[str, str],
+    def __init__(self, holder: SimpleNamespace, macs: dict[str, float], sides: dict[str, dict[str, Any]],
                  config: DJPQConfig) -> None:
-        self.holder, self.macs, self.in_gate, self.out_gate, self.config = holder, macs, in_gate, out_gate, config
+        self.holder, self.macs, self.sides, self.config = holder, macs, sides, config
         self.reference = sum(macs.values()) * 8 * 8
 
+    def kept(self, name: str, side: str) -> torch.Tensor:
+        """The share of a layer's input or output channels the gates keep open; its channels may come from
+        several groups (a concatenation), and channels of no gated group count as kept."""
+        entry = self.sides[name][side]
+        if not entry["members"]:
+            return torch.ones(())
+        open_ = torch.tensor(float(entry["channels"] - sum(len(r) for _, r in entry["members"])))
+        for root, root_idxs in entry["members"]:
+            open_ = open_ + self.holder.gates[root].channel_mask()[root_idxs].sum()
+        return open_ / entry["channels"]
+
     def bops(self) -> torch.Tensor:
-        """Expected BOPs of the network the gates and widths describe now."""
+        """BOPs of the network the gates and widths describe now (straight-through: exact forward, a slope)."""
         total = torch.zeros(())
         for name, macs in self.macs.items():
-            term = torch.tensor(macs * self.config.activation_bits)
-            for table in (self.in_gate, self.out_gate):
-                if name in table:
-                    term = term * self.holder.gates[table[name]].kept_fraction()
+            term = macs * self.config.activation_bits * self.kept(name, "in") * self.kept(name, "out")
             width = self.holder.widths[name].bits() if name in self.holder.widths else torch.tensor(32.0)
             total = total + term * width
         return total
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        for w in self.holder.widths.values():  # projected: the width parameter stays where its gradient flows
+            w.beta.clamp_(0.0, 1.0)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         gates = [p for g in self.holder.gates.values() for p in g.parameters()]
@@ -192,6 +205,25 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
+def layer_sides(units: GroupUnits, modules: dict[str, nn.Module], layers: list[str]) -> dict[str, dict[str, Any]]:
+    """Per layer and side (``"in"``, ``"out"``): its channel count and the (group root, group channels) that feed or
+    read it, one entry per group (a concatenation's input is fed by several)."""
+    sides = {n: {"in": {"channels": _width(modules[n], "in"), "members": []},
+                 "out": {"channels": _width(modules[n], "out"), "members": []}} for n in layers}
+    for root, g in units.groups.items():
+        for member in g.group.members:
+            if member.name in sides and member.slices:
+                side = "out" if member.kind is SliceKind.OUT else "in"
+                sides[member.name][side]["members"].append((root, torch.as_tensor(member.root_idxs)))
+    return sides
+
+
+def _width(module: nn.Module, side: str) -> int:
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels if side == "in" else module.out_channels
+    return module.in_features if side == "in" else module.out_features
+
+
 def djpq_(model: nn.Module, data, config: DJPQConfig, ctx: RunContext) -> PruneRecord:
     """DJPQ on ``model`` in place (the ``apply`` of the ``djpq`` method)."""
     from prunekit.channels.graph import find_output_layers
@@ -206,11 +238,7 @@ def djpq_(model: nn.Module, data, config: DJPQConfig, ctx: RunContext) -> PruneR
     layers = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in skip
               and n in per_module]
     macs = {n: per_module[n] / 2 for n in layers}
-    in_gate, out_gate = {}, {}
-    for root, g in units.groups.items():
-        for member in g.group.members:
-            if member.name in macs:
-                (out_gate if member.kind is SliceKind.OUT else in_gate)[member.name] = root
+    sides = layer_sides(units, modules, layers)
     holder = nn.Module()
     holder.gates = nn.ModuleDict({_key(root): Gate(g.units, g.channel_unit) for root, g in units.groups.items()})
     holder.widths = nn.ModuleDict({_key(n): BitWidth(config.min_bits, config.max_bits) for n in layers})
@@ -218,16 +246,7 @@ def djpq_(model: nn.Module, data, config: DJPQConfig, ctx: RunContext) -> PruneR
     widths = {n: holder.widths[_key(n)] for n in layers}
     view = SimpleNamespace(gates=gates, widths=widths)  # the same modules keyed by the real names, for the hooks
     registered = []
-    for n in layers:
-        parametrize.register_parametrization(modules[n], "weight", _Quantize(widths[n]))
-        registered.append((modules[n], "weight"))
-    for root, g in units.groups.items():
-        for _, s in g.slices:
-            module_name, _, attr = s.name.rpartition(".")
-            parametrize.register_parametrization(modules[module_name], attr, SliceMask(gates[root], s))
-            registered.append((modules[module_name], attr))
-    model.add_module("_djpq", holder)
-    hooks = DJPQHooks(view, macs, in_gate, out_gate, config)
+    hooks = DJPQHooks(view, macs, sides, config)
     with torch.no_grad():
         start_bops = float(hooks.bops())
     final: dict[str, Any] = {}
@@ -261,9 +280,17 @@ def djpq_(model: nn.Module, data, config: DJPQConfig, ctx: RunContext) -> PruneR
         return {root: off for root, off in closed.items() if off}
 
     try:
+        for n in layers:
+            parametrize.register_parametrization(modules[n], "weight", _Quantize(widths[n]))
+            registered.append((modules[n], "weight"))
+        for root, g in units.groups.items():
+            for _, s in g.slices:
+                module_name, _, attr = s.name.rpartition(".")
+                parametrize.register_parametrization(modules[module_name], attr, SliceMask(gates[root], s))
+                registered.append((modules[module_name], attr))
+        model.add_module("_djpq", holder)
         record, _ = train_then_remove_(model, data, units, hooks, config.epochs, choose, ctx, method=config.method,
-                                       config=config, bn_images=config.bn_images, finetune_epochs=0,
-                                       ignore=config.ignore)
+                                       bn_images=config.bn_images, finetune_epochs=0, ignore=config.ignore)
     finally:
         release()
     record.encoding = {"quant": "none", "layer_bits": final["bits"], "scales": scales, "masked_layers": list(scales)}

@@ -106,16 +106,24 @@ class SliceMask(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         full = torch.ones(x.shape[self.dim], dtype=x.dtype, device=x.device)
-        full = full.index_put((self.idxs,), self._group[0].channel_mask()[self.root_idxs].to(x.dtype))
+        mask = self._group[0].channel_mask().to(x.device)  # a mask kept on the CPU (SPP's draws) meets a GPU weight
+        full = full.index_put((self.idxs,), mask[self.root_idxs].to(x.dtype))
         shape = [1] * x.dim()
         shape[self.dim] = -1
         return x * full.reshape(shape)
 
 
+def trainable_roots(model: nn.Module, graph: ChannelGraph) -> list[str]:
+    """The groups whose producing slices are all module parameters (the methods can train and zero them)."""
+    params = dict(model.named_parameters())
+    return [g.root for g in graph.groups if all(s.name in params for s in producer_slices(g))]
+
+
 def removal_counts(model: nn.Module, graph: ChannelGraph, inputs: Any, target: Target) -> dict[str, int]:
-    """Units removed per group so that removing the same fraction of every group meets ``target`` (uniform
-    allocation, at most 95% of a group)."""
-    scores = {g.root: torch.arange(g.size, dtype=torch.float64) for g in graph.groups}
+    """Units removed per group so that removing the same fraction of every trainable group meets ``target``
+    (uniform allocation, at most 95% of a group; other groups stay whole and the target is planned without them)."""
+    roots = set(trainable_roots(model, graph))
+    scores = {g.root: torch.arange(g.size, dtype=torch.float64) for g in graph.groups if g.root in roots}
     plan, _ = plan_for_target(scores, CostModel(model, graph, inputs=inputs), target,
                               AllocationConfig("uniform", max_per_layer=0.95))
     out = {}
@@ -149,6 +157,7 @@ class GroupUnits:
 
     def __init__(self, model: nn.Module, graph: ChannelGraph, counts: dict[str, int]) -> None:
         params = dict(model.named_parameters())
+        self.modules = dict(model.named_modules())
         self.groups: dict[str, _Group] = {}
         for g in graph.groups:
             producers = producer_slices(g)
@@ -214,13 +223,15 @@ class GroupUnits:
                     param.index_fill_(s.dim, hit.to(param.device), 0.0)
 
 
-def rank_increment(ranks: torch.Tensor, remove: int, amplitude: float, shape: str) -> torch.Tensor:
-    """Per-unit increment from its rank ``r`` (0 = least important) when ``remove`` = m of N units go.
+def rank_increment(ranks: torch.Tensor, remove: int, amplitude: float, shape: str, u: float = 0.25) -> torch.Tensor:
+    """Per-unit increment from its rank ``r`` (0 = least important; fractional for averaged ranks) when ``remove``
+    = m of N units go.
 
     ``"linear"`` (IncReg, Wang et al. 2018, arXiv 1804.09461): ``A (1 - r/m)`` for ``r < m``, ``-A (r - m)/(N - m)``
     above: the least important rise fastest, the kept ones fall. ``"exponential"`` (SPP's centrosymmetric function,
-    Wang et al. 2017, arXiv 1709.06994): ``A exp(-a r)`` for ``r < m`` and ``-A exp(-a (2m - r))`` from ``m`` on, with
-    ``a = ln 2 / m``, point-symmetric about ``(m, 0)``.
+    Wang et al. 2017, arXiv 1709.06994, in the form of its authors' released solver): ``A exp(-a r)`` up to
+    ``N_c = -ln(u) / a`` and ``2uA - A exp(-a (2 N_c - r))`` above, with ``a = ln(2/u) / m``: continuous,
+    point-symmetric about ``(N_c, uA)``, zero exactly at ``r = m``, clipped at ``-A`` far above it.
     """
     r = ranks.double()
     n = len(r)
@@ -229,29 +240,35 @@ def rank_increment(ranks: torch.Tensor, remove: int, amplitude: float, shape: st
     if shape == "linear":
         return torch.where(r < remove, amplitude * (1 - r / remove), -amplitude * (r - remove) / max(n - remove, 1))
     if shape == "exponential":
-        a = math.log(2) / remove
-        return torch.where(r < remove, amplitude * torch.exp(-a * r), -amplitude * torch.exp(-a * (2 * remove - r)))
+        if not 0 < u < 0.5:
+            raise ValueError(f"u must be in (0, 0.5), got {u!r}")
+        a = math.log(2 / u) / remove
+        centre = -math.log(u) / a
+        below = amplitude * torch.exp(-a * r)
+        above = 2 * u * amplitude - amplitude * torch.exp(-a * (2 * centre - r))
+        return torch.where(r <= centre, below, above).clamp_min(-amplitude)
     raise ValueError(f"unknown increment shape {shape!r}; accepted: 'linear', 'exponential'")
 
 
 def train_then_remove_(model: nn.Module, data, units: GroupUnits, hooks, epochs: int, choose: Callable[[], dict],
-                       ctx: RunContext, *, method: str, config: Any, bn_images: int, finetune_epochs: int,
+                       ctx: RunContext, *, method: str, bn_images: int, finetune_epochs: int,
                        ignore: tuple[str, ...] = ()) -> tuple[PruneRecord, ChannelPlan]:
     """Train ``model`` with ``hooks`` for ``epochs`` (last epoch kept: the method's state follows the weights),
-    zero and remove the units ``choose()`` returns (root -> unit indices), re-estimate BatchNorm on ``bn_images``
-    and fine-tune ``finetune_epochs`` (best epoch on validation). Returns the record and the removal plan."""
+    zero the units ``choose()`` returns (root -> unit indices) and remove them (the shrink is checked against the
+    zeroed network: outputs equal to 1e-5), re-estimate BatchNorm on ``bn_images`` and fine-tune ``finetune_epochs``
+    (best epoch on validation). Returns the record and the removal plan."""
     from prunekit.measurement.metrics import count_flops, count_params
     from prunekit.recovery.batchnorm import recalibrate_batchnorm_
     from prunekit.training import evaluate, fit
 
     record = PruneRecord(method=method)
     train = replace(ctx.train, seed=ctx.seed)
-    loss_before = evaluate(model, data.train)["loss"] if epochs else None
+    loss_before = evaluate(model, data.train)["loss"]
     commit = ctx.subfolder("training")
     resume = ctx.resume and commit is not None and (commit / "train_state.pt").is_file()
     history = fit(model, data, replace(train, epochs=epochs), commit, progress=ctx.progress, hooks=hooks,
-                  resume=resume, log=ctx.log, select_best=False).history if epochs else []
-    loss_trained = evaluate(model, data.train)["loss"] if epochs else None  # same measure as before: no augmentation
+                  resume=resume, log=ctx.log, select_best=False).history
+    loss_trained = evaluate(model, data.train)["loss"]  # the same measure as before: no augmentation
     removed = choose()
     plan = units.plan(removed)
     flops_inputs = data.flops_inputs()
@@ -273,7 +290,7 @@ def train_then_remove_(model: nn.Module, data, units: GroupUnits, hooks, epochs:
         fit(model, data, replace(train, epochs=finetune_epochs), folder, progress=ctx.progress, log=ctx.log,
             resume=ctx.resume and folder is not None and (folder / "train_state.pt").is_file(),
             metadata={"model": ctx.base, "architecture_changes": record.changes} if ctx.base else None)
-    loss_after = evaluate(model, data.train)["loss"] if epochs else None
+    loss_after = evaluate(model, data.train)["loss"]
     record.rounds = history
     record.results = {"train_loss_before": loss_before, "train_loss_after_training": loss_trained,
                       "train_loss_after": loss_after,

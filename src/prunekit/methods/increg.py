@@ -7,10 +7,13 @@ factors move by the paper's rank-based increment, ``lambda_u <- clip(lambda_u + 
 ``dlambda(r) = A (1 - r/m)`` below the ``m`` units the target removes and ``-A (r - m)/(N - m)`` above
 (:func:`~prunekit.methods.group_training.rank_increment`), so the penalties of the least important units grow until
 their weights are driven to zero, while the kept units are released. Afterwards the ``m`` units of each group with
-the largest factor (ties: the smaller norm) are removed physically and the network is fine-tuned.
+the largest factor (ties: the smaller norm) are removed physically and the network is fine-tuned. A factor at the
+ceiling can fall again if its unit's rank rises (the authors' solver instead prunes such a unit for good and ranks the
+rest against a smaller ``m``).
 
 Deviations from the paper: the ranking and the removal are per coupled channel group of the channel engine (a
-residual stage's channels together), not per layer; ``m`` per group follows from a FLOPs/params/channels target
+residual stage's channels together), not per layer, and units are ranked by the L1 norm of the slices that produce
+them (the paper ranks the next layer's im2col columns); ``m`` per group follows from a FLOPs/params/channels target
 with the same fraction of every group (the paper's per-layer ratio); the training budget is a number of epochs
 rather than "until every factor reaches the ceiling", so units still carrying weight at the end are zeroed before
 removal (``results["removed_l1_share"]`` says how much weight they still held); the amplitude defaults to what lets
@@ -125,7 +128,7 @@ def increg_(model: nn.Module, data, config: IncRegConfig, ctx: RunContext) -> Pr
         return removed
 
     record, _ = train_then_remove_(model, data, units, hooks, config.epochs, choose, ctx, method=config.method,
-                                   config=config, bn_images=config.bn_images, finetune_epochs=config.finetune_epochs,
+                                   bn_images=config.bn_images, finetune_epochs=config.finetune_epochs,
                                    ignore=config.ignore)
     record.results["removed_l1_share"] = share[0]
     record.results["amplitude"] = amplitude

@@ -68,7 +68,8 @@ class GRDAHooks(TrainHooks):
     def __init__(self, units: GroupUnits, c: dict[str, float], mu: float, train, steps_per_epoch: int,
                  epochs: int) -> None:
         self.units, self.c, self.mu, self.train = units, c, mu, train
-        self.slices = {root: [(p, s) for p, s in g.slices if not s.is_norm] for root, g in units.groups.items()}
+        self.slices = {root: [(p, s) for p, s in g.slices if not s.is_norm and _weight_layer(units, s.name)]
+                       for root, g in units.groups.items()}
         self.total = max(1, steps_per_epoch * epochs)
         self.params: list[nn.Parameter] = []
         seen: set[int] = set()
@@ -116,8 +117,8 @@ class GRDAHooks(TrainHooks):
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        self.steps += 1
         lr = self.train.lr_at(min(1.0, step / self.total))
+        self.accumulators = [a.to(p.device) for a, p in zip(self.accumulators, self.params)]  # after fit's .to()
         for param, acc in zip(self.params, self.accumulators):
             if param.grad is not None:
                 acc.sub_(lr * param.grad.detach())
@@ -128,6 +129,7 @@ class GRDAHooks(TrainHooks):
             factor = (1 - self.threshold(root) * self.sizes[root].sqrt() / norms.clamp_min(1e-30)).clamp_min(0)
             for param, s in self.slices[root]:
                 scale.setdefault(id(param), []).append((s, factor[group.channel_unit[s.root_idxs]]))
+        self.steps += 1  # w_{n+1} is thresholded at g(n)
         for param, acc in zip(self.params, self.accumulators):
             value = acc.clone()
             for s, f in scale.get(id(param), []):
@@ -160,6 +162,12 @@ class GRDAHooks(TrainHooks):
         return out, zero
 
 
+def _weight_layer(units: GroupUnits, name: str) -> bool:
+    """Whether a slice belongs to a conv/linear layer (not a PReLU slope or a free parameter)."""
+    module = units.modules.get(name.rpartition(".")[0])
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear))
+
+
 def calibrated_c(hooks: GRDAHooks, gamma: float, steps: int, mu: float) -> dict[str, float]:
     """Per group, the ``c`` at which the final threshold is a tenth of its ``m``-th smallest ``||w_u|| / sqrt(d_u)``."""
     end = math.sqrt(gamma) * (steps * gamma) ** mu
@@ -185,7 +193,7 @@ def sdprun_(model: nn.Module, data, config: SDprunConfig, ctx: RunContext) -> Pr
         return removed
 
     record, _ = train_then_remove_(model, data, units, hooks, config.epochs, choose, ctx, method=config.method,
-                                   config=config, bn_images=config.bn_images, finetune_epochs=config.finetune_epochs,
+                                   bn_images=config.bn_images, finetune_epochs=config.finetune_epochs,
                                    ignore=config.ignore)
     record.results.update(zeroed_by_optimizer=zeroed[0], c=hooks.c, mu=config.mu)
     spread = f"{min(hooks.c.values()):.3g}-{max(hooks.c.values()):.3g}" if len(set(hooks.c.values())) > 1 \
