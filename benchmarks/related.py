@@ -270,6 +270,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true", help="about a minute: digits, a small ResNet-20, x2")
+    p.add_argument("--cached-only", action="store_true",
+                   help="write the tables from the rows cached so far, running none (a partial run's results)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     bad = [m for m in args.methods if m not in METHODS]
@@ -302,12 +304,19 @@ def main(argv: list[str] | None = None) -> int:
         sdict = {**s.to_dict(), "budget": args.budget, "train_epochs": args.train_epochs}
         data = prunekit.load_dataset(s.data)
         dense_rows[model_name] = cache.get(f"{model_name}__dense", sdict)
+        if dense_rows[model_name] is None and args.cached_only:
+            del dense_rows[model_name]
+            continue
         if dense_rows[model_name] is None:
             dense_rows[model_name] = dense_summary(dense, data, s)
             cache.put(f"{model_name}__dense", sdict, dense_rows[model_name])
         for factor in args.factors:
             for method in jobs:
                 key = row_key(model_name, TOOLS.get(method, "prunekit"), method, factor)
+                if args.cached_only:
+                    row = cache.get(key, sdict)
+                    rows += [row] if row is not None else []
+                    continue
                 rows.append(cache.get_or_run(key, sdict, channel_row, model_name, method, factor, dense, data, s,
                                              dense_rows[model_name], args, progress,
                                              announce=f"{model_name} x{factor:g} {method}: test acc {{test_acc:.4f}}, "
@@ -319,9 +328,15 @@ def main(argv: list[str] | None = None) -> int:
         dense, _, s = model_settings(path, base)
         data = prunekit.load_dataset(s.data)
         sdict = {**s.to_dict(), "djpq_epochs": args.djpq_epochs}
-        lenet = cache.get("djpq__dense", sdict) or dense_summary(dense, data, s)
-        cache.put("djpq__dense", sdict, lenet)
+        lenet = cache.get("djpq__dense", sdict)
+        if lenet is None and not args.cached_only:
+            lenet = dense_summary(dense, data, s)
+            cache.put("djpq__dense", sdict, lenet)
         for bops in args.djpq_bops:
+            if args.cached_only:
+                row = cache.get(f"djpq__bops{bops:g}", sdict)
+                djpq_rows += [row] if row is not None else []
+                continue
             djpq_rows.append(cache.get_or_run(f"djpq__bops{bops:g}", sdict, djpq_row, dense, data, bops,
                                               args.djpq_epochs, s.seed, replace(s.finetune, epochs=0),
                                               announce=f"DJPQ bops {bops:g}: test acc {{test_acc:.4f}}"))
@@ -332,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     text = ["# Related methods: SPP, IncReg, sDprun, Torch-Pruning's GrowingReg; DJPQ" +
             (" (quick smoke run)" if args.quick else ""), "", "Made by (from the repository root):", "",
             f"    {command}", "", channel_table(rows, dense_rows), ""]
-    if djpq_rows:
+    if djpq_rows and lenet is not None:
         text += [djpq_table(djpq_rows, lenet, "ResNet-20 (quick)" if args.quick else "LeNet-5",
                             [] if args.quick else joint_references()), ""]
     write_text(args.out / "related.md", "\n".join(text))
