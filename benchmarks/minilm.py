@@ -157,8 +157,12 @@ def run_row(method: str, keep_encoder: float, dense: InBatchRetrieval, task: Ret
     if method == "torch-pruning":
         model, info = prune_torch_pruning(model, task, params_target(dense, keep_encoder), args.tp_steps)
     else:
-        record = prunekit.prune_(model, pruning_config(method, params_target(dense, keep_encoder), args.fisher_batches),
-                                 task, prunekit.RunContext(progress=False, log=quiet))
+        try:
+            record = prunekit.prune_(model, pruning_config(method, params_target(dense, keep_encoder),
+                                                           args.fisher_batches),
+                                     task, prunekit.RunContext(progress=False, log=quiet))
+        except prunekit.InfeasibleTargetError as exc:  # reported as a row: the method cannot reach the target
+            return {"method": method, "keep_encoder": keep_encoder, "infeasible": str(exc)}
         info = {"changes": len(record.changes)}
     seconds_prune = time.perf_counter() - t0
     before = task.metrics(model, "test")
@@ -218,6 +222,10 @@ def table(payload: dict[str, Any]) -> str:
              "1 | - | - | - | 1.00x | 1.00x |"]
     for r in payload["rows"]:
         name = "Torch-Pruning (magnitude, heads)" if r["method"] == "torch-pruning" else r["method"]
+        if "infeasible" in r:
+            lines.append(f"| {r['keep_encoder']:.0%} | {name} | infeasible at its defaults: "
+                         f"{r['infeasible'].split(';')[0]} |" + " - |" * (len(header) - 3))
+            continue
         lines.append(f"| {r['keep_encoder']:.0%} | {name} | {r['encoder_params'] / d['encoder_params']:.1%} | "
                      f"{r['params'] / 1e6:.2f} | {100 * r['recall@1']:.2f} | "
                      f"{100 * r['mrr']:.2f} | {r['fidelity']:.3f} | {100 * r['recall@1_distilled']:.2f} | "
@@ -234,6 +242,9 @@ def goals(payload: dict[str, Any], keep: float = 0.5) -> str:
     tp = next((r for r in rows if r["method"] == "torch-pruning"), None)
     lines = []
     for r in rows:
+        if "infeasible" in r:
+            lines.append(f"- {r['method']}: cannot reach the target at its defaults (missed)")
+            continue
         if r is tp:
             continue
         share = r["recall@1_distilled"] / dense
@@ -311,9 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out / "onnx"
     for keep in args.keep:
         for method in jobs:
-            row = cache.get_or_run(f"{method}__keep{keep:g}", settings, run_row, method, keep, dense, task, texts,
-                                   args, work, announce="{method} keep {keep_encoder:.0%}: recall@1 {recall@1:.4f} -> "
-                                                        "{recall@1_distilled:.4f}, speedup {speedup_eager:.2f}x")
+            key = f"{method}__keep{keep:g}"
+            row = cache.get(key, settings)
+            if row is None:  # announced only when run: a resumed run prints nothing for its cached rows
+                row = run_row(method, keep, dense, task, texts, args, work)
+                cache.put(key, settings, row)
+                print(f"{method} keep {keep:.0%}: " + (f"infeasible ({row['infeasible']})" if "infeasible" in row else
+                      f"recall@1 {row['recall@1']:.4f} -> {row['recall@1_distilled']:.4f}, speedup "
+                      f"{row['speedup_eager']:.2f}x"), flush=True)
             rows.append(row)
     payload = {"command": command, "git_commit": git_commit(), "torch": torch.__version__, "settings": settings,
                "dense": dense_row, "rows": rows}

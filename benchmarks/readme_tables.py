@@ -16,6 +16,8 @@ import deploy
 import dpp
 import eigendamage
 import finetune
+import minilm
+import related
 import structured
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +44,17 @@ def tables() -> dict[str, str]:
         "dpp-filter": dpp.readme_filter_table(_result("dpp", "dpp")),
         "admm": admm.readme_table(_result("admm", "admm")),
         "finetune": finetune.table(_result("finetune", "finetune")),
+        "minilm": (lambda r: minilm.table(r) + "\n\n" + minilm.goals(r))(_result("minilm", "minilm")),
+        "related": _related(_result("related", "related")),
     }
+
+
+def _related(result: dict) -> str:
+    """The channel table of the related methods and DJPQ's beside the ADMM and DPP joint rows."""
+    out = related.channel_table(result["rows"], result["dense"])
+    if result["djpq"]:
+        out += "\n\n" + related.djpq_table(result["djpq"], result["djpq_dense"], "LeNet-5", related.joint_references())
+    return out
 
 
 def replace_table(text: str, name: str, table: str) -> str:
