@@ -81,6 +81,7 @@ class GRDAHooks(TrainHooks):
         self.accumulators = [p.detach().clone() for p in self.params]
         self.steps = 0
         # entries per unit: the threshold scales with sqrt(d_u)
+        self.position = {id(p): i for i, p in enumerate(self.params)}  # parameter -> its accumulator
         self.sizes = {root: self._per_unit(root, [p for p, _ in self.slices[root]],
                                            lambda rows: torch.full((rows.shape[0],), float(rows.shape[1]),
                                                                    dtype=torch.float64))
@@ -124,7 +125,7 @@ class GRDAHooks(TrainHooks):
                 acc.sub_(lr * param.grad.detach())
         scale: dict[int, list[tuple[Any, torch.Tensor]]] = {}
         for root, group in self.units.groups.items():
-            accs = [self.accumulators[self._index(p)] for p, _ in self.slices[root]]
+            accs = [self.accumulators[self.position[id(p)]] for p, _ in self.slices[root]]
             norms = self._per_unit(root, accs, lambda rows: rows.pow(2).sum(1)).sqrt()
             factor = (1 - self.threshold(root) * self.sizes[root].sqrt() / norms.clamp_min(1e-30)).clamp_min(0)
             for param, s in self.slices[root]:
@@ -139,9 +140,6 @@ class GRDAHooks(TrainHooks):
                 full[s.idxs.to(value.device)] = f.to(value)
                 value.mul_(full.reshape(shape))
             param.copy_(value)
-
-    def _index(self, param: nn.Parameter) -> int:
-        return next(i for i, p in enumerate(self.params) if p is param)
 
     def per_entry_norms(self) -> dict[str, torch.Tensor]:
         """Per group, each unit's ``||w_u|| / sqrt(d_u)`` over its conv/linear slices."""
