@@ -16,6 +16,7 @@ import deploy
 import dpp
 import eigendamage
 import finetune
+import latency
 import minilm
 import related
 import structured
@@ -46,6 +47,8 @@ def tables() -> dict[str, str]:
         "finetune": finetune.table(_result("finetune", "finetune")),
         "minilm": (lambda r: minilm.table(r) + "\n\n" + minilm.goals(r))(_result("minilm", "minilm")),
         "related": _related(_result("related", "related")),
+        "latency": (lambda r: latency.target_table(r["rows"], r["dense"]) + "\n\n" + latency.goals(r["rows"]) + "\n\n"
+                    + latency.rounding_table(r["rounding"]))(_result("latency", "latency")),
     }
 
 

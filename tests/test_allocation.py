@@ -53,7 +53,7 @@ def test_target_parse(text, metric, keep):
     ("flops=abc", r"target value must be a fraction like 0.25 or a factor like x4, got 'abc'"),
     ("flops=x0", r"got 'x0'"),
     ("flops=", r"got ''"),
-    ("latency=0.5", r"target metric must be one of \['flops', 'params', 'channels'\], got 'latency'"),
+    ("speed=0.5", r"target metric must be one of \['flops', 'params', 'channels', 'latency'\], got 'speed'"),
     ("flops=1.5", r"keep fraction must be in \(0, 1\), got 1.5 \(e.g. flops=0.25"),
     ("flops=x1", r"keep fraction must be in \(0, 1\), got 1.0"),
     ("params=0", r"keep fraction must be in \(0, 1\), got 0.0"),

@@ -264,6 +264,8 @@ def _run(spec, resolved: Recipe, dense: nn.Module, base: dict[str, Any], splits:
         row["nonzero_params"] = int(sum(int((p != 0).sum()) for p in net.parameters()))
         row["val_acc_before_finetune"] = record.val_acc_before_finetune
         row["test_acc_before_finetune"] = record.test_acc_before_finetune
+        if record.predicted_speedup is not None:  # a latency= target: measured where it was predicted
+            row.update(latency_speedups(dense, net, splits, record, log))
         storage = encoding_storage(net, record.encoding, dense_bits=dense_bits)
         row["storage_bits"] = storage["bits"][storage["best"]]
         run = JobRun(label, config, record, net, row, storage)
@@ -273,6 +275,21 @@ def _run(spec, resolved: Recipe, dense: nn.Module, base: dict[str, Any], splits:
     if outdir is not None:
         result.report = write_job_report(outdir, result, base, spec, data_cfg)
     return result
+
+
+def latency_speedups(dense: nn.Module, net: nn.Module, splits: DataSplits, record, log: Callable[[str], None]
+                     ) -> dict[str, Any]:
+    """``predicted_speedup`` and ``measured_speedup`` (dense over pruned, in the engine, batch and threads the
+    latency target was measured in; the two networks measured in alternation)."""
+    from prunekit.measurement.latency_table import measure_speedup
+
+    settings = record.latency_settings
+    measured = measure_speedup(dense, net, tuple(splits.example_inputs().shape[1:]), settings)
+    log(f"latency ({settings.describe()}): predicted speedup {record.predicted_speedup:.2f}x, measured "
+        f"{measured['speedup']:.2f}x")
+    return {"predicted_speedup": record.predicted_speedup, "measured_speedup": measured["speedup"],
+            "latency_engine": settings.engine.value, "latency_batch": settings.batch,
+            "latency_dense_ms": measured["dense_ms"], "latency_pruned_ms": measured["pruned_ms"]}
 
 
 def _check_recipe(outdir: Path, recipe: Recipe, resume: bool) -> None:

@@ -41,6 +41,7 @@ from prunekit.planning.allocation import (
     Target,
     TargetMetric,
     plan_for_target,
+    refuse_latency_target,
     sensitivity_rates,
     weight_costs,
 )
@@ -125,6 +126,7 @@ class ADMMConfig(Config):
                 object.__setattr__(self, "target", Target(TargetMetric.PARAMS, 0.1))  # the default: 10x
             if not isinstance(self.target, Target):
                 raise ValueError(f"ADMM needs a target such as params=0.02 or params=x50, got {self.target!r}")
+            refuse_latency_target(self.target, "admm")
             if self.pattern is not Pattern.GROUP:
                 if self.target.metric is TargetMetric.CHANNELS:
                     raise ValueError(f"the {self.pattern.value} pattern keeps weights: give params=0.02, params=x50 "

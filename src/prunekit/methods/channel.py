@@ -38,9 +38,26 @@ from prunekit.channels.graph import ChannelGraph
 from prunekit.configs import Config, coerce_fields
 from prunekit.curvature.kfac import ConvFactor, FisherSettings, ObsUpdate
 from prunekit.data import DataSplits
+from prunekit.measurement.latency_table import LatencyTable
 from prunekit.methods.registry import MethodSpec, PruneRecord, RunContext, register
-from prunekit.methods.rounds import RoundStep, kept_widths, layer_widths, run_rounds, score_batches
-from prunekit.planning.allocation import AllocationConfig, CostModel, Target, TargetMetric, plan_for_target
+from prunekit.methods.rounds import (
+    RoundStep,
+    kept_widths,
+    layer_widths,
+    plan_to_measured_latency,
+    record_latency,
+    run_rounds,
+    score_batches,
+    target_latency_table,
+)
+from prunekit.planning.allocation import (
+    AllocationConfig,
+    CostModel,
+    Target,
+    TargetMetric,
+    check_latency_settings_use,
+    plan_for_target,
+)
 from prunekit.planning.schedule import RoundSchedule
 from prunekit.recovery.reconstruction import reconstruct_
 
@@ -57,8 +74,11 @@ class ChannelConfig(Config):
     """Channel pruning settings shared by every criterion.
 
     Args:
-        target: Keep this fraction of the FLOPs, parameters or channels (``flops=0.25`` or ``flops=x4``).
-        allocation: How the target is spread over the groups (uniform or global, a per-layer cap, rounding).
+        target: Keep this fraction of the FLOPs, parameters, channels or measured latency (``flops=0.25``,
+            ``flops=x4``, ``latency=x2``: twice as fast in the engine, batch and threads of ``--engine``,
+            ``--batch``, ``--latency-threads``).
+        allocation: How the target is spread over the groups (uniform or global, a per-layer cap, rounding, and
+            how latency is measured).
         schedule: Rounds of prune, recover and fine-tune (1 = one-shot).
         ignore: Modules to leave alone, containers included (the output layer always is).
         residual: Also prune a transformer's residual-stream width (channels that pass through LayerNorm).
@@ -85,6 +105,7 @@ class ChannelConfig(Config):
             raise ValueError(f"target must be a Target or text like flops=0.25, got {self.target!r}")
         object.__setattr__(self, "ignore", tuple(self.ignore))
         _non_negative(self, "reconstruction_images", "bn_images", "finetune_epochs")
+        check_latency_settings_use(self.target, self.allocation.latency)
 
     def criterion(self, seed: int) -> Criterion:
         """The criterion that scores the groups."""
@@ -195,7 +216,7 @@ class KronOBSConfig(OBSChannelConfig):
 
 
 def channel_step(model: nn.Module, data: DataSplits, config: ChannelConfig, seed: int, target: Target,
-                 round_: int) -> RoundStep:
+                 round_: int, latency: LatencyTable | None = None) -> RoundStep:
     """Score channel groups, allocate, compensate (OBS), re-fit and shrink ``model`` in place."""
     example = data.example_inputs()
     graph = ChannelGraph(model, example, ignore=config.ignore, residual=config.residual)
@@ -208,8 +229,19 @@ def channel_step(model: nn.Module, data: DataSplits, config: ChannelConfig, seed
     if criterion.needs_data:
         criterion.prepare(model, graph, score_batches(data, config.scoring_batches(), seed + round_))
     scores = score_groups(criterion, graph)
-    cost = CostModel(model, graph, inputs=data.flops_inputs())
-    plan, predicted = plan_for_target(scores, cost, target, config.allocation)
+    cost = CostModel(model, graph, inputs=data.flops_inputs(), latency=latency)
+    details: dict[str, Any] = {}
+    if latency is not None and target.metric is TargetMetric.LATENCY:
+        def shrunk(plan):
+            candidate = copy.deepcopy(model)
+            ChannelGraph(candidate, example, ignore=config.ignore, residual=config.residual).shrink_(plan)
+            return candidate
+
+        plan, predicted, details["latency_tries"] = plan_to_measured_latency(
+            model, tuple(example.shape[1:]), target, config.allocation.latency,
+            lambda t: plan_for_target(scores, cost, t, config.allocation), shrunk)
+    else:
+        plan, predicted = plan_for_target(scores, cost, target, config.allocation)
     reference = copy.deepcopy(model) if config.reconstruction_images else None
     criterion.update_weights_(graph, plan)  # OBS: compensate the remaining weights before removal
     if reference is not None:
@@ -220,18 +252,22 @@ def channel_step(model: nn.Module, data: DataSplits, config: ChannelConfig, seed
         reconstruct_(model, reference, data.train, config.reconstruction_images, masks=graph.masks(plan))
     graph.shrink_(plan)
     change = graph.change(plan, config.ignore)
-    details = {"output_change": graph.output_change} if graph.output_change else {}
+    if graph.output_change:
+        details["output_change"] = graph.output_change
     return RoundStep(change, predicted, plan.num_removed(), "channels", details)
 
 
 def prune_channels_(model: nn.Module, data: DataSplits, config: ChannelConfig, ctx: RunContext) -> PruneRecord:
     """Channel pruning of ``model`` in place (the ``apply`` of every channel criterion)."""
     dense_widths = layer_widths(model)
+    settings = config.allocation.latency
+    table = target_latency_table(model, data, config.target, settings, ctx, config.ignore)
     record = run_rounds(model, data, config.target, config.schedule,
-                        lambda m, target, r: channel_step(m, data, config, ctx.seed, target, r), ctx,
+                        lambda m, target, r: channel_step(m, data, config, ctx.seed, target, r, table), ctx,
                         method=config.method, config=config, bn_images=config.bn_images,
-                        finetune_epochs=config.finetune_epochs)
+                        finetune_epochs=config.finetune_epochs, latency=table)
     record.kept_width = kept_widths(model, dense_widths)
+    record_latency(record, model, table, settings)
     a = config.allocation
     record.notes.append(f"criterion {config.method}, {a.allocation.value} allocation (max {a.max_per_layer:.0%} "
                         f"of a group), {config.schedule.iterations} round(s), {config.finetune_epochs} fine-tune "

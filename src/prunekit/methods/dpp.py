@@ -28,7 +28,7 @@ from torch import nn
 
 from prunekit.configs import Config, coerce_fields
 from prunekit.methods.registry import MethodSpec, PruneRecord, RunContext, register
-from prunekit.planning.allocation import Target, TargetMetric, plan_k_of_n, weight_costs
+from prunekit.planning.allocation import Target, TargetMetric, plan_k_of_n, refuse_latency_target, weight_costs
 from prunekit.planning.constraints import QuantConstraint, QuantKind
 from prunekit.planning.pattern import Pattern, check_pattern
 from prunekit.planning.schedule import TemperatureSchedule
@@ -183,6 +183,7 @@ class DPPConfig(Config):
         if not (math.isfinite(self.logit_lr_scale) and 0 < self.logit_lr_scale <= 1e6):
             raise ValueError(f"logit_lr_scale must be > 0 and finite, at most 1e6 (the tuned LeNet value is 5000), "
                              f"got {self.logit_lr_scale!r}")
+        refuse_latency_target(self.target, "dpp")
         if self.pattern is Pattern.GROUP:
             if self.target is None:
                 raise ValueError("the DPP group pattern needs a target (e.g. flops=x4): every coupled group keeps the "

@@ -20,7 +20,7 @@ rotations into the projections, so every layer stays three deep.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +31,17 @@ from prunekit.channels.graph import find_output_layers, ignored_modules
 from prunekit.channels.model_io import call_model, first_examples
 from prunekit.configs import Config, coerce_fields
 from prunekit.curvature.kfac import ConvFactor, CurvatureConfig, FisherSettings, collect_kfac, kfac_support
+from prunekit.measurement.latency_table import LatencySettings, LatencyTable, LayerState
 from prunekit.measurement.metrics import count_flops, count_params
 from prunekit.methods.registry import MethodSpec, PruneRecord, register
-from prunekit.planning.allocation import InfeasibleTargetError, RankedLayer, Target, TargetMetric, remove_lowest
+from prunekit.planning.allocation import (
+    InfeasibleTargetError,
+    RankedLayer,
+    Target,
+    TargetMetric,
+    check_latency_settings_use,
+    remove_lowest,
+)
 from prunekit.planning.schedule import RoundSchedule
 
 
@@ -49,7 +57,8 @@ class EigenDamageConfig(Config):
     """EigenDamage settings.
 
     Args:
-        target: Keep this fraction of the FLOPs or parameters (``flops=0.25``; directions are not channels).
+        target: Keep this fraction of the FLOPs, parameters or measured latency (``flops=0.25``, ``latency=x2``;
+            directions are not channels).
         max_per_layer: Largest fraction of a layer's input or output directions removed, counted against the dense
             layer's width over all rounds (so iterative rounds cannot compound past it).
         schedule: Rounds of prune, recover and fine-tune (1 = one-shot); later rounds decompose the cores again.
@@ -59,6 +68,8 @@ class EigenDamageConfig(Config):
         train_rotations: Fine-tune the projections (the eigenbases) with the core; ``False`` freezes them.
         bn_images: Training images for BatchNorm re-estimation after each round (0 = off).
         finetune_epochs: Fine-tuning epochs after each round (best epoch on validation).
+        latency: Engine, batch and threads a ``latency=`` target is measured with (a bottleneck costs its two 1x1
+            projections and its core, each measured at the ranks it keeps).
     """
 
     target: Target = Target(TargetMetric.FLOPS, 0.5)
@@ -70,13 +81,19 @@ class EigenDamageConfig(Config):
     train_rotations: bool = True
     bn_images: int = 512
     finetune_epochs: int = 0
+    latency: LatencySettings = LatencySettings()
 
     def __post_init__(self) -> None:
         coerce_fields(self)
+        check_latency_settings_use(self.target, self.latency)
+        if self.target.metric is TargetMetric.LATENCY and self.form is BottleneckForm.DEPTHWISE:
+            raise ValueError("latency= targets cost the standard bottleneck form (the latency table has no "
+                             "depthwise cores); use --form standard, or a flops= target with --form depthwise")
         if not isinstance(self.train_rotations, bool):
             raise ValueError(f"train_rotations must be true or false, got {self.train_rotations!r}")
         if self.target.metric is TargetMetric.CHANNELS:
-            raise ValueError("eigendamage removes eigen-directions, not channels: give a flops= or params= target")
+            raise ValueError("eigendamage removes eigen-directions, not channels: give a flops=, params= or latency= "
+                             "target")
         if not isinstance(self.max_per_layer, (int, float)) or not 0 < self.max_per_layer < 1:
             raise ValueError(f"max_per_layer must be in (0, 1), got {self.max_per_layer!r}")
         object.__setattr__(self, "ignore", tuple(self.ignore))
@@ -256,8 +273,29 @@ class EigenPlan:
     predicted: float  # predicted total cost after the change
 
 
+LayerCost = Callable[[_Layer, "tuple[int, int] | None", BottleneckForm], float]
+
+
+def counted_cost(metric: TargetMetric) -> LayerCost:
+    """A layer's FLOPs or parameters, dense (``ranks=None``) or factored at the given ranks (:func:`layer_cost`)."""
+    return lambda layer, ranks, form: layer_cost(layer.spec, layer.positions_in, layer.positions_out, ranks, form,
+                                                 metric)
+
+
+def latency_cost(table: LatencyTable) -> LayerCost:
+    """A layer's share of the predicted latency (ms, the table's layer coefficient included): its measured time
+    dense, or as a standard bottleneck at the given ranks (projections and core)."""
+    scale = table.coefficients[0]
+
+    def cost(layer: _Layer, ranks: tuple[int, int] | None, form: BottleneckForm) -> float:
+        if ranks is None:
+            return scale * table.layer_ms(layer.name, LayerState(layer.spec.in_channels, layer.spec.out_channels))
+        return scale * table.layer_ms(layer.name, LayerState(ranks[0], ranks[1], bottleneck=True))
+    return cost
+
+
 def _plan(layers: list[_Layer], fixed_cost: float, target_cost: float, metric: TargetMetric, cap: float,
-          form: BottleneckForm) -> EigenPlan:
+          form: BottleneckForm, cost_of: LayerCost) -> EigenPlan:
     """Remove directions in ascending score order (one global threshold, :func:`remove_lowest`) until the model
     cost meets the target."""
 
@@ -265,12 +303,10 @@ def _plan(layers: list[_Layer], fixed_cost: float, target_cost: float, metric: T
         def cost(ranks: tuple[int, ...]) -> float:
             """A layer changes only once a direction of it is removed (so the depthwise form, cheaper at any rank,
             is not applied to layers the threshold never reaches), and only if that makes it smaller."""
-            factored = layer_cost(layer.spec, layer.positions_in, layer.positions_out, (ranks[0], ranks[1]), form,
-                                  metric)
-            return min(_current_cost(layer, metric), factored)
+            return min(_current_cost(layer, cost_of), cost_of(layer, (ranks[0], ranks[1]), form))
 
         # depthwise: output directions are merged into the projection, so removing them saves nothing
-        return RankedLayer(layer.name, (layer.score_in, layer.score_out), cost, _current_cost(layer, metric),
+        return RankedLayer(layer.name, (layer.score_in, layer.score_out), cost, _current_cost(layer, cost_of),
                            (True, form is not BottleneckForm.DEPTHWISE),
                            dense=(layer.spec.in_channels, layer.spec.out_channels))
 
@@ -281,19 +317,17 @@ def _plan(layers: list[_Layer], fixed_cost: float, target_cost: float, metric: T
         raise InfeasibleTargetError(f"EigenDamage {exc}") from None
     kept = {}
     for lay in layers:
-        if costs[lay.name] < _current_cost(lay, metric):
+        if costs[lay.name] < _current_cost(lay, cost_of):
             keep_in = torch.tensor(sorted(set(range(lay.rotated.shape[1])) - removed[lay.name][0]))
             keep_out = torch.tensor(sorted(set(range(lay.rotated.shape[0])) - removed[lay.name][1]))
             kept[lay.name] = (keep_in, keep_out)
     return EigenPlan(kept, total)
 
 
-def _current_cost(layer: _Layer, metric: TargetMetric) -> float:
+def _current_cost(layer: _Layer, cost_of: LayerCost) -> float:
     """Cost of the layer as it is now (dense, or the existing standard bottleneck)."""
-    if layer.base is None:
-        return layer_cost(layer.spec, layer.positions_in, layer.positions_out, None, BottleneckForm.STANDARD, metric)
-    return layer_cost(layer.spec, layer.positions_in, layer.positions_out,
-                      (layer.base.rank_in, layer.base.rank_out), BottleneckForm.STANDARD, metric)
+    ranks = None if layer.base is None else (layer.base.rank_in, layer.base.rank_out)
+    return cost_of(layer, ranks, BottleneckForm.STANDARD)
 
 
 def _build(layer: _Layer, keep_in: torch.Tensor, keep_out: torch.Tensor, form: BottleneckForm,
@@ -361,19 +395,22 @@ class EigenRound:
 
 def eigendamage_round_(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], example: torch.Tensor,
                        target: Target, curvature: CurvatureConfig, max_per_layer: float, options: EigenDamageConfig,
-                       ignore: Iterable[str] = (), final: bool = True, progress: bool = False) -> EigenRound:
+                       ignore: Iterable[str] = (), final: bool = True, progress: bool = False,
+                       latency: LatencyTable | None = None) -> EigenRound:
     """One round of EigenDamage on ``model`` in place: statistics, global threshold, bottleneck rebuild.
 
     Args:
-        target: Keep this fraction of the model's current FLOPs or parameters.
+        target: Keep this fraction of the model's current FLOPs, parameters or predicted latency.
         final: Apply the depthwise form (when asked for) in this round.
+        latency: The dense network's table measured with bottleneck projections, for a ``latency=`` target.
 
     Raises:
         InfeasibleTargetError: the target cannot be met under ``max_per_layer``.
         ValueError: channel targets (EigenDamage removes directions, not channels), no decomposable layer.
     """
     if target.metric is TargetMetric.CHANNELS:
-        raise ValueError("EigenDamage targets FLOPs or parameters (flops=0.25, params=0.1), not channels")
+        raise ValueError("EigenDamage targets FLOPs, parameters or latency (flops=0.25, params=0.1, latency=x2), not "
+                         "channels")
     found = _find_layers(model, example, ignore)
     if not found:
         raise ValueError("EigenDamage found no Linear/Conv2d layer to decompose (output layers and ignore= are left "
@@ -393,10 +430,19 @@ def eigendamage_round_(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
         base = modules[name] if isinstance(modules[name], KFEBottleneck) else None
         layers.append(_decompose(name, module, f, base, modules[name], positions[name]))
     metric = target.metric
-    total = count_flops(model, first_examples(example)) if metric is TargetMetric.FLOPS else count_params(model)
-    current = sum(_current_cost(lay, metric) for lay in layers)
+    if metric is TargetMetric.LATENCY:
+        if latency is None:
+            raise ValueError("a latency= target needs the dense network's latency table measured with bottlenecks "
+                             "(latency_table(model, example, settings, bottlenecks=True))")
+        cost_of = latency_cost(latency)
+        layers = [lay for lay in layers if lay.name in latency.layers]
+        total = latency.predict_model(model)
+    else:
+        cost_of = counted_cost(metric)
+        total = count_flops(model, first_examples(example)) if metric is TargetMetric.FLOPS else count_params(model)
+    current = sum(_current_cost(lay, cost_of) for lay in layers)
     form = options.form if final else BottleneckForm.STANDARD
-    plan = _plan(layers, total - current, target.keep * total, metric, max_per_layer, form)
+    plan = _plan(layers, total - current, target.keep * total, metric, max_per_layer, form, cost_of)
     change_layers = {}
     removed = 0
     like = next(model.parameters())
@@ -445,7 +491,15 @@ def eigendamage_(model: nn.Module, data, config: EigenDamageConfig, ctx) -> Prun
     """EigenDamage on ``model`` in place: every round of ``config.schedule`` collects K-FAC statistics, removes the
     least important eigen-directions under one global threshold and rebuilds layers as bottlenecks, then
     re-estimates BatchNorm and fine-tunes (the ``apply`` of the ``eigendamage`` method)."""
-    from prunekit.methods.rounds import RoundStep, kept_widths, layer_widths, run_rounds, score_batches
+    from prunekit.methods.rounds import (
+        RoundStep,
+        kept_widths,
+        layer_widths,
+        record_latency,
+        run_rounds,
+        score_batches,
+        target_latency_table,
+    )
 
     example = data.example_inputs()
     k = config.schedule.iterations
@@ -455,14 +509,16 @@ def eigendamage_(model: nn.Module, data, config: EigenDamageConfig, ctx) -> Prun
         curvature = config.curvature.curvature(ctx.seed)
         done = eigendamage_round_(m, score_batches(data, curvature.batches, ctx.seed + r), example, target,
                                   curvature, config.max_per_layer, config, config.ignore, final=r == k,
-                                  progress=ctx.progress)
+                                  progress=ctx.progress, latency=table)
         return RoundStep(done.change, done.predicted_keep, done.removed_directions, "eigen-directions")
 
     dense_widths = layer_widths(model)
+    table = target_latency_table(model, data, config.target, config.latency, ctx, config.ignore, bottlenecks=True)
     record = run_rounds(model, data, config.target, config.schedule, step, ctx, method=config.method, config=config,
                         bn_images=config.bn_images, finetune_epochs=config.finetune_epochs,
-                        before_finetune=lambda m: set_rotations_trainable_(m, config.train_rotations))
+                        before_finetune=lambda m: set_rotations_trainable_(m, config.train_rotations), latency=table)
     record.kept_width = kept_widths(model, dense_widths)
+    record_latency(record, model, table, config.latency)
     record.notes.append(f"EigenDamage, {config.form.value} bottlenecks, at most {config.max_per_layer:.0%} of a "
                         f"layer's dense directions removed over all rounds, {k} round(s), "
                         f"{config.finetune_epochs} fine-tune epoch(s) per round, model chosen on validation")

@@ -26,7 +26,14 @@ from torch import nn
 from prunekit.channels.graph import ChannelGraph, ChannelGroup, ChannelPlan, ParamSlice, SliceKind
 from prunekit.configs import Config, coerce_fields
 from prunekit.methods.registry import PruneRecord, RunContext
-from prunekit.planning.allocation import AllocationConfig, CostModel, Target, TargetMetric, plan_for_target
+from prunekit.planning.allocation import (
+    AllocationConfig,
+    CostModel,
+    Target,
+    TargetMetric,
+    plan_for_target,
+    refuse_latency_target,
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class UnitTrainingConfig(Config):
         object.__setattr__(self, "ignore", tuple(self.ignore))
         if not isinstance(self.target, Target):
             raise ValueError(f"target must be a Target or text like flops=0.25, got {self.target!r}")
+        refuse_latency_target(self.target, getattr(self, "method", type(self).__name__))
         for name, low in (("epochs", 1), ("bn_images", 0), ("finetune_epochs", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -75,6 +75,9 @@ class PruneRecord:
             recovery, before any training (reported, never used to choose anything).
         results: Method-specific results for the report (ADMM residuals, DPP mask metrics, ...).
         figures: File name -> a function that draws the figure at a path.
+        latency_settings: Under a ``latency=`` target, the engine, batch and threads it was measured in (the job
+            measures the real speedup there).
+        predicted_speedup: Under a ``latency=`` target, dense over pruned latency as the table predicts it.
     """
 
     method: str
@@ -87,6 +90,8 @@ class PruneRecord:
     test_acc_before_finetune: float | None = None
     results: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Callable[[Path], Any]] = field(default_factory=dict)
+    latency_settings: Any = None
+    predicted_speedup: float | None = None
 
 
 @dataclass(frozen=True)

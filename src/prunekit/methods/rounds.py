@@ -9,6 +9,7 @@ after it, and inside a round from the last committed fine-tuning epoch.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -19,11 +20,18 @@ import torch
 from torch import nn
 
 from prunekit.data import DataSplits
+from prunekit.measurement.latency_table import (
+    LatencySettings,
+    LatencyTable,
+    latency_table,
+    measure_speedup,
+    model_states,
+)
 from prunekit.measurement.metrics import count_flops, count_params
 from prunekit.methods.registry import PruneRecord, RunContext
 from prunekit.persistence.architecture import replay_changes_, save_compressed
 from prunekit.persistence.checkpoint import CheckpointError, check_state_fits, load_state, read_metadata
-from prunekit.planning.allocation import Target, TargetMetric
+from prunekit.planning.allocation import InfeasibleTargetError, Target, TargetMetric
 from prunekit.planning.schedule import RoundSchedule
 from prunekit.recovery.batchnorm import recalibrate_batchnorm_
 from prunekit.training import fit
@@ -50,11 +58,66 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
             for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
 
 
+def target_latency_table(model: nn.Module, data: DataSplits, target: Target, settings: LatencySettings,
+                         ctx: RunContext, ignore: tuple[str, ...] = (), bottlenecks: bool = False
+                         ) -> LatencyTable | None:
+    """The dense network's latency table (cached, or measured now) when ``target`` is a ``latency=`` target."""
+    if target.metric is not TargetMetric.LATENCY:
+        return None
+    return latency_table(model, data.example_inputs(), settings, bottlenecks=bottlenecks, ignore=ignore,
+                         progress=ctx.progress, log=ctx.log)
+
+
+def plan_to_measured_latency(model: nn.Module, input_shape: tuple[int, ...], target: Target,
+                             settings: LatencySettings, plan_for: Callable[[Target], tuple[Any, float]],
+                             shrunk: Callable[[Any], nn.Module], tolerance: float = 0.05
+                             ) -> tuple[Any, float, list[dict[str, float]]]:
+    """A plan for a ``latency=`` target checked by measurement: the network it makes is timed against ``model``
+    in the settings' engine; while the measured kept latency misses ``target`` by more than ``tolerance``, the
+    target is scaled by the miss and planned again (``settings.corrections`` times). The plan measured closest wins.
+
+    Returns:
+        (plan, its predicted kept fraction, every try's target, predicted and measured kept fraction).
+    """
+    keep, tries, best = target.keep, [], None
+    for _ in range(1 + settings.corrections):
+        try:
+            plan, predicted = plan_for(Target(TargetMetric.LATENCY, keep))
+        except InfeasibleTargetError:
+            if best is None:
+                raise
+            break  # a corrected target beyond reach: the closest plan so far stands
+        measured = 1 / measure_speedup(model, shrunk(plan), input_shape, settings)["speedup"]
+        tries.append({"target_keep": keep, "predicted_keep": predicted, "measured_keep": measured})
+        if best is None or abs(math.log(measured / target.keep)) < abs(math.log(best[2] / target.keep)):
+            best = (plan, predicted, measured)
+        if abs(measured / target.keep - 1) <= tolerance:
+            break
+        keep = min(0.999, max(1e-3, keep * target.keep / measured))
+    return best[0], best[1], tries
+
+
+def record_latency(record: PruneRecord, model: nn.Module, table: LatencyTable | None,
+                   settings: LatencySettings) -> None:
+    """Put the predicted speedup (dense over pruned, by the table) on ``record``; the job measures the real one."""
+    if table is None:
+        return
+    record.latency_settings = settings
+    record.predicted_speedup = table.predict() / table.predict_model(model)
+    rounding = table.rounding_of(model_states(model, table.layers))
+    record.notes.append(f"latency target measured in {settings.describe()}: per-layer table fitted to the whole "
+                        f"network; kept widths on multiples of {rounding} (of 1, 4, 8, 16 the plan removing the "
+                        f"least importance, unless --round-to is given); predicted speedup "
+                        f"{record.predicted_speedup:.2f}x")
+
+
 def run_rounds(model: nn.Module, data: DataSplits, target: Target, schedule: RoundSchedule, step: Step,
                ctx: RunContext, *, method: str, config: Any, bn_images: int, finetune_epochs: int,
-               before_finetune: Callable[[nn.Module], None] = lambda _: None) -> PruneRecord:
+               before_finetune: Callable[[nn.Module], None] = lambda _: None,
+               latency: LatencyTable | None = None) -> PruneRecord:
     """Run ``schedule``'s rounds of ``step`` on ``model`` in place, each followed by BatchNorm re-estimation on
-    ``bn_images`` images and ``finetune_epochs`` epochs of fine-tuning (best epoch on validation).
+    ``bn_images`` images and ``finetune_epochs`` epochs of fine-tuning (best epoch on validation). ``latency``:
+    the dense network's table, for a ``latency=`` target.
 
     Raises:
         CheckpointError: ``ctx.resume`` with a saved round made by other settings.
@@ -76,6 +139,11 @@ def run_rounds(model: nn.Module, data: DataSplits, target: Target, schedule: Rou
         # the fraction of the dense metric that earlier rounds already kept; this round's target is relative to it
         if target.metric is TargetMetric.CHANNELS:
             kept_now = target.keep ** ((r - 1) / k)
+        elif target.metric is TargetMetric.LATENCY:
+            if latency is None:
+                raise ValueError("a latency= target needs the dense network's latency table (run_rounds(..., "
+                                 "latency=latency_table(...)))")
+            kept_now = latency.predict_model(model) / latency.predict()
         else:
             now = count_flops(model, flops_inputs) if target.metric is TargetMetric.FLOPS else count_params(model)
             kept_now = now / dense_metric[target.metric]

@@ -1,9 +1,10 @@
 """How much to remove where, for every unit a method removes, under one target: keep a fraction of the FLOPs,
-the parameters or the channels (:class:`Target`), with a uniform per-layer fraction or one global ranking
-(:class:`Allocation`) and a per-layer cap.
+the parameters, the channels or the measured latency (:class:`Target`), with a uniform per-layer fraction or one
+global ranking (:class:`Allocation`) and a per-layer cap.
 
 * channels (coupled groups, removed physically): :func:`plan_for_target`, costed exactly by :class:`CostModel`
-  from the slices a plan removes, so the search needs no surgery;
+  from the slices a plan removes, so the search needs no surgery (latency: predicted by a measured
+  :class:`~prunekit.measurement.latency_table.LatencyTable` from the widths the plan leaves);
 * weights and their structured units (ADMM's entries, filters, channels, columns): :func:`allocate_rates`,
   one magnitude threshold over all layers' units weighted by the weights they hold, or :func:`sensitivity_rates`,
   per-layer fractions from each layer's own validation loss when it alone is pruned;
@@ -30,6 +31,7 @@ from torch import nn
 
 from prunekit.channels.graph import ChannelGraph, ChannelPlan
 from prunekit.configs import Config, coerce_fields
+from prunekit.measurement.latency_table import ROUNDINGS, LatencySettings, LatencyTable, LayerState, model_states
 from prunekit.measurement.metrics import count_flops, count_params, flops_by_module
 from prunekit.planning.pattern import Pattern
 
@@ -40,6 +42,7 @@ class TargetMetric(str, enum.Enum):
     FLOPS = "flops"
     PARAMS = "params"
     CHANNELS = "channels"
+    LATENCY = "latency"  # measured on this machine (a latency table): latency=x2 halves it
 
 
 class Allocation(str, enum.Enum):
@@ -56,7 +59,8 @@ CHANNEL_ALLOCATIONS = (Allocation.UNIFORM, Allocation.GLOBAL)
 
 @dataclass(frozen=True)
 class Target:
-    """Keep ``keep`` (0 < keep < 1) of ``metric``; ``Target.parse("flops=0.25")`` keeps a quarter of the FLOPs."""
+    """Keep ``keep`` (0 < keep < 1) of ``metric``; ``Target.parse("flops=0.25")`` keeps a quarter of the FLOPs,
+    ``Target.parse("latency=x2")`` half the latency predicted by a table measured on this machine."""
 
     metric: TargetMetric
     keep: float
@@ -73,11 +77,11 @@ class Target:
 
     @classmethod
     def parse(cls, text: str) -> Target:
-        """``"flops=0.25"``, ``"params=0.5"``, ``"channels=0.7"``; also ``"flops=x4"`` (keep 1/4)."""
+        """``"flops=0.25"``, ``"params=0.5"``, ``"channels=0.7"``; also ``"flops=x4"`` (keep 1/4), ``"latency=x2"``."""
         metric, sep, value = str(text).strip().lower().partition("=")
         if not sep:
             raise ValueError(f"target must look like METRIC=FRACTION (flops=0.25, params=0.5, channels=0.7) or "
-                             f"METRIC=xFACTOR (flops=x4), got {text!r}")
+                             f"METRIC=xFACTOR (flops=x4, latency=x2), got {text!r}")
         try:
             keep = 1.0 / float(value[1:]) if value.startswith("x") else float(value)
         except (ValueError, ZeroDivisionError):
@@ -110,13 +114,17 @@ class AllocationConfig(Config):
         tolerance: Relative distance to the target that counts as reached (0.02 = within 2%).
         round_to: Keep a multiple of this many channels in every group (of untied channels) that is pruned:
             CPU and GPU kernels run faster on widths that are multiples of 8 or 16. A group of ``round_to``
-            channels or fewer stays whole; a value at least as wide as every group is refused.
+            channels or fewer stays whole; a value at least as wide as every group is refused. Default: 1, or
+            under a ``latency=`` target the one of 1, 4, 8 and 16 whose plan reaches the measured speed removing
+            the least importance.
+        latency: Engine, batch and threads a ``latency=`` target is measured with.
     """
 
     allocation: Allocation = field(default=Allocation.GLOBAL, metadata={"choices": CHANNEL_ALLOCATIONS})
     max_per_layer: float = 0.9
     tolerance: float = 0.02
-    round_to: int = 1
+    round_to: int | None = None
+    latency: LatencySettings = LatencySettings()
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -124,8 +132,40 @@ class AllocationConfig(Config):
             raise ValueError(f"max_per_layer must be in (0, 1), got {self.max_per_layer!r}")
         if not 0 < self.tolerance < 0.5:
             raise ValueError(f"tolerance must be in (0, 0.5), got {self.tolerance!r}")
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                                          or self.round_to < 1):
             raise ValueError(f"round_to must be a positive int, got {self.round_to!r}")
+
+    def rounding(self) -> int:
+        """The multiple kept widths are rounded to when one plan is made: ``round_to``, else 1."""
+        return 1 if self.round_to is None else self.round_to
+
+
+LATENCY_METHODS = "the channel criteria (l1, l2, bn, taylor, random), the curvature methods (c-obd, c-obs, kron-obd, " \
+    "kron-obs) and eigendamage"
+
+
+def refuse_latency_target(target: Target | None, method: str) -> None:
+    """Refuse a ``latency=`` target for a method whose allocation has no latency cost model.
+
+    Raises:
+        ValueError: naming the methods that take one.
+    """
+    if isinstance(target, Target) and target.metric is TargetMetric.LATENCY:
+        raise ValueError(f"{method} does not take latency= targets (it spends a FLOPs or parameter budget); they "
+                         f"cover {LATENCY_METHODS}; give {method} a flops= or params= target")
+
+
+def check_latency_settings_use(target: Target, settings: LatencySettings) -> None:
+    """Refuse latency settings (``--engine``, ``--batch``, ...) given with a target they do not apply to.
+
+    Raises:
+        ValueError: non-default settings with a flops=, params= or channels= target.
+    """
+    if target.metric is not TargetMetric.LATENCY and settings != LatencySettings():
+        changed = [k for k, v in settings.to_dict().items() if v != LatencySettings().to_dict()[k]]
+        raise ValueError(f"the latency settings ({', '.join(changed)}: --engine, --batch, --latency-*) apply to "
+                         f"latency= targets only, and this target is {target}; drop them or give --target latency=x2")
 
 
 
@@ -134,20 +174,27 @@ class InfeasibleTargetError(ValueError):
 
 
 class CostModel:
-    """Exact parameters / FLOPs of the model a plan would produce, from the removed slices alone.
+    """Exact parameters / FLOPs of the model a plan would produce, from the removed slices alone, and its latency
+    predicted by a measured table.
 
     A weight keeps ``prod_d (1 - removed_d / size_d)`` of its entries; a convolution or linear layer keeps the same
     fraction of its FLOPs. An attention block's own FLOPs beyond its linear layers (the ``q k^T`` and ``a v``
     products; all of an ``nn.MultiheadAttention``, whose projections are not module calls) scale with the heads it
-    keeps; FLOPs of other ops are counted as unchanged.
+    keeps; FLOPs of other ops are counted as unchanged. Latency: the table's prediction with every layer at the
+    input and output widths the plan leaves it, over its prediction for the model as it is.
     """
 
     def __init__(self, model: nn.Module, graph: ChannelGraph, input_shape: tuple[int, ...] | None = None,
-                 inputs: Any = None) -> None:
+                 inputs: Any = None, latency: LatencyTable | None = None) -> None:
         """FLOPs are counted on ``inputs`` (a shape with its batch dimension, or example inputs), else on one
         example of ``input_shape`` (the batch dimension is added), else on the graph's example inputs (a model
-        taking keyword inputs, such as a Hugging Face transformer)."""
+        taking keyword inputs, such as a Hugging Face transformer). ``latency``: the table of the dense network
+        (needed for latency= targets)."""
         self.graph = graph
+        self.latency = latency
+        if latency is not None:
+            self.states = model_states(model, latency.layers)
+            self.current_ms = latency.predict(self.states)
         self.dense_params = count_params(model)
         if inputs is None:
             inputs = graph.example_inputs if input_shape is None else (1, *input_shape)
@@ -185,6 +232,16 @@ class CostModel:
         if metric is TargetMetric.CHANNELS:
             return 1.0 - plan.num_removed() / max(self.total_channels, 1)
         removed = self.removed_per_dim(plan)
+        if metric is TargetMetric.LATENCY:
+            if self.latency is None:
+                raise ValueError("a latency= target needs the network's measured latency table "
+                                 "(CostModel(..., latency=latency_table(model, example, settings)))")
+            states = dict(self.states)
+            for name, state in self.states.items():
+                dims = removed.get(f"{name}.weight")
+                if dims and not state.bottleneck:
+                    states[name] = LayerState(state.kept_in - dims.get(1, 0), state.kept_out - dims.get(0, 0))
+            return self.latency.predict(states) / self.current_ms
         if metric is TargetMetric.PARAMS:
             lost = 0.0
             for name, dims in removed.items():
@@ -214,20 +271,44 @@ def plan_for_target(scores: dict[str, torch.Tensor], cost: CostModel, target: Ta
     Channels tied together (a grouped convolution's positions) are ranked and removed as one unit scored by the
     sum of its channels. Global allocation ranks units of all groups by their score divided by the group's mean.
 
+    Under a ``latency=`` target without ``round_to``, kept widths rounded to each of 1, 4, 8 and 16 are planned to
+    the same predicted latency (the table has a fit per rounding), and the plan that removes the least importance
+    (the sum of the removed channels' scores over their group's mean) is kept: a fast grid is used when it reaches
+    the speed with fewer or less important channels removed.
+
     Raises:
         InfeasibleTargetError: even removing ``max_per_layer`` of every group keeps too much.
     """
+    if config.round_to is not None or target.metric is not TargetMetric.LATENCY or cost.latency is None:
+        return _plan_rounded(scores, cost, target, config, config.rounding())
+    plans, error = [], None
+    for r in ROUNDINGS:
+        try:
+            plans.append(_plan_rounded(scores, cost, target, config, r))
+        except InfeasibleTargetError as exc:
+            error = exc
+    if not plans:
+        raise error
+
+    def removed_importance(plan: ChannelPlan) -> float:
+        return sum(float(scores[root][list(idxs)].sum() / scores[root].mean().clamp_min(1e-30))
+                   for root, idxs in plan.removed.items())
+
+    return min(plans, key=lambda planned: removed_importance(planned[0]))
+
+
+def _plan_rounded(scores: dict[str, torch.Tensor], cost: CostModel, target: Target, config: AllocationConfig,
+                  round_to: int) -> tuple[ChannelPlan, float]:
     units = {root: (cost.graph.by_root[root].units if root in cost.graph.by_root
                     else [(i,) for i in range(len(s))]) for root, s in scores.items()}
     unit_scores = {root: torch.stack([scores[root][list(u)].sum() for u in units[root]]) for root in scores}
     groups = {root: us for root, us in unit_scores.items() if len(us) > 1}
     caps = {root: min(len(us) - 1, int(math.floor(config.max_per_layer * len(us)))) for root, us in groups.items()}
-    selector = _UnitSelector(units, {root: torch.argsort(us, stable=True) for root, us in groups.items()},
-                             config.round_to)
-    if groups and config.round_to > 1 and all(len(us) <= config.round_to for us in groups.values()):
+    selector = _UnitSelector(units, {root: torch.argsort(us, stable=True) for root, us in groups.items()}, round_to)
+    if groups and round_to > 1 and all(len(us) <= round_to for us in groups.values()):
         widest = max(len(us) for us in groups.values())
         raise InfeasibleTargetError(
-            f"round_to={config.round_to} is at least the width of every prunable group (the widest has {widest}), "
+            f"round_to={round_to} is at least the width of every prunable group (the widest has {widest}), "
             f"so no group can keep a smaller multiple of it; pick --round-to below {widest}")
 
     if config.allocation is Allocation.UNIFORM:
