@@ -6,8 +6,9 @@ Fashion-MNIST checkpoint, for each engine (eager PyTorch, ONNX Runtime), batch s
 
 * **latency-targeted**: one-shot pruning with the criterion to ``latency=xS`` (global allocation, at most 90% of a
   group, no least-squares re-fit, BatchNorm re-estimated on 512 images): the per-layer latency table of the dense
-  network is measured in that engine, batch and thread count (cached under ``<out>/cache``) and kept widths follow
-  its measured rounding;
+  network is measured in that engine, batch and thread count (cached under ``<out>/cache``), kept widths are on the
+  multiple of 1, 4, 8 or 16 whose plan removes the least importance, and the plan is checked by measurement (up to
+  two corrections);
 * **FLOPs-targeted at equal measured speed**: the same criterion and recipe to ``flops=1/f``, where ``f`` is
   searched (secant steps on measured speedups, at most ``--search-steps`` measurements) until the network is as fast
   as the latency-targeted one measured; the closest is kept and its measured speed reported;
@@ -267,6 +268,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if quick:
         args.threads, args.limit = args.threads or 1, args.limit or 600
         args.grid, args.min_run_time, args.measure_time, args.search_steps = 3, 0.01, 0.05, 3
+    if any(b < 1 for b in args.batches) or any(x <= 1 for x in args.speedups):
+        p.error(f"--batches must be >= 1 and --speedups > 1, got {args.batches} and {args.speedups}")
     unknown = [c for c in args.criteria if c not in prunekit.list_methods()]
     if unknown:
         p.error(f"unknown --criteria {unknown}; accepted: the channel criteria of `prunekit list methods`")
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     for model_name in args.models:
         dense, _, s = model_settings(paths[model_name], base)
         sdict = {**s.to_dict(), "grid": args.grid, "min_run_time": args.min_run_time,
-                 "measure_time": args.measure_time, "engines": args.engines}
+                 "measure_time": args.measure_time, "engines": args.engines, "search_steps": args.search_steps}
         data = prunekit.load_dataset(s.data)
         dense_rows[model_name] = cache.get(f"{model_name}__dense", sdict)
         if dense_rows[model_name] is None:

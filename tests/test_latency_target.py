@@ -108,6 +108,33 @@ def test_cost_model_latency_is_the_table_on_the_shrunk_model(synthetic):
     assert planned < 1
 
 
+def test_a_plan_is_costed_by_the_fit_of_its_rounding(synthetic):
+    """Each rounding has its own fit; a plan is costed by the fit of the rounding it was made with, numerator and
+    denominator alike, and a LeNet's classifier after Flatten loses the flattened positions of its input."""
+    torch.manual_seed(0)
+    model = prunekit.create_model("lenet5", num_classes=4, in_channels=1, input_size=12)
+    graph = ChannelGraph(model, synthetic.example_inputs())
+    widths = prunekit.measurement.latency_table.model_states(model, prunekit.measurement.latency_table.layer_shapes(
+        model, synthetic.example_inputs()))
+    dense = {n: (int(st.kept_in), int(st.kept_out)) for n, st in widths.items()}
+    table = _product_table({n: 1.0 for n in dense}, dense)
+    table.fits = {1: (1.0, 0.0, 0.0), 4: (1.0, 0.0, 0.0), 8: (2.0, 0.0, 50.0), 16: (1.0, 0.0, 0.0)}
+    cost = CostModel(model, graph, inputs=synthetic.flops_inputs(), latency=table)
+    plan = uniform_plan(graph, 0.5, round_to=8)
+    states = dict(cost.states)
+    net = copy.deepcopy(model)
+    ChannelGraph(net, synthetic.example_inputs()).shrink_(plan)
+    shrunk = prunekit.measurement.latency_table.model_states(net, table.layers)
+    expected = (2 * table.terms(shrunk)[0] + 50) / (2 * table.terms(states)[0] + 50)
+    assert cost.cost(plan, TargetMetric.LATENCY, round_to=8) == pytest.approx(expected, rel=1e-9)
+    assert cost.cost(plan, TargetMetric.LATENCY, round_to=1) == pytest.approx(
+        table.terms(shrunk)[0] / table.terms(states)[0], rel=1e-9)
+    conv = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1]
+    fc = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][0]
+    positions = states[fc].kept_in // states[conv].kept_out  # the flattened map of the last convolution
+    assert positions > 1 and shrunk[fc].kept_in == shrunk[conv].kept_out * positions < states[fc].kept_in
+
+
 def test_predicted_network_latency_matches_the_measured(table_of, synthetic):
     """Stated tolerance: the predicted latency of the MLP thinned to 60% and its predicted speedup are each within
     20% of the measured ones (one remeasurement allowed on a busy machine)."""
@@ -135,7 +162,7 @@ def test_latency_target_is_reached_within_ten_percent_measured(table_of, synthet
         model = mlp()
         record = prune_(model, prunekit.L1Config(target="latency=x2", reconstruction_images=0, bn_images=0,
                                                  allocation=AllocationConfig(latency=FAST)), synthetic, QUIET)
-        assert record.predicted_speedup == pytest.approx(2.0, rel=0.03)
+        assert 1 / record.rounds[0]["latency_tries"][0]["predicted_keep"] == pytest.approx(2.0, rel=0.03)
         speedups.append(measure_speedup(mlp(), model, (1, 12, 12), FAST, repeats=5)["speedup"])
         if abs(speedups[-1] / 2 - 1) <= 0.10:
             break
@@ -216,3 +243,25 @@ def _product_table(weights: dict[str, float], widths: dict[str, tuple[int, int]]
         ins, outs = sorted({1, widths[name][0]}), sorted({1, widths[name][1]})
         layers[name] = LayerTiming(ins, outs, [[w * i * o for o in outs] for i in ins])
     return LatencyTable({}, layers, widths, {n: 1 for n in widths}, {r: (1.0, 0.5, 0.1) for r in (1, 4, 8, 16)})
+
+
+def test_a_plan_that_misses_when_measured_is_planned_again(monkeypatch):
+    """The measured correction: a network 20% slower than planned has its target scaled by the miss; the plan
+    measured closest to the target is kept, and a target beyond reach ends the corrections."""
+    from prunekit.methods import rounds
+
+    def plan_for(target):  # the "plan" is the keep it was made for; its network measures 20% slower
+        if target.keep < 0.3:
+            raise prunekit.InfeasibleTargetError("beyond reach")
+        return target.keep, target.keep
+
+    monkeypatch.setattr(rounds, "measure_speedup", lambda dense, pruned, shape, settings: {"speedup": 1 / pruned})
+    settings = LatencySettings(corrections=2)
+    plan, predicted, measured = rounds.plan_to_measured_latency(
+        nn.Identity(), (1,), Target.parse("latency=0.5"), settings, plan_for, lambda keep: min(1.0, 1.2 * keep))
+    tries = measured["latency_tries"]
+    assert [t["target_keep"] for t in tries] == pytest.approx([0.5, 0.5 / 1.2])
+    assert plan == pytest.approx(0.5 / 1.2) and measured["measured_keep"] == pytest.approx(0.5)
+    _, _, measured = rounds.plan_to_measured_latency(
+        nn.Identity(), (1,), Target.parse("latency=0.3"), settings, plan_for, lambda keep: min(1.0, 1.2 * keep))
+    assert len(measured["latency_tries"]) == 1  # the corrected target 0.25 is beyond reach: the first plan stands

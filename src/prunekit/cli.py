@@ -154,7 +154,8 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
                         "(default 300; 0: none)")
     g.add_argument("--distill-lr", type=float, default=None, help="hf: encoders: distillation learning rate "
                                                                   "(default 5e-5)")
-    g.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    g.add_argument("--no-latency", action="store_true", help="skip the report's latency columns (a latency= target "
+                                                             "is still measured: its table and measured speedup)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

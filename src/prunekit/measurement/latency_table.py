@@ -18,8 +18,10 @@ arXiv 2110.10811), prunekit can prune against latency measured per layer instead
   at ``CALIBRATION`` uniform widths: what the layers alone miss, fusion and fixed per-call costs.
 * Kernels can be much slower on widths that are not a multiple of 4, 8 or 16 (ONNX Runtime's blocked layouts), so
   there is one fit per rounding of ``ROUNDINGS``, calibrated on networks whose kept widths are multiples of it; a
-  prediction uses the fit of the coarsest rounding the pruned widths are on. ``rounding`` also records each
-  rounding's network measured at equal FLOPs (``PROBE_FLOPS`` of the dense) and ``round_to`` the fastest.
+  plan is predicted by the fit of the rounding it was made with. ``rounding`` also records each rounding's network
+  measured at equal FLOPs (``PROBE_FLOPS`` of the dense), and ``round_to`` the smallest within 3% of the fastest
+  (reported; the allocation chooses per plan). EigenDamage bottlenecks are predicted with the rounding-1 fit,
+  calibrated on channel-thinned networks.
 
 A table is measured once per (layer shapes and input sizes, engine and its version, batch, threads, torch version)
 and cached as JSON under ``$PRUNEKIT_CACHE/latency`` (default ``~/.cache/prunekit/latency``).
@@ -88,7 +90,8 @@ class LatencySettings(Config):
         engine: Eager PyTorch or ONNX Runtime (``pip install 'prunekit[onnx]'``), for ``latency=`` targets.
         batch: Batch size a ``latency=`` target is measured at.
         threads: Intra-op threads a ``latency=`` target is measured with (default: torch's current number).
-        grid: Widths measured per layer dimension for a ``latency=`` target (1/grid, 2/grid, ..., 1 of the dense).
+        grid: Widths measured per layer dimension for a ``latency=`` target: 1/grid, 2/grid, ..., 1 of the dense
+            and half the smallest, on multiples of 8 for a width that is one.
         min_run_time: Seconds of timing per measured layer width for a ``latency=`` target.
         corrections: Times a ``latency=`` plan is made again after measuring the pruned network, when its measured
             speed misses the target by more than 5% (the target is scaled by the measured miss).
@@ -198,23 +201,28 @@ class LatencyTable:
 
     def rounding_of(self, states: dict[str, LayerState] | None) -> int:
         """The coarsest of the fitted roundings every thinned layer's kept output width is a multiple of (1 when
-        nothing is thinned)."""
+        nothing is thinned): for a network whose rounding is not known."""
         thinned = [st.kept_out for n, st in (states or {}).items()
                    if not st.bottleneck and n in self.dense_widths and st.kept_out < self.dense_widths[n][1]]
         if not thinned:
             return 1
         return max(r for r in self.fits if all(int(w) % r == 0 for w in thinned))
 
-    def predict(self, states: dict[str, LayerState] | None = None) -> float:
-        """Predicted latency (ms) of the network with the given layer states (the others dense), by the fit of the
-        rounding its widths are on."""
-        a, b, c = self.fits[self.rounding_of(states)]
+    def predict(self, states: dict[str, LayerState] | None = None, round_to: int | None = None) -> float:
+        """Predicted latency (ms) of the network with the given layer states (the others dense), by the fit for
+        widths rounded to ``round_to`` (default: :meth:`rounding_of` the states)."""
+        a, b, c = self.fits[self.rounding_of(states) if round_to is None else round_to]
         layers, act = self.terms(states)
         return a * layers + b * act + c
 
-    def predict_model(self, model: nn.Module) -> float:
+    def predict_model(self, model: nn.Module, round_to: int | None = None) -> float:
         """Predicted latency (ms) of ``model`` (the table's network, possibly pruned) as it is now."""
-        return self.predict(model_states(model, self.layers))
+        return self.predict(model_states(model, self.layers), round_to)
+
+    def speedup(self, model: nn.Module) -> float:
+        """Predicted dense over ``model`` latency, both by the fit of the rounding ``model``'s widths are on."""
+        r = self.rounding_of(model_states(model, self.layers))
+        return self.predict(None, r) / self.predict_model(model, r)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": TABLE_FORMAT, "settings": self.settings,
@@ -455,8 +463,12 @@ def measure_speedup(dense: nn.Module, pruned: nn.Module, input_shape: tuple[int,
 
 
 def cache_key(shapes: dict[str, _LayerShape], settings: LatencySettings, threads: int, bottlenecks: bool,
-              ignore: Iterable[str]) -> str:
-    versions = {"torch": torch.__version__}
+              ignore: Iterable[str], structure: list[str] | None = None) -> str:
+    """What a table depends on: layer shapes, the network's module types in order (``structure``), settings,
+    versions, the machine and the fitting constants."""
+    import platform
+
+    versions = {"torch": torch.__version__, "machine": [platform.machine(), platform.processor(), os.cpu_count()]}
     if settings.engine is Engine.ONNXRUNTIME:
         import onnxruntime
 
@@ -464,7 +476,8 @@ def cache_key(shapes: dict[str, _LayerShape], settings: LatencySettings, threads
     measured = {k: v for k, v in settings.to_dict().items() if k != "corrections"}  # what the table depends on
     what = {"layers": {n: vars(s) for n, s in shapes.items()}, "settings": {**measured, "threads": threads},
             "versions": versions, "bottlenecks": bottlenecks, "ignore": sorted(ignore),
-            "calibration": CALIBRATION, "format": TABLE_FORMAT}
+            "calibration": CALIBRATION, "roundings": ROUNDINGS, "probe": PROBE_FLOPS, "dense_weight": DENSE_WEIGHT,
+            "modules": structure, "format": TABLE_FORMAT}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -495,7 +508,9 @@ def latency_table(model: nn.Module, example: torch.Tensor, settings: LatencySett
     if not shapes:
         raise ValueError("a latency table needs Conv2d or Linear layers; this model has none")
     folder = cache_dir() if cache is True else (Path(cache) if cache else None)
-    path = folder / f"{cache_key(shapes, settings, threads, bottlenecks, ignore)}.json" if folder else None
+    structure = [f"{n}:{type(m).__name__}" for n, m in model.named_modules()]
+    key = cache_key(shapes, settings, threads, bottlenecks, ignore, structure)
+    path = folder / f"{key}.json" if folder else None
     if path is not None and path.is_file():
         try:
             table = LatencyTable.from_dict(json.loads(path.read_text()))

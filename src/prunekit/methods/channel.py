@@ -237,9 +237,10 @@ def channel_step(model: nn.Module, data: DataSplits, config: ChannelConfig, seed
             ChannelGraph(candidate, example, ignore=config.ignore, residual=config.residual).shrink_(plan)
             return candidate
 
-        plan, predicted, details["latency_tries"] = plan_to_measured_latency(
+        plan, predicted, measured = plan_to_measured_latency(
             model, tuple(example.shape[1:]), target, config.allocation.latency,
             lambda t: plan_for_target(scores, cost, t, config.allocation), shrunk)
+        details.update(measured)
     else:
         plan, predicted = plan_for_target(scores, cost, target, config.allocation)
     reference = copy.deepcopy(model) if config.reconstruction_images else None
@@ -267,8 +268,10 @@ def prune_channels_(model: nn.Module, data: DataSplits, config: ChannelConfig, c
                         method=config.method, config=config, bn_images=config.bn_images,
                         finetune_epochs=config.finetune_epochs, latency=table)
     record.kept_width = kept_widths(model, dense_widths)
-    record_latency(record, model, table, settings)
     a = config.allocation
+    rounding = f"--round-to {a.round_to}" if a.round_to is not None else (
+        "kept widths on multiples of 1, 4, 8 or 16, whichever plan removed the least importance")
+    record_latency(record, model, table, settings, f"{rounding}; plans checked by measurement")
     record.notes.append(f"criterion {config.method}, {a.allocation.value} allocation (max {a.max_per_layer:.0%} "
                         f"of a group), {config.schedule.iterations} round(s), {config.finetune_epochs} fine-tune "
                         "epoch(s) per round, model chosen on validation")

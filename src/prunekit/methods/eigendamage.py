@@ -86,6 +86,9 @@ class EigenDamageConfig(Config):
     def __post_init__(self) -> None:
         coerce_fields(self)
         check_latency_settings_use(self.target, self.latency)
+        if self.latency.corrections != LatencySettings().corrections:
+            raise ValueError("--latency-corrections applies to the channel methods; eigendamage plans its ranks by the "
+                             "latency table alone")
         if self.target.metric is TargetMetric.LATENCY and self.form is BottleneckForm.DEPTHWISE:
             raise ValueError("latency= targets cost the standard bottleneck form (the latency table has no "
                              "depthwise cores); use --form standard, or a flops= target with --form depthwise")
@@ -286,6 +289,10 @@ def latency_cost(table: LatencyTable) -> LayerCost:
     """A layer's share of the predicted latency (ms, the table's layer coefficient included): its measured time
     dense, or as a standard bottleneck at the given ranks (projections and core)."""
     scale = table.coefficients[0]
+    if scale <= 0:
+        raise ValueError("the latency table's fit gives the layers no share of the time (its calibration found the "
+                         "network's latency independent of their widths), so no rank can buy speed; measure it again "
+                         "with more --latency-run-time, or use a flops= target")
 
     def cost(layer: _Layer, ranks: tuple[int, int] | None, form: BottleneckForm) -> float:
         if ranks is None:
@@ -518,7 +525,7 @@ def eigendamage_(model: nn.Module, data, config: EigenDamageConfig, ctx) -> Prun
                         bn_images=config.bn_images, finetune_epochs=config.finetune_epochs,
                         before_finetune=lambda m: set_rotations_trainable_(m, config.train_rotations), latency=table)
     record.kept_width = kept_widths(model, dense_widths)
-    record_latency(record, model, table, config.latency)
+    record_latency(record, model, table, config.latency, "ranks planned by the table alone (no measured correction)")
     record.notes.append(f"EigenDamage, {config.form.value} bottlenecks, at most {config.max_per_layer:.0%} of a "
                         f"layer's dense directions removed over all rounds, {k} round(s), "
                         f"{config.finetune_epochs} fine-tune epoch(s) per round, model chosen on validation")

@@ -25,7 +25,6 @@ from prunekit.measurement.latency_table import (
     LatencyTable,
     latency_table,
     measure_speedup,
-    model_states,
 )
 from prunekit.measurement.metrics import count_flops, count_params
 from prunekit.methods.registry import PruneRecord, RunContext
@@ -77,7 +76,8 @@ def plan_to_measured_latency(model: nn.Module, input_shape: tuple[int, ...], tar
     target is scaled by the miss and planned again (``settings.corrections`` times). The plan measured closest wins.
 
     Returns:
-        (plan, its predicted kept fraction, every try's target, predicted and measured kept fraction).
+        (plan, its predicted kept fraction, ``{"latency_tries": [each try's target, predicted and measured kept
+        fraction], "measured_keep": the kept plan's}``).
     """
     keep, tries, best = target.keep, [], None
     for _ in range(1 + settings.corrections):
@@ -94,21 +94,19 @@ def plan_to_measured_latency(model: nn.Module, input_shape: tuple[int, ...], tar
         if abs(measured / target.keep - 1) <= tolerance:
             break
         keep = min(0.999, max(1e-3, keep * target.keep / measured))
-    return best[0], best[1], tries
+    return best[0], best[1], {"latency_tries": tries, "measured_keep": best[2]}
 
 
 def record_latency(record: PruneRecord, model: nn.Module, table: LatencyTable | None,
-                   settings: LatencySettings) -> None:
-    """Put the predicted speedup (dense over pruned, by the table) on ``record``; the job measures the real one."""
+                   settings: LatencySettings, how: str) -> None:
+    """Put the predicted speedup (dense over pruned, by the table) on ``record`` with a note saying ``how`` the
+    target was planned; the job measures the real speedup."""
     if table is None:
         return
     record.latency_settings = settings
-    record.predicted_speedup = table.predict() / table.predict_model(model)
-    rounding = table.rounding_of(model_states(model, table.layers))
+    record.predicted_speedup = table.speedup(model)
     record.notes.append(f"latency target measured in {settings.describe()}: per-layer table fitted to the whole "
-                        f"network; kept widths on multiples of {rounding} (of 1, 4, 8, 16 the plan removing the "
-                        f"least importance, unless --round-to is given); predicted speedup "
-                        f"{record.predicted_speedup:.2f}x")
+                        f"network; {how}; predicted speedup {record.predicted_speedup:.2f}x")
 
 
 def run_rounds(model: nn.Module, data: DataSplits, target: Target, schedule: RoundSchedule, step: Step,
@@ -143,7 +141,9 @@ def run_rounds(model: nn.Module, data: DataSplits, target: Target, schedule: Rou
             if latency is None:
                 raise ValueError("a latency= target needs the dense network's latency table (run_rounds(..., "
                                  "latency=latency_table(...)))")
-            kept_now = latency.predict_model(model) / latency.predict()
+            measured = [done.get("measured_keep") for done in record.rounds]
+            # rounds checked by measurement carry their measured keep, so later rounds do not undo a correction
+            kept_now = math.prod(measured) if all(m is not None for m in measured) else 1 / latency.speedup(model)
         else:
             now = count_flops(model, flops_inputs) if target.metric is TargetMetric.FLOPS else count_params(model)
             kept_now = now / dense_metric[target.metric]

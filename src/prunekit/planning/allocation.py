@@ -194,7 +194,6 @@ class CostModel:
         self.latency = latency
         if latency is not None:
             self.states = model_states(model, latency.layers)
-            self.current_ms = latency.predict(self.states)
         self.dense_params = count_params(model)
         if inputs is None:
             inputs = graph.example_inputs if input_shape is None else (1, *input_shape)
@@ -227,8 +226,9 @@ class CostModel:
                     dims[s.dim] = dims.get(s.dim, 0) + s.removed_count(hit)
         return out
 
-    def cost(self, plan: ChannelPlan, metric: TargetMetric) -> float:
-        """Fraction of ``metric`` the planned model keeps."""
+    def cost(self, plan: ChannelPlan, metric: TargetMetric, round_to: int = 1) -> float:
+        """Fraction of ``metric`` the planned model keeps (latency: by the table's fit for widths rounded to
+        ``round_to``, the rounding the plan was made with)."""
         if metric is TargetMetric.CHANNELS:
             return 1.0 - plan.num_removed() / max(self.total_channels, 1)
         removed = self.removed_per_dim(plan)
@@ -241,7 +241,7 @@ class CostModel:
                 dims = removed.get(f"{name}.weight")
                 if dims and not state.bottleneck:
                     states[name] = LayerState(state.kept_in - dims.get(1, 0), state.kept_out - dims.get(0, 0))
-            return self.latency.predict(states) / self.current_ms
+            return self.latency.predict(states, round_to) / self.latency.predict(self.states, round_to)
         if metric is TargetMetric.PARAMS:
             lost = 0.0
             for name, dims in removed.items():
@@ -286,15 +286,22 @@ def plan_for_target(scores: dict[str, torch.Tensor], cost: CostModel, target: Ta
         try:
             plans.append(_plan_rounded(scores, cost, target, config, r))
         except InfeasibleTargetError as exc:
-            error = exc
+            error = error or exc  # rounding 1's: the one without a --round-to the user never gave
     if not plans:
         raise error
 
     def removed_importance(plan: ChannelPlan) -> float:
-        return sum(float(scores[root][list(idxs)].sum() / scores[root].mean().clamp_min(1e-30))
-                   for root, idxs in plan.removed.items())
+        return sum(float(_normalized(scores[root])[list(idxs)].sum()) for root, idxs in plan.removed.items())
 
-    return min(plans, key=lambda planned: removed_importance(planned[0]))
+    reached = [p for p in plans if abs(p[1] / target.keep - 1) <= config.tolerance]
+    if not reached:  # coarse roundings can stop short of the target: the closest plan then
+        return min(plans, key=lambda planned: abs(planned[1] / target.keep - 1))
+    return min(reached, key=lambda planned: removed_importance(planned[0]))
+
+
+def _normalized(scores: torch.Tensor) -> torch.Tensor:
+    """Scores over their mean (ranks when the mean is not positive): what global allocation compares."""
+    return scores / scores.mean() if scores.mean() > 0 else torch.argsort(torch.argsort(scores)).double()
 
 
 def _plan_rounded(scores: dict[str, torch.Tensor], cost: CostModel, target: Target, config: AllocationConfig,
@@ -318,7 +325,7 @@ def _plan_rounded(scores: dict[str, torch.Tensor], cost: CostModel, target: Targ
     else:
         ranked = []
         for root, us in groups.items():
-            norm = us / us.mean() if us.mean() > 0 else torch.argsort(torch.argsort(us)).double()
+            norm = _normalized(us)
             for rank, unit in enumerate(selector.orders[root].tolist()):
                 if rank < caps[root]:
                     ranked.append((float(norm[unit]), root))
@@ -326,7 +333,7 @@ def _plan_rounded(scores: dict[str, torch.Tensor], cost: CostModel, target: Targ
         candidates = _PrefixPlans(ranked, selector)
 
     def keep_of(i: int) -> float:
-        return cost.cost(candidates[i], target.metric)
+        return cost.cost(candidates[i], target.metric, round_to)
 
     if keep_of(len(candidates) - 1) > target.keep * (1 + config.tolerance):
         best = keep_of(len(candidates) - 1)
@@ -346,7 +353,7 @@ def _plan_rounded(scores: dict[str, torch.Tensor], cost: CostModel, target: Targ
         best = lo - 1
     plan, kept = candidates[best], keep_of(best)
     if abs(kept / target.keep - 1) > config.tolerance:
-        plan, kept = _refine(plan, kept, selector, caps, cost, target)
+        plan, kept = _refine(plan, kept, selector, caps, cost, target, round_to)
     return plan, kept
 
 
@@ -386,7 +393,7 @@ class _PrefixPlans:
 
 
 def _refine(plan: ChannelPlan, kept: float, selector: _UnitSelector, caps: dict[str, int], cost: CostModel,
-            target: Target, max_moves: int = 200) -> tuple[ChannelPlan, float]:
+            target: Target, round_to: int = 1, max_moves: int = 200) -> tuple[ChannelPlan, float]:
     """Greedy single-unit moves (remove the next-lowest unit of a group, or put back its last removed one) while
     they bring the kept fraction closer to the target: coarse layers make the ranking overshoot."""
     removed_units = {r: 0 for r in selector.orders}
@@ -399,7 +406,7 @@ def _refine(plan: ChannelPlan, kept: float, selector: _UnitSelector, caps: dict[
                 n = removed_units[r] + delta
                 if not 0 <= n <= caps[r]:
                     continue
-                value = cost.cost(selector.plan({**removed_units, r: n}), target.metric)
+                value = cost.cost(selector.plan({**removed_units, r: n}), target.metric, round_to)
                 if abs(value - target.keep) < best_gap - 1e-12:
                     best_move, best_gap, best_value = (r, n), abs(value - target.keep), value
         if best_move is None:
