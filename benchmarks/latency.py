@@ -154,7 +154,10 @@ def flops_row(model_name, criterion, engine, batch, speedup, dense, data, s, den
 def rounding_row(model_name, factor, round_to, dense, data, s, dense_row, args):
     """L1 one-shot to 1/factor of the FLOPs with widths on multiples of ``round_to``: speedups everywhere."""
     config = _config("l1", prunekit.Target("flops", 1 / factor), s, round_to=round_to)
-    net, _ = prune_copy(dense, config, data, s.seed)
+    try:
+        net, _ = prune_copy(dense, config, data, s.seed)
+    except prunekit.InfeasibleTargetError as exc:  # a result: groups this narrow cannot keep a multiple of it
+        return {"model": model_name, "factor": factor, "round_to": round_to, "speedup": {}, "infeasible": str(exc)}
     shape = (1, data.in_channels, data.input_size, data.input_size)
     speed = {f"{e} b{b}": _speedup(dense, net, data, e, b, args) for e in args.engines for b in args.batches}
     return {"model": model_name, "factor": factor, "round_to": round_to, "speedup": speed,
@@ -229,6 +232,10 @@ def rounding_table(rows: list[dict[str, Any]]) -> str:
     header = ["model", "FLOPs target", "round_to", "FLOPs red.", *columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
+        if "infeasible" in r:
+            lines.append(f"| {r['model']} | x{r['factor']:g} | {r['round_to']} | infeasible | "
+                         + " | ".join("-" for _ in columns) + " |")
+            continue
         cells = [f"{r['speedup'][c]:.2f}x" if c in r["speedup"] else "-" for c in columns]
         lines.append(f"| {r['model']} | x{r['factor']:g} | {r['round_to']} | {r['flops_reduction']:.2f}x | "
                      + " | ".join(cells) + " |")

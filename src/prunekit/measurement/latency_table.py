@@ -530,9 +530,16 @@ def latency_table(model: nn.Module, example: torch.Tensor, settings: LatencySett
             def tick() -> None:
                 bar.update(1)
 
-            layers, projections = {}, {}
-            for name, s in shapes.items():
+            layers, projections, seen = {}, {}, {}
+            for name, s in shapes.items():  # layers of one shape (a ResNet stage's convolutions) are timed once
                 ins, outs = grids[name]
+                same = seen.setdefault(json.dumps(vars(s), sort_keys=True), name)
+                if same != name:
+                    layers[name] = layers[same]
+                    projections.update({name: projections[same]} if bottlenecks else {})
+                    for _ in range(len(ins) * len(outs) + (len(ins) + len(outs) if bottlenecks else 0)):
+                        tick()
+                    continue
                 layers[name] = _time_grid(s, ins, outs, settings, threads, True, tick)
                 if bottlenecks:
                     projections[name] = (_time_grid(s, [s.in_channels], ins, settings, threads, False, tick),

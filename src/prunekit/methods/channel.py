@@ -38,13 +38,13 @@ from prunekit.channels.graph import ChannelGraph
 from prunekit.configs import Config, coerce_fields
 from prunekit.curvature.kfac import ConvFactor, FisherSettings, ObsUpdate
 from prunekit.data import DataSplits
-from prunekit.measurement.latency_table import LatencyTable
+from prunekit.measurement.latency_table import ROUNDINGS, LatencyTable
 from prunekit.methods.registry import MethodSpec, PruneRecord, RunContext, register
 from prunekit.methods.rounds import (
     RoundStep,
     kept_widths,
     layer_widths,
-    plan_to_measured_latency,
+    measured_rounding_choice,
     record_latency,
     run_rounds,
     score_batches,
@@ -57,6 +57,7 @@ from prunekit.planning.allocation import (
     TargetMetric,
     check_latency_settings_use,
     plan_for_target,
+    removed_importance,
 )
 from prunekit.planning.schedule import RoundSchedule
 from prunekit.recovery.reconstruction import reconstruct_
@@ -237,9 +238,11 @@ def channel_step(model: nn.Module, data: DataSplits, config: ChannelConfig, seed
             ChannelGraph(candidate, example, ignore=config.ignore, residual=config.residual).shrink_(plan)
             return candidate
 
-        plan, predicted, measured = plan_to_measured_latency(
-            model, tuple(example.shape[1:]), target, config.allocation.latency,
-            lambda t: plan_for_target(scores, cost, t, config.allocation), shrunk)
+        a = config.allocation
+        plan, predicted, measured = measured_rounding_choice(
+            model, tuple(example.shape[1:]), target, a.latency, list(ROUNDINGS) if a.round_to is None else
+            [a.round_to], lambda t, r: plan_for_target(scores, cost, t, a, round_to=r), shrunk,
+            lambda p: removed_importance(scores, p))
         details.update(measured)
     else:
         plan, predicted = plan_for_target(scores, cost, target, config.allocation)
@@ -270,8 +273,9 @@ def prune_channels_(model: nn.Module, data: DataSplits, config: ChannelConfig, c
     record.kept_width = kept_widths(model, dense_widths)
     a = config.allocation
     rounding = f"--round-to {a.round_to}" if a.round_to is not None else (
-        "kept widths on multiples of 1, 4, 8 or 16, whichever plan removed the least importance")
-    record_latency(record, model, table, settings, f"{rounding}; plans checked by measurement")
+        "kept widths on multiples of 1, 4, 8 or 16, whichever plan measured at the target removed the least "
+        "importance")
+    record_latency(record, model, table, settings, f"{rounding}; every plan checked by measurement")
     record.notes.append(f"criterion {config.method}, {a.allocation.value} allocation (max {a.max_per_layer:.0%} "
                         f"of a group), {config.schedule.iterations} round(s), {config.finetune_epochs} fine-tune "
                         "epoch(s) per round, model chosen on validation")

@@ -70,7 +70,7 @@ def target_latency_table(model: nn.Module, data: DataSplits, target: Target, set
 def plan_to_measured_latency(model: nn.Module, input_shape: tuple[int, ...], target: Target,
                              settings: LatencySettings, plan_for: Callable[[Target], tuple[Any, float]],
                              shrunk: Callable[[Any], nn.Module], tolerance: float = 0.05
-                             ) -> tuple[Any, float, list[dict[str, float]]]:
+                             ) -> tuple[Any, float, dict[str, Any]]:
     """A plan for a ``latency=`` target checked by measurement: the network it makes is timed against ``model``
     in the settings' engine; while the measured kept latency misses ``target`` by more than ``tolerance``, the
     target is scaled by the miss and planned again (``settings.corrections`` times). The plan measured closest wins.
@@ -95,6 +95,38 @@ def plan_to_measured_latency(model: nn.Module, input_shape: tuple[int, ...], tar
             break
         keep = min(0.999, max(1e-3, keep * target.keep / measured))
     return best[0], best[1], {"latency_tries": tries, "measured_keep": best[2]}
+
+
+def measured_rounding_choice(model: nn.Module, input_shape: tuple[int, ...], target: Target,
+                             settings: LatencySettings, roundings: list[int],
+                             plan_for: Callable[[Target, int], tuple[Any, float]], shrunk: Callable[[Any], nn.Module],
+                             importance: Callable[[Any], float], tolerance: float = 0.05
+                             ) -> tuple[Any, float, dict[str, Any]]:
+    """:func:`plan_to_measured_latency` with kept widths rounded to each of ``roundings``; of the plans measured
+    within ``tolerance`` of the target, the one removing the least ``importance`` (else the one measured closest).
+    The measurement, not the table, decides whether a fast grid of widths pays.
+
+    Returns:
+        (plan, its predicted kept fraction, ``{"round_to", "measured_keep", "latency_tries": {rounding: tries}}``).
+    """
+    found, error = {}, None
+    for r in roundings:
+        try:
+            found[r] = plan_to_measured_latency(model, input_shape, target, settings, lambda t, r=r: plan_for(t, r),
+                                                shrunk, tolerance)
+        except InfeasibleTargetError as exc:
+            error = error or exc
+    if not found:
+        raise error
+
+    def miss(r: int) -> float:
+        return abs(found[r][2]["measured_keep"] / target.keep - 1)
+
+    reached = [r for r in found if miss(r) <= tolerance]
+    best = min(reached, key=lambda r: importance(found[r][0])) if reached else min(found, key=miss)
+    plan, predicted, measured = found[best]
+    return plan, predicted, {"round_to": best, "measured_keep": measured["measured_keep"],
+                             "latency_tries": {str(r): found[r][2]["latency_tries"] for r in found}}
 
 
 def record_latency(record: PruneRecord, model: nn.Module, table: LatencyTable | None,

@@ -265,20 +265,23 @@ def _kept_fraction(shape: tuple[int, ...], dims: dict[int, float]) -> float:
 
 
 def plan_for_target(scores: dict[str, torch.Tensor], cost: CostModel, target: Target,
-                    config: AllocationConfig = AllocationConfig()) -> tuple[ChannelPlan, float]:
+                    config: AllocationConfig = AllocationConfig(), round_to: int | None = None
+                    ) -> tuple[ChannelPlan, float]:
     """The plan removing the lowest-scored channels that meets ``target``, and the fraction it keeps.
 
     Channels tied together (a grouped convolution's positions) are ranked and removed as one unit scored by the
     sum of its channels. Global allocation ranks units of all groups by their score divided by the group's mean.
 
-    Under a ``latency=`` target without ``round_to``, kept widths rounded to each of 1, 4, 8 and 16 are planned to
-    the same predicted latency (the table has a fit per rounding), and the plan that removes the least importance
-    (the sum of the removed channels' scores over their group's mean) is kept: a fast grid is used when it reaches
-    the speed with fewer or less important channels removed.
+    Kept widths are rounded to ``round_to`` if given, else to ``config.round_to``. Under a ``latency=`` target with
+    neither, kept widths rounded to each of 1, 4, 8 and 16 are planned to the same predicted latency (the table has
+    a fit per rounding), and the plan that removes the least importance (:func:`removed_importance`) is kept: a
+    fast grid is used when it reaches the speed with fewer or less important channels removed.
 
     Raises:
         InfeasibleTargetError: even removing ``max_per_layer`` of every group keeps too much.
     """
+    if round_to is not None:
+        return _plan_rounded(scores, cost, target, config, round_to)
     if config.round_to is not None or target.metric is not TargetMetric.LATENCY or cost.latency is None:
         return _plan_rounded(scores, cost, target, config, config.rounding())
     plans, error = [], None
@@ -290,13 +293,16 @@ def plan_for_target(scores: dict[str, torch.Tensor], cost: CostModel, target: Ta
     if not plans:
         raise error
 
-    def removed_importance(plan: ChannelPlan) -> float:
-        return sum(float(_normalized(scores[root])[list(idxs)].sum()) for root, idxs in plan.removed.items())
-
     reached = [p for p in plans if abs(p[1] / target.keep - 1) <= config.tolerance]
     if not reached:  # coarse roundings can stop short of the target: the closest plan then
         return min(plans, key=lambda planned: abs(planned[1] / target.keep - 1))
-    return min(reached, key=lambda planned: removed_importance(planned[0]))
+    return min(reached, key=lambda planned: removed_importance(scores, planned[0]))
+
+
+def removed_importance(scores: dict[str, torch.Tensor], plan: ChannelPlan) -> float:
+    """What a plan removes, in the units global allocation ranks by: the removed channels' scores over their
+    group's mean, summed."""
+    return sum(float(_normalized(scores[root])[list(idxs)].sum()) for root, idxs in plan.removed.items())
 
 
 def _normalized(scores: torch.Tensor) -> torch.Tensor:
