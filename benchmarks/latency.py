@@ -106,7 +106,7 @@ def latency_row(model_name, criterion, engine, batch, speedup, dense, data, s, d
     except prunekit.InfeasibleTargetError as exc:  # a result: the table says this speed cannot be reached
         return {**row, "infeasible": str(exc), "measured_speedup": float("nan"), "test_acc": float("nan"),
                 "seconds": time.perf_counter() - t0}
-    row.update({"predicted_speedup": record.predicted_speedup,
+    row.update({"predicted_speedup": record.predicted_speedup, "round_to": record.rounds[-1].get("round_to"),
            "measured_before_finetune": _speedup(dense, net, data, engine, batch, args)})
     row.update(_finish(dense, net, data, s, engine, batch, args, progress))
     row.update(flops_reduction=dense_row["flops"] / row["flops"], seconds=time.perf_counter() - t0)
@@ -170,8 +170,9 @@ def rounding_row(model_name, factor, round_to, dense, data, s, dense_row, args):
 def target_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) -> str:
     """Latency-targeted against FLOPs-targeted at equal measured speed, per model, engine, batch, speedup and
     criterion."""
-    header = ["model", "engine", "batch", "target", "criterion", "latency-targeted: predicted / measured speedup",
-              "test acc %", "FLOPs-targeted: FLOPs red. / measured speedup", "test acc %", "latency - FLOPs",
+    header = ["model", "engine", "batch", "target", "criterion",
+              "latency-targeted: predicted / measured speedup, FLOPs red., widths on multiples of", "test acc %",
+              "FLOPs-targeted: measured speedup, FLOPs red.", "test acc %", "latency - FLOPs",
               "ONNX Runtime >= eager (latency / FLOPs row)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     pairs: dict[tuple, dict[str, dict[str, Any]]] = {}
@@ -189,10 +190,17 @@ def target_table(rows: list[dict[str, Any]], dense: dict[str, dict[str, Any]]) -
         diff = 100 * (lat["test_acc"] - flo["test_acc"])
         lines.append(
             f"| {model} ({fmt_acc(dense[model]['test_acc'])}) | {engine} | {batch} | x{speedup:g} | {criterion} | "
-            f"{lat['predicted_speedup']:.2f}x / {lat['measured_speedup']:.2f}x | {fmt_acc(lat['test_acc'])} | "
-            f"{flo['flops_reduction']:.2f}x / {flo['measured_speedup']:.2f}x | {fmt_acc(flo['test_acc'])} | "
+            f"{lat['predicted_speedup']:.2f}x / {lat['measured_speedup']:.2f}x, {lat['flops_reduction']:.2f}x, "
+            f"{rounding_of(lat['widths'], dense[model]['widths'])} | {fmt_acc(lat['test_acc'])} | "
+            f"{flo['measured_speedup']:.2f}x, {flo['flops_reduction']:.2f}x | {fmt_acc(flo['test_acc'])} | "
             f"{diff:+.2f} | {_onnx_goal(lat)} / {_onnx_goal(flo)} |")
     return "\n".join(lines)
+
+
+def rounding_of(widths: dict[str, int], dense: dict[str, int]) -> int:
+    """The largest of 16, 8, 4, 1 that every thinned conv width is a multiple of."""
+    thinned = [w for n, w in widths.items() if w < dense.get(n, w)]
+    return max(r for r in ROUNDINGS if all(w % r == 0 for w in thinned))
 
 
 def _onnx_goal(row: dict[str, Any]) -> str:
