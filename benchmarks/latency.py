@@ -65,7 +65,7 @@ ENGINES = tuple(e.value for e in Engine)
 
 def _latency(engine: str, batch: int, args) -> LatencySettings:
     return LatencySettings(engine=engine, batch=batch, threads=torch.get_num_threads(),
-                           grid=args.grid, min_run_time=args.min_run_time)
+                           grid=args.grid, min_run_time=args.min_run_time, corrections=args.corrections)
 
 
 def _speedup(dense, net, data, engine: str, batch: int, args) -> float:
@@ -261,6 +261,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                                 "(default 2 3)")
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--search-steps", type=int, default=5, help="measurements to find the FLOPs target's speed")
+    p.add_argument("--corrections", type=int, default=2, help="re-plans of a latency target after measuring it")
     p.add_argument("--grid", type=int, default=8, help="latency table widths per layer dimension")
     p.add_argument("--min-run-time", type=float, default=0.05, help="seconds per latency table point")
     p.add_argument("--measure-time", type=float, default=0.2, help="seconds per measured speedup (x5, alternated)")
@@ -282,7 +283,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.round_factors = args.round_factors if args.round_factors is not None else ([2.0] if quick else [2.0, 3.0])
     if quick:
         args.threads, args.limit = args.threads or 1, args.limit or 600
-        args.grid, args.min_run_time, args.measure_time, args.search_steps = 3, 0.01, 0.05, 3
+        args.grid, args.min_run_time, args.measure_time, args.search_steps, args.corrections = 2, 0.01, 0.05, 2, 0
     if any(b < 1 for b in args.batches) or any(x <= 1 for x in args.speedups):
         p.error(f"--batches must be >= 1 and --speedups > 1, got {args.batches} and {args.speedups}")
     unknown = [c for c in args.criteria if c not in prunekit.list_methods()]
@@ -312,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     for model_name in args.models:
         dense, _, s = model_settings(paths[model_name], base)
         sdict = {**s.to_dict(), "grid": args.grid, "min_run_time": args.min_run_time,
-                 "measure_time": args.measure_time, "engines": args.engines, "search_steps": args.search_steps}
+                 "measure_time": args.measure_time, "engines": args.engines, "search_steps": args.search_steps,
+                 **({"corrections": args.corrections} if args.corrections != 2 else {})}
         data = prunekit.load_dataset(s.data)
         dense_rows[model_name] = cache.get(f"{model_name}__dense", sdict)
         if dense_rows[model_name] is None:

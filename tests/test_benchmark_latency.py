@@ -22,6 +22,7 @@ def test_quick_run_writes_outputs_and_resumes(tmp_path):
     # the FLOPs row was searched to the latency row's measured speed (within the noise of a 3-step search)
     assert flops["measured_before_finetune"] == pytest.approx(latency["measured_before_finetune"], rel=0.15)
     assert len(flops["search"]) >= 1 and all(0 <= r["test_acc"] <= 1 for r in (latency, flops))
+    assert latency["round_to"] in (1, 4, 8, 16)
     assert [r["round_to"] for r in payload["rounding"]] == [1, 8]
     assert list((out / "cache").glob("latency/*.json")), "the latency table is cached beside the rows"
     text = (out / "latency.md").read_text()

@@ -43,7 +43,7 @@ def test_readme_names_the_two_commands(target):
 
 
 @pytest.mark.parametrize("name", ["structured", "structured-seeds", "eigendamage", "eigendamage-long", "deploy",
-                                  "dpp", "dpp-filter", "admm", "finetune", "minilm", "related"])
+                                  "dpp", "dpp-filter", "admm", "finetune", "minilm", "related", "latency"])
 def test_readme_benchmark_tables_are_the_committed_results(name):
     """The README's generated tables are exactly what the benchmark scripts make from their committed JSON
     (refresh them with ``python benchmarks/readme_tables.py``)."""

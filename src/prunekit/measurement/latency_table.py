@@ -550,9 +550,10 @@ def latency_table(model: nn.Module, example: torch.Tensor, settings: LatencySett
                                    projections=projections)
             partial.round_to, partial.rounding = _choose_rounding(model, example, partial, settings, threads, ignore,
                                                                   tick)
+            known: dict[tuple, float] = {}  # networks measured once (the dense one, and roundings that coincide)
             for r in ROUNDINGS:
                 partial.fits[r], partial.calibration[r] = _calibrate(model, example, partial, settings, threads,
-                                                                     ignore, r, tick)
+                                                                     ignore, r, tick, known)
     finally:
         torch.set_num_threads(previous)
     partial.settings = {**settings.to_dict(), "threads": threads, "torch": torch.__version__}
@@ -607,13 +608,25 @@ def _choose_rounding(model: nn.Module, example: torch.Tensor, table: LatencyTabl
 
 
 def _calibrate(model: nn.Module, example: torch.Tensor, table: LatencyTable, settings: LatencySettings, threads: int,
-               ignore: tuple[str, ...], round_to: int, tick: Callable[[], None]
+               ignore: tuple[str, ...], round_to: int, tick: Callable[[], None], known: dict[tuple, float]
                ) -> tuple[tuple[float, float, float], list[dict[str, float]]]:
-    """Fit ``a, b, c >= 0`` to the whole network measured at the calibration widths rounded to ``round_to``."""
+    """Fit ``a, b, c >= 0`` to the whole network measured at the calibration widths rounded to ``round_to``
+    (networks already in ``known``, by their layer widths, are not measured again)."""
     from scipy.optimize import nnls
 
     models = {f"{keep:g}": uniform_thin(model, example, keep, ignore, round_to) for keep in CALIBRATION}
-    measured = _measure_networks(models, example, settings, threads, tick)
+    shapes = {k: tuple((n, st.kept_in, st.kept_out) for n, st in model_states(m, table.layers).items())
+              for k, m in models.items()}
+    unseen = {}
+    for k, m in models.items():
+        if shapes[k] not in known and shapes[k] not in {shapes[u] for u in unseen}:
+            unseen[k] = m
+    if unseen:
+        for k, ms in _measure_networks(unseen, example, settings, threads, lambda: None).items():
+            known[shapes[k]] = ms
+    for _ in models:
+        tick()
+    measured = {k: known[shapes[k]] for k in models}
     rows = np.array([[*table.terms(model_states(models[k], table.layers)), 1.0] for k in models])
     target = np.array([measured[k] for k in models])
     # relative errors (a speedup is a ratio), the dense network weighted most: every speedup is relative to it
