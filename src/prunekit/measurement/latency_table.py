@@ -106,6 +106,9 @@ class LatencySettings(Config):
 
     def __post_init__(self) -> None:
         coerce_fields(self)
+        t = self.min_run_time
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 600:  # also refuses NaN
+            raise ValueError(f"min_run_time (--latency-run-time) must be seconds in (0, 600], got {t!r}")
         check_latency_settings(self.min_run_time, self.threads, (self.batch,))
         if isinstance(self.grid, bool) or not isinstance(self.grid, int) or not 2 <= self.grid <= 16:
             raise ValueError(f"grid (--latency-grid) must be an int in [2, 16], got {self.grid!r}")
@@ -166,7 +169,7 @@ class LatencyTable:
     calibration: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # keep, measured_ms, predicted_ms
     projections: dict[str, tuple[LayerTiming, LayerTiming]] = field(default_factory=dict)
     round_to: int = 1
-    rounding: list[dict[str, float]] = field(default_factory=list)  # round_to, measured_ms, layers_ms, ratio
+    rounding: list[dict[str, float]] = field(default_factory=list)  # round_to, flops_kept, measured_ms, layers_ms
 
     def layer_ms(self, name: str, state: LayerState) -> float:
         """The (unscaled) time of one layer in ``state``."""

@@ -194,6 +194,7 @@ class CostModel:
         self.latency = latency
         if latency is not None:
             self.states = model_states(model, latency.layers)
+            self._current_ms: dict[int, float] = {}  # the model as it is, per rounding's fit
         self.dense_params = count_params(model)
         if inputs is None:
             inputs = graph.example_inputs if input_shape is None else (1, *input_shape)
@@ -241,7 +242,9 @@ class CostModel:
                 dims = removed.get(f"{name}.weight")
                 if dims and not state.bottleneck:
                     states[name] = LayerState(state.kept_in - dims.get(1, 0), state.kept_out - dims.get(0, 0))
-            return self.latency.predict(states, round_to) / self.latency.predict(self.states, round_to)
+            if round_to not in self._current_ms:
+                self._current_ms[round_to] = self.latency.predict(self.states, round_to)
+            return self.latency.predict(states, round_to) / self._current_ms[round_to]
         if metric is TargetMetric.PARAMS:
             lost = 0.0
             for name, dims in removed.items():
