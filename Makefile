@@ -10,8 +10,12 @@ STAMP := $(VENV)/.prunekit-installed
 demo: $(STAMP)
 	$(VENV)/bin/prunekit demo
 
+# Tests run one torch thread each (tests/conftest.py), so two workers use both cores; a test file stays on one
+# worker, keeping its module fixtures shared. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,8 +18,10 @@ if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
 # Tests use tiny models, for which one intra-op thread is as fast as two and never oversubscribes the cores
-# when other work (a training run, a parallel test) shares the machine.
+# when other work (a training run, the other test worker of `make test`) shares the machine. Subprocesses (the
+# CLI, benchmarks' --quick runs) inherit one thread through the environment.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from prunekit.models import ModelConfig, create_model
 from prunekit.persistence.checkpoint import (
     FORMAT,
     CheckpointError,
+    atomic_folder,
     atomic_write,
     load_model,
     load_state,
@@ -192,3 +193,23 @@ def test_atomic_write_gives_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_cache_folder_published_meanwhile_by_another_process_is_kept(tmp_path):
+    """Two processes filling the same cache: the second finds the first's folder on publishing and keeps it."""
+    folder = tmp_path / "cache" / "model"
+
+    def write(tmp):
+        (Path(tmp) / "weights").write_text("mine")
+        folder.mkdir(parents=True)  # the other process publishes while this one writes
+        (folder / "weights").write_text("first")
+
+    assert atomic_folder(folder, write, keep_existing=True) == folder
+    assert (folder / "weights").read_text() == "first"
+    assert [p.name for p in folder.parent.iterdir()] == ["model"]  # the discarded copy is gone
+
+    def replace(tmp):
+        (Path(tmp) / "weights").write_text("new")
+
+    atomic_folder(folder, replace)  # the default replaces a finished folder
+    assert (folder / "weights").read_text() == "new"

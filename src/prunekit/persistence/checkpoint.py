@@ -53,9 +53,13 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
-def atomic_folder(folder: str | Path, write) -> Path:
+def atomic_folder(folder: str | Path, write, keep_existing: bool = False) -> Path:
     """Call ``write(tmp_folder)`` on a new folder beside ``folder``, then put it in ``folder``'s place (an
-    existing ``folder`` is removed only once the new one is complete)."""
+    existing ``folder`` is removed only once the new one is complete).
+
+    With ``keep_existing``, a ``folder`` that appeared meanwhile (another process filling the same cache) is kept
+    and the new copy discarded, so a reader of the first copy never sees it deleted.
+    """
     import shutil
 
     folder = Path(folder)
@@ -63,6 +67,14 @@ def atomic_folder(folder: str | Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.{TEMP_MARK}"))
     try:
         write(tmp)
+        if keep_existing:
+            try:
+                os.rename(tmp, folder)  # fails when folder exists and is not empty: another process won
+            except OSError:
+                if not folder.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+            return folder
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

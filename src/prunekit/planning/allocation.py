@@ -278,7 +278,9 @@ def plan_for_target(scores: dict[str, torch.Tensor], cost: CostModel, target: Ta
     Kept widths are rounded to ``round_to`` if given, else to ``config.round_to``. Under a ``latency=`` target with
     neither, kept widths rounded to each of 1, 4, 8 and 16 are planned to the same predicted latency (the table has
     a fit per rounding), and the plan that removes the least importance (:func:`removed_importance`) is kept: a
-    fast grid is used when it reaches the speed with fewer or less important channels removed.
+    fast grid is used when it reaches the speed with fewer or less important channels removed. This choice trusts
+    the table's prediction; the shipped methods instead build and time each rounding's plan
+    (:func:`prunekit.methods.rounds.measured_rounding_choice`) and pass the ``round_to`` they chose.
 
     Raises:
         InfeasibleTargetError: even removing ``max_per_layer`` of every group keeps too much.
