@@ -31,7 +31,7 @@ from torch import nn
 
 from prunekit.channels.graph import ChannelGraph, ChannelPlan
 from prunekit.configs import Config, coerce_fields
-from prunekit.measurement.latency_table import ROUNDINGS, LatencySettings, LatencyTable, LayerState, model_states
+from prunekit.measurement.latency_table import LatencySettings, LatencyTable, LayerState, model_states
 from prunekit.measurement.metrics import count_flops, count_params, flops_by_module
 from prunekit.planning.pattern import Pattern
 
@@ -162,8 +162,9 @@ def check_latency_settings_use(target: Target, settings: LatencySettings) -> Non
     Raises:
         ValueError: non-default settings with a flops=, params= or channels= target.
     """
-    if target.metric is not TargetMetric.LATENCY and settings != LatencySettings():
-        changed = [k for k, v in settings.to_dict().items() if v != LatencySettings().to_dict()[k]]
+    default = LatencySettings().to_dict()
+    if target.metric is not TargetMetric.LATENCY and settings.to_dict() != default:
+        changed = [k for k, v in settings.to_dict().items() if v != default[k]]
         raise ValueError(f"the latency settings ({', '.join(changed)}: --engine, --batch, --latency-*) apply to "
                          f"latency= targets only, and this target is {target}; drop them or give --target latency=x2")
 
@@ -275,48 +276,14 @@ def plan_for_target(scores: dict[str, torch.Tensor], cost: CostModel, target: Ta
     Channels tied together (a grouped convolution's positions) are ranked and removed as one unit scored by the
     sum of its channels. Global allocation ranks units of all groups by their score divided by the group's mean.
 
-    Kept widths are rounded to ``round_to`` if given, else to ``config.round_to``. Under a ``latency=`` target with
-    neither, kept widths rounded to each of 1, 4, 8 and 16 are planned to the same predicted latency (the table has
-    a fit per rounding), and the plan that removes the least importance (:func:`removed_importance`) is kept: a
-    fast grid is used when it reaches the speed with fewer or less important channels removed. This choice trusts
-    the table's prediction; the shipped methods instead build and time each rounding's plan
-    (:func:`prunekit.methods.rounds.measured_rounding_choice`) and pass the ``round_to`` they chose.
+    Kept widths are rounded to ``round_to`` if given, else to ``config.round_to`` (else 1). Under a ``latency=``
+    target each plan is costed by the table's fit for its rounding; the methods choose the rounding by building
+    and timing each one's plan (:func:`prunekit.methods.rounds.measured_rounding_choice`).
 
     Raises:
         InfeasibleTargetError: even removing ``max_per_layer`` of every group keeps too much.
     """
-    if round_to is not None:
-        return _plan_rounded(scores, cost, target, config, round_to)
-    if config.round_to is not None or target.metric is not TargetMetric.LATENCY or cost.latency is None:
-        return _plan_rounded(scores, cost, target, config, config.rounding())
-    plans, error = [], None
-    for r in ROUNDINGS:
-        try:
-            plans.append(_plan_rounded(scores, cost, target, config, r))
-        except InfeasibleTargetError as exc:
-            error = error or exc  # rounding 1's: the one without a --round-to the user never gave
-    if not plans:
-        raise error
-
-    reached = [p for p in plans if abs(p[1] / target.keep - 1) <= config.tolerance]
-    if not reached:  # coarse roundings can stop short of the target: the closest plan then
-        return min(plans, key=lambda planned: abs(planned[1] / target.keep - 1))
-    return min(reached, key=lambda planned: removed_importance(scores, planned[0]))
-
-
-def removed_importance(scores: dict[str, torch.Tensor], plan: ChannelPlan) -> float:
-    """What a plan removes, in the units global allocation ranks by: the removed channels' scores over their
-    group's mean, summed."""
-    return sum(float(_normalized(scores[root])[list(idxs)].sum()) for root, idxs in plan.removed.items())
-
-
-def _normalized(scores: torch.Tensor) -> torch.Tensor:
-    """Scores over their mean (ranks when the mean is not positive): what global allocation compares."""
-    return scores / scores.mean() if scores.mean() > 0 else torch.argsort(torch.argsort(scores)).double()
-
-
-def _plan_rounded(scores: dict[str, torch.Tensor], cost: CostModel, target: Target, config: AllocationConfig,
-                  round_to: int) -> tuple[ChannelPlan, float]:
+    round_to = config.rounding() if round_to is None else round_to
     units = {root: (cost.graph.by_root[root].units if root in cost.graph.by_root
                     else [(i,) for i in range(len(s))]) for root, s in scores.items()}
     unit_scores = {root: torch.stack([scores[root][list(u)].sum() for u in units[root]]) for root in scores}
@@ -366,6 +333,17 @@ def _plan_rounded(scores: dict[str, torch.Tensor], cost: CostModel, target: Targ
     if abs(kept / target.keep - 1) > config.tolerance:
         plan, kept = _refine(plan, kept, selector, caps, cost, target, round_to)
     return plan, kept
+
+
+def removed_importance(scores: dict[str, torch.Tensor], plan: ChannelPlan) -> float:
+    """What a plan removes, in the units global allocation ranks by: the removed channels' scores over their
+    group's mean, summed."""
+    return sum(float(_normalized(scores[root])[list(idxs)].sum()) for root, idxs in plan.removed.items())
+
+
+def _normalized(scores: torch.Tensor) -> torch.Tensor:
+    """Scores over their mean (ranks when the mean is not positive): what global allocation compares."""
+    return scores / scores.mean() if scores.mean() > 0 else torch.argsort(torch.argsort(scores)).double()
 
 
 class _UnitSelector:
