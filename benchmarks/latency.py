@@ -56,10 +56,11 @@ from common import (
     write_json,
     write_text,
 )
-from prunekit.measurement.latency_table import Engine, LatencySettings, measure_speedup
+from prunekit.measurement.latency_table import ROUNDINGS, Engine, LatencySettings, measure_speedup
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "latency"
-ROUNDINGS = (1, 4, 8, 16)
+MEASURING = {"search_steps": (5, 2), "corrections": (2, 0), "grid": (8, 2), "min_run_time": (0.05, 0.01),
+             "measure_time": (0.2, 0.05)}  # flag: (default, --quick default)
 ENGINES = tuple(e.value for e in Engine)
 
 
@@ -260,11 +261,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--round-factors", nargs="*", type=float, default=None, help="FLOPs targets of the rounding rows "
                                                                                 "(default 2 3)")
     p.add_argument("--finetune-epochs", type=int, default=1)
-    p.add_argument("--search-steps", type=int, default=5, help="measurements to find the FLOPs target's speed")
-    p.add_argument("--corrections", type=int, default=2, help="re-plans of a latency target after measuring it")
-    p.add_argument("--grid", type=int, default=8, help="latency table widths per layer dimension")
-    p.add_argument("--min-run-time", type=float, default=0.05, help="seconds per latency table point")
-    p.add_argument("--measure-time", type=float, default=0.2, help="seconds per measured speedup (x5, alternated)")
+    p.add_argument("--search-steps", type=int, default=None,
+                   help="measurements to find the FLOPs target's speed (default 5; --quick 2)")
+    p.add_argument("--latency-corrections", dest="corrections", type=int, default=None,
+                   help="re-plans of a latency target after measuring it (default 2; --quick 0)")
+    p.add_argument("--latency-grid", dest="grid", type=int, default=None,
+                   help="latency table widths per layer dimension (default 8; --quick 2)")
+    p.add_argument("--latency-run-time", dest="min_run_time", type=float, default=None,
+                   help="seconds per latency table point (default 0.05; --quick 0.01)")
+    p.add_argument("--measure-time", type=float, default=None,
+                   help="seconds per measured speedup, x5, alternated (default 0.2; --quick 0.05)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images (smoke runs)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--checkpoint-dir", type=Path, default=None)
@@ -281,11 +287,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.speedups = args.speedups or ([1.25] if quick else [3.0, 2.0])
     args.criteria = args.criteria or (["l2"] if quick else ["l2", "taylor"])
     args.round_factors = args.round_factors if args.round_factors is not None else ([2.0] if quick else [2.0, 3.0])
+    for name, (full, short) in MEASURING.items():  # what the user gave stands, --quick or not
+        if getattr(args, name) is None:
+            setattr(args, name, short if quick else full)
     if quick:
-        args.threads, args.limit = args.threads or 1, args.limit or 600
-        args.grid, args.min_run_time, args.measure_time, args.search_steps, args.corrections = 2, 0.01, 0.05, 2, 0
+        args.threads = args.threads or 1
+        args.limit = 600 if args.limit is None else args.limit
     if any(b < 1 for b in args.batches) or any(x <= 1 for x in args.speedups):
         p.error(f"--batches must be >= 1 and --speedups > 1, got {args.batches} and {args.speedups}")
+    if args.search_steps < 1 or args.finetune_epochs < 0 or (args.limit is not None and args.limit < 1):
+        p.error(f"--search-steps must be >= 1, --finetune-epochs >= 0 and --limit >= 1, got {args.search_steps}, "
+                f"{args.finetune_epochs} and {args.limit}")
+    if not 0 < args.measure_time <= 600:  # also refuses NaN
+        p.error(f"--measure-time must be seconds in (0, 600], got {args.measure_time}")
+    try:  # the flags of prunekit's own latency settings, named as in `prunekit prune`
+        LatencySettings(grid=args.grid, min_run_time=args.min_run_time, corrections=args.corrections)
+    except ValueError as exc:
+        p.error(str(exc))
     unknown = [c for c in args.criteria if c not in prunekit.list_methods()]
     if unknown:
         p.error(f"unknown --criteria {unknown}; accepted: the channel criteria of `prunekit list methods`")
@@ -349,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         for factor in args.round_factors:
             for r in ROUNDINGS if not args.quick else (1, 8):
                 row = cached(f"{model_name}__round__x{factor:g}__r{r}", rounding_row, model_name, factor, r, dense,
-                             data, s, dense_rows[model_name], args)
+                             data, s, dense_rows[model_name], args,
+                             sdict={**sdict, "batches": args.batches})  # a row holds every engine and batch
                 round_rows += [row] if row is not None else []
     targets, rounding = target_table(rows, dense_rows) + "\n\n" + goals(rows), rounding_table(round_rows)
     write_json(args.out / "latency.json", {"command": command, "commit": git_commit(), "dense": dense_rows,

@@ -36,3 +36,7 @@ def test_misuse_is_refused():
     assert bad.returncode == 2 and "unknown --criteria ['l3']" in bad.stderr
     bad = run_script("benchmarks/latency.py", "--engines", "tensorrt")
     assert bad.returncode == 2 and "invalid choice: 'tensorrt'" in bad.stderr
+    bad = run_script("benchmarks/latency.py", "--search-steps", "0")
+    assert bad.returncode == 2 and "--search-steps must be >= 1" in bad.stderr
+    bad = run_script("benchmarks/latency.py", "--quick", "--latency-grid", "1")  # --quick keeps what was given
+    assert bad.returncode == 2 and "grid (--latency-grid) must be an int in [2, 16], got 1" in bad.stderr
